@@ -1,0 +1,33 @@
+"""inferq's producer side: enqueue embed, classify and generate tasks and get their results.
+
+Importing this package never imports torch or transformers.
+"""
+
+from producer.client import Client, Handle
+from producer.errors import (
+    InferqConnectionError,
+    InferqError,
+    InputTooLarge,
+    InvalidInput,
+    InvalidMessage,
+    OutOfMemory,
+    ResultTimeout,
+    TaskTimeout,
+    UnknownModel,
+)
+from producer.settings import Settings
+
+__all__ = [
+    "Client",
+    "Handle",
+    "InferqConnectionError",
+    "InferqError",
+    "InputTooLarge",
+    "InvalidInput",
+    "InvalidMessage",
+    "OutOfMemory",
+    "ResultTimeout",
+    "Settings",
+    "TaskTimeout",
+    "UnknownModel",
+]

@@ -1,0 +1,44 @@
+"""The Celery app both sides build from one :class:`Settings`: JSON only, one queue per kind."""
+
+from __future__ import annotations
+
+from celery import Celery
+from kombu import Exchange, Queue
+
+from producer.contract import queue_name, task_name
+from producer.settings import KINDS, Settings
+
+
+def make_celery(settings: Settings, main: str = "inferq") -> Celery:
+    app = Celery(main, broker=settings.broker, backend=settings.backend, set_as_current=False)
+    timeout = settings.connect_timeout
+    app.conf.update(
+        # The public contract: JSON in, JSON out; nothing else is decoded (no pickle, ever).
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        result_accept_content=["json"],
+        # Each queue has a direct exchange of its own name: exactly what a plain Celery client declares
+        # for send_task(..., queue="embed"), so foreign clients and our workers agree on the routing.
+        task_queues=[Queue(queue_name(kind), Exchange(queue_name(kind), type="direct"), routing_key=queue_name(kind))
+                     for kind in KINDS],
+        task_routes={task_name(kind): {"queue": queue_name(kind)} for kind in KINDS},
+        task_default_queue=queue_name("embed"),
+        result_expires=settings.result_expires,
+        # A task is acknowledged after it ran, and goes back to the queue if its worker dies mid-task.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=settings.worker_prefetch_multiplier,
+        # Bounded waits: a producer or worker facing a dead Redis raises instead of hanging.
+        broker_connection_timeout=timeout,
+        broker_connection_retry_on_startup=True,
+        broker_transport_options={"socket_connect_timeout": timeout, "socket_timeout": max(timeout, 30.0)},
+        redis_socket_connect_timeout=timeout,
+        redis_socket_timeout=max(timeout, 30.0),
+        redis_retry_on_timeout=True,
+        task_publish_retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5,
+                                   "interval_max": 2.0},
+        worker_hijack_root_logger=False,
+        worker_redirect_stdouts=False,
+    )
+    return app

@@ -1,0 +1,86 @@
+"""Bulk jobs from JSONL: one task per input line, results written in input order, with a progress bar.
+
+Each input line is a JSON string (one text, or one prompt) or a JSON object of the task's kwargs.
+Each output line is ``{"line": n, "result": ...}`` or ``{"line": n, "error": {"type": ..., "message": ...}}``.
+Blank lines are skipped; line numbers count every physical line from 1.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+from tqdm import tqdm
+
+from producer.client import Client, Handle
+from producer.errors import InferqConnectionError, InferqError, InvalidInput
+from producer.settings import Kind
+
+
+@dataclass
+class BulkReport:
+    ok: int = 0
+    failed: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+
+
+def line_kwargs(kind: Kind, raw: str, defaults: dict[str, Any]) -> dict[str, Any]:
+    """The task kwargs one input line stands for; CLI options are defaults that the line may override."""
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise InvalidInput(f"not valid JSON ({exc.msg} at column {exc.colno}); each line must be a JSON "
+                           "string or a JSON object of kwargs") from None
+    if isinstance(value, str):
+        return {**defaults, **({"prompt": value} if kind == "generate" else {"texts": [value]})}
+    if isinstance(value, dict):
+        return {**defaults, **value}
+    raise InvalidInput(f"a JSON {type(value).__name__} is not a job; each line must be a JSON string or a "
+                       "JSON object of kwargs")
+
+
+def run_bulk(client: Client, kind: Kind, lines: Iterable[str], out: TextIO, *,
+             defaults: dict[str, Any] | None = None, window: int = 256, total: int | None = None,
+             progress: bool = True) -> BulkReport:
+    """Send every line, keeping at most ``window`` tasks in flight, and write results in input order."""
+    report = BulkReport()
+    pending: deque[tuple[int, Handle[Any] | InferqError]] = deque()
+    bar = tqdm(total=total, unit="job", disable=not progress, dynamic_ncols=True)
+
+    def emit() -> None:
+        number, outcome = pending.popleft()
+        record: dict[str, Any] = {"line": number}
+        try:
+            if isinstance(outcome, InferqError):
+                raise outcome
+            record["result"] = outcome.get()
+            report.ok += 1
+        except Exception as exc:  # every failure becomes an output line; the run goes on
+            name = type(exc).__name__
+            record["error"] = {"type": name, "message": str(exc)}
+            report.failed += 1
+            report.errors[name] = report.errors.get(name, 0) + 1
+        out.write(json.dumps(record) + "\n")
+        bar.update(1)
+
+    try:
+        for number, raw in enumerate(lines, start=1):
+            if not raw.strip():
+                continue
+            try:
+                pending.append((number, client.submit(kind, **line_kwargs(kind, raw, defaults or {}))))
+            except InferqConnectionError:
+                raise  # no point going on: every other line would fail the same way
+            except InferqError as exc:  # rejected before sending: same output shape as a worker's error
+                pending.append((number, exc))
+            while len(pending) >= window:
+                emit()
+        while pending:
+            emit()
+    finally:
+        bar.close()
+        out.flush()
+    return report

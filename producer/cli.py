@@ -1,0 +1,171 @@
+"""The ``inferq`` command: one job, bulk jobs from JSONL, a worker, or the demo.
+
+Heavy imports (torch, transformers) happen only inside the commands that need them.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from producer.errors import InferqConnectionError, InferqError, InputTooLarge, InvalidInput, UnknownModel
+from producer.settings import KINDS, Kind, Settings
+
+EXIT_BAD_INPUT = 2
+EXIT_FAILED = 1
+
+
+def _client() -> Any:
+    from producer.client import Client
+
+    return Client(Settings())
+
+
+def _run_one(kind: Kind, kwargs: dict[str, Any]) -> None:
+    try:
+        result = _client().submit(kind, **kwargs).get()
+    except (InvalidInput, InputTooLarge, UnknownModel) as exc:
+        click.echo(f"{type(exc).__name__}: {exc}", err=True)
+        sys.exit(EXIT_BAD_INPUT)
+    except InferqError as exc:
+        click.echo(f"{type(exc).__name__}: {exc}", err=True)
+        sys.exit(EXIT_FAILED)
+    click.echo(json.dumps(result, indent=2))
+
+
+def _run_file(kind: Kind, path: str, output: str | None, defaults: dict[str, Any], window: int) -> None:
+    from producer.bulk import run_bulk
+
+    source = sys.stdin if path == "-" else open(path, encoding="utf-8")  # noqa: SIM115 - closed below
+    total = None if path == "-" else sum(1 for line in Path(path).open(encoding="utf-8") if line.strip())
+    out = sys.stdout if output in (None, "-") else open(output, "w", encoding="utf-8")  # noqa: SIM115
+    try:
+        report = run_bulk(_client(), kind, source, out, defaults={k: v for k, v in defaults.items()
+                                                                   if v is not None},
+                          window=window, total=total, progress=sys.stderr.isatty() or output not in (None, "-"))
+    except InferqConnectionError as exc:
+        click.echo(f"InferqConnectionError: {exc}", err=True)
+        sys.exit(EXIT_FAILED)
+    finally:
+        if source is not sys.stdin:
+            source.close()
+        if out is not sys.stdout:
+            out.close()
+    click.echo(f"{report.ok} succeeded, {report.failed} failed" +
+               (f" ({', '.join(f'{k}: {v}' for k, v in sorted(report.errors.items()))})" if report.errors else ""),
+               err=True)
+    if report.failed:
+        sys.exit(EXIT_FAILED)
+
+
+_file_option = click.option("--file", "file_", metavar="PATH",
+                            help="bulk: one job per JSONL line (a JSON string or an object of kwargs); '-' is stdin")
+_output_option = click.option("--output", "-o", metavar="PATH", help="bulk: where result lines go (default stdout)")
+_window_option = click.option("--window", default=256, show_default=True, help="bulk: tasks in flight at once")
+_model_option = click.option("--model", help="a model alias from the worker's registry (default: the kind's default)")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """inferq: embed, classify and generate through Celery workers and Redis."""
+
+
+@main.command()
+@click.argument("texts", nargs=-1)
+@_model_option
+@click.option("--normalize/--no-normalize", default=True, show_default=True)
+@_file_option
+@_output_option
+@_window_option
+def embed(texts: tuple[str, ...], model: str | None, normalize: bool, file_: str | None, output: str | None,
+          window: int) -> None:
+    """Embed TEXTS (one task), or every line of --file."""
+    if file_:
+        _run_file("embed", file_, output, {"model": model, "normalize": normalize}, window)
+    else:
+        _run_one("embed", {"texts": list(texts), "model": model, "normalize": normalize})
+
+
+@main.command()
+@click.argument("texts", nargs=-1)
+@click.option("--labels", help="comma-separated candidate labels: zero-shot over the embedding model")
+@click.option("--top-k", default=1, show_default=True)
+@_model_option
+@_file_option
+@_output_option
+@_window_option
+def classify(texts: tuple[str, ...], labels: str | None, top_k: int, model: str | None, file_: str | None,
+             output: str | None, window: int) -> None:
+    """Classify TEXTS (one task), or every line of --file."""
+    label_list = [label.strip() for label in labels.split(",")] if labels else None
+    options = {"labels": label_list, "top_k": top_k, "model": model}
+    if file_:
+        _run_file("classify", file_, output, options, window)
+    else:
+        _run_one("classify", {"texts": list(texts), **options})
+
+
+@main.command()
+@click.argument("prompt", required=False)
+@click.option("--chat", is_flag=True, help="send PROMPT as a user message, rendered with the chat template")
+@click.option("--system", help="with --chat: a system message before it")
+@click.option("--max-new-tokens", default=64, show_default=True)
+@click.option("--temperature", default=0.0, show_default=True, help="0 is greedy")
+@click.option("--top-p", default=1.0, show_default=True)
+@click.option("--stop", multiple=True, help="stop string (repeatable); the text ends before it")
+@click.option("--seed", type=int)
+@_model_option
+@_file_option
+@_output_option
+@_window_option
+def generate(prompt: str | None, chat: bool, system: str | None, max_new_tokens: int, temperature: float,
+             top_p: float, stop: tuple[str, ...], seed: int | None, model: str | None, file_: str | None,
+             output: str | None, window: int) -> None:
+    """Generate from PROMPT (one task), or from every line of --file."""
+    options: dict[str, Any] = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
+                               "stop": list(stop) or None, "seed": seed, "model": model}
+    if file_:
+        _run_file("generate", file_, output, options, window)
+        return
+    if chat:
+        messages = ([{"role": "system", "content": system}] if system else []) + \
+                   [{"role": "user", "content": prompt or ""}]
+        _run_one("generate", {"messages": messages, **options})
+    else:
+        _run_one("generate", {"prompt": prompt, **options})
+
+
+@main.command()
+@click.option("--kinds", default=",".join(KINDS), show_default=True, help="comma-separated kinds to serve")
+@click.option("--concurrency", type=int, help="task threads (default: INFERQ_WORKER_CONCURRENCY)")
+@click.option("--name", help="Celery node name, e.g. embed1@%h (default: inferq@<host>)")
+def worker(kinds: str, concurrency: int | None, name: str | None) -> None:
+    """Start a worker on this machine's device (CUDA when present, else CPU)."""
+    chosen = _parse_kinds(kinds)
+    from workers.main import run_worker
+
+    run_worker(Settings(), chosen, concurrency=concurrency, node_name=name)
+
+
+@main.command()
+@click.option("--timeout", default=600.0, show_default=True, help="seconds to wait for the three results")
+def demo(timeout: float) -> None:
+    """Start what is needed (Redis if none answers, a worker), run one task of each kind, stop it all."""
+    from producer.demo import run_demo
+
+    sys.exit(run_demo(Settings(), timeout))
+
+
+def _parse_kinds(text: str) -> tuple[Kind, ...]:
+    chosen: list[Kind] = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        if part not in KINDS:
+            raise click.BadParameter(f"{part!r} is not a kind; choose from {', '.join(KINDS)}", param_hint="--kinds")
+        chosen.append(part)  # type: ignore[arg-type]  # checked against KINDS just above
+    if not chosen:
+        raise click.BadParameter("name at least one kind", param_hint="--kinds")
+    return tuple(dict.fromkeys(chosen))

@@ -1,0 +1,168 @@
+"""The Python producer: validate, enqueue by task name, and wait for results (blocking or asyncio).
+
+It speaks only the public contract (task names, queues, JSON kwargs), so a worker cannot tell it from a
+foreign client, and it checks every request before sending it so most mistakes never reach the queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from typing import Any, Generic, TypeVar, cast
+
+from celery import Celery
+from celery.exceptions import TimeoutError as CeleryTimeoutError
+from celery.result import AsyncResult
+from kombu.exceptions import OperationalError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from producer.app import make_celery
+from producer.contract import (
+    ClassifyResult,
+    EmbedResult,
+    GenerateResult,
+    queue_name,
+    task_name,
+    validate,
+)
+from producer.errors import InferqConnectionError, ResultTimeout
+from producer.settings import Kind, Settings, redact
+
+T = TypeVar("T")
+_CONNECTION_ERRORS = (OperationalError, RedisConnectionError, RedisTimeoutError, ConnectionError)
+
+
+class Handle(Generic[T]):
+    """One enqueued task: poll it, wait for it, or await it."""
+
+    def __init__(self, result: AsyncResult, default_timeout: float, backend_url: str) -> None:
+        self._result = result
+        self._default_timeout = default_timeout
+        self._backend_url = backend_url
+
+    @property
+    def id(self) -> str:
+        return str(self._result.id)
+
+    def ready(self) -> bool:
+        with self._translate_errors():
+            return bool(self._result.ready())
+
+    def get(self, timeout: float | None = None) -> T:
+        """The result; raises the task's own error (InvalidInput, UnknownModel, ...) if it failed."""
+        wait = self._default_timeout if timeout is None else timeout
+        with self._translate_errors():
+            try:
+                return cast(T, self._result.get(timeout=wait, propagate=True, interval=0.05))
+            except CeleryTimeoutError:
+                raise ResultTimeout(f"task {self.id} gave no result within {wait:g} s; it may still run, "
+                                    "and get() can be called again") from None
+
+    async def wait(self, timeout: float | None = None) -> T:
+        """Like get(), without blocking the event loop: polls the result backend with a short backoff."""
+        wait = self._default_timeout if timeout is None else timeout
+        deadline = time.monotonic() + wait
+        delay = 0.005
+        while not await asyncio.to_thread(self.ready):
+            if time.monotonic() >= deadline:
+                raise ResultTimeout(f"task {self.id} gave no result within {wait:g} s; it may still run")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.1)
+        return await asyncio.to_thread(self.get, 1.0)
+
+    def _translate_errors(self) -> _ConnectionErrors:
+        return _ConnectionErrors(f"the result backend at {redact(self._backend_url)}")
+
+
+class _ConnectionErrors:
+    """Turns Redis/Kombu connection failures into one clear InferqConnectionError."""
+
+    def __init__(self, what: str) -> None:
+        self._what = what
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        if exc is not None and isinstance(exc, _CONNECTION_ERRORS):
+            raise InferqConnectionError(f"could not reach {self._what}: {exc}") from exc
+
+
+class Client:
+    """Enqueue inferq tasks. Thread-safe; make one per process and share it."""
+
+    def __init__(self, settings: Settings | None = None, *, app: Celery | None = None) -> None:
+        self.settings = settings or Settings()
+        self.app = app or make_celery(self.settings, "inferq-producer")
+
+    # --- generic --------------------------------------------------------------------------------------
+
+    def submit(self, kind: Kind, **kwargs: Any) -> Handle[Any]:
+        """Validate kwargs against the contract and enqueue them; None values are left out."""
+        sent = {key: value for key, value in kwargs.items() if value is not None}
+        validate(kind, sent, self.settings.limits)
+        with _ConnectionErrors(f"the broker at {redact(self.settings.broker)}"):
+            result = self.app.send_task(task_name(kind), kwargs=sent, queue=queue_name(kind))
+        return Handle(result, self.settings.result_timeout, self.settings.backend)
+
+    def handle(self, task_id: str) -> Handle[Any]:
+        """A handle for a task sent earlier (by this or any other process)."""
+        return Handle(AsyncResult(task_id, app=self.app), self.settings.result_timeout, self.settings.backend)
+
+    def close(self) -> None:
+        self.app.close()
+
+    # --- embed ----------------------------------------------------------------------------------------
+
+    def submit_embed(self, texts: Sequence[str], *, model: str | None = None,
+                     normalize: bool = True) -> Handle[EmbedResult]:
+        return self.submit("embed", texts=_as_list(texts), model=model, normalize=normalize)
+
+    def embed(self, texts: Sequence[str], *, model: str | None = None, normalize: bool = True,
+              timeout: float | None = None) -> EmbedResult:
+        return self.submit_embed(texts, model=model, normalize=normalize).get(timeout)
+
+    async def aembed(self, texts: Sequence[str], *, model: str | None = None, normalize: bool = True,
+                     timeout: float | None = None) -> EmbedResult:
+        return await self.submit_embed(texts, model=model, normalize=normalize).wait(timeout)
+
+    # --- classify -------------------------------------------------------------------------------------
+
+    def submit_classify(self, texts: Sequence[str], *, labels: Sequence[str] | None = None, top_k: int = 1,
+                        model: str | None = None) -> Handle[ClassifyResult]:
+        return self.submit("classify", texts=_as_list(texts),
+                           labels=_as_list(labels) if labels is not None else None, top_k=top_k, model=model)
+
+    def classify(self, texts: Sequence[str], *, labels: Sequence[str] | None = None, top_k: int = 1,
+                 model: str | None = None, timeout: float | None = None) -> ClassifyResult:
+        return self.submit_classify(texts, labels=labels, top_k=top_k, model=model).get(timeout)
+
+    async def aclassify(self, texts: Sequence[str], *, labels: Sequence[str] | None = None, top_k: int = 1,
+                        model: str | None = None, timeout: float | None = None) -> ClassifyResult:
+        return await self.submit_classify(texts, labels=labels, top_k=top_k, model=model).wait(timeout)
+
+    # --- generate -------------------------------------------------------------------------------------
+
+    def submit_generate(self, prompt: str | None = None, *, messages: Sequence[dict[str, str]] | None = None,
+                        max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
+                        stop: Sequence[str] | None = None, seed: int | None = None,
+                        model: str | None = None) -> Handle[GenerateResult]:
+        return self.submit("generate", prompt=prompt,
+                           messages=[dict(m) for m in messages] if messages is not None else None,
+                           max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                           stop=_as_list(stop) if stop is not None else None, seed=seed, model=model)
+
+    def generate(self, prompt: str | None = None, *, timeout: float | None = None,
+                 **options: Any) -> GenerateResult:
+        return self.submit_generate(prompt, **options).get(timeout)
+
+    async def agenerate(self, prompt: str | None = None, *, timeout: float | None = None,
+                        **options: Any) -> GenerateResult:
+        return await self.submit_generate(prompt, **options).wait(timeout)
+
+
+def _as_list(values: Sequence[str]) -> Any:
+    # A bare string is a sequence of characters: leave it as it is so validation names the mistake.
+    return values if isinstance(values, str) else list(values)

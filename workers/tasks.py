@@ -1,0 +1,29 @@
+"""The three Celery tasks: thin glue from a message to the runtime and back."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from celery import Celery
+
+from producer.contract import task_name
+from producer.errors import InferqError
+from producer.settings import KINDS, Kind
+from workers.runtime import Result, Runtime
+
+
+def register_tasks(app: Celery, runtime: Callable[[], Runtime]) -> None:
+    for kind in KINDS:
+        _register(app, kind, runtime)
+
+
+def _register(app: Celery, kind: Kind, runtime: Callable[[], Runtime]) -> None:
+    # *args/**kwargs: a foreign client's unknown or positional arguments must reach validation and come
+    # back as InvalidInput, not as a TypeError from Python's call machinery.
+    def run(*args: Any, **kwargs: Any) -> Result:
+        return runtime().handle(kind, args, kwargs)
+
+    run.__name__ = run.__qualname__ = kind
+    # throws: expected request errors are stored and logged in one line, without a traceback.
+    app.task(name=task_name(kind), throws=(InferqError,), acks_late=True)(run)
