@@ -41,7 +41,8 @@ def _run_file(kind: Kind, path: str, output: str | None, defaults: dict[str, Any
     from producer.bulk import run_bulk
 
     source = sys.stdin if path == "-" else open(path, encoding="utf-8")  # noqa: SIM115 - closed below
-    total = None if path == "-" else sum(1 for line in Path(path).open(encoding="utf-8") if line.strip())
+    total = None if path == "-" else sum(1 for line in Path(path).read_text(encoding="utf-8").splitlines()
+                                         if line.strip())
     out = sys.stdout if output in (None, "-") else open(output, "w", encoding="utf-8")  # noqa: SIM115
     try:
         report = run_bulk(_client(), kind, source, out, defaults={k: v for k, v in defaults.items()
@@ -162,10 +163,15 @@ def demo(timeout: float) -> None:
 
 def _parse_kinds(text: str) -> tuple[Kind, ...]:
     chosen: list[Kind] = []
+    by_name: dict[str, Kind] = {kind: kind for kind in KINDS}
     for part in (p.strip() for p in text.split(",") if p.strip()):
-        if part not in KINDS:
+        if part not in by_name:
             raise click.BadParameter(f"{part!r} is not a kind; choose from {', '.join(KINDS)}", param_hint="--kinds")
-        chosen.append(part)  # type: ignore[arg-type]  # checked against KINDS just above
+        chosen.append(by_name[part])
     if not chosen:
         raise click.BadParameter("name at least one kind", param_hint="--kinds")
     return tuple(dict.fromkeys(chosen))
+
+
+if __name__ == "__main__":
+    main()

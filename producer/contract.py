@@ -110,7 +110,7 @@ class GenerateRequest(_Request):
                                     "are allowed")
             for i, message in enumerate(self.messages):
                 _check_text(f"messages[{i}].content", message.content, limits)
-        if not 1 <= self.max_new_tokens:
+        if not self.max_new_tokens >= 1:
             raise InvalidInput(f"max_new_tokens must be an integer >= 1; got {self.max_new_tokens}")
         if self.max_new_tokens > limits.max_new_tokens:
             raise InputTooLarge(f"max_new_tokens is {self.max_new_tokens}; at most {limits.max_new_tokens} "

@@ -117,8 +117,9 @@ class Settings(BaseSettings):
     limits: Limits = Field(default_factory=Limits)
     models: ModelRegistry = Field(default_factory=ModelRegistry)
 
-    # Zero-shot classification: softmax(cosine / temperature) over the label texts.
-    classify_temperature: float = Field(0.05, gt=0, le=10)
+    # Zero-shot classification: softmax(cosine / temperature) over the label texts. 0.03 had the lowest
+    # log-loss on a labelled set (benchmarks/calibrate_zero_shot.py; figures in benchmarks/RESULTS.md).
+    classify_temperature: float = Field(0.03, gt=0, le=10)
     classify_label_template: str = "{}"
 
     device: str = Field("auto", description="auto (cuda when present, else cpu), cpu, cuda, cuda:N")

@@ -38,10 +38,7 @@ def encode(loaded: LoadedModel, texts: list[str], what: str,
         inputs = {key: value.to(loaded.device) for key, value in padded.items()}
         output = loaded.model(**inputs)
         mask = inputs["attention_mask"]
-        if head is None:
-            values = output.logits
-        else:
-            values = head(output.last_hidden_state, mask)
+        values = output.logits if head is None else head(output.last_hidden_state, mask)
         values = values.float().cpu()
         for j, i in enumerate(chunk):
             rows[i] = values[j]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from transformers import AutoModelForCausalLM, GenerationConfig
@@ -30,14 +30,13 @@ class CausalGenerator:
         tokenizer = self.loaded.tokenizer
         if request.messages is None:
             assert request.prompt is not None  # the contract guarantees exactly one of the two
-            ids: list[int] = tokenizer(request.prompt)["input_ids"]
-            return ids
+            return list(tokenizer(request.prompt)["input_ids"])
         if not tokenizer.chat_template:
             raise InvalidInput(f"model {self.loaded.alias!r} has no chat template; send prompt instead of "
                                "messages")
         chat = [message.model_dump() for message in request.messages]
-        rendered = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True,
-                                                 return_dict=True)
+        rendered: Any = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True,
+                                                      return_dict=True)
         return list(rendered["input_ids"])
 
     def generate(self, request: GenerateRequest) -> GenerateResult:
@@ -73,7 +72,7 @@ class CausalGenerator:
             options.update(do_sample=False)
         if request.stop:
             options["stop_strings"] = list(request.stop)
-        return GenerationConfig(**options)
+        return GenerationConfig(**options)  # type: ignore[no-untyped-call]
 
     def _result(self, request: GenerateRequest, prompt: list[int], completion: list[int]) -> GenerateResult:
         # generate() pads finished rows; the completion ends at the first end-of-sequence token.
@@ -82,10 +81,10 @@ class CausalGenerator:
             if token in self._eos:
                 completion, ended_by_eos = completion[: position + 1], True
                 break
-        text = self.loaded.tokenizer.decode(completion, skip_special_tokens=True)
+        text = str(self.loaded.tokenizer.decode(completion, skip_special_tokens=True))
         cut = min((i for i in (text.find(stop) for stop in request.stop or []) if i >= 0), default=-1)
         if cut >= 0:
             text = text[:cut]
-        finish = "stop" if ended_by_eos or cut >= 0 else "length"
+        finish: Literal["stop", "length"] = "stop" if ended_by_eos or cut >= 0 else "length"
         return GenerateResult(model=self.loaded.alias, text=text, finish_reason=finish,
                               prompt_tokens=len(prompt), completion_tokens=len(completion))
