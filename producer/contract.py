@@ -271,7 +271,7 @@ def _describe(errors: list[ErrorDetails]) -> str:
         phrase = _PHRASES.get(error["type"]) or "must be " + error["msg"].removeprefix("Input should be ")
         got = "" if error["type"] in ("missing", "extra_forbidden") else f"; got {_value_summary(error)}"
         allowed = ALLOWED.get(str(error["loc"][0])) if error["loc"] else None
-        if allowed and len(error["loc"]) == 1:
+        if allowed and len(error["loc"]) == 1 and error["type"] != "missing":
             parts.append(allowed + got)  # the argument itself is wrong: say what it must be
         else:
             parts.append(f"{where} {phrase}{got}" + (f" ({allowed})" if allowed else ""))

