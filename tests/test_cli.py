@@ -1,0 +1,107 @@
+"""The `inferq` command as a user runs it: one job, bulk JSONL with a progress bar, and the demo."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from producer.settings import Settings
+from tests.conftest import ROOT, WorkerProcess
+
+pytestmark = pytest.mark.integration
+
+
+def inferq(*args: str, env: dict[str, str], stdin: str | None = None,
+           timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "producer.cli", *args], env=env, input=stdin,
+                          capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+@pytest.fixture()
+def env(settings: Settings, config_path: Path) -> dict[str, str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("INFERQ_")}
+    return {**clean, "INFERQ_REDIS_URL": settings.redis_url, "INFERQ_CONFIG": str(config_path),
+            "HF_HUB_OFFLINE": "1"}
+
+
+def test_one_job_prints_the_result(env: dict[str, str], worker: WorkerProcess) -> None:
+    done = inferq("classify", "The striker scored twice.", "--labels", "sports,cooking", "--top-k", "2", env=env)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["results"][0][0]["label"] == "sports"
+    generated = inferq("generate", "What is 2+2?", "--chat", "--max-new-tokens", "16", env=env)
+    assert generated.returncode == 0, generated.stderr
+    assert json.loads(generated.stdout)["model"] == "smollm2"
+
+
+def test_bad_input_exits_2_with_the_typed_message(env: dict[str, str], worker: WorkerProcess) -> None:
+    done = inferq("embed", env=env)
+    assert done.returncode == 2
+    assert "InvalidInput: texts must be a non-empty list of strings; got []" in done.stderr
+    unknown = inferq("embed", "x", "--model", "nope", env=env)
+    assert unknown.returncode == 2
+    assert "UnknownModel: model 'nope' is not configured for embed" in unknown.stderr
+
+
+def test_bulk_jsonl_keeps_input_order_and_reports_each_error(env: dict[str, str], worker: WorkerProcess,
+                                                            tmp_path: Path) -> None:
+    lines = [json.dumps(f"text number {i}") for i in range(30)]
+    lines[3] = json.dumps({"texts": ["two", "texts"], "normalize": False})
+    lines[5] = "{not json"
+    lines[7] = json.dumps({"texts": ["x"], "model": "ghost"})  # passes the producer, fails on the worker
+    lines[9] = json.dumps([1, 2])
+    lines[11] = ""  # blank lines are skipped
+    source, output = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_text("\n".join(lines) + "\n")
+    done = inferq("embed", "--file", str(source), "--output", str(output), "--window", "8", env=env)
+    assert done.returncode == 1  # some lines failed
+    assert "26 succeeded, 3 failed (InvalidInput: 2, UnknownModel: 1)" in done.stderr
+    assert "job" in done.stderr  # the progress bar went to stderr
+    records = [json.loads(line) for line in output.read_text().splitlines()]
+    assert [r["line"] for r in records] == [n for n in range(1, 31) if n != 12]
+    by_line = {r["line"]: r for r in records}
+    assert by_line[1]["result"]["dim"] == 384
+    assert len(by_line[4]["result"]["embeddings"]) == 2
+    assert by_line[6]["error"]["type"] == "InvalidInput" and "not valid JSON" in by_line[6]["error"]["message"]
+    assert by_line[8]["error"] == {"type": "UnknownModel", "message": by_line[8]["error"]["message"]}
+    assert "not a job" in by_line[10]["error"]["message"]
+
+
+def test_bulk_from_stdin_applies_cli_options_as_defaults(env: dict[str, str], worker: WorkerProcess) -> None:
+    stdin = "\n".join([json.dumps("The striker scored."), json.dumps({"texts": ["Bake the bread."], "top_k": 2})])
+    done = inferq("classify", "--file", "-", "--labels", "sports,cooking", env=env, stdin=stdin)
+    assert done.returncode == 0, done.stderr
+    first, second = (json.loads(line) for line in done.stdout.splitlines())
+    assert first["result"]["results"][0][0]["label"] == "sports"
+    assert len(first["result"]["results"][0]) == 1
+    assert [s["label"] for s in second["result"]["results"][0]] == ["cooking", "sports"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_demo_starts_an_embedded_redis_and_a_worker_and_stops_both(tmp_path: Path) -> None:
+    # Redis always answers on 6379 here, so point the demo at a silent port to force the embedded path.
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INFERQ_")}
+    env.update(INFERQ_REDIS_URL=f"redis://127.0.0.1:{port}/0", HF_HUB_OFFLINE="1")
+    done = inferq("demo", env=env, timeout=400)
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = done.stdout
+    assert "(embedded Valkey, started for this demo)" in out
+    assert "Paris" in out
+    assert "'The match went to extra time and the home side scored the winner.'\n    -> sports" in out
+    assert "'Shares slid after the central bank raised interest rates.'\n    -> finance" in out
+    assert "embed (minilm): dim=384, L2 norm=1.0000" in out
+    assert "stopped the worker and the embedded Redis" in out
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
