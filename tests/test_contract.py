@@ -42,7 +42,8 @@ def test_good_requests_pass_with_defaults() -> None:
     ({"texts": ["x"], "normalize": "yes"}, "normalize must be true or false; got string 'yes'"),
     ({"texts": ["x"], "model": 7}, "model must be a model alias"),
     ({"texts": ["x"], "model": ""}, "model must be the alias of a configured model"),
-    ({"texts": ["x"], "truncate": True}, "unknown argument(s) 'truncate' for inferq.embed; allowed: model, texts, normalize"),
+    ({"texts": ["x"], "truncate": True},
+     "unknown argument(s) 'truncate' for inferq.embed; allowed: model, texts, normalize"),
 ])
 def test_embed_bad_input_says_what_and_where(kwargs: dict[str, Any], expected: str) -> None:
     assert expected in reject("embed", kwargs)

@@ -26,8 +26,8 @@ def test_only_the_needed_models_load(runtime: Runtime) -> None:
 
 
 def test_classify_without_labels_and_without_a_classifier_says_both_ways_out(runtime: Runtime) -> None:
-    with pytest.raises(InvalidInput, match="no sequence-classification model is configured on this worker: pass "
-                                           "labels to classify zero-shot, or configure one under models.classify"):
+    with pytest.raises(InvalidInput, match=r"no sequence-classification model is configured on this worker: pass "
+                                           r"labels to classify zero-shot, or configure one under models\.classify"):
         runtime.handle("classify", (), {"texts": ["hello"]})
 
 

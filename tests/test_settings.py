@@ -59,18 +59,18 @@ def test_models_from_environment_json(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_a_kind_with_several_models_needs_exactly_one_default() -> None:
-    with pytest.raises(ValidationError, match=r"models.embed has 2 entries and 0 marked default = true"):
+    with pytest.raises(ValidationError, match=r"models\.embed has 2 entries and 0 marked default = true"):
         Settings(models={"embed": {"a": {"source": "x"}, "b": {"source": "y"}}})
 
 
 def test_missing_config_file_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("INFERQ_CONFIG", "/nonexistent/inferq.toml")
-    with pytest.raises(FileNotFoundError, match="INFERQ_CONFIG names '/nonexistent/inferq.toml'"):
+    with pytest.raises(FileNotFoundError, match=r"INFERQ_CONFIG names '/nonexistent/inferq\.toml'"):
         Settings()
 
 
 def test_unknown_settings_and_bad_template_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    with pytest.raises(ValidationError, match="must contain '{}' exactly once"):
+    with pytest.raises(ValidationError, match=r"must contain '\{\}' exactly once"):
         Settings(classify_label_template="This text is about")
     with pytest.raises(ValidationError, match="Extra inputs are not permitted"):
         Settings(redis_ulr="redis://typo")  # type: ignore[call-arg]
