@@ -14,8 +14,13 @@ pytestmark = [pytest.mark.gpu,
 TEXTS = ["A cat sits on the mat.", "Stock markets fell sharply today.", "Knead the dough."]
 
 
+def only(kind: str) -> ModelRegistry:
+    """The configured registry (INFERQ_MODELS__* on a GPU machine), with the other kinds left out."""
+    return Settings().models.model_copy(update={k: {} for k in ("embed", "classify", "generate") if k != kind})
+
+
 def test_embed_on_cuda_matches_cpu_in_half_precision() -> None:
-    registry = ModelRegistry(classify={}, generate={})
+    registry = only("embed")
     gpu = Runtime(Settings(models=registry, device="cuda"), ("embed",))
     cpu = Runtime(Settings(models=registry, device="cpu"), ("embed",))
     gpu.load()
@@ -30,7 +35,7 @@ def test_embed_on_cuda_matches_cpu_in_half_precision() -> None:
 
 
 def test_generate_on_cuda() -> None:
-    runtime = Runtime(Settings(models=ModelRegistry(embed={}, classify={}), device="cuda"), ("generate",))
+    runtime = Runtime(Settings(models=only("generate"), device="cuda"), ("generate",))
     runtime.load()
     result = runtime.handle("generate", (), {"prompt": "The capital of France is", "max_new_tokens": 8})
     assert result["completion_tokens"] >= 1  # type: ignore[typeddict-item]

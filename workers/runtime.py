@@ -82,8 +82,14 @@ class Runtime:
                                 ("generate", self.generators))
         }
         defaults = {kind: self.settings.models.default_alias(kind) for kind in self.kinds}
-        return {"kinds": list(self.kinds), "device": str(self.device), "ready": self.loaded_at is not None,
-                "models": models, "defaults": defaults, "load_counts": dict(self.load_counts)}
+        status: dict[str, Any] = {"kinds": list(self.kinds), "device": str(self.device),
+                                  "ready": self.loaded_at is not None, "models": models, "defaults": defaults,
+                                  "load_counts": dict(self.load_counts)}
+        if self.device.type == "cuda":
+            status["gpu"] = torch.cuda.get_device_name(self.device)
+            status["memory_allocated_mib"] = round(torch.cuda.memory_allocated(self.device) / 2**20, 1)
+            status["max_memory_allocated_mib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**20, 1)
+        return status
 
     def close(self) -> None:
         self._device_thread.shutdown(wait=True)
