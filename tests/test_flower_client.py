@@ -1,0 +1,85 @@
+"""Flower's REST API as a foreign client: it sends inferq tasks by name and reads their results."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.conftest import REDIS_URL, WorkerProcess
+
+pytestmark = pytest.mark.integration
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def call(url: str, body: dict[str, Any] | None = None) -> Any:
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"},
+                                     method="POST" if data is not None else "GET")
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())
+
+
+@pytest.fixture(scope="module")
+def flower(worker: WorkerProcess) -> Iterator[str]:
+    port = free_port()
+    env = {**os.environ, "FLOWER_UNAUTHENTICATED_API": "true"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "celery", f"--broker={REDIS_URL}", f"--result-backend={REDIS_URL}", "flower",
+         f"--port={port}", "--address=127.0.0.1"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"{base}/healthcheck", timeout=2).close()
+                break
+            except (urllib.error.URLError, ConnectionError):
+                assert process.poll() is None, "flower exited"
+                assert time.monotonic() < deadline, "flower did not start"
+                time.sleep(0.3)
+        yield base
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+
+
+def result_of(base: str, task_id: str) -> dict[str, Any]:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        reply: dict[str, Any] = call(f"{base}/api/task/result/{task_id}")
+        if reply["state"] in ("SUCCESS", "FAILURE"):
+            return reply
+        time.sleep(0.1)
+    raise AssertionError(f"no result for {task_id}")
+
+
+def test_flower_send_task_gets_the_contract_result(flower: str) -> None:
+    sent = call(f"{flower}/api/task/send-task/inferq.classify",
+                {"kwargs": {"texts": ["The striker scored."], "labels": ["sports", "cooking"]}, "queue": "classify"})
+    reply = result_of(flower, sent["task-id"])
+    assert reply["state"] == "SUCCESS"
+    assert reply["result"]["model"] == "minilm"
+    assert reply["result"]["results"][0][0]["label"] == "sports"
+
+
+def test_flower_sees_the_typed_failure(flower: str) -> None:
+    sent = call(f"{flower}/api/task/send-task/inferq.embed", {"kwargs": {"texts": "oops"}, "queue": "embed"})
+    reply = result_of(flower, sent["task-id"])
+    assert reply["state"] == "FAILURE"
+    assert "texts must be a non-empty list of strings; got string 'oops'" in json.dumps(reply["result"])
