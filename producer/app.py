@@ -36,6 +36,9 @@ def make_celery(settings: Settings, main: str = "inferq") -> Celery:
         redis_socket_connect_timeout=timeout,
         redis_socket_timeout=max(timeout, 30.0),
         redis_retry_on_timeout=True,
+        # The result backend reconnects a few times, not Celery's default 20 x 1 s, before giving up.
+        result_backend_transport_options={"retry_policy": {"max_retries": 3, "interval_start": 0,
+                                                           "interval_step": 0.5, "interval_max": 1.0}},
         task_publish_retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5,
                                    "interval_max": 2.0},
         worker_hijack_root_logger=False,

@@ -88,6 +88,11 @@ class _ConnectionErrors:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
         if exc is not None and isinstance(exc, _CONNECTION_ERRORS):
             raise InferqConnectionError(f"could not reach {self._what}: {exc}") from exc
+        # Celery's Redis result backend subscribes to the result before publishing and, when it cannot
+        # reconnect, raises a bare RuntimeError with this text.
+        if isinstance(exc, RuntimeError) and "Celery result store" in str(exc):
+            raise InferqConnectionError(f"could not reach {self._what}: the result backend did not answer "
+                                        "after retries") from exc
 
 
 class Client:
@@ -103,7 +108,7 @@ class Client:
         """Validate kwargs against the contract and enqueue them; None values are left out."""
         sent = {key: value for key, value in kwargs.items() if value is not None}
         validate(kind, sent, self.settings.limits)
-        with _ConnectionErrors(f"the broker at {redact(self.settings.broker)}"):
+        with _ConnectionErrors(f"the broker or result backend at {_both(self.settings)}"):
             result = self.app.send_task(task_name(kind), kwargs=sent, queue=queue_name(kind))
         return Handle(result, self.settings.result_timeout, self.settings.backend)
 
@@ -161,6 +166,11 @@ class Client:
     async def agenerate(self, prompt: str | None = None, *, timeout: float | None = None,
                         **options: Any) -> GenerateResult:
         return await self.submit_generate(prompt, **options).wait(timeout)
+
+
+def _both(settings: Settings) -> str:
+    broker, backend = redact(settings.broker), redact(settings.backend)
+    return broker if broker == backend else f"{broker} / {backend}"
 
 
 def _as_list(values: Sequence[str]) -> Any:

@@ -1,0 +1,41 @@
+"""The producer without a reachable Redis: bad input is refused before sending, and a dead broker is a
+clear, bounded error rather than a hang."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+
+from producer.client import Client
+from producer.errors import InferqConnectionError, InputTooLarge, InvalidInput
+from producer.settings import Settings
+
+
+def silent_url() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"redis://127.0.0.1:{sock.getsockname()[1]}/0"
+
+
+@pytest.fixture()
+def offline_client() -> Client:
+    return Client(Settings(redis_url=silent_url(), connect_timeout=0.5))
+
+
+def test_bad_input_is_refused_before_anything_is_sent(offline_client: Client) -> None:
+    # nothing listens on the broker port: only a check made before sending can answer like this
+    with pytest.raises(InvalidInput, match=r"texts\[1\] must be a string; got int"):
+        offline_client.submit("embed", texts=["ok", 3])
+    with pytest.raises(InputTooLarge, match="texts has 257 items; at most 256"):
+        offline_client.embed(["x"] * 257)
+    with pytest.raises(InvalidInput, match="texts must be a non-empty list of strings; got string 'one text'"):
+        offline_client.embed("one text")
+
+
+def test_a_dead_broker_raises_a_connection_error_within_seconds(offline_client: Client) -> None:
+    started = time.monotonic()
+    with pytest.raises(InferqConnectionError, match=r"could not reach the broker or result backend at redis://127\.0\.0\.1:\d+/0"):
+        offline_client.embed(["hello"])
+    assert time.monotonic() - started < 30  # bounded by the connect timeout and the publish retry policy
