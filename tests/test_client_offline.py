@@ -10,7 +10,7 @@ import pytest
 
 from producer.client import Client
 from producer.errors import InferqConnectionError, InputTooLarge, InvalidInput
-from producer.settings import Settings
+from producer.settings import Limits, Settings
 
 
 def silent_url() -> str:
@@ -21,7 +21,7 @@ def silent_url() -> str:
 
 @pytest.fixture()
 def offline_client() -> Client:
-    return Client(Settings(redis_url=silent_url(), connect_timeout=0.5))
+    return Client(Settings(redis_url=silent_url(), connect_timeout=0.5, limits=Limits()))  # the default limits
 
 
 def test_bad_input_is_refused_before_anything_is_sent(offline_client: Client) -> None:
