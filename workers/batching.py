@@ -1,0 +1,127 @@
+"""The batching core: a pure queue that decides which waiting requests run together, and when.
+
+No threads, no Celery, no torch: time comes from the caller (``now``), so the rules can be tested with an
+injected clock. The device loop owns one BatchQueue per batch key (a model and an operation) and asks it
+for the next batch whenever the device is free.
+
+Rules (after Ray Serve's _BatchQueue and text-embeddings-inference's queue):
+- a batch is ready when it is full (``max_items`` texts, or a padded cost of ``max_tokens``: the longest
+  input times the count) or when its oldest request has waited ``max_wait`` seconds;
+- a batch takes requests oldest first, never splitting one: a request with many texts counts by its texts;
+  the oldest request always goes in, even if it alone is over the budget (it runs in sub-batches);
+- requests whose deadline has passed are handed back by ``expire`` and never run.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class BatchLimits:
+    max_items: int  # texts (or prompts) per batch
+    max_tokens: int  # padded token budget per batch: longest input x items
+    max_wait: float  # seconds the oldest request may wait for batch-mates
+
+    def __post_init__(self) -> None:
+        if self.max_items < 1 or self.max_tokens < 1 or self.max_wait < 0:
+            raise ValueError(f"batch limits must be positive: {self}")
+
+
+@dataclass
+class Waiting(Generic[T]):
+    """One request in the queue: its payload, its size, and its times."""
+
+    payload: T
+    items: int  # texts or prompts it carries
+    longest: int  # tokens of its longest input
+    arrived: float
+    deadline: float | None = None
+    sequence: int = field(default=0, compare=False)
+
+
+class BatchQueue(Generic[T]):
+    def __init__(self, limits: BatchLimits) -> None:
+        self.limits = limits
+        self._waiting: deque[Waiting[T]] = deque()
+        self._sequence = 0
+
+    def __len__(self) -> int:
+        return len(self._waiting)
+
+    def put(self, payload: T, items: int, longest: int, now: float, deadline: float | None = None) -> None:
+        if items < 1:
+            raise ValueError("a request carries at least one item")
+        self._sequence += 1
+        self._waiting.append(Waiting(payload, items, max(longest, 1), now, deadline, self._sequence))
+
+    def oldest_arrival(self) -> float | None:
+        return self._waiting[0].arrived if self._waiting else None
+
+    def ready(self, now: float) -> bool:
+        """Whether a batch should run now: full, or its oldest request has waited long enough."""
+        if not self._waiting:
+            return False
+        if now - self._waiting[0].arrived >= self.limits.max_wait:
+            return True
+        items = longest = 0
+        for waiting in self._waiting:
+            items += waiting.items
+            longest = max(longest, waiting.longest)
+            if items >= self.limits.max_items or items * longest >= self.limits.max_tokens:
+                return True
+        return False
+
+    def seconds_until_ready(self, now: float) -> float | None:
+        """How long until the oldest request's wait runs out (0 if ready); None when empty."""
+        if not self._waiting:
+            return None
+        if self.ready(now):
+            return 0.0
+        return max(0.0, self._waiting[0].arrived + self.limits.max_wait - now)
+
+    def take(self) -> list[Waiting[T]]:
+        """The next batch, oldest first, within the item and padded-token budgets."""
+        batch: list[Waiting[T]] = []
+        items = longest = 0
+        while self._waiting:
+            candidate = self._waiting[0]
+            new_items = items + candidate.items
+            new_longest = max(longest, candidate.longest)
+            over = new_items > self.limits.max_items or new_items * new_longest > self.limits.max_tokens
+            if batch and over:
+                break
+            batch.append(self._waiting.popleft())
+            items, longest = new_items, new_longest
+        return batch
+
+    def expire(self, now: float) -> list[Waiting[T]]:
+        """Remove and return the requests whose deadline has passed; they must not run."""
+        if not any(w.deadline is not None and w.deadline <= now for w in self._waiting):
+            return []
+        expired = [w for w in self._waiting if w.deadline is not None and w.deadline <= now]
+        self._waiting = deque(w for w in self._waiting if w.deadline is None or w.deadline > now)
+        return expired
+
+
+def plan_chunks(lengths: list[int], max_items: int, max_tokens: int) -> list[list[int]]:
+    """Split inputs into forward passes by length: indices sorted shortest first, each pass within budget.
+
+    Sorting keeps padding small; the budget (longest x count) keeps activation memory bounded.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    chunks: list[list[int]] = []
+    current: list[int] = []
+    for index in order:
+        # sorted ascending, so this input is the longest of the chunk so far
+        if current and (len(current) + 1 > max_items or (len(current) + 1) * lengths[index] > max_tokens):
+            chunks.append(current)
+            current = []
+        current.append(index)
+    if current:
+        chunks.append(current)
+    return chunks
