@@ -32,6 +32,33 @@ class Limits(BaseModel):
     max_new_tokens: int = Field(1024, ge=1, description="upper bound of max_new_tokens")
 
 
+class Batching(BaseModel):
+    """How the worker gathers requests into batches on its device (see the README's trade-offs)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_wait_ms: float = Field(2.0, ge=0, description="how long the oldest request waits for batch-mates")
+    encode_max_texts: int = Field(128, ge=1, description="texts per embed/classify batch and forward pass")
+    encode_max_tokens: int = Field(32_768, ge=1, description="padded tokens (longest x texts) per encoder pass")
+    generate_max_prompts: int = Field(32, ge=1, description="prompts per generate batch")
+    generate_max_tokens: int = Field(131_072, ge=1,
+                                     description="longest (prompt + max_new_tokens) x prompts per generate batch")
+
+
+class TimeLimits(BaseModel):
+    """Seconds a request may wait and run, per kind; past it the task fails with TaskTimeout."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    embed: float = Field(60.0, gt=0)
+    classify: float = Field(60.0, gt=0)
+    generate: float = Field(600.0, gt=0)
+    device_stall: float = Field(
+        900.0, gt=0, description="a batch running longer than this means a stuck device: the worker exits so "
+        "its unacknowledged messages go back to the queue"
+    )
+
+
 class ModelEntry(BaseModel):
     """One named model of the registry. Requests pick entries by alias, never by source."""
 
@@ -116,6 +143,8 @@ class Settings(BaseSettings):
 
     limits: Limits = Field(default_factory=Limits)
     models: ModelRegistry = Field(default_factory=ModelRegistry)
+    batching: Batching = Field(default_factory=Batching)
+    time_limits: TimeLimits = Field(default_factory=TimeLimits)
 
     # Zero-shot classification: softmax(cosine / temperature) over the label texts. 0.03 had the lowest
     # log-loss on a labelled set (benchmarks/calibrate_zero_shot.py; figures in benchmarks/RESULTS.md).
@@ -123,7 +152,9 @@ class Settings(BaseSettings):
     classify_label_template: str = "{}"
 
     device: str = Field("auto", description="auto (cuda when present, else cpu), cpu, cuda, cuda:N")
-    worker_concurrency: int = Field(8, ge=1, description="task threads per worker; one thread owns the device")
+    # Each waiting request holds a task thread, so the thread count caps how many requests can be batched
+    # together; the default holds about two batches of single-text requests.
+    worker_concurrency: int = Field(256, ge=1, description="task threads per worker; one thread owns the device")
     worker_prefetch_multiplier: int = Field(1, ge=1)
     embedded_redis: Literal["auto", "never"] = "auto"
     log_level: str = "INFO"

@@ -41,7 +41,7 @@ def test_label_template_is_applied(runtime: Runtime) -> None:
     templated_settings = Settings(models=ModelRegistry(classify={}, generate={}), device="cpu",
                                   classify_label_template="This review is {}.")
     templated = Runtime(templated_settings, ("classify",))
-    templated.embedders = runtime.embedders  # same loaded model; only the template differs
+    templated.load()
     result = templated.handle("classify", (), {"texts": ["I loved it"], "labels": ["positive", "negative"],
                                                 "top_k": 2})
     assert result["results"][0][0]["label"] == "positive"  # type: ignore[typeddict-item]

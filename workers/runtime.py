@@ -1,16 +1,19 @@
-"""The worker's models and the one thread that owns the device.
+"""The worker's models, and the path of one request through them.
 
-Models load once, when the worker starts. Task threads validate their request and hand it to the device
-thread, which runs one piece of model work at a time: torch and the fast tokenizers are not safe to
-drive from many threads at once, and a single owner is what the batching loop will build on.
+Models load once, when the worker starts. A task thread validates its request, tokenises it, and hands
+it to the device loop, which runs it in a batch with whatever else is waiting for the same model; the
+task thread then turns its own rows into its JSON result. Only the device loop touches the model.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import threading
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -24,21 +27,31 @@ from producer.contract import (
     GenerateResult,
     validate,
 )
-from producer.errors import InvalidInput, UnknownModel
+from producer.errors import InvalidInput, TaskTimeout, UnknownModel
 from producer.settings import Kind, Settings
+from workers.batching import BatchLimits
+from workers.device_loop import BatchKind, DeviceLoop
 from workers.models.base import ClassifyModel, EmbedModel, GenerateModel
-from workers.models.classify import SequenceClassifier, ZeroShotClassifier
+from workers.models.classify import SequenceClassifier, top_k, zero_shot
 from workers.models.embed import PooledEmbedder
-from workers.models.generate import CausalGenerator
-from workers.models.loading import pick_device
+from workers.models.generate import CausalGenerator, Prepared
 
 log = logging.getLogger(__name__)
 
 Result = EmbedResult | ClassifyResult | GenerateResult
 
 
+@dataclass
+class EncodeJob:
+    """Token ids to run through an encoder; the result is one tensor row per input, in order."""
+
+    ids: list[list[int]]
+
+
 class Runtime:
     def __init__(self, settings: Settings, kinds: tuple[Kind, ...]) -> None:
+        from workers.models.loading import pick_device
+
         self.settings = settings
         self.kinds = kinds
         self.device = pick_device(settings.device)
@@ -47,15 +60,12 @@ class Runtime:
         self.generators: dict[str, GenerateModel] = {}
         self.load_counts: Counter[str] = Counter()
         self.loaded_at: float | None = None
-        self._device_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inferq-device")
+        self.loop: DeviceLoop | None = None
 
     # --- start-up -------------------------------------------------------------------------------------
 
     def load(self) -> None:
-        """Load every model the served kinds need; runs once, before the worker consumes."""
-        self._device_thread.submit(self._load).result()
-
-    def _load(self) -> None:
+        """Load every model the served kinds need, then start the device loop. Runs once."""
         started = time.perf_counter()
         registry = self.settings.models
         if "embed" in self.kinds or "classify" in self.kinds:  # zero-shot classify runs on the embedders
@@ -70,9 +80,58 @@ class Runtime:
             for alias, entry in registry.generate.items():
                 self.generators[alias] = CausalGenerator.load(alias, entry, self.device)
                 self.load_counts[f"generate/{alias}"] += 1
+        self.loop = DeviceLoop(self._batch_kinds())
+        self.loop.start()
+        threading.Thread(target=self._watch_for_stalls, name="inferq-stall-watch", daemon=True).start()
         self.loaded_at = time.time()
         log.info("models ready for %s on %s in %.1f s", ",".join(self.kinds), self.device,
                  time.perf_counter() - started)
+
+    def _batch_kinds(self) -> dict[str, BatchKind]:
+        batching = self.settings.batching
+        wait = batching.max_wait_ms / 1000
+        encode = BatchLimits(batching.encode_max_texts, batching.encode_max_tokens, wait)
+        generate = BatchLimits(batching.generate_max_prompts, batching.generate_max_tokens, wait)
+        kinds: dict[str, BatchKind] = {}
+        for alias, embedder in self.embedders.items():
+            kinds[f"embed/{alias}"] = BatchKind(self._encoder_runner(embedder.vectors), encode)
+        for alias, classifier in self.classifiers.items():
+            kinds[f"classify/{alias}"] = BatchKind(self._encoder_runner(classifier.probabilities), encode)
+        for alias, generator in self.generators.items():
+            kinds[f"generate/{alias}"] = BatchKind(self._generate_runner(generator), generate)
+        return kinds
+
+    def _encoder_runner(self, run: Any) -> Any:
+        batching = self.settings.batching
+
+        def runner(jobs: list[EncodeJob]) -> list[torch.Tensor]:
+            # every request's inputs in one set of length-sorted passes; each gets its own rows back
+            with torch.inference_mode():
+                rows = run([ids for job in jobs for ids in job.ids], batching.encode_max_texts,
+                           batching.encode_max_tokens)
+            return list(torch.split(rows, [len(job.ids) for job in jobs]))
+
+        return runner
+
+    @staticmethod
+    def _generate_runner(generator: GenerateModel) -> Any:
+        def runner(batch: list[Prepared]) -> list[Any]:
+            with torch.inference_mode():
+                return list(generator.run(batch))
+
+        return runner
+
+    def _watch_for_stalls(self) -> None:
+        limit = self.settings.time_limits.device_stall
+        while True:
+            time.sleep(min(5.0, limit / 4))
+            busy_since = self.loop.busy_since if self.loop else None
+            if busy_since is not None and time.monotonic() - busy_since > limit:
+                # A device that makes no progress cannot be recovered from inside: exit without acknowledging,
+                # so the broker hands this worker's messages to another, and the supervisor restarts us.
+                log.critical("the device made no progress for %.0f s (limit %g s); exiting", time.monotonic()
+                             - busy_since, limit)
+                os._exit(70)
 
     def describe(self) -> dict[str, Any]:
         """What the worker serves, for `inferq_status` and health checks."""
@@ -85,6 +144,10 @@ class Runtime:
         status: dict[str, Any] = {"kinds": list(self.kinds), "device": str(self.device),
                                   "ready": self.loaded_at is not None, "models": models, "defaults": defaults,
                                   "load_counts": dict(self.load_counts)}
+        if self.loop is not None:
+            status["batch_sizes"] = {key: {str(size): n for size, n in sorted(hist.items())}
+                                     for key, hist in self.loop.batch_sizes.items()}
+            status["counts"] = dict(self.loop.counts)
         if self.device.type == "cuda":
             status["gpu"] = torch.cuda.get_device_name(self.device)
             status["memory_allocated_mib"] = round(torch.cuda.memory_allocated(self.device) / 2**20, 1)
@@ -92,53 +155,76 @@ class Runtime:
         return status
 
     def close(self) -> None:
-        self._device_thread.shutdown(wait=True)
+        if self.loop is not None:
+            self.loop.stop()
 
-    # --- serving --------------------------------------------------------------------------------------
+    # --- serving (task threads) -----------------------------------------------------------------------
 
     def handle(self, kind: Kind, args: Any, kwargs: Any) -> Result:
-        """Validate one task's arguments here, in the task thread, then run it on the device thread."""
+        """Validate and tokenise here, run on the device loop, build the result here."""
         request = validate(kind, kwargs, self.settings.limits, args)
-        future = self._device_thread.submit(self._run, request)
-        return future.result()
+        if isinstance(request, EmbedRequest):
+            return self._embed(request)
+        if isinstance(request, ClassifyRequest):
+            return self._classify(request)
+        return self._generate(request)
 
-    def _run(self, request: EmbedRequest | ClassifyRequest | GenerateRequest) -> Result:
-        with torch.inference_mode():
-            if isinstance(request, EmbedRequest):
-                return self._embed(request)
-            if isinstance(request, ClassifyRequest):
-                return self._classify(request)
-            return self._generate(request)
+    def _wait(self, kind: Kind, key: str, payload: Any, items: int, longest: int) -> Any:
+        if self.loop is None:
+            raise RuntimeError("the runtime is not loaded")
+        limit = getattr(self.settings.time_limits, kind)
+        future = self.loop.submit(key, payload, items, longest, limit)
+        try:
+            return future.result(timeout=limit)
+        except FutureTimeout:
+            future.cancel()
+            raise TaskTimeout(f"the {kind} request ran past its limit of {limit:g} s") from None
+
+    def _encode(self, kind: Kind, key: str, ids: list[list[int]]) -> torch.Tensor:
+        rows: torch.Tensor = self._wait(kind, key, EncodeJob(ids), len(ids), max(len(row) for row in ids))
+        return rows
 
     def _embed(self, request: EmbedRequest) -> EmbedResult:
         alias = self._alias("embed", request.model, self.embedders)
         embedder = self.embedders[alias]
-        vectors = embedder.embed(list(request.texts), request.normalize)
+        vectors = self._encode("embed", f"embed/{alias}", embedder.tokenize(list(request.texts)))
+        if request.normalize:
+            vectors = torch.nn.functional.normalize(vectors, dim=-1)
         return EmbedResult(model=alias, dim=embedder.dim, embeddings=vectors.tolist())
 
     def _classify(self, request: ClassifyRequest) -> ClassifyResult:
-        labels = list(request.labels) if request.labels is not None else None
-        name = request.model
+        name, texts = request.model, list(request.texts)
         if name is not None and name in self.classifiers:
-            classifier: ClassifyModel = self.classifiers[name]
-        elif labels is not None:
+            classifier = self.classifiers[name]
+            if request.labels is not None:
+                raise InvalidInput(f"model {name!r} classifies into its own labels ({', '.join(classifier.labels)}); "
+                                   "omit labels, or omit model to classify zero-shot into the labels you pass")
+        elif request.labels is not None:
             alias = self._alias("embed", name, self.embedders, also=self.classifiers)
-            classifier = ZeroShotClassifier(self.embedders[alias], self.settings.classify_temperature,
-                                            self.settings.classify_label_template)
+            labels = list(request.labels)
+            embedder = self.embedders[alias]
+            template = self.settings.classify_label_template
+            ids = embedder.tokenize(texts) + embedder.tokenize([template.format(label) for label in labels], "labels")
+            rows = self._encode("classify", f"embed/{alias}", ids)
+            scores = zero_shot(rows[: len(texts)], rows[len(texts):], self.settings.classify_temperature)
+            return ClassifyResult(model=alias, results=top_k(scores, labels, request.top_k))
         elif name is not None and name in self.embedders:
             raise InvalidInput(f"model {name!r} is an embedding model: it classifies zero-shot, so pass labels")
         else:
-            default = self.settings.models.default_alias("classify")
-            if name is None and default is None:
+            if name is None and self.settings.models.default_alias("classify") is None:
                 raise InvalidInput("no sequence-classification model is configured on this worker: pass labels "
                                    "to classify zero-shot, or configure one under models.classify")
             classifier = self.classifiers[self._alias("classify", name, self.classifiers, also=self.embedders)]
-        return ClassifyResult(model=classifier.loaded.alias,
-                              results=classifier.classify(list(request.texts), request.top_k, labels))
+        alias = classifier.loaded.alias
+        probabilities = self._encode("classify", f"classify/{alias}", classifier.tokenize(texts))
+        return ClassifyResult(model=alias, results=top_k(probabilities, classifier.labels, request.top_k))
 
     def _generate(self, request: GenerateRequest) -> GenerateResult:
         alias = self._alias("generate", request.model, self.generators)
-        return self.generators[alias].generate(request)
+        generator = self.generators[alias]
+        prepared = generator.prepare(request)
+        completion = self._wait("generate", f"generate/{alias}", prepared, 1, prepared.total_tokens)
+        return generator.finish(prepared, completion)
 
     def _alias(self, kind: Kind, name: str | None, group: dict[str, Any],
                also: dict[str, Any] | None = None) -> str:

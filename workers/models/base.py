@@ -1,4 +1,8 @@
-"""One small protocol per kind; the runtime only talks to these."""
+"""One small protocol per kind; the runtime talks only to these.
+
+Each splits its work in two: what task threads may do concurrently (tokenise, prepare, finish) and what
+only the device loop does, for a whole batch at once (vectors, probabilities, run).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,8 @@ from typing import Protocol
 
 import torch
 
-from producer.contract import GenerateRequest, GenerateResult, LabelScore
+from producer.contract import GenerateRequest, GenerateResult
+from workers.models.generate import Completion, Prepared
 from workers.models.loading import LoadedModel
 
 
@@ -14,21 +19,29 @@ class EmbedModel(Protocol):
     loaded: LoadedModel
     dim: int
 
-    def embed(self, texts: list[str], normalize: bool) -> torch.Tensor:
-        """One float32 CPU row per text, in order."""
+    def tokenize(self, texts: list[str], what: str = "texts") -> list[list[int]]: ...
+
+    def vectors(self, ids: list[list[int]], max_items: int, max_tokens: int) -> torch.Tensor:
+        """Pooled, not normalised: one float32 CPU row per input, in order."""
         ...
 
 
 class ClassifyModel(Protocol):
     loaded: LoadedModel
+    labels: list[str]
 
-    def classify(self, texts: list[str], top_k: int, labels: list[str] | None) -> list[list[LabelScore]]:
-        """Per text, the top_k labels with their scores, best first."""
+    def tokenize(self, texts: list[str]) -> list[list[int]]: ...
+
+    def probabilities(self, ids: list[list[int]], max_items: int, max_tokens: int) -> torch.Tensor:
+        """One row of label probabilities per input, in order."""
         ...
 
 
 class GenerateModel(Protocol):
     loaded: LoadedModel
 
-    def generate(self, request: GenerateRequest) -> GenerateResult:
-        ...
+    def prepare(self, request: GenerateRequest) -> Prepared: ...
+
+    def run(self, batch: list[Prepared]) -> list[Completion]: ...
+
+    def finish(self, prepared: Prepared, completion: Completion) -> GenerateResult: ...

@@ -6,20 +6,25 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from producer.contract import LabelScore
-from producer.errors import InvalidInput
 from producer.settings import ModelEntry
-from workers.models.base import EmbedModel
-from workers.models.encoder import encode
+from workers.models.encoder import forward, tokenize
 from workers.models.loading import LoadedModel, load_model
 
 
-def _top_k(probabilities: torch.Tensor, labels: list[str], top_k: int) -> list[list[LabelScore]]:
-    k = min(top_k, len(labels))  # top_k is capped at the number of labels
-    scores, indices = probabilities.topk(k, dim=-1)
+def top_k(probabilities: torch.Tensor, labels: list[str], k: int) -> list[list[LabelScore]]:
+    """Per row, the k best labels with their scores, best first; k is capped at the number of labels."""
+    scores, indices = probabilities.topk(min(k, len(labels)), dim=-1)
     return [
         [LabelScore(label=labels[int(i)], score=float(s)) for s, i in zip(row_s, row_i, strict=True)]
         for row_s, row_i in zip(scores.tolist(), indices.tolist(), strict=True)
     ]
+
+
+def zero_shot(texts: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
+    """softmax(cosine(text, label) / temperature) over the labels: each row sums to 1."""
+    texts = torch.nn.functional.normalize(texts, dim=-1)
+    labels = torch.nn.functional.normalize(labels, dim=-1)
+    return ((texts @ labels.T) / temperature).softmax(dim=-1)
 
 
 class SequenceClassifier:
@@ -34,28 +39,8 @@ class SequenceClassifier:
     def load(cls, alias: str, entry: ModelEntry, device: torch.device) -> SequenceClassifier:
         return cls(load_model("classify", alias, entry, AutoModelForSequenceClassification, device))
 
-    def classify(self, texts: list[str], top_k: int, labels: list[str] | None) -> list[list[LabelScore]]:
-        if labels is not None:
-            raise InvalidInput(f"model {self.loaded.alias!r} classifies into its own labels "
-                               f"({', '.join(self.labels)}); omit labels, or omit model to classify "
-                               "zero-shot into the labels you pass")
-        logits = encode(self.loaded, texts, "texts")
-        return _top_k(logits.softmax(dim=-1), self.labels, top_k)
+    def tokenize(self, texts: list[str]) -> list[list[int]]:
+        return tokenize(self.loaded, texts, "texts")
 
-
-class ZeroShotClassifier:
-    """Scores are softmax(cosine(text, label) / temperature) over the given labels, so they sum to 1."""
-
-    def __init__(self, embedder: EmbedModel, temperature: float, template: str) -> None:
-        self.embedder = embedder
-        self.loaded = embedder.loaded
-        self.temperature = temperature
-        self.template = template
-
-    def classify(self, texts: list[str], top_k: int, labels: list[str] | None) -> list[list[LabelScore]]:
-        if not labels:
-            raise InvalidInput("zero-shot classification needs labels: pass labels as a list of strings")
-        vectors = self.embedder.embed(texts, normalize=True)
-        label_vectors = self.embedder.embed([self.template.format(label) for label in labels], normalize=True)
-        similarities = vectors @ label_vectors.T
-        return _top_k((similarities / self.temperature).softmax(dim=-1), labels, top_k)
+    def probabilities(self, ids: list[list[int]], max_items: int, max_tokens: int) -> torch.Tensor:
+        return forward(self.loaded, ids, None, max_items, max_tokens).softmax(dim=-1)

@@ -6,8 +6,11 @@ import torch
 from transformers import AutoModel
 
 from producer.settings import ModelEntry
-from workers.models.encoder import encode
+from workers.models.encoder import forward, tokenize
 from workers.models.loading import LoadedModel, load_model
+
+# Inputs per forward pass and padded tokens per pass when called outside the batching loop.
+DEFAULT_PASS = (64, 16384)
 
 
 class PooledEmbedder:
@@ -20,8 +23,17 @@ class PooledEmbedder:
     def load(cls, alias: str, entry: ModelEntry, device: torch.device) -> PooledEmbedder:
         return cls(load_model("embed", alias, entry, AutoModel, device))
 
+    def tokenize(self, texts: list[str], what: str = "texts") -> list[list[int]]:
+        """Thread-safe; raises InputTooLarge for a text over the model's token limit."""
+        return tokenize(self.loaded, texts, what)
+
+    def vectors(self, ids: list[list[int]], max_items: int, max_tokens: int) -> torch.Tensor:
+        """Pooled, not normalised, one row per input. Device work."""
+        return forward(self.loaded, ids, self._pool, max_items, max_tokens)
+
     def embed(self, texts: list[str], normalize: bool) -> torch.Tensor:
-        vectors = encode(self.loaded, texts, "texts", self._pool)
+        """Both steps at once, for callers outside the worker (calibration, checks)."""
+        vectors = self.vectors(self.tokenize(texts), *DEFAULT_PASS)
         return torch.nn.functional.normalize(vectors, dim=-1) if normalize else vectors
 
     def _pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

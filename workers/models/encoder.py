@@ -1,4 +1,4 @@
-"""What the encoder models share: tokenising under the token limit and running the forward in chunks."""
+"""What the encoder models share: tokenising under the token limit, and length-sorted forward passes."""
 
 from __future__ import annotations
 
@@ -7,39 +7,51 @@ from collections.abc import Callable
 import torch
 
 from producer.errors import InputTooLarge
+from workers.batching import plan_chunks
 from workers.models.loading import LoadedModel
 
-# Texts per forward pass inside one request. Attention memory grows with count x length^2, so a request
-# with many long texts runs as several passes, shortest texts together to keep padding small.
-CHUNK = 32
+Head = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def encode(loaded: LoadedModel, texts: list[str], what: str,
-           head: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
-    """Run the encoder over texts; ``head(last_hidden_state_or_logits, attention_mask)`` makes one row each.
-
-    Raises InputTooLarge naming the first text over the model's token limit (unless it truncates).
-    Returns float32 rows on the CPU, in input order.
-    """
-    entry = loaded.entry
-    batch = loaded.tokenizer(texts, padding=False, truncation=entry.truncate, max_length=entry.max_length)
-    ids: list[list[int]] = batch["input_ids"]
+def tokenize(loaded: LoadedModel, texts: list[str], what: str) -> list[list[int]]:
+    """Token ids per text. Thread-safe. Raises InputTooLarge naming the first text over the limit."""
+    ids = [encoding.ids for encoding in loaded.encoder.encode_batch(texts)]
+    limit = loaded.entry.max_length
     for i, row in enumerate(ids):
-        if len(row) > entry.max_length:
-            raise InputTooLarge(
-                f"{what}[{i}] is {len(row)} tokens; model {loaded.alias!r} accepts at most {entry.max_length} "
-                "(shorten it, or set truncate = true for this model)"
-            )
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        if len(row) > limit:
+            raise InputTooLarge(f"{what}[{i}] is {len(row)} tokens; model {loaded.alias!r} accepts at most {limit} "
+                                "(shorten it, or set truncate = true for this model)")
+    return ids
+
+
+def pad(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded input ids and attention mask."""
+    longest = max(len(row) for row in rows)
+    input_ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), longest), dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[i, : len(row)] = 1
+    return input_ids.to(device), mask.to(device)
+
+
+def forward(loaded: LoadedModel, ids: list[list[int]], head: Head | None, max_items: int,
+            max_tokens: int) -> torch.Tensor:
+    """Run the encoder over every input, in length-sorted passes within the budget.
+
+    ``head(last_hidden_state, attention_mask)`` makes one row per input (None: the model's logits).
+    Returns float32 rows on the CPU, in input order; exactly one per input, or it raises.
+    """
+    pad_id = loaded.tokenizer.pad_token_id or 0
     rows: list[torch.Tensor | None] = [None] * len(ids)
-    for start in range(0, len(order), CHUNK):
-        chunk = order[start:start + CHUNK]
-        padded = loaded.tokenizer.pad({"input_ids": [ids[i] for i in chunk]}, return_tensors="pt")
-        inputs = {key: value.to(loaded.device) for key, value in padded.items()}
-        output = loaded.model(**inputs)
-        mask = inputs["attention_mask"]
+    for chunk in plan_chunks([len(row) for row in ids], max_items, max_tokens):
+        input_ids, mask = pad([ids[i] for i in chunk], pad_id, loaded.device)
+        output = loaded.model(input_ids=input_ids, attention_mask=mask)
         values = output.logits if head is None else head(output.last_hidden_state, mask)
         values = values.float().cpu()
         for j, i in enumerate(chunk):
             rows[i] = values[j]
-    return torch.stack([row for row in rows if row is not None])
+    done = [row for row in rows if row is not None]
+    if len(done) != len(ids):
+        raise RuntimeError(f"encoder produced {len(done)} rows for {len(ids)} inputs")
+    return torch.stack(done)

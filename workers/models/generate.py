@@ -1,16 +1,39 @@
-"""Text generation with any AutoModelForCausalLM: prompts or chat messages, greedy or sampled, stop strings."""
+"""Text generation with any AutoModelForCausalLM: prompts or chat messages, greedy or sampled, stop strings.
+
+Preparing (chat template, tokenising, limits) and finishing (decoding, stop strings) run in the task
+threads; only ``run`` touches the device, for a whole batch of requests at once.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import secrets
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
-from transformers import AutoModelForCausalLM, GenerationConfig
+from transformers import AutoModelForCausalLM
 
 from producer.contract import GenerateRequest, GenerateResult
 from producer.errors import InputTooLarge, InvalidInput
 from producer.settings import ModelEntry
+from workers.models.decode import Row, decode
 from workers.models.loading import LoadedModel, load_model
+
+
+@dataclass
+class Prepared:
+    request: GenerateRequest
+    prompt: list[int]
+
+    @property
+    def total_tokens(self) -> int:
+        return len(self.prompt) + self.request.max_new_tokens
+
+
+@dataclass
+class Completion:
+    tokens: list[int]
+    ended: bool  # by end-of-sequence or a stop string
 
 
 class CausalGenerator:
@@ -26,65 +49,56 @@ class CausalGenerator:
     def load(cls, alias: str, entry: ModelEntry, device: torch.device) -> CausalGenerator:
         return cls(load_model("generate", alias, entry, AutoModelForCausalLM, device))
 
-    def prompt_ids(self, request: GenerateRequest) -> list[int]:
-        tokenizer = self.loaded.tokenizer
+    # --- task thread ----------------------------------------------------------------------------------
+
+    def prepare(self, request: GenerateRequest) -> Prepared:
+        """Render and tokenise the prompt and check it fits. Thread-safe."""
+        tokenizer, encoder = self.loaded.tokenizer, self.loaded.encoder
         if request.messages is None:
             assert request.prompt is not None  # the contract guarantees exactly one of the two
-            return list(tokenizer(request.prompt)["input_ids"])
-        if not tokenizer.chat_template:
-            raise InvalidInput(f"model {self.loaded.alias!r} has no chat template; send prompt instead of "
-                               "messages")
-        chat = [message.model_dump() for message in request.messages]
-        rendered: Any = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True,
-                                                      return_dict=True)
-        return list(rendered["input_ids"])
-
-    def generate(self, request: GenerateRequest) -> GenerateResult:
-        prompt = self.prompt_ids(request)
+            prompt = encoder.encode(request.prompt).ids
+        else:
+            if not tokenizer.chat_template:
+                raise InvalidInput(f"model {self.loaded.alias!r} has no chat template; send prompt instead of "
+                                   "messages")
+            chat = [message.model_dump() for message in request.messages]
+            rendered = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+            prompt = encoder.encode(str(rendered), add_special_tokens=False).ids
         limit = self.loaded.entry.max_length
         if len(prompt) + request.max_new_tokens > limit:
             raise InputTooLarge(
                 f"the prompt is {len(prompt)} tokens and max_new_tokens is {request.max_new_tokens}; model "
                 f"{self.loaded.alias!r} accepts at most {limit} tokens in all"
             )
-        if request.seed is not None:
-            # The device thread runs one request at a time, so seeding the global generator is exact.
-            torch.manual_seed(request.seed)
-        input_ids = torch.tensor([prompt], device=self.loaded.device)
-        output = self.loaded.model.generate(
-            input_ids=input_ids,
-            attention_mask=torch.ones_like(input_ids),
-            generation_config=self._config(request),
-            tokenizer=self.loaded.tokenizer if request.stop else None,
-        )
-        completion = output[0, len(prompt):].tolist()
-        return self._result(request, prompt, completion)
+        return Prepared(request, prompt)
 
-    def _config(self, request: GenerateRequest) -> GenerationConfig:
-        options: dict[str, Any] = {
-            "max_new_tokens": request.max_new_tokens,
-            "pad_token_id": self._pad,
-            "eos_token_id": sorted(self._eos) or None,
-        }
-        if request.temperature > 0:
-            options.update(do_sample=True, temperature=request.temperature, top_p=request.top_p, top_k=0)
-        else:
-            options.update(do_sample=False)
-        if request.stop:
-            options["stop_strings"] = list(request.stop)
-        return GenerationConfig(**options)  # type: ignore[no-untyped-call]
-
-    def _result(self, request: GenerateRequest, prompt: list[int], completion: list[int]) -> GenerateResult:
-        # generate() pads finished rows; the completion ends at the first end-of-sequence token.
-        ended_by_eos = False
-        for position, token in enumerate(completion):
-            if token in self._eos:
-                completion, ended_by_eos = completion[: position + 1], True
-                break
-        text = str(self.loaded.tokenizer.decode(completion, skip_special_tokens=True))
-        cut = min((i for i in (text.find(stop) for stop in request.stop or []) if i >= 0), default=-1)
+    def finish(self, prepared: Prepared, completion: Completion) -> GenerateResult:
+        """Decode the completion and cut it before the first stop string. Thread-safe."""
+        text = self._text(completion.tokens)
+        stops = prepared.request.stop or []
+        cut = min((i for i in (text.find(stop) for stop in stops) if i >= 0), default=-1)
         if cut >= 0:
             text = text[:cut]
-        finish: Literal["stop", "length"] = "stop" if ended_by_eos or cut >= 0 else "length"
+        finish: Literal["stop", "length"] = "stop" if completion.ended or cut >= 0 else "length"
         return GenerateResult(model=self.loaded.alias, text=text, finish_reason=finish,
-                              prompt_tokens=len(prompt), completion_tokens=len(completion))
+                              prompt_tokens=len(prepared.prompt), completion_tokens=len(completion.tokens))
+
+    # --- device thread --------------------------------------------------------------------------------
+
+    def run(self, batch: list[Prepared]) -> list[Completion]:
+        """One decode loop for the whole batch; every row keeps its own settings and random generator."""
+        rows = [self._row(prepared) for prepared in batch]
+        decode(self.loaded.model, rows, self._eos, self._pad, self.loaded.device, self._text)
+        return [Completion(row.completion, row.ended_by_eos or row.ended_by_stop) for row in rows]
+
+    def _row(self, prepared: Prepared) -> Row:
+        request = prepared.request
+        generator = None
+        if request.temperature > 0:
+            generator = torch.Generator(device=self.loaded.device)
+            generator.manual_seed(request.seed if request.seed is not None else secrets.randbits(63))
+        return Row(prompt=prepared.prompt, max_new_tokens=request.max_new_tokens, temperature=request.temperature,
+                   top_p=request.top_p, generator=generator, stop=tuple(request.stop or ()))
+
+    def _text(self, tokens: list[int]) -> str:
+        return str(self.loaded.encoder.decode(tokens, skip_special_tokens=True))

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tokenizers import Tokenizer
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from producer.settings import ModelEntry
@@ -64,6 +65,9 @@ class LoadedModel:
     entry: ModelEntry
     location: str
     tokenizer: PreTrainedTokenizerBase
+    # A private copy of the fast tokenizer, configured once (no padding; truncation only if the entry
+    # asks): encoding with it never mutates it, so task threads can tokenise concurrently.
+    encoder: Tokenizer
     model: Any  # a transformers PreTrainedModel, in eval mode on `device`
     device: torch.device
     dtype: torch.dtype
@@ -78,6 +82,20 @@ class LoadedModel:
             "max_length": self.entry.max_length,
             "load_seconds": round(self.load_seconds, 3),
         }
+
+
+def thread_safe_encoder(tokenizer: PreTrainedTokenizerBase, entry: ModelEntry, alias: str) -> Tokenizer:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if not isinstance(backend, Tokenizer):
+        raise ModelLoadError(f"model {alias!r} has no fast (Rust) tokenizer; inferq needs one to tokenise off "
+                             "the device thread")
+    encoder = Tokenizer.from_str(backend.to_str())
+    encoder.no_padding()
+    if entry.truncate:
+        encoder.enable_truncation(entry.max_length)
+    else:
+        encoder.no_truncation()
+    return encoder
 
 
 def load_model(kind: str, alias: str, entry: ModelEntry, auto_class: Any, device: torch.device) -> LoadedModel:
@@ -97,7 +115,8 @@ def load_model(kind: str, alias: str, entry: ModelEntry, auto_class: Any, device
     model.to(device)
     model.eval()
     seconds = time.perf_counter() - started
-    loaded = LoadedModel(alias, entry, location, tokenizer, model, device, dtype, seconds)
+    loaded = LoadedModel(alias, entry, location, tokenizer, thread_safe_encoder(tokenizer, entry, alias), model,
+                         device, dtype, seconds)
     log.info("loaded %s model %r from %s on %s (%s) in %.1f s", kind, alias, location, device,
              loaded.describe()["dtype"], seconds)
     return loaded
