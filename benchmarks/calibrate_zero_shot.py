@@ -62,7 +62,8 @@ def main() -> None:
     alias = settings.models.default_alias("embed")
     assert alias is not None
     embedder = PooledEmbedder.load(alias, settings.models.embed[alias], pick_device("cpu"))
-    sims, truths = [], []
+    sims: list[torch.Tensor] = []
+    truths: list[int] = []
     with torch.inference_mode():
         for labels, examples in SETS.values():
             texts = embedder.embed([t for t, _ in examples], normalize=True)

@@ -11,15 +11,16 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 
 from producer.client import Client, Handle
-from producer.settings import Settings
+from producer.settings import Kind, Settings
 
 
-def run(client: Client, kind: str, count: int, kwargs: dict[str, Any]) -> dict[str, Any]:
+def run(client: Client, kind: Kind, count: int, kwargs: Callable[[int], dict[str, Any]]) -> dict[str, Any]:
     started = time.perf_counter()
-    handles: list[Handle[Any]] = [client.submit(kind, **kwargs(i)) for i in range(count)]  # type: ignore[arg-type, operator]
+    handles: list[Handle[Any]] = [client.submit(kind, **kwargs(i)) for i in range(count)]
     sent = time.perf_counter()
     results = [handle.get(timeout=600) for handle in handles]
     finished = time.perf_counter()
@@ -42,7 +43,7 @@ def main() -> None:
     args = parser.parse_args()
     client = Client(Settings())
     status = client.app.control.broadcast("inferq_status", reply=True, timeout=5.0)
-    plans = [
+    plans: list[tuple[Kind, int, Callable[[int], dict[str, Any]]]] = [
         ("embed", args.embed, lambda i: {"texts": [f"sentence number {i} about queues and GPUs"]}),
         ("classify", args.classify, lambda i: {"texts": [f"the match {i} ended in a draw"],
                                                "labels": ["sports", "finance", "cooking"]}),

@@ -161,6 +161,26 @@ def demo(timeout: float) -> None:
     sys.exit(run_demo(Settings(), timeout))
 
 
+@main.command()
+@click.option("--kinds", default=",".join(KINDS), show_default=True)
+@click.option("--concurrency", "levels", default="1,16,64,256", show_default=True,
+              help="comma-separated numbers of requests in flight")
+@click.option("--requests", default=2000, show_default=True, help="embed/classify requests per level")
+@click.option("--generate-requests", default=256, show_default=True, help="generate requests per level")
+@click.option("--processes", default=4, show_default=True, help="producer processes sending")
+@click.option("--new-tokens", default=64, show_default=True, help="max_new_tokens of each generate request")
+@click.option("--raw-batch", default=64, show_default=True, help="batch size of the raw encoder loop")
+@click.option("--no-worker", is_flag=True, help="use the workers already running instead of starting one")
+@click.option("--out", default="benchmarks", show_default=True, type=click.Path(file_okay=False))
+def bench(kinds: str, levels: str, requests: int, generate_requests: int, processes: int, new_tokens: int,
+          raw_batch: int, no_worker: bool, out: str) -> None:
+    """Benchmark: the raw model against the same model through the queue (a benchmark, not a test)."""
+    from benchmarks.bench import run_bench
+
+    run_bench(_parse_kinds(kinds), [int(n) for n in levels.split(",")], requests, processes, new_tokens, raw_batch,
+              generate_requests, not no_worker, Path(out))
+
+
 def _parse_kinds(text: str) -> tuple[Kind, ...]:
     chosen: list[Kind] = []
     by_name: dict[str, Kind] = {kind: kind for kind in KINDS}

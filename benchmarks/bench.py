@@ -1,0 +1,210 @@
+"""``inferq bench``: the raw model against the same model through the queue, in one run on one machine.
+
+    inferq bench                                   # starts a worker, all kinds, default levels
+    inferq bench --kinds embed --concurrency 1,64,256 --requests 2000 --processes 4
+    inferq bench --no-worker                       # use workers already running on INFERQ_REDIS_URL
+
+Writes benchmarks/bench-<host>.json and benchmarks/bench-<host>.png (throughput and p95 latency against
+concurrency) and prints a table. The raw figures come first, while the worker sits idle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from benchmarks.load import Sample, run_load
+from benchmarks.raw import raw_encode, raw_generate
+from producer.client import Client
+from producer.settings import Kind, Settings
+
+
+def machine() -> str:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return f"{torch.cuda.get_device_name(0)}, {os.cpu_count()} CPU cores"
+    except ImportError:
+        pass
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, no GPU"
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def summarize(samples: list[Sample]) -> dict[str, Any]:
+    latencies = [(s.done - s.sent) * 1000 for s in samples]
+    first_send, last_send = min(s.sent for s in samples), max(s.sent for s in samples)
+    last_done = max(s.done for s in samples)
+    elapsed = last_done - first_send
+    return {
+        "requests": len(samples),
+        "failed": sum(not s.ok for s in samples),
+        "requests_per_s": len(samples) / elapsed,
+        "tokens_per_s": sum(s.tokens for s in samples) / elapsed,
+        "send_per_s": len(samples) / max(last_send - first_send, 1e-9),
+        "p50_ms": percentile(latencies, 50), "p95_ms": percentile(latencies, 95),
+        "p99_ms": percentile(latencies, 99),
+    }
+
+
+def worker_status(client: Client) -> dict[str, Any]:
+    merged: dict[str, Any] = {}
+    for reply in client.app.control.broadcast("inferq_status", reply=True, timeout=2.0):
+        merged.update(reply)
+    return merged
+
+
+def batch_histogram(before: dict[str, Any], after: dict[str, Any]) -> dict[str, int]:
+    """Batches the workers ran between two status reads: requests per batch -> how many batches."""
+    histogram: dict[str, int] = {}
+    for node, status in after.items():
+        for key, sizes in status.get("batch_sizes", {}).items():
+            earlier = before.get(node, {}).get("batch_sizes", {}).get(key, {})
+            for size, n in sizes.items():
+                grown = n - earlier.get(size, 0)
+                if grown:
+                    histogram[size] = histogram.get(size, 0) + grown
+    return dict(sorted(histogram.items(), key=lambda kv: int(kv[0])))
+
+
+def start_worker(log_path: Path) -> subprocess.Popen[bytes]:
+    log = log_path.open("wb")
+    return subprocess.Popen([sys.executable, "-m", "producer.cli", "worker", "--name", f"bench-{os.getpid()}@%h"],
+                            stdout=log, stderr=subprocess.STDOUT)
+
+
+def wait_ready(client: Client, process: subprocess.Popen[bytes] | None, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise SystemExit(f"the worker exited with {process.returncode}")
+        if any(status.get("ready") for status in worker_status(client).values()):
+            return
+        time.sleep(0.5)
+    raise SystemExit("no worker became ready")
+
+
+def run_bench(kinds: tuple[Kind, ...], levels: list[int], requests: int, processes: int, new_tokens: int,
+              raw_batch: int, generate_requests: int, start: bool, out_dir: Path) -> dict[str, Any]:
+    settings = Settings()
+    client = Client(settings)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    worker = start_worker(out_dir / "bench-worker.log") if start else None
+    report: dict[str, Any] = {"machine": machine(), "host": socket.gethostname(),
+                              "date": time.strftime("%Y-%m-%d %H:%M:%S"), "kinds": {}}
+    try:
+        # The raw loop runs once the worker has loaded and sits idle, so the two never share the CPU.
+        wait_ready(client, worker)
+        raw: dict[str, Any] = {}
+        if "embed" in kinds or "classify" in kinds:
+            raw["encode"] = raw_encode(settings, raw_batch, seconds=5.0)
+        if "generate" in kinds:
+            raw["generate"] = raw_generate(settings, max(levels), new_tokens, rounds=1)
+        report["raw"] = raw
+        total = sum((generate_requests if kind == "generate" else requests) * len(levels) for kind in kinds)
+        with tqdm(total=total, unit="req", desc="through the queue", dynamic_ncols=True) as bar:
+            for kind in kinds:
+                count = generate_requests if kind == "generate" else requests
+                rows = []
+                for level in levels:
+                    before = worker_status(client)
+                    samples = run_load(settings, kind, count, level, processes, new_tokens, progress=bar.update)
+                    row = {"concurrency": level, **summarize(samples),
+                           "batch_sizes": batch_histogram(before, worker_status(client))}
+                    rows.append(row)
+                report["kinds"][kind] = rows
+        light = {}
+        for kind in kinds:
+            if kind == "generate":
+                continue
+            samples = run_load(settings, kind, 50, 1, 1, new_tokens)
+            light[kind] = summarize(samples)["p50_ms"]
+        report["light_load_p50_ms"] = light
+    finally:
+        if worker is not None:
+            worker.terminate()
+            worker.wait(timeout=60)
+        client.close()
+    _ratios(report)
+    name = f"bench-{socket.gethostname()}"
+    (out_dir / f"{name}.json").write_text(json.dumps(report, indent=2))
+    _plot(report, out_dir / f"{name}.png")
+    _print(report)
+    return report
+
+
+def _ratios(report: dict[str, Any]) -> None:
+    raw = report.get("raw", {})
+    for kind, rows in report["kinds"].items():
+        for row in rows:
+            if kind == "generate" and "generate" in raw:
+                row["ratio_to_raw"] = row["tokens_per_s"] / raw["generate"]["tokens_per_s"]
+            elif kind != "generate" and "encode" in raw:
+                row["ratio_to_raw"] = row["requests_per_s"] / raw["encode"]["texts_per_s"]
+
+
+def _plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (throughput, latency) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for kind, rows in report["kinds"].items():
+        levels = [row["concurrency"] for row in rows]
+        value = "tokens_per_s" if kind == "generate" else "requests_per_s"
+        throughput.plot(levels, [row[value] for row in rows], marker="o",
+                        label=f"{kind} ({'tokens' if kind == 'generate' else 'requests'}/s)")
+        latency.plot(levels, [row["p95_ms"] for row in rows], marker="o", label=kind)
+    for key, raw in report.get("raw", {}).items():
+        value = raw.get("texts_per_s") or raw.get("tokens_per_s")
+        throughput.axhline(value, linestyle="--", linewidth=1, label=f"raw {key} ({value:.0f}/s)")
+    for axis, title in ((throughput, "throughput"), (latency, "p95 latency (ms)")):
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel("requests in flight")
+        axis.set_title(title)
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    figure.suptitle(f"inferq bench: {report['machine']} ({report['date']})", fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+def _print(report: dict[str, Any]) -> None:
+    print(f"\n{report['machine']}")
+    for key, raw in report.get("raw", {}).items():
+        print(f"raw {key}: " + ", ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}"
+                                         for k, v in raw.items()))
+    print(f"{'kind':<9}{'in flight':>10}{'req/s':>9}{'tok/s':>9}{'send/s':>9}{'p50 ms':>9}{'p95 ms':>9}"
+          f"{'p99 ms':>9}{'vs raw':>8}{'failed':>7}  batch sizes")
+    for kind, rows in report["kinds"].items():
+        for r in rows:
+            print(f"{kind:<9}{r['concurrency']:>10}{r['requests_per_s']:>9.1f}{r['tokens_per_s']:>9.1f}"
+                  f"{r['send_per_s']:>9.0f}{r['p50_ms']:>9.1f}{r['p95_ms']:>9.1f}{r['p99_ms']:>9.1f}"
+                  f"{r.get('ratio_to_raw', 0):>8.2f}{r['failed']:>7}  {r['batch_sizes']}")
+    if report.get("light_load_p50_ms"):
+        single = report.get("raw", {}).get("encode", {}).get("single_ms_p50")
+        print("light load p50 (one request at a time): " +
+              ", ".join(f"{k} {v:.1f} ms" for k, v in report["light_load_p50_ms"].items()) +
+              (f"; raw single text (tokenise + forward) {single:.1f} ms" if single else ""))

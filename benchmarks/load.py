@@ -1,0 +1,106 @@
+"""Load from foreign-style clients: producer processes that send one request per message by task name with
+a plain Celery app, keep a window of requests in flight, and read results straight from Redis.
+
+Each process owns ``window`` slots; a slot sends its next request as soon as its previous result lands,
+so ``processes x window`` requests are in flight. Results are read by MGET on the result keys every
+millisecond, as a client in any language could, so the reading costs no Celery machinery.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from celery import Celery
+
+from producer.app import make_celery
+from producer.contract import queue_name, task_name
+from producer.settings import Kind, Settings
+
+Payload = Callable[[int], dict[str, Any]]
+
+
+def payload_for(kind: Kind, new_tokens: int) -> Payload:
+    if kind == "embed":
+        return lambda i: {"texts": [f"request {i}: a short sentence about queues, batching and GPUs"]}
+    if kind == "classify":
+        return lambda i: {"texts": [f"request {i}: the match ended in a late winner"],
+                          "labels": ["sports", "finance", "cooking"]}
+    return lambda i: {"prompt": f"Story {i}: once upon a time", "max_new_tokens": new_tokens}
+
+
+@dataclass
+class Sample:
+    sent: float  # time.time() at send
+    done: float  # time.time() when the result was seen
+    ok: bool
+    tokens: int
+
+
+def _producer(settings: Settings, kind: Kind, count: int, window: int, new_tokens: int, offset: int,
+              start_at: float, out: Any) -> None:
+    app: Celery = make_celery(settings.model_copy(update={"result_backend": "disabled://"}), "bench-producer")
+    app.conf.result_backend = None
+    store = redis.Redis.from_url(settings.backend)
+    payload = payload_for(kind, new_tokens)
+    name, queue = task_name(kind), queue_name(kind)
+    inflight: dict[str, float] = {}
+    samples: list[Sample] = []
+    sent = 0
+    while time.time() < start_at:
+        time.sleep(0.001)
+    with app.producer_or_acquire() as producer:
+        while sent < count or inflight:
+            while sent < count and len(inflight) < window:
+                task_id = str(uuid.uuid4())
+                app.send_task(name, kwargs=payload(offset + sent), queue=queue, task_id=task_id, producer=producer)
+                inflight[task_id] = time.time()
+                sent += 1
+            ids = list(inflight)
+            for task_id, raw in zip(ids, store.mget([f"celery-task-meta-{i}" for i in ids]), strict=True):
+                if raw is None:
+                    continue
+                meta = json.loads(raw)
+                ok = meta["status"] == "SUCCESS"
+                tokens = int(meta["result"].get("completion_tokens", 0)) if ok else 0
+                samples.append(Sample(inflight.pop(task_id), time.time(), ok, tokens))
+                if len(samples) % 50 == 0:
+                    out.put(("tick", 50))
+            time.sleep(0.001)
+    out.put(("tick", len(samples) % 50))
+    out.put(("done", [(s.sent, s.done, s.ok, s.tokens) for s in samples]))
+
+
+def run_load(settings: Settings, kind: Kind, count: int, concurrency: int, processes: int,
+             new_tokens: int, progress: Callable[[int], None] | None = None) -> list[Sample]:
+    """Send ``count`` requests with ``concurrency`` in flight over ``processes`` processes; all samples."""
+    processes = max(1, min(processes, concurrency))
+    context = mp.get_context("spawn")
+    out = context.Queue()
+    start_at = time.time() + 2.0  # every process starts sending at once, after its imports
+    shares = [count // processes + (1 if p < count % processes else 0) for p in range(processes)]
+    windows = [concurrency // processes + (1 if p < concurrency % processes else 0) for p in range(processes)]
+    workers = [context.Process(target=_producer, args=(settings, kind, share, window, new_tokens,
+                                                       sum(shares[:p]), start_at, out))
+               for p, (share, window) in enumerate(zip(shares, windows, strict=True))]
+    for worker in workers:
+        worker.start()
+    samples: list[Sample] = []
+    finished = 0
+    while finished < len(workers):
+        what, data = out.get()
+        if what == "tick":
+            if progress:
+                progress(data)
+        else:
+            samples.extend(Sample(*row) for row in data)
+            finished += 1
+    for worker in workers:
+        worker.join()
+    return samples

@@ -1,0 +1,73 @@
+"""The raw model: the same weights the worker serves, in a tight batched loop with nothing around them."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+import torch
+
+from producer.settings import Settings
+from workers.models.embed import PooledEmbedder
+from workers.models.generate import CausalGenerator
+from workers.models.loading import pick_device
+
+
+def texts_for(n: int) -> list[str]:
+    return [f"request {i}: a short sentence about queues, batching and the GPUs that answer them" for i in range(n)]
+
+
+def raw_encode(settings: Settings, batch: int, seconds: float) -> dict[str, Any]:
+    """texts/s of tokenise + forward (+ pooling) in batches of ``batch``; also one text alone."""
+    device = pick_device(settings.device)
+    alias = settings.models.default_alias("embed")
+    assert alias is not None
+    embedder = PooledEmbedder.load(alias, settings.models.embed[alias], device)
+    texts = texts_for(batch)
+    with torch.inference_mode():
+        embedder.vectors(embedder.tokenize(texts), batch, 10**9)  # warm-up
+        done, started = 0, time.perf_counter()
+        while time.perf_counter() - started < seconds:
+            embedder.vectors(embedder.tokenize(texts), batch, 10**9)
+            _sync(device)
+            done += batch
+        elapsed = time.perf_counter() - started
+        singles = []
+        for text in texts_for(50):
+            t0 = time.perf_counter()
+            embedder.vectors(embedder.tokenize([text]), 1, 10**9)
+            _sync(device)
+            singles.append(time.perf_counter() - t0)
+    return {"model": alias, "batch": batch, "texts_per_s": done / elapsed,
+            "single_ms_p50": statistics.median(singles) * 1000}
+
+
+def raw_generate(settings: Settings, batch: int, new_tokens: int, rounds: int) -> dict[str, Any]:
+    """Generated tokens/s of Hugging Face ``generate`` (greedy, left-padded) over ``batch`` prompts."""
+    from transformers import GenerationConfig
+
+    device = pick_device(settings.device)
+    alias = settings.models.default_alias("generate")
+    assert alias is not None
+    generator = CausalGenerator.load(alias, settings.models.generate[alias], device)
+    model, tokenizer = generator.loaded.model, generator.loaded.tokenizer
+    tokenizer.padding_side = "left"
+    prompts = [f"Story {i}: once upon a time" for i in range(batch)]
+    inputs = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
+    config = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,  # type: ignore[no-untyped-call]
+                              pad_token_id=tokenizer.pad_token_id or 0)
+    with torch.inference_mode():
+        model.generate(**inputs, generation_config=config)  # warm-up
+        started = time.perf_counter()
+        for _ in range(rounds):
+            model.generate(**inputs, generation_config=config)
+            _sync(device)
+        elapsed = time.perf_counter() - started
+    return {"model": alias, "batch": batch, "new_tokens": new_tokens,
+            "tokens_per_s": batch * new_tokens * rounds / elapsed}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
