@@ -32,7 +32,9 @@ def make_celery(settings: Settings, main: str = "inferq") -> Celery:
         # Bounded waits: a producer or worker facing a dead Redis raises instead of hanging.
         broker_connection_timeout=timeout,
         broker_connection_retry_on_startup=True,
-        broker_transport_options={"socket_connect_timeout": timeout, "socket_timeout": max(timeout, 30.0)},
+        broker_transport_options={"socket_connect_timeout": timeout, "socket_timeout": max(timeout, 30.0),
+                                  "visibility_timeout": settings.visibility_timeout},
+        worker_send_task_events=settings.task_events,
         redis_socket_connect_timeout=timeout,
         redis_socket_timeout=max(timeout, 30.0),
         redis_retry_on_timeout=True,

@@ -50,9 +50,9 @@ class TimeLimits(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    embed: float = Field(60.0, gt=0)
-    classify: float = Field(60.0, gt=0)
-    generate: float = Field(600.0, gt=0)
+    embed: float = Field(30.0, gt=0)
+    classify: float = Field(30.0, gt=0)
+    generate: float = Field(120.0, gt=0)
     device_stall: float = Field(
         900.0, gt=0, description="a batch running longer than this means a stuck device: the worker exits so "
         "its unacknowledged messages go back to the queue"
@@ -156,8 +156,20 @@ class Settings(BaseSettings):
     # together; the default holds about two batches of single-text requests.
     worker_concurrency: int = Field(256, ge=1, description="task threads per worker; one thread owns the device")
     worker_prefetch_multiplier: int = Field(1, ge=1)
+    # Redis hands a message that was delivered but never acknowledged (its worker died) to another worker
+    # after this many seconds. It must exceed the longest time limit, or a slow task would run twice.
+    visibility_timeout: float = Field(150.0, gt=0)
+    task_events: bool = Field(True, description="workers send task events (Flower counts every message)")
     embedded_redis: Literal["auto", "never"] = "auto"
     log_level: str = "INFO"
+
+    @model_validator(mode="after")
+    def _visibility_outlasts_time_limits(self) -> Settings:
+        longest = max(self.time_limits.embed, self.time_limits.classify, self.time_limits.generate)
+        if self.visibility_timeout <= longest:
+            raise ValueError(f"visibility_timeout ({self.visibility_timeout:g} s) must exceed the longest time limit "
+                             f"({longest:g} s), or a task still running would be handed to a second worker")
+        return self
 
     @property
     def broker(self) -> str:

@@ -79,7 +79,7 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def write_config(path: Path, tiny: dict[str, Path], extra: str = "") -> Path:
     path.write_text(f"""
-worker_concurrency = 4
+worker_concurrency = 32
 {extra}
 [limits]
 max_texts = 16

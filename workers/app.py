@@ -11,6 +11,7 @@ from celery.signals import worker_init, worker_shutdown
 from producer.app import make_celery
 from producer.settings import Kind, Settings
 from workers import backend, control
+from workers.events import UnbufferedTaskEvents
 from workers.errors import WorkerError
 from workers.runtime import Runtime
 from workers.tasks import register_tasks
@@ -28,6 +29,7 @@ class WorkerApp:
         self.celery.loader.override_backends = backend.OVERRIDES
         self._runtime: Runtime | None = None
         register_tasks(self.celery, self.runtime)
+        self.celery.steps["consumer"].add(UnbufferedTaskEvents)
         worker_init.connect(self._on_worker_init, weak=False)
         worker_shutdown.connect(self._on_worker_shutdown, weak=False)
 

@@ -1,0 +1,113 @@
+"""Batching in a real worker: requests that wait together run together, yet each message keeps its own
+result, failure, seed and task events."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import pytest
+import torch
+
+from producer.client import Client, Handle
+from producer.errors import InputTooLarge, UnknownModel
+from tests.conftest import WorkerProcess
+
+pytestmark = pytest.mark.integration
+
+
+def status(client: Client, worker: WorkerProcess) -> dict[str, Any]:
+    replies = client.app.control.broadcast("inferq_status", reply=True, timeout=5.0, destination=[worker.node])
+    return dict(replies[0][worker.node])
+
+
+def batched_requests(before: dict[str, Any], after: dict[str, Any], key: str) -> int:
+    """Requests that ran in batches of more than one, between two status reads."""
+    grown = 0
+    for size, n in after["batch_sizes"].get(key, {}).items():
+        if int(size) > 1:
+            grown += (n - before["batch_sizes"].get(key, {}).get(size, 0)) * int(size)
+    return grown
+
+
+def test_a_burst_is_batched_and_every_request_gets_its_own_vectors(client: Client, worker: WorkerProcess) -> None:
+    texts = [f"sentence {i} about {'cats' if i % 2 else 'markets'} and {'x' * (i % 7)}" for i in range(48)]
+    alone = {text: client.embed([text])["embeddings"][0] for text in texts[:6]}
+    before = status(client, worker)
+    handles = [client.submit_embed([text]) for text in texts]
+    results = [handle.get() for handle in handles]
+    after = status(client, worker)
+    assert batched_requests(before, after, "embed/minilm") > 0
+    for text, result in zip(texts, results, strict=True):
+        assert len(result["embeddings"]) == 1
+        if text in alone:  # batched with others, padded, sorted: still the same vector
+            assert torch.allclose(torch.tensor(result["embeddings"][0]), torch.tensor(alone[text]), atol=1e-5)
+
+
+def test_bad_requests_fail_alone_among_good_ones(client: Client, worker: WorkerProcess) -> None:
+    handles: list[tuple[str, Handle[Any]]] = []
+    for i in range(30):
+        if i % 10 == 3:
+            handles.append(("too-long", client.submit_embed(["short", "word " * 400])))
+        elif i % 10 == 7:
+            handles.append(("unknown", client.submit_embed(["x"], model="ghost")))
+        else:
+            handles.append(("ok", client.submit_embed([f"good request {i}"])))
+    for expected, handle in handles:
+        if expected == "ok":
+            assert handle.get()["dim"] == 384
+        else:
+            with pytest.raises(InputTooLarge if expected == "too-long" else UnknownModel):
+                handle.get()
+
+
+def test_generation_in_a_batch_comes_out_as_if_alone(client: Client, worker: WorkerProcess) -> None:
+    seeded: dict[str, Any] = {"prompt": "The weather today is", "max_new_tokens": 12, "temperature": 0.9,
+                              "top_p": 0.9, "seed": 42}
+    greedy: dict[str, Any] = {"prompt": "The capital of France is", "max_new_tokens": 12}
+    alone_seeded = client.generate(**seeded)
+    alone_greedy = client.generate(**greedy)
+    before = status(client, worker)
+    mates = [client.submit_generate(f"Item {i}: once upon a time", max_new_tokens=8 + i,
+                                    temperature=0.7 * (i % 2), seed=i) for i in range(6)]
+    in_batch_seeded = client.submit_generate(**seeded)
+    in_batch_greedy = client.submit_generate(**greedy)
+    more = [client.submit_generate(f"Another {i}", max_new_tokens=5, stop=["."]) for i in range(4)]
+    assert in_batch_seeded.get() == alone_seeded
+    assert in_batch_greedy.get() == alone_greedy
+    for handle in mates + more:
+        assert handle.get()["completion_tokens"] >= 1
+    assert batched_requests(before, status(client, worker), "generate/smollm2") > 0
+
+
+def test_task_events_are_sent_for_every_message_of_a_batch(client: Client, worker: WorkerProcess) -> None:
+    seen: set[str] = set()
+    ready = threading.Event()
+
+    def listen() -> None:
+        with client.app.connection_for_read() as connection:
+            receiver = client.app.events.Receiver(
+                connection, handlers={"task-succeeded": lambda event: seen.add(event["uuid"])})
+            ready.set()
+            receiver.capture(limit=None, timeout=30, wakeup=False)
+
+    listener = threading.Thread(target=listen, daemon=True)
+    listener.start()
+    assert ready.wait(10)
+    # events are published to whoever listens at that moment: wait until a first task's event arrives
+    deadline = time.monotonic() + 20
+    while True:
+        probe = client.submit_embed(["probe"])
+        probe.get()
+        time.sleep(0.3)
+        if probe.id in seen:
+            break
+        assert time.monotonic() < deadline, "the event receiver never saw an event"
+    handles = [client.submit_embed([f"event {i}"]) for i in range(24)]
+    for handle in handles:
+        handle.get()
+    deadline = time.monotonic() + 20
+    while not {h.id for h in handles} <= seen and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert {h.id for h in handles} <= seen
