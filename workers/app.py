@@ -11,8 +11,8 @@ from celery.signals import worker_init, worker_shutdown
 from producer.app import make_celery
 from producer.settings import Kind, Settings
 from workers import backend, control
-from workers.events import UnbufferedTaskEvents
 from workers.errors import WorkerError
+from workers.events import UnbufferedTaskEvents
 from workers.runtime import Runtime
 from workers.tasks import register_tasks
 
