@@ -12,7 +12,7 @@ from producer.app import make_celery
 from producer.settings import Kind, Settings
 from workers import backend, control
 from workers.errors import WorkerError
-from workers.events import UnbufferedTaskEvents
+from workers.events import ThreadSafeTaskEvents
 from workers.runtime import Runtime
 from workers.tasks import register_tasks
 
@@ -29,7 +29,7 @@ class WorkerApp:
         self.celery.loader.override_backends = backend.OVERRIDES
         self._runtime: Runtime | None = None
         register_tasks(self.celery, self.runtime)
-        self.celery.steps["consumer"].add(UnbufferedTaskEvents)
+        self.celery.steps["consumer"].add(ThreadSafeTaskEvents)
         worker_init.connect(self._on_worker_init, weak=False)
         worker_shutdown.connect(self._on_worker_shutdown, weak=False)
 

@@ -67,6 +67,8 @@ class Runtime:
     def load(self) -> None:
         """Load every model the served kinds need, then start the device loop. Runs once."""
         started = time.perf_counter()
+        if self.settings.torch_threads is not None:
+            torch.set_num_threads(self.settings.torch_threads)
         registry = self.settings.models
         if "embed" in self.kinds or "classify" in self.kinds:  # zero-shot classify runs on the embedders
             for alias, entry in registry.embed.items():
