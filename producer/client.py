@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Generic, TypeVar, cast
 
 from celery import Celery
@@ -19,6 +21,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from producer.app import make_celery
+from producer.coalesce import Coalescer
 from producer.contract import (
     ClassifyResult,
     EmbedResult,
@@ -95,12 +98,46 @@ class _ConnectionErrors:
                                         "after retries") from exc
 
 
+class FutureHandle(Handle[T]):
+    """A request riding in a coalesced message: its answer is its own slice of the merged result."""
+
+    def __init__(self, future: Future[T], default_timeout: float, backend_url: str) -> None:
+        self._future = future
+        self._default_timeout = default_timeout
+        self._backend_url = backend_url
+
+    @property
+    def id(self) -> str:
+        return "coalesced"  # several calls share one message; there is no task id of this call's own
+
+    def ready(self) -> bool:
+        return self._future.done()
+
+    def get(self, timeout: float | None = None) -> T:
+        wait = self._default_timeout if timeout is None else timeout
+        try:
+            return self._future.result(timeout=wait)
+        except FutureTimeout:
+            raise ResultTimeout(f"a coalesced request gave no result within {wait:g} s") from None
+
+    async def wait(self, timeout: float | None = None) -> T:
+        wait = self._default_timeout if timeout is None else timeout
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(self._future), wait)
+        except TimeoutError:
+            raise ResultTimeout(f"a coalesced request gave no result within {wait:g} s") from None
+
+
 class Client:
     """Enqueue inferq tasks. Thread-safe; make one per process and share it."""
 
     def __init__(self, settings: Settings | None = None, *, app: Celery | None = None) -> None:
         self.settings = settings or Settings()
         self.app = app or make_celery(self.settings, "inferq-producer")
+        self._coalescer: Coalescer | None = None
+        if self.settings.coalesce_ms > 0:
+            self._coalescer = Coalescer(self.app, self.settings.coalesce_ms / 1000, self.settings.limits.max_texts,
+                                        self._send)
 
     # --- generic --------------------------------------------------------------------------------------
 
@@ -108,8 +145,15 @@ class Client:
         """Validate kwargs against the contract and enqueue them; None values are left out."""
         sent = {key: value for key, value in kwargs.items() if value is not None}
         validate(kind, sent, self.settings.limits)
+        if self._coalescer is not None and kind != "generate":
+            options = {key: value for key, value in sent.items() if key != "texts"}
+            future = self._coalescer.submit(kind, sent["texts"], options)
+            return FutureHandle(future, self.settings.result_timeout, self.settings.backend)
+        return self._send(kind, sent)
+
+    def _send(self, kind: Kind, kwargs: dict[str, Any]) -> Handle[Any]:
         with _ConnectionErrors(f"the broker or result backend at {_both(self.settings)}"):
-            result = self.app.send_task(task_name(kind), kwargs=sent, queue=queue_name(kind))
+            result = self.app.send_task(task_name(kind), kwargs=kwargs, queue=queue_name(kind))
         return Handle(result, self.settings.result_timeout, self.settings.backend)
 
     def handle(self, task_id: str) -> Handle[Any]:
@@ -117,6 +161,8 @@ class Client:
         return Handle(AsyncResult(task_id, app=self.app), self.settings.result_timeout, self.settings.backend)
 
     def close(self) -> None:
+        if self._coalescer is not None:
+            self._coalescer.close()
         self.app.close()
 
     # --- embed ----------------------------------------------------------------------------------------

@@ -37,7 +37,9 @@ class Batching(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    max_wait_ms: float = Field(2.0, ge=0, description="how long the oldest request waits for batch-mates")
+    # 0: no artificial wait. The device loop takes whatever waits whenever it is free, so batches grow with
+    # load by themselves (as in text-embeddings-inference) and a lone request pays nothing.
+    max_wait_ms: float = Field(0.0, ge=0, description="how long the oldest request waits for batch-mates")
     encode_max_texts: int = Field(128, ge=1, description="texts per embed/classify batch and forward pass")
     encode_max_tokens: int = Field(32_768, ge=1, description="padded tokens (longest x texts) per encoder pass")
     generate_max_prompts: int = Field(32, ge=1, description="prompts per generate batch")
@@ -140,6 +142,8 @@ class Settings(BaseSettings):
     result_expires: int = Field(86_400, ge=60, description="seconds a stored result is kept")
     connect_timeout: float = Field(5.0, gt=0, description="seconds to wait for a Redis connection")
     result_timeout: float = Field(300.0, gt=0, description="seconds a blocking producer call waits for a result")
+    coalesce_ms: float = Field(0.0, ge=0, description="producer: merge concurrent embed/classify calls made within "
+                               "this window into one message (0: off)")
 
     limits: Limits = Field(default_factory=Limits)
     models: ModelRegistry = Field(default_factory=ModelRegistry)

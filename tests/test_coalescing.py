@@ -1,0 +1,84 @@
+"""Producer-side coalescing: concurrent calls share messages, yet each caller gets exactly its own answer."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+import torch
+
+from producer.client import Client
+from producer.errors import InputTooLarge
+from producer.settings import Settings
+from tests.conftest import WorkerProcess
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def coalescing(settings: Settings, worker: WorkerProcess) -> Iterator[Client]:
+    client = Client(settings.model_copy(update={"coalesce_ms": 20.0}))
+    yield client
+    client.close()
+
+
+def requests_seen(client: Client, worker: WorkerProcess) -> int:
+    replies = client.app.control.broadcast("inferq_status", reply=True, timeout=5.0, destination=[worker.node])
+    return int(replies[0][worker.node]["counts"].get("embed/minilm:requests", 0))
+
+
+def test_concurrent_calls_share_messages_and_get_their_own_rows(coalescing: Client, client: Client,
+                                                                 worker: WorkerProcess) -> None:
+    texts = [f"coalesced sentence number {i}" for i in range(40)]
+    alone = {text: client.embed([text])["embeddings"][0] for text in texts[:5]}
+    before = requests_seen(client, worker)
+    with ThreadPoolExecutor(max_workers=40) as pool:
+        results = list(pool.map(lambda text: coalescing.embed([text]), texts))
+    messages = requests_seen(client, worker) - before
+    assert messages < 20, f"{messages} messages for 40 calls: nothing was coalesced"
+    for text, result in zip(texts, results, strict=True):
+        assert len(result["embeddings"]) == 1
+        if text in alone:
+            assert torch.allclose(torch.tensor(result["embeddings"][0]), torch.tensor(alone[text]), atol=1e-5)
+
+
+def test_a_bad_call_fails_alone_inside_a_merged_message(coalescing: Client, worker: WorkerProcess) -> None:
+    def call(i: int) -> Any:
+        try:
+            return coalescing.embed(["word " * 400] if i == 5 else [f"fine {i}", f"also fine {i}"])
+        except InputTooLarge as exc:
+            return exc
+
+    with ThreadPoolExecutor(max_workers=12) as pool:
+        outcomes = list(pool.map(call, range(12)))
+    assert isinstance(outcomes[5], InputTooLarge)
+    assert "texts[0] is" in str(outcomes[5])  # numbered within its own request, not the merged one
+    assert all(len(o["embeddings"]) == 2 for i, o in enumerate(outcomes) if i != 5)
+
+
+def same(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return [s["label"] for s in a["results"][0]] == [s["label"] for s in b["results"][0]] and all(
+        abs(x["score"] - y["score"]) < 1e-5 for x, y in zip(a["results"][0], b["results"][0], strict=True))
+
+
+def test_asyncio_callers_and_different_options_are_kept_apart(coalescing: Client, client: Client,
+                                                               worker: WorkerProcess) -> None:
+    first = [([f"The striker scored goal {i}."], {"labels": ["sports", "cooking"]}) for i in range(8)]
+    second = [([f"Bake the bread {i}."], {"labels": ["cooking", "finance"], "top_k": 2}) for i in range(4)]
+
+    async def many() -> list[Any]:
+        return await asyncio.gather(
+            *(coalescing.aclassify(texts, **options) for texts, options in first + second),
+            coalescing.aembed(["unnormalised"], normalize=False),
+        )
+
+    results = asyncio.run(many())
+    for (texts, options), result in zip(first + second, results, strict=False):
+        assert same(result, client.classify(texts, **options))  # as if sent alone, whoever shared its message
+    assert all(len(r["results"][0]) == 1 for r in results[:8])
+    assert all(len(r["results"][0]) == 2 for r in results[8:12])
+    vector = torch.tensor(results[12]["embeddings"][0])
+    assert abs(float(vector.norm()) - 1.0) > 1e-3
