@@ -106,12 +106,15 @@ def wait_ready(client: Client, process: subprocess.Popen[bytes] | None, timeout:
 
 
 def run_bench(kinds: tuple[Kind, ...], levels: list[int], requests: int, processes: int, new_tokens: int,
-              raw_batch: int, generate_requests: int, start: bool, out_dir: Path) -> dict[str, Any]:
+              raw_batch: int, generate_requests: int, start: bool, out_dir: Path, client_kind: str = "plain",
+              coalesce_ms: float = 2.0) -> dict[str, Any]:
     settings = Settings()
+    load_settings = settings.model_copy(update={"coalesce_ms": coalesce_ms}) if client_kind == "inferq" else settings
     client = Client(settings)
     out_dir.mkdir(parents=True, exist_ok=True)
     worker = start_worker(out_dir / "bench-worker.log") if start else None
-    report: dict[str, Any] = {"machine": machine(), "host": socket.gethostname(),
+    report: dict[str, Any] = {"machine": machine(), "host": socket.gethostname(), "client": client_kind,
+                              "coalesce_ms": coalesce_ms if client_kind == "inferq" else None,
                               "date": time.strftime("%Y-%m-%d %H:%M:%S"), "kinds": {}}
     try:
         # The raw loop runs once the worker has loaded and sits idle, so the two never share the CPU.
@@ -129,7 +132,8 @@ def run_bench(kinds: tuple[Kind, ...], levels: list[int], requests: int, process
                 rows = []
                 for level in levels:
                     before = worker_status(client)
-                    samples = run_load(settings, kind, count, level, processes, new_tokens, progress=bar.update)
+                    samples = run_load(load_settings, kind, count, level, processes, new_tokens, progress=bar.update,
+                                       client=client_kind)
                     row = {"concurrency": level, **summarize(samples),
                            "batch_sizes": batch_histogram(before, worker_status(client))}
                     rows.append(row)
@@ -138,7 +142,7 @@ def run_bench(kinds: tuple[Kind, ...], levels: list[int], requests: int, process
         for kind in kinds:
             if kind == "generate":
                 continue
-            samples = run_load(settings, kind, 50, 1, 1, new_tokens)
+            samples = run_load(load_settings, kind, 50, 1, 1, new_tokens, client=client_kind)
             light[kind] = summarize(samples)["p50_ms"]
         report["light_load_p50_ms"] = light
     finally:
@@ -147,7 +151,7 @@ def run_bench(kinds: tuple[Kind, ...], levels: list[int], requests: int, process
             worker.wait(timeout=60)
         client.close()
     _ratios(report)
-    name = f"bench-{socket.gethostname()}"
+    name = f"bench-{socket.gethostname()}-{client_kind}"
     (out_dir / f"{name}.json").write_text(json.dumps(report, indent=2))
     _plot(report, out_dir / f"{name}.png")
     _print(report)
@@ -192,7 +196,8 @@ def _plot(report: dict[str, Any], path: Path) -> None:
 
 
 def _print(report: dict[str, Any]) -> None:
-    print(f"\n{report['machine']}")
+    print(f"\n{report['machine']}; clients: {report['client']}"
+          + (f" (coalescing {report['coalesce_ms']} ms)" if report.get("coalesce_ms") else ""))
     for key, raw in report.get("raw", {}).items():
         print(f"raw {key}: " + ", ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}"
                                          for k, v in raw.items()))

@@ -77,8 +77,50 @@ def _producer(settings: Settings, kind: Kind, count: int, window: int, new_token
     out.put(("done", [(s.sent, s.done, s.ok, s.tokens) for s in samples]))
 
 
+def _inferq_producer(settings: Settings, kind: Kind, count: int, window: int, new_tokens: int, offset: int,
+                     start_at: float, out: Any) -> None:
+    """Our Python producer: ``window`` threads each making blocking calls, merged by the client's coalescing."""
+    import threading
+
+    from producer.client import Client
+
+    client = Client(settings)
+    payload = payload_for(kind, new_tokens)
+    samples: list[Sample] = []
+    lock = threading.Lock()
+    counter = iter(range(count))
+
+    def slot() -> None:
+        while True:
+            with lock:
+                index = next(counter, None)
+            if index is None:
+                return
+            sent = time.time()
+            try:
+                result = client.submit(kind, **payload(offset + index)).get(timeout=600)
+                ok, tokens = True, int(result.get("completion_tokens", 0))
+            except Exception:
+                ok, tokens = False, 0
+            with lock:
+                samples.append(Sample(sent, time.time(), ok, tokens))
+                if len(samples) % 50 == 0:
+                    out.put(("tick", 50))
+
+    while time.time() < start_at:
+        time.sleep(0.001)
+    threads = [threading.Thread(target=slot) for _ in range(window)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    client.close()
+    out.put(("tick", len(samples) % 50))
+    out.put(("done", [(s.sent, s.done, s.ok, s.tokens) for s in samples]))
+
+
 def run_load(settings: Settings, kind: Kind, count: int, concurrency: int, processes: int,
-             new_tokens: int, progress: Callable[[int], None] | None = None) -> list[Sample]:
+             new_tokens: int, progress: Callable[[int], None] | None = None, client: str = "plain") -> list[Sample]:
     """Send ``count`` requests with ``concurrency`` in flight over ``processes`` processes; all samples."""
     processes = max(1, min(processes, concurrency))
     context = mp.get_context("spawn")
@@ -86,7 +128,8 @@ def run_load(settings: Settings, kind: Kind, count: int, concurrency: int, proce
     start_at = time.time() + 2.0  # every process starts sending at once, after its imports
     shares = [count // processes + (1 if p < count % processes else 0) for p in range(processes)]
     windows = [concurrency // processes + (1 if p < concurrency % processes else 0) for p in range(processes)]
-    workers = [context.Process(target=_producer, args=(settings, kind, share, window, new_tokens,
+    target = _inferq_producer if client == "inferq" else _producer
+    workers = [context.Process(target=target, args=(settings, kind, share, window, new_tokens,
                                                        sum(shares[:p]), start_at, out))
                for p, (share, window) in enumerate(zip(shares, windows, strict=True))]
     for worker in workers:

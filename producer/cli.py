@@ -171,14 +171,17 @@ def demo(timeout: float) -> None:
 @click.option("--new-tokens", default=64, show_default=True, help="max_new_tokens of each generate request")
 @click.option("--raw-batch", default=64, show_default=True, help="batch size of the raw encoder loop")
 @click.option("--no-worker", is_flag=True, help="use the workers already running instead of starting one")
+@click.option("--client", "client_kind", type=click.Choice(["plain", "inferq"]), default="plain", show_default=True,
+              help="plain: send_task by name, one request per message (a foreign client); inferq: our Client")
+@click.option("--coalesce-ms", default=2.0, show_default=True, help="with --client inferq: the coalescing window")
 @click.option("--out", default="benchmarks", show_default=True, type=click.Path(file_okay=False))
 def bench(kinds: str, levels: str, requests: int, generate_requests: int, processes: int, new_tokens: int,
-          raw_batch: int, no_worker: bool, out: str) -> None:
+          raw_batch: int, no_worker: bool, client_kind: str, coalesce_ms: float, out: str) -> None:
     """Benchmark: the raw model against the same model through the queue (a benchmark, not a test)."""
     from benchmarks.bench import run_bench
 
     run_bench(_parse_kinds(kinds), [int(n) for n in levels.split(",")], requests, processes, new_tokens, raw_batch,
-              generate_requests, not no_worker, Path(out))
+              generate_requests, not no_worker, Path(out), client_kind, coalesce_ms)
 
 
 def _parse_kinds(text: str) -> tuple[Kind, ...]:

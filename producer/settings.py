@@ -42,7 +42,7 @@ class Batching(BaseModel):
     max_wait_ms: float = Field(0.0, ge=0, description="how long the oldest request waits for batch-mates")
     encode_max_texts: int = Field(128, ge=1, description="texts per embed/classify batch and forward pass")
     encode_max_tokens: int = Field(32_768, ge=1, description="padded tokens (longest x texts) per encoder pass")
-    generate_max_prompts: int = Field(32, ge=1, description="prompts per generate batch")
+    generate_max_prompts: int = Field(64, ge=1, description="prompts per generate batch")
     generate_max_tokens: int = Field(131_072, ge=1,
                                      description="longest (prompt + max_new_tokens) x prompts per generate batch")
 
