@@ -151,7 +151,7 @@ def run_bench(kinds: tuple[Kind, ...], levels: list[int], requests: int, process
             worker.wait(timeout=60)
         client.close()
     _ratios(report)
-    name = f"bench-{socket.gethostname()}-{client_kind}"
+    name = f"bench-{socket.gethostname()}-{client_kind}-{'-'.join(kinds)}"
     (out_dir / f"{name}.json").write_text(json.dumps(report, indent=2))
     _plot(report, out_dir / f"{name}.png")
     _print(report)
