@@ -166,7 +166,7 @@ def demo(timeout: float) -> None:
 @click.option("--concurrency", "levels", default="1,16,64,256", show_default=True,
               help="comma-separated numbers of requests in flight")
 @click.option("--requests", default=2000, show_default=True, help="embed/classify requests per level")
-@click.option("--generate-requests", default=256, show_default=True, help="generate requests per level")
+@click.option("--generate-requests", default=64, show_default=True, help="generate requests per level")
 @click.option("--processes", default=4, show_default=True, help="producer processes sending")
 @click.option("--new-tokens", default=64, show_default=True, help="max_new_tokens of each generate request")
 @click.option("--raw-batch", default=64, show_default=True, help="batch size of the raw encoder loop")
