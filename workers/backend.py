@@ -1,8 +1,11 @@
-"""The Redis result backend, storing each failure's message as one readable string.
+"""The Redis result backend, tuned for inferq.
 
-Celery stores ``exc_message`` as the exception's argument list (``["texts must ..."]``). The contract
-promises a plain string, which is what a foreign client or Flower shows best; Celery's own reader
-accepts both forms, so producers need nothing special.
+- Each failure's message is stored as one readable string. Celery stores ``exc_message`` as the
+  exception's argument list (``["texts must ..."]``); the contract promises a plain string, which is what
+  a foreign client or Flower shows best. Celery's own reader accepts both forms.
+- A result is stored in one atomic round trip that refuses to overwrite a stored SUCCESS. Celery does
+  the same check as a GET before its SET + PUBLISH: two round trips per message, and a window in which a
+  redelivered task's late answer could still overwrite the first one.
 """
 
 from __future__ import annotations
@@ -13,6 +16,24 @@ from celery.backends.redis import RedisBackend
 
 from producer.errors import InferqError
 
+# KEYS[1] result key; ARGV[1] encoded meta, ARGV[2] seconds to keep it (0: forever).
+_STORE_UNLESS_SUCCEEDED = """
+local current = redis.call('GET', KEYS[1])
+if current then
+  local ok, meta = pcall(cjson.decode, current)
+  if ok and type(meta) == 'table' and meta['status'] == 'SUCCESS' then
+    return 0
+  end
+end
+if tonumber(ARGV[2]) > 0 then
+  redis.call('SETEX', KEYS[1], ARGV[2], ARGV[1])
+else
+  redis.call('SET', KEYS[1], ARGV[1])
+end
+redis.call('PUBLISH', KEYS[1], ARGV[1])
+return 1
+"""
+
 
 class InferqRedisBackend(RedisBackend):  # type: ignore[misc]
     def prepare_exception(self, exc: BaseException, serializer: str | None = None) -> Any:
@@ -20,6 +41,23 @@ class InferqRedisBackend(RedisBackend):  # type: ignore[misc]
         if isinstance(exc, InferqError) and isinstance(prepared, dict):
             prepared["exc_message"] = exc.message
         return prepared
+
+    def _store_result(self, task_id: Any, result: Any, state: str, traceback: Any = None, request: Any = None,
+                      **kwargs: Any) -> Any:
+        meta = self._get_result_meta(result=result, state=state, traceback=traceback, request=request)
+        meta["task_id"] = task_id.decode() if isinstance(task_id, bytes) else str(task_id)
+        value = self.encode(meta)
+        if isinstance(value, str) and len(value) > self._MAX_STR_VALUE_SIZE:
+            return super()._store_result(task_id, result, state, traceback, request, **kwargs)  # raises
+        expires = int(self.expires) if self.expires else 0
+        self.ensure(self._store_unless_succeeded, (self.get_key_for_task(task_id), value, expires))
+        return result
+
+    def _store_unless_succeeded(self, key: Any, value: Any, expires: int) -> None:
+        script = getattr(self, "_inferq_store_script", None)
+        if script is None:
+            script = self._inferq_store_script = self.client.register_script(_STORE_UNLESS_SUCCEEDED)
+        script(keys=[key], args=[value, expires])
 
 
 OVERRIDES = {

@@ -1,0 +1,56 @@
+"""The worker's result backend against a real Redis: one string per error, a SUCCESS is never overwritten."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+
+import pytest
+import redis
+from celery import Celery
+
+from producer.app import make_celery
+from producer.errors import InvalidInput
+from producer.settings import Settings
+from tests.conftest import REDIS_URL
+from workers import backend as inferq_backend
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture()
+def app(redis_client: redis.Redis) -> Iterator[Celery]:
+    app = make_celery(Settings(redis_url=REDIS_URL, result_expires=600), "backend-test")
+    app.loader.override_backends = inferq_backend.OVERRIDES
+    assert isinstance(app.backend, inferq_backend.InferqRedisBackend)
+    yield app
+    app.close()
+
+
+def stored(redis_client: redis.Redis, task_id: str) -> dict[str, object]:
+    raw = redis_client.get(f"celery-task-meta-{task_id}")
+    assert raw is not None
+    meta: dict[str, object] = json.loads(raw)
+    return meta
+
+
+def test_a_stored_success_is_never_overwritten(app: Celery, redis_client: redis.Redis) -> None:
+    task_id = str(uuid.uuid4())
+    app.backend.store_result(task_id, {"answer": 1}, "SUCCESS")
+    app.backend.store_result(task_id, InvalidInput("late duplicate"), "FAILURE")  # a redelivered run's answer
+    assert stored(redis_client, task_id)["result"] == {"answer": 1}
+    assert 0 < redis_client.ttl(f"celery-task-meta-{task_id}") <= 600
+
+
+def test_a_failure_can_be_followed_by_a_success_and_errors_are_one_string(app: Celery,
+                                                                          redis_client: redis.Redis) -> None:
+    task_id = str(uuid.uuid4())
+    app.backend.store_result(task_id, InvalidInput("texts must be a non-empty list of strings; got []"), "FAILURE")
+    failure = stored(redis_client, task_id)["result"]
+    assert failure == {"exc_type": "InvalidInput", "exc_module": "producer.errors",
+                       "exc_message": "texts must be a non-empty list of strings; got []"}
+    with pytest.raises(InvalidInput, match="got \\[\\]"):
+        app.AsyncResult(task_id).get(timeout=5)
+    app.backend.store_result(task_id, {"answer": 2}, "SUCCESS")  # a retry that succeeded
+    assert stored(redis_client, task_id)["result"] == {"answer": 2}
