@@ -111,3 +111,17 @@ def test_task_events_are_sent_for_every_message_of_a_batch(client: Client, worke
     while not {h.id for h in handles} <= seen and time.monotonic() < deadline:
         time.sleep(0.1)
     assert {h.id for h in handles} <= seen
+
+
+def test_zero_shot_label_vectors_are_computed_once_and_counted(client: Client, worker: WorkerProcess) -> None:
+    labels = ["astronomy", "gardening", "opera"]
+    first = client.classify(["The telescope found a new comet."], labels=labels, top_k=3)
+    before = status(client, worker)["counts"]
+    again = client.classify(["The telescope found a new comet.", "Prune the roses in spring."], labels=labels)
+    after = status(client, worker)["counts"]
+    # the worker exports texts beside requests: two texts went to the device, the labels came from the cache
+    assert after["embed/minilm:texts"] - before["embed/minilm:texts"] == 2
+    assert after["embed/minilm:requests"] - before["embed/minilm:requests"] == 1
+    assert again["results"][0][0]["label"] == first["results"][0][0]["label"]
+    assert abs(again["results"][0][0]["score"] - first["results"][0][0]["score"]) < 1e-5
+    assert again["results"][1][0]["label"] == "gardening"

@@ -91,6 +91,7 @@ class DeviceLoop:
                     return
                 key, batch = picked
                 self.busy_since = self._clock()
+                self.counts[f"{key}:texts"] += sum(waiting.items for waiting in batch)
             try:
                 self._execute(key, [waiting.payload for waiting in batch])
             finally:

@@ -39,6 +39,9 @@ from workers.models.generate import CausalGenerator, Prepared
 log = logging.getLogger(__name__)
 
 Result = EmbedResult | ClassifyResult | GenerateResult
+# Zero-shot label vectors kept per (embedding model, label text): label sets repeat across requests, and a
+# cached label costs nothing on the device. Oldest entries go first once the cache is full.
+LABEL_CACHE_SIZE = 4096
 
 
 @dataclass
@@ -61,6 +64,8 @@ class Runtime:
         self.load_counts: Counter[str] = Counter()
         self.loaded_at: float | None = None
         self.loop: DeviceLoop | None = None
+        self._label_vectors: dict[tuple[str, str], torch.Tensor] = {}
+        self._label_lock = threading.Lock()
 
     # --- start-up -------------------------------------------------------------------------------------
 
@@ -204,11 +209,7 @@ class Runtime:
         elif request.labels is not None:
             alias = self._alias("embed", name, self.embedders, also=self.classifiers)
             labels = list(request.labels)
-            embedder = self.embedders[alias]
-            template = self.settings.classify_label_template
-            ids = embedder.tokenize(texts) + embedder.tokenize([template.format(label) for label in labels], "labels")
-            rows = self._encode("classify", f"embed/{alias}", ids)
-            scores = zero_shot(rows[: len(texts)], rows[len(texts):], self.settings.classify_temperature)
+            scores = zero_shot(*self._texts_and_labels(alias, texts, labels), self.settings.classify_temperature)
             return ClassifyResult(model=alias, results=top_k(scores, labels, request.top_k))
         elif name is not None and name in self.embedders:
             raise InvalidInput(f"model {name!r} is an embedding model: it classifies zero-shot, so pass labels")
@@ -220,6 +221,24 @@ class Runtime:
         alias = classifier.loaded.alias
         probabilities = self._encode("classify", f"classify/{alias}", classifier.tokenize(texts))
         return ClassifyResult(model=alias, results=top_k(probabilities, classifier.labels, request.top_k))
+
+    def _texts_and_labels(self, alias: str, texts: list[str], labels: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Text vectors, and label vectors from the cache or computed in the same batch as the texts."""
+        embedder = self.embedders[alias]
+        label_texts = [self.settings.classify_label_template.format(label) for label in labels]
+        with self._label_lock:
+            known = {text: self._label_vectors.get((alias, text)) for text in label_texts}
+        missing = [text for text, vector in known.items() if vector is None]
+        ids = embedder.tokenize(texts) + (embedder.tokenize(missing, "labels") if missing else [])
+        rows = self._encode("classify", f"embed/{alias}", ids)
+        with self._label_lock:
+            for text, vector in zip(missing, rows[len(texts):], strict=True):
+                known[text] = vector
+                self._label_vectors[(alias, text)] = vector
+            while len(self._label_vectors) > LABEL_CACHE_SIZE:
+                self._label_vectors.pop(next(iter(self._label_vectors)))
+        label_rows = [known[text] for text in label_texts]
+        return rows[: len(texts)], torch.stack([row for row in label_rows if row is not None])
 
     def _generate(self, request: GenerateRequest) -> GenerateResult:
         alias = self._alias("generate", request.model, self.generators)
