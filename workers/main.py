@@ -15,6 +15,11 @@ def run_worker(settings: Settings, kinds: tuple[Kind, ...], concurrency: int | N
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s")
     logging.getLogger(__name__).info("broker %s, results %s", redact(settings.broker), redact(settings.backend))
+    if settings.log_level.upper() != "DEBUG":
+        # One "received" and one "succeeded" line per message (with a repr of the result) is noise at
+        # thousands of messages a second, and costs the worker's CPU; task events and Flower count them.
+        for name in ("celery.app.trace", "celery.worker.strategy"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     app = WorkerApp(settings, kinds)
     argv = [
         "worker",
