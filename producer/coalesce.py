@@ -6,6 +6,9 @@ options (kind, model, normalize / labels, top_k) go out as one task carrying all
 is split back, each caller getting exactly its own rows. One background thread sends the groups and
 collects every in-flight answer with a single MGET per poll.
 
+Like Nagle's algorithm, the window only applies while earlier messages are in flight: a call that finds
+nothing in flight goes out at once, so a lone request pays no window.
+
 A merged message that fails is sent again one request per message, so a bad request fails alone and
 its neighbours still get their answers. The message stays an ordinary ``inferq.embed`` /
 ``inferq.classify`` task: workers, Flower and foreign clients see nothing special.
@@ -103,7 +106,9 @@ class Coalescer:
         while True:
             with self._lock:
                 now = time.monotonic()
-                for key in [k for k, g in self._open.items() if now - g.opened >= self._window or self._closed]:
+                idle = not self._inflight  # nothing to wait for: merging would only add latency
+                for key in [k for k, g in self._open.items()
+                            if idle or now - g.opened >= self._window or self._closed]:
                     self._send(self._open.pop(key))
                 if self._closed and not self._inflight:
                     return
