@@ -101,10 +101,9 @@ class _ConnectionErrors:
 class FutureHandle(Handle[T]):
     """A request riding in a coalesced message: its answer is its own slice of the merged result."""
 
-    def __init__(self, future: Future[T], default_timeout: float, backend_url: str) -> None:
+    def __init__(self, future: Future[T], default_timeout: float) -> None:
         self._future = future
         self._default_timeout = default_timeout
-        self._backend_url = backend_url
 
     @property
     def id(self) -> str:
@@ -148,7 +147,7 @@ class Client:
         if self._coalescer is not None and kind != "generate":
             options = {key: value for key, value in sent.items() if key != "texts"}
             future = self._coalescer.submit(kind, sent["texts"], options)
-            return FutureHandle(future, self.settings.result_timeout, self.settings.backend)
+            return FutureHandle(future, self.settings.result_timeout)
         return self._send(kind, sent)
 
     def _send(self, kind: Kind, kwargs: dict[str, Any]) -> Handle[Any]:

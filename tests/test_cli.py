@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from producer.settings import Settings
-from tests.conftest import ROOT, WorkerProcess
+from tests.conftest import ROOT, WorkerProcess, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -81,12 +81,6 @@ def test_bulk_from_stdin_applies_cli_options_as_defaults(env: dict[str, str], wo
     assert first["result"]["results"][0][0]["label"] == "sports"
     assert len(first["result"]["results"][0]) == 1
     assert [s["label"] for s in second["result"]["results"][0]] == ["cooking", "sports"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def test_demo_starts_an_embedded_redis_and_a_worker_and_stops_both(tmp_path: Path) -> None:

@@ -3,7 +3,6 @@ clear, bounded error rather than a hang."""
 
 from __future__ import annotations
 
-import socket
 import time
 
 import pytest
@@ -11,12 +10,11 @@ import pytest
 from producer.client import Client
 from producer.errors import InferqConnectionError, InputTooLarge, InvalidInput
 from producer.settings import Limits, Settings
+from tests.conftest import free_port
 
 
 def silent_url() -> str:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return f"redis://127.0.0.1:{sock.getsockname()[1]}/0"
+    return f"redis://127.0.0.1:{free_port()}/0"
 
 
 @pytest.fixture()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -15,15 +14,9 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import REDIS_URL, WorkerProcess
+from tests.conftest import REDIS_URL, WorkerProcess, free_port
 
 pytestmark = pytest.mark.integration
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def call(url: str, body: dict[str, Any] | None = None) -> Any:

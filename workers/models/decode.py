@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from workers.models.encoder import pad as pad_rows
+
 
 @dataclass
 class Row:
@@ -51,13 +53,7 @@ def pick(logits: torch.Tensor, row: Row) -> int:
 def decode(model: Any, rows: list[Row], eos: set[int], pad: int, device: torch.device,
            text_of: Callable[[list[int]], str]) -> None:
     """Fill each row's completion in place."""
-    longest = max(len(row.prompt) for row in rows)
-    input_ids = torch.full((len(rows), longest), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), longest), dtype=torch.long)
-    for i, row in enumerate(rows):
-        input_ids[i, longest - len(row.prompt):] = torch.tensor(row.prompt)
-        mask[i, longest - len(row.prompt):] = 1
-    input_ids, mask = input_ids.to(device), mask.to(device)
+    input_ids, mask = pad_rows([row.prompt for row in rows], pad, device, left=True)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     cache = None
     step_inputs, step_positions = input_ids, positions

@@ -24,14 +24,16 @@ def tokenize(loaded: LoadedModel, texts: list[str], what: str) -> list[list[int]
     return ids
 
 
-def pad(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded input ids and attention mask."""
+def pad(rows: list[list[int]], pad_id: int, device: torch.device,
+        left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Input ids and attention mask, padded on the right (encoders) or the left (decoders)."""
     longest = max(len(row) for row in rows)
     input_ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), longest), dtype=torch.long)
     for i, row in enumerate(rows):
-        input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-        mask[i, : len(row)] = 1
+        span = slice(longest - len(row), longest) if left else slice(0, len(row))
+        input_ids[i, span] = torch.tensor(row, dtype=torch.long)
+        mask[i, span] = 1
     return input_ids.to(device), mask.to(device)
 
 
