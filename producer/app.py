@@ -38,6 +38,7 @@ def make_celery(settings: Settings, main: str = "inferq") -> Celery:
                                   "visibility_timeout": settings.visibility_timeout,
                                   "unacked_restore_interval": 5, "unacked_restore_throttle": 1},
         worker_send_task_events=settings.task_events,
+        task_send_sent_event=settings.task_sent_events,
         redis_socket_connect_timeout=timeout,
         redis_socket_timeout=max(timeout, 30.0),
         redis_retry_on_timeout=True,

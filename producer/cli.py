@@ -143,13 +143,71 @@ def generate(prompt: str | None, chat: bool, system: str | None, max_new_tokens:
 @main.command()
 @click.option("--kinds", default=",".join(KINDS), show_default=True, help="comma-separated kinds to serve")
 @click.option("--concurrency", type=int, help="task threads (default: INFERQ_WORKER_CONCURRENCY)")
-@click.option("--name", help="Celery node name, e.g. embed1@%h (default: inferq@<host>)")
-def worker(kinds: str, concurrency: int | None, name: str | None) -> None:
-    """Start a worker on this machine's device (CUDA when present, else CPU)."""
-    chosen = _parse_kinds(kinds)
-    from workers.main import run_worker
+@click.option("--name", help="Celery node name, e.g. embed1@%h (default: inferq@<host>); single worker only")
+@click.option("--gpus", help="supervise one worker per GPU: all, none (CPU) or ids like 0,2")
+@click.option("--replicas", type=int, help="with --gpus none: how many CPU workers (default 1)")
+def worker(kinds: str, concurrency: int | None, name: str | None, gpus: str | None, replicas: int | None) -> None:
+    """Start workers on this machine.
 
-    run_worker(Settings(), chosen, concurrency=concurrency, node_name=name)
+    Without --gpus: this process is one worker on INFERQ_DEVICE (for a container or service manager that
+    supervises it). With --gpus: this process supervises one worker per GPU (gpu0@host, ...) or --replicas
+    CPU workers (cpu0@host, ...), restarts any that dies, and stops them all on SIGTERM or Ctrl-C.
+    """
+    chosen = _parse_kinds(kinds)
+    if gpus is None:
+        if replicas is not None:
+            raise click.BadParameter("--replicas needs --gpus none", param_hint="--replicas")
+        from workers.main import run_worker
+
+        run_worker(Settings(), chosen, concurrency=concurrency, node_name=name)
+        return
+    if name is not None:
+        raise click.BadParameter("--name names one worker; with --gpus the workers are named gpu0@host, cpu0@host, "
+                                 "...", param_hint="--name")
+    from workers.launcher import LaunchError
+    from workers.main import run_launcher
+
+    try:
+        sys.exit(run_launcher(Settings(), chosen, gpus, replicas or 1, concurrency))
+    except LaunchError as exc:
+        raise click.BadParameter(str(exc), param_hint="--gpus/--replicas") from None
+
+
+@main.command()
+@click.option("--name", "names", multiple=True, help="a worker's node name (repeatable); default: any worker")
+@click.option("--local", is_flag=True, help="only workers whose node name ends in @<this host> (a healthcheck)")
+@click.option("--expect", default=1, show_default=True, help="healthy workers needed")
+@click.option("--timeout", default=10.0, show_default=True, help="seconds to wait for answers")
+def check(names: tuple[str, ...], local: bool, expect: int, timeout: float) -> None:
+    """Exit 0 only if workers answer, with their models loaded and their device running a tiny inference."""
+    from producer.client import Client
+    from producer.health import check_workers, verdict
+
+    client = Client(Settings())
+    try:
+        found = check_workers(client, names, local, timeout)
+    except InferqConnectionError as exc:
+        click.echo(f"unhealthy: {exc}", err=True)
+        sys.exit(EXIT_FAILED)
+    finally:
+        client.close()
+    for health in found:
+        click.echo(f"{health.node}: {'ok' if health.ok else 'FAILED'} ({health.detail})")
+    problem = verdict(found, names, expect)
+    if problem is not None:
+        click.echo(f"unhealthy: {problem}" if found else f"unhealthy: no worker answered within {timeout:g} s",
+                   err=True)
+        sys.exit(EXIT_FAILED)
+
+
+@main.command()
+@click.option("--port", type=int, help="default: INFERQ_FLOWER_PORT (5555)")
+@click.option("--address", help="default: INFERQ_FLOWER_ADDRESS (127.0.0.1)")
+def flower(port: int | None, address: str | None) -> None:
+    """Start Flower on the same Redis as the workers; /metrics adds inferq_queue_depth per queue."""
+    from producer.monitoring import run_flower
+
+    sys.exit(run_flower(Settings(), port, address))
 
 
 @main.command()

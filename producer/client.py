@@ -75,11 +75,11 @@ class Handle(Generic[T]):
             delay = min(delay * 2, 0.1)
         return await asyncio.to_thread(self.get, 1.0)
 
-    def _translate_errors(self) -> _ConnectionErrors:
-        return _ConnectionErrors(f"the result backend at {redact(self._backend_url)}")
+    def _translate_errors(self) -> ConnectionErrors:
+        return ConnectionErrors(f"the result backend at {redact(self._backend_url)}")
 
 
-class _ConnectionErrors:
+class ConnectionErrors:
     """Turns Redis/Kombu connection failures into one clear InferqConnectionError."""
 
     def __init__(self, what: str) -> None:
@@ -151,7 +151,7 @@ class Client:
         return self._send(kind, sent)
 
     def _send(self, kind: Kind, kwargs: dict[str, Any]) -> Handle[Any]:
-        with _ConnectionErrors(f"the broker or result backend at {_both(self.settings)}"):
+        with ConnectionErrors(f"the broker or result backend at {_both(self.settings)}"):
             result = self.app.send_task(task_name(kind), kwargs=kwargs, queue=queue_name(kind))
         return Handle(result, self.settings.result_timeout, self.settings.backend)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 Kind = Literal["embed", "classify", "generate"]
@@ -165,7 +165,16 @@ class Settings(BaseSettings):
     # after this many seconds. It must exceed the longest time limit, or a slow task would run twice.
     visibility_timeout: float = Field(150.0, gt=0)
     task_events: bool = Field(True, description="workers send task events (Flower counts every message)")
+    task_sent_events: bool = Field(False, description="producers send a task-sent event per message (Flower shows "
+                                   "queued tasks; a second publish per message)")
     embedded_redis: Literal["auto", "never"] = "auto"
+
+    # `inferq flower`
+    flower_port: int = Field(5555, ge=1, le=65535)
+    flower_address: str = Field("127.0.0.1", description="0.0.0.0 to listen on every interface (a container)")
+    flower_basic_auth: SecretStr | None = Field(None, description="user:password[,user2:password2]; without it "
+                                                "Flower's task API is closed")
+    flower_db: str | None = Field(None, description="file that keeps Flower's state across restarts")
     log_level: str = "INFO"
 
     @model_validator(mode="after")

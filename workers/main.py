@@ -1,19 +1,27 @@
-"""Start one inferq worker process on this machine's device (CUDA when present, else CPU)."""
+"""Start one inferq worker process on this machine's device, or a launcher that supervises one per GPU."""
 
 from __future__ import annotations
 
 import logging
+import os
 import socket
+
+from celery.utils.nodenames import host_format
 
 from producer.contract import queue_name
 from producer.settings import Kind, Settings, redact
-from workers.app import WorkerApp
+from workers.launcher import Launcher, plan_slots, visible_gpus
+
+LOG_FORMAT = "%(asctime)s %(levelname)s {node} %(name)s: %(message)s"
 
 
 def run_worker(settings: Settings, kinds: tuple[Kind, ...], concurrency: int | None = None,
                node_name: str | None = None) -> None:
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s")
+    from workers.app import WorkerApp  # torch comes in here, in the worker process only
+
+    node_name = host_format(node_name or f"inferq@{socket.gethostname()}")  # expands %h, %n, %d as Celery does
+    # the node name on every line: a launcher's children share one log stream
+    logging.basicConfig(level=settings.log_level.upper(), format=LOG_FORMAT.format(node=node_name.replace("%", "%%")))
     logging.getLogger(__name__).info("broker %s, results %s", redact(settings.broker), redact(settings.backend))
     if settings.log_level.upper() != "DEBUG":
         # One "received" and one "succeeded" line per message (with a repr of the result) is noise at
@@ -27,8 +35,23 @@ def run_worker(settings: Settings, kinds: tuple[Kind, ...], concurrency: int | N
         "--pool", "threads",
         "--concurrency", str(concurrency or settings.worker_concurrency),
         "--queues", ",".join(queue_name(kind) for kind in kinds),
-        "--hostname", node_name or f"inferq@{socket.gethostname()}",
+        "--hostname", node_name,
         "--loglevel", settings.log_level.upper(),
         "--without-mingle", "--without-gossip",
     ]
     app.celery.worker_main(argv)
+
+
+def run_launcher(settings: Settings, kinds: tuple[Kind, ...], gpus: str, replicas: int,
+                 concurrency: int | None = None) -> int:
+    """Supervise one worker per GPU (or `replicas` CPU workers) until SIGTERM or Ctrl-C."""
+    logging.basicConfig(level=settings.log_level.upper(), format=LOG_FORMAT.format(node="launcher"))
+    slots = plan_slots(gpus, replicas, socket.gethostname(), visible_gpus)
+    limits = settings.time_limits
+    # Warm shutdown lets running tasks finish; none may run longer than its kind's limit.
+    grace = max(limits.embed, limits.classify, limits.generate) + 10
+    cores = os.cpu_count() or 1
+    launcher = Launcher(slots, kinds, concurrency, grace, torch_threads=max(1, cores // len(slots)))
+    logging.getLogger("inferq.launcher").info("supervising %s for %s", ", ".join(s.name for s in slots),
+                                              ",".join(kinds))
+    return launcher.run()

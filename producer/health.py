@@ -1,0 +1,55 @@
+"""`inferq check`: is a worker up, are its models loaded, does its device answer a tiny inference?
+
+One broadcast of the ``inferq_check`` remote-control command: a worker that replies is alive (that is the
+ping), and its reply says whether one tiny request through each of its models succeeded on its device.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from producer.client import Client, ConnectionErrors
+from producer.settings import redact
+
+
+@dataclass(frozen=True)
+class WorkerHealth:
+    node: str
+    ok: bool
+    detail: str
+
+
+def check_workers(client: Client, nodes: Sequence[str] = (), local: bool = False,
+                  timeout: float = 10.0) -> list[WorkerHealth]:
+    """Every worker that answered within `timeout` (only `nodes` when given; only this host's with `local`)."""
+    with ConnectionErrors(f"the broker at {redact(client.settings.broker)}"):
+        replies: list[dict[str, Any]] = client.app.control.broadcast(
+            "inferq_check", reply=True, timeout=timeout, destination=list(nodes) or None)
+    host = socket.gethostname()
+    found: list[WorkerHealth] = []
+    for reply in replies:
+        for node, answer in reply.items():
+            if local and node.rpartition("@")[2] != host:
+                continue
+            if answer.get("ok"):
+                detail = f"{', '.join(answer.get('models', []))} answered in {answer.get('seconds', 0) * 1000:.0f} ms"
+                found.append(WorkerHealth(node, True, detail))
+            else:
+                found.append(WorkerHealth(node, False, str(answer.get("error", answer))))
+    return sorted(found, key=lambda health: health.node)
+
+
+def verdict(found: Sequence[WorkerHealth], nodes: Sequence[str], expect: int) -> str | None:
+    """None when healthy; else why not."""
+    failing = [health for health in found if not health.ok]
+    if failing:
+        return "; ".join(f"{health.node}: {health.detail}" for health in failing)
+    missing = sorted(set(nodes) - {health.node for health in found})
+    if missing:
+        return f"no answer from {', '.join(missing)}"
+    if len(found) < expect:
+        return f"{len(found)} healthy worker(s) answered; expected at least {expect}"
+    return None

@@ -1,0 +1,193 @@
+"""`inferq worker --gpus none --replicas 2`: two pinned CPU workers under one supervisor share a queue, serve
+only their kinds, come back when killed, stop together, and `inferq check` tells healthy from not."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from producer.client import Client
+from producer.settings import Settings
+from tests.conftest import ARTIFACTS, REDIS_HOST, REDIS_PORT, ROOT
+from workers.launcher import LaunchError, Slot, plan_slots
+
+DB = 12  # the launcher's workers must not take the session worker's messages (database 13), nor it theirs
+URL = f"redis://{REDIS_HOST}:{REDIS_PORT}/{DB}"
+HOST = socket.gethostname()
+NODES = [f"cpu0@{HOST}", f"cpu1@{HOST}"]
+
+
+# --- planning (no processes) ---------------------------------------------------------------------------
+
+def test_none_gives_numbered_cpu_workers_that_see_no_gpu() -> None:
+    assert plan_slots("none", 3, "h", lambda: ["0", "1"]) == [
+        Slot("cpu0@h", "", "cpu"), Slot("cpu1@h", "", "cpu"), Slot("cpu2@h", "", "cpu")]
+
+
+def test_all_and_ids_pin_one_worker_to_each_gpu() -> None:
+    assert plan_slots("all", 1, "h", lambda: ["0", "1"]) == [Slot("gpu0@h", "0", "cuda"), Slot("gpu1@h", "1", "cuda")]
+    assert plan_slots("0, 2", 1, "h", lambda: ["0", "1", "2"]) == [Slot("gpu0@h", "0", "cuda"),
+                                                                    Slot("gpu2@h", "2", "cuda")]
+
+
+@pytest.mark.parametrize(("gpus", "replicas", "present", "message"), [
+    ("all", 1, [], "--gpus all: no GPU found"),
+    ("3", 1, ["0", "1"], "--gpus names 3, but this machine has 0, 1"),
+    ("0", 1, [], "--gpus names 0, but this machine has no GPU"),
+    ("0,0", 1, ["0"], "--gpus names a GPU twice"),
+    (",", 1, ["0"], "--gpus must be all, none or GPU ids"),
+    ("all", 2, ["0"], "--replicas is for --gpus none"),
+    ("none", 0, [], "--replicas must be at least 1; got 0"),
+])
+def test_impossible_requests_say_what_is_wrong(gpus: str, replicas: int, present: list[str], message: str) -> None:
+    with pytest.raises(LaunchError, match=message):
+        plan_slots(gpus, replicas, "h", lambda: present)
+
+
+def test_the_command_line_refuses_gpus_this_machine_lacks() -> None:
+    done = subprocess.run([sys.executable, "-m", "producer.cli", "worker", "--gpus", "7"], capture_output=True,
+                          text=True, cwd=ROOT, env={**os.environ, "CUDA_VISIBLE_DEVICES": "0"}, timeout=60)
+    assert done.returncode == 2
+    assert "--gpus names 7, but this machine has 0" in done.stderr
+
+
+# --- a real launcher with two CPU workers ----------------------------------------------------------------
+
+def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INFERQ_")}
+    return subprocess.run([sys.executable, "-m", "producer.cli", *args], capture_output=True, text=True, cwd=ROOT,
+                          env={**env, "INFERQ_REDIS_URL": URL}, timeout=timeout)
+
+
+class Launched:
+    def __init__(self, process: subprocess.Popen[bytes], log_path: Path, client: Client) -> None:
+        self.process, self.log_path, self.client = process, log_path, client
+
+    def log(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    def status(self, timeout: float = 2.0) -> dict[str, dict[str, Any]]:
+        replies = self.client.app.control.broadcast("inferq_status", reply=True, timeout=timeout, destination=NODES)
+        return {node: answer for reply in replies for node, answer in reply.items() if answer.get("ready")}
+
+    def wait_ready(self, nodes: list[str], timeout: float = 120, not_pid: int | None = None) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, f"the launcher exited:\n{self.log()[-3000:]}"
+            ready = self.status()
+            if all(node in ready and ready[node]["pid"] != not_pid for node in nodes):
+                return ready
+            time.sleep(0.2)
+        raise AssertionError(f"{nodes} not ready in {timeout} s:\n{self.log()[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Launched]:
+    store = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=DB)
+    store.flushdb()
+    config = tmp_path_factory.mktemp("launcher") / "inferq.toml"
+    # embed only (with generate's registry emptied, SmolLM2 never loads); short limits keep shutdown short
+    config.write_text("worker_concurrency = 16\nvisibility_timeout = 20\n[time_limits]\nembed = 10\nclassify = 10\n"
+                      "generate = 10\n[models]\ngenerate = {}\n")
+    ARTIFACTS.mkdir(exist_ok=True)
+    log_path = ARTIFACTS / "launcher.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INFERQ_")}
+    env.update(INFERQ_REDIS_URL=URL, INFERQ_CONFIG=str(config), HF_HUB_OFFLINE="1")
+    with log_path.open("wb") as log:
+        process = subprocess.Popen([sys.executable, "-m", "producer.cli", "worker", "--gpus", "none", "--replicas",
+                                    "2", "--kinds", "embed"], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    client = Client(Settings(redis_url=URL, result_timeout=60))
+    launched = Launched(process, log_path, client)
+    try:
+        # Not up yet (the children are still importing torch): the health check must say so.
+        early = run_cli("check", "--local", "--timeout", "0.5")
+        assert early.returncode == 1, early.stdout
+        assert "unhealthy: no worker answered within 0.5 s" in early.stderr
+        launched.wait_ready(NODES)
+        yield launched
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=60)
+        client.close()
+        store.flushdb()
+        store.close()
+
+
+def test_two_workers_take_work_from_the_same_queue(launched: Launched) -> None:
+    before = launched.status()
+    handles = [launched.client.submit_embed([f"request {i} " + "word " * (i % 20)]) for i in range(300)]
+    assert all(len(handle.get()["embeddings"]) == 1 for handle in handles)
+    after = launched.status()
+    served = {node: after[node]["counts"].get("embed/minilm:requests", 0)
+              - before[node]["counts"].get("embed/minilm:requests", 0) for node in NODES}
+    assert sum(served.values()) == 300, served
+    assert all(n > 0 for n in served.values()), f"one worker took everything: {served}"
+
+
+def test_a_worker_serving_only_embed_never_receives_generate(launched: Launched) -> None:
+    store = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=DB)
+    sent = [launched.client.app.send_task("inferq.generate", kwargs={"prompt": "hi"}, queue="generate")
+            for _ in range(5)]
+    launched.client.embed(["after the generate tasks"])  # both workers are consuming
+    time.sleep(1.0)
+    assert store.llen("generate") == 5  # still waiting for a worker that serves generate
+    assert all(result.state == "PENDING" for result in sent)
+    for node, status in launched.status().items():
+        assert status["kinds"] == ["embed"], node
+        assert not any(key.startswith("generate/") for key in status["counts"]), status["counts"]
+    store.delete("generate")
+    store.close()
+
+
+def test_check_is_healthy_when_every_worker_runs_a_tiny_inference(launched: Launched) -> None:
+    done = run_cli("check", "--local", "--expect", "2")
+    assert done.returncode == 0, done.stderr
+    for node in NODES:
+        assert f"{node}: ok (embed/minilm answered in" in done.stdout
+
+
+def test_check_is_unhealthy_for_a_frozen_worker_or_too_few_workers(launched: Launched) -> None:
+    cpu1 = launched.status()[NODES[1]]["pid"]
+    os.kill(cpu1, signal.SIGSTOP)  # alive but not answering, as a hung process would be
+    try:
+        named = run_cli("check", "--name", NODES[0], "--name", NODES[1], "--timeout", "2")
+        counted = run_cli("check", "--local", "--expect", "2", "--timeout", "2")
+    finally:
+        os.kill(cpu1, signal.SIGCONT)
+    assert named.returncode == 1
+    assert f"{NODES[0]}: ok" in named.stdout
+    assert f"unhealthy: no answer from {NODES[1]}" in named.stderr
+    assert counted.returncode == 1
+    assert "unhealthy: 1 healthy worker(s) answered; expected at least 2" in counted.stderr
+
+
+def test_a_killed_worker_is_restarted_and_serves_again(launched: Launched) -> None:
+    pid = launched.status()[NODES[0]]["pid"]
+    os.kill(pid, signal.SIGKILL)
+    ready = launched.wait_ready([NODES[0]], timeout=90, not_pid=pid)
+    assert ready[NODES[0]]["load_counts"] == {"embed/minilm": 1}  # a fresh process, models loaded once
+    assert f"{NODES[0]} (pid {pid}) exited with signal SIGKILL" in launched.log()
+    assert f"restarting {NODES[0]} (restart 1)" in launched.log()
+    handles = [launched.client.submit_embed([f"after the restart {i}"]) for i in range(50)]
+    assert all(handle.get()["dim"] == 384 for handle in handles)
+
+
+def test_sigterm_stops_every_worker_and_the_launcher(launched: Launched) -> None:
+    pids = [status["pid"] for status in launched.wait_ready(NODES).values()]
+    launched.process.send_signal(signal.SIGTERM)
+    assert launched.process.wait(timeout=60) == 0
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    assert "all workers stopped" in launched.log()

@@ -1,0 +1,222 @@
+"""Supervise one worker process per GPU (or N on a CPU host): start them, restart the ones that die, stop
+them all on SIGTERM or Ctrl-C.
+
+The launcher never imports torch: it counts GPUs with ``nvidia-smi``, and each child is a fresh process
+(exec, not a fork of this one) that sees only its own GPU through ``CUDA_VISIBLE_DEVICES``. So CUDA is
+initialised only inside the children, once each, and nothing forks after it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from types import FrameType
+
+from producer.settings import Kind
+
+log = logging.getLogger("inferq.launcher")
+
+# A child that ran this long before dying is restarted at once; one that dies sooner waits, doubling up
+# to the cap, so a worker that cannot start (a bad config, a broken GPU) does not spin.
+STABLE_AFTER_S = 60.0
+BACKOFF_FIRST_S = 1.0
+BACKOFF_MAX_S = 30.0
+
+
+class LaunchError(Exception):
+    """The --gpus / --replicas request cannot be met on this machine."""
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One worker process to keep running: its node name and the device it may see."""
+
+    name: str
+    visible_devices: str  # CUDA_VISIBLE_DEVICES for the child; "" hides every GPU
+    device: str  # the child's INFERQ_DEVICE
+
+
+def plan_slots(gpus: str, replicas: int, host: str, available: Callable[[], list[str]]) -> list[Slot]:
+    """``--gpus all|none|0,2`` and ``--replicas N`` as the worker processes to run.
+
+    GPU ids are what ``nvidia-smi`` (or this process's CUDA_VISIBLE_DEVICES) calls them; the child sees its
+    GPU as cuda:0.
+    """
+    if replicas < 1:
+        raise LaunchError(f"--replicas must be at least 1; got {replicas}")
+    spec = gpus.strip().lower()
+    if spec == "none":
+        return [Slot(f"cpu{i}@{host}", "", "cpu") for i in range(replicas)]
+    if replicas != 1:
+        # Two processes on one GPU would each hold a copy of the models and contend for the same device.
+        raise LaunchError("--replicas is for --gpus none: each GPU gets exactly one worker, which batches for it")
+    present = available()
+    if spec == "all":
+        if not present:
+            raise LaunchError("--gpus all: no GPU found (nvidia-smi lists none, or is missing); use --gpus none")
+        chosen = present
+    else:
+        chosen = [part.strip() for part in spec.split(",") if part.strip()]
+        if not chosen:
+            raise LaunchError(f"--gpus must be all, none or GPU ids like 0,2; got {gpus!r}")
+        unknown = [gpu for gpu in chosen if gpu not in present]
+        if unknown:
+            raise LaunchError(f"--gpus names {', '.join(unknown)}, but this machine has "
+                              f"{', '.join(present) if present else 'no GPU'}")
+        if len(set(chosen)) != len(chosen):
+            raise LaunchError(f"--gpus names a GPU twice: {gpus!r}")
+    return [Slot(f"gpu{gpu}@{host}", gpu, "cuda") for gpu in chosen]
+
+
+def visible_gpus() -> list[str]:
+    """The GPU ids this process may use: CUDA_VISIBLE_DEVICES when set, else every GPU nvidia-smi lists."""
+    restricted = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if restricted is not None:
+        return [part.strip() for part in restricted.split(",") if part.strip() and part.strip() != "-1"]
+    try:
+        listing = subprocess.run(["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [line.strip() for line in listing.splitlines() if line.strip()]
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: get SIGTERM if the launcher dies, so no worker outlives it unsupervised."""
+    # Not Linux (no prctl): the children simply outlive a killed launcher.
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+@dataclass
+class Child:
+    slot: Slot
+    process: subprocess.Popen[bytes] | None = None
+    started_at: float = 0.0
+    restarts: int = 0
+    backoff: float = BACKOFF_FIRST_S
+    restart_at: float | None = None
+
+
+class Launcher:
+    """Keeps one process running per slot until told to stop."""
+
+    def __init__(self, slots: Sequence[Slot], kinds: tuple[Kind, ...], concurrency: int | None,
+                 shutdown_grace: float, torch_threads: int | None = None) -> None:
+        self.children = [Child(slot) for slot in slots]
+        self.kinds = kinds
+        self.concurrency = concurrency
+        self.shutdown_grace = shutdown_grace
+        self.torch_threads = torch_threads
+        self._stop = threading.Event()
+        self._signals = 0
+
+    # --- one child ------------------------------------------------------------------------------------
+
+    def command(self, slot: Slot) -> list[str]:
+        argv = [sys.executable, "-m", "producer.cli", "worker", "--name", slot.name, "--kinds", ",".join(self.kinds)]
+        if self.concurrency is not None:
+            argv += ["--concurrency", str(self.concurrency)]
+        return argv
+
+    def environment(self, slot: Slot) -> dict[str, str]:
+        env = dict(os.environ, CUDA_VISIBLE_DEVICES=slot.visible_devices, INFERQ_DEVICE=slot.device)
+        if slot.device == "cpu" and "INFERQ_TORCH_THREADS" not in os.environ and self.torch_threads:
+            # N CPU workers each using every core would fight over them; share the cores out instead.
+            env["INFERQ_TORCH_THREADS"] = str(self.torch_threads)
+        return env
+
+    def _start(self, child: Child) -> None:
+        child.process = subprocess.Popen(self.command(child.slot), env=self.environment(child.slot),
+                                         # its own session: a terminal's Ctrl-C reaches only the launcher,
+                                         # which then stops each child exactly once
+                                         start_new_session=True, preexec_fn=_die_with_parent)
+        child.started_at = time.monotonic()
+        child.restart_at = None
+        log.info("started %s (pid %d, CUDA_VISIBLE_DEVICES=%r)", child.slot.name, child.process.pid,
+                 child.slot.visible_devices)
+
+    def _check(self, child: Child, now: float) -> None:
+        if child.process is None:
+            if child.restart_at is not None and now >= child.restart_at:
+                child.restarts += 1
+                log.warning("restarting %s (restart %d)", child.slot.name, child.restarts)
+                self._start(child)
+            return
+        code = child.process.poll()
+        if code is None:
+            return
+        ran = now - child.started_at
+        if ran >= STABLE_AFTER_S:
+            delay, child.backoff = 0.0, BACKOFF_FIRST_S
+        else:
+            delay, child.backoff = child.backoff, min(child.backoff * 2, BACKOFF_MAX_S)
+        log.error("%s (pid %d) exited with %s after %.1f s; restarting in %.0f s", child.slot.name,
+                  child.process.pid, _describe_exit(code), ran, delay)
+        child.process = None
+        child.restart_at = now + delay
+
+    # --- the whole set --------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            for child in self.children:
+                self._start(child)
+            while not self._stop.wait(0.5):
+                now = time.monotonic()
+                for child in self.children:
+                    self._check(child, now)
+            return self._shutdown()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self._signals += 1
+        if self._signals == 1:
+            log.warning("%s: warm shutdown of %d workers (running tasks finish; unstarted ones go back to the "
+                        "queue); signal again to stop at once", signal.Signals(signum).name, len(self.children))
+            self._stop.set()
+        else:
+            log.warning("second signal: cold shutdown")
+            self._send(signal.SIGQUIT)
+
+    def _send(self, sig: int) -> None:
+        for child in self.children:
+            if child.process is not None and child.process.poll() is None:
+                child.process.send_signal(sig)
+
+    def _shutdown(self) -> int:
+        self._send(signal.SIGTERM)  # Celery's warm shutdown
+        deadline = time.monotonic() + self.shutdown_grace
+        for child in self.children:
+            if child.process is None:
+                continue
+            try:
+                child.process.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                # Late acknowledgement: whatever it still held is redelivered after the visibility timeout.
+                log.error("%s did not stop within %.0f s; killing it", child.slot.name, self.shutdown_grace)
+                child.process.kill()
+                child.process.wait()
+        log.info("all workers stopped")
+        return 0
+
+
+def _describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            return f"signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"signal {-code}"
+    return f"code {code}"
