@@ -12,6 +12,15 @@ if ! "$venv/bin/python" -c "import redis; redis.Redis(socket_connect_timeout=1).
   redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no
   for _ in $(seq 50); do "$venv/bin/python" -c "import redis; redis.Redis().ping()" 2>/dev/null && break; sleep 0.1; done
 fi
+# System tools the deployment and monitoring tests run (Debian packages): docker-compose validates the compose
+# file, promtool/prometheus check and run the scrape config and dashboard queries, chromium screenshots Flower.
+missing=()
+for pair in docker-compose:docker-compose promtool:prometheus chromium:chromium; do
+  command -v "${pair%%:*}" >/dev/null || missing+=("${pair##*:}")
+done
+if ((${#missing[@]})); then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
 "$venv/bin/ruff" check .
 "$venv/bin/mypy"
 HF_HUB_OFFLINE=1 "$venv/bin/python" -m pytest "$@"
