@@ -3,13 +3,7 @@
 # every kind through Redis. Prepare here with:
 #   bash ../shared/gpu/prepare.sh pydantic pydantic-core pydantic-settings annotated-types typing-inspection python-dotenv
 # then run this from the repo root on the device with .gpu carried.
-source .gpu/setup.sh || exit 1
-set -u
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 INFERQ_REDIS_URL=redis://127.0.0.1:6379/0
-# Random-weight copies of the default models, built by setup.sh from their real configs.
-export INFERQ_MODELS__EMBED='{"minilm": {"source": "/tmp/models/minilm", "max_length": 256}}'
-export INFERQ_MODELS__GENERATE='{"smollm2": {"source": "/tmp/models/smollm2", "max_length": 2048}}'
-out=${OUT:-/tmp/out}; mkdir -p "$out"
+source benchmarks/gpu_env.sh || exit 1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$out/pytest-gpu.txt" | tail -5
 inferq worker --name gpu0@%h > "$out/worker.log" 2>&1 &

@@ -1,11 +1,22 @@
-"""On a CUDA device: models load there in half precision and agree with the CPU. Skipped without CUDA."""
+"""On a CUDA device: models load there in half precision and agree with the CPU; the launcher pins one
+worker to each GPU. Skipped without CUDA (benchmarks/gpu_workers.sh runs them on a lent GPU)."""
 
 from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
 
 import pytest
 import torch
 
+from producer.client import Client
 from producer.settings import ModelRegistry, Settings
+from tests.conftest import ARTIFACTS, REDIS_HOST, REDIS_PORT, ROOT
+from tests.test_launcher import Launched
+from workers.launcher import visible_gpus
 from workers.runtime import Runtime
 
 pytestmark = [pytest.mark.gpu,
@@ -39,3 +50,37 @@ def test_generate_on_cuda() -> None:
     runtime.load()
     result = runtime.handle("generate", (), {"prompt": "The capital of France is", "max_new_tokens": 8})
     assert result["completion_tokens"] >= 1  # type: ignore[typeddict-item]
+
+
+def test_the_launcher_pins_one_worker_to_each_gpu_in_half_precision() -> None:
+    gpus = visible_gpus()
+    assert gpus, "nvidia-smi lists no GPU on a machine where torch sees CUDA"
+    nodes = [f"gpu{gpu}@{socket.gethostname()}" for gpu in gpus]
+    url = f"redis://{REDIS_HOST}:{REDIS_PORT}/5"
+    env = {**os.environ, "INFERQ_REDIS_URL": url, "HF_HUB_OFFLINE": "1"}
+    ARTIFACTS.mkdir(exist_ok=True)
+    log_path = ARTIFACTS / "gpu-launcher.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen([sys.executable, "-m", "producer.cli", "worker", "--gpus", "all", "--kinds",
+                                    "embed,generate"], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    client = Client(Settings(redis_url=url))
+    launched = Launched(process, log_path, client, nodes)
+    try:
+        ready = launched.wait_ready(nodes, timeout=300)
+        for node in nodes:
+            status = ready[node]
+            assert status["device"] == "cuda:0"  # each child sees only its own GPU
+            assert status["models"]["embed"]["minilm"]["dtype"] in ("bfloat16", "float16")
+            assert status["memory_allocated_mib"] > 0
+        assert "warm-up" in launched.log() and "MiB GPU memory allocated" in launched.log()
+        check = subprocess.run([sys.executable, "-m", "producer.cli", "check", "--local", "--expect", str(len(nodes))],
+                               env=env, capture_output=True, text=True, timeout=60, cwd=ROOT)
+        assert check.returncode == 0, check.stderr
+        pid = ready[nodes[0]]["pid"]
+        os.kill(pid, signal.SIGKILL)
+        launched.wait_ready([nodes[0]], timeout=300, not_pid=pid)
+        assert client.embed(["back on the GPU"])["dim"] > 0
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=120) == 0
+        client.close()

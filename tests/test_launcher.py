@@ -35,9 +35,11 @@ def test_none_gives_numbered_cpu_workers_that_see_no_gpu() -> None:
 
 
 def test_all_and_ids_pin_one_worker_to_each_gpu() -> None:
-    assert plan_slots("all", 1, "h", lambda: ["0", "1"]) == [Slot("gpu0@h", "0", "cuda"), Slot("gpu1@h", "1", "cuda")]
-    assert plan_slots("0, 2", 1, "h", lambda: ["0", "1", "2"]) == [Slot("gpu0@h", "0", "cuda"),
-                                                                    Slot("gpu2@h", "2", "cuda")]
+    # each child sees only its own GPU, which it calls cuda:0
+    assert plan_slots("all", 1, "h", lambda: ["0", "1"]) == [Slot("gpu0@h", "0", "cuda:0"),
+                                                              Slot("gpu1@h", "1", "cuda:0")]
+    assert plan_slots("0, 2", 1, "h", lambda: ["0", "1", "2"]) == [Slot("gpu0@h", "0", "cuda:0"),
+                                                                    Slot("gpu2@h", "2", "cuda:0")]
 
 
 @pytest.mark.parametrize(("gpus", "replicas", "present", "message"), [
@@ -70,14 +72,18 @@ def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]
 
 
 class Launched:
-    def __init__(self, process: subprocess.Popen[bytes], log_path: Path, client: Client) -> None:
-        self.process, self.log_path, self.client = process, log_path, client
+    """A running `inferq worker --gpus ...` and a client on its Redis database."""
+
+    def __init__(self, process: subprocess.Popen[bytes], log_path: Path, client: Client,
+                 nodes: list[str]) -> None:
+        self.process, self.log_path, self.client, self.nodes = process, log_path, client, nodes
 
     def log(self) -> str:
         return self.log_path.read_text(encoding="utf-8", errors="replace")
 
     def status(self, timeout: float = 2.0) -> dict[str, dict[str, Any]]:
-        replies = self.client.app.control.broadcast("inferq_status", reply=True, timeout=timeout, destination=NODES)
+        replies = self.client.app.control.broadcast("inferq_status", reply=True, timeout=timeout,
+                                                    destination=self.nodes)
         return {node: answer for reply in replies for node, answer in reply.items() if answer.get("ready")}
 
     def wait_ready(self, nodes: list[str], timeout: float = 120, not_pid: int | None = None) -> dict[str, Any]:
@@ -107,7 +113,7 @@ def launched(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Launched]:
         process = subprocess.Popen([sys.executable, "-m", "producer.cli", "worker", "--gpus", "none", "--replicas",
                                     "2", "--kinds", "embed"], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     client = Client(Settings(redis_url=URL, result_timeout=60))
-    launched = Launched(process, log_path, client)
+    launched = Launched(process, log_path, client, NODES)
     try:
         # Not up yet (the children are still importing torch): the health check must say so.
         early = run_cli("check", "--local", "--timeout", "0.5")

@@ -74,7 +74,7 @@ def plan_slots(gpus: str, replicas: int, host: str, available: Callable[[], list
                               f"{', '.join(present) if present else 'no GPU'}")
         if len(set(chosen)) != len(chosen):
             raise LaunchError(f"--gpus names a GPU twice: {gpus!r}")
-    return [Slot(f"gpu{gpu}@{host}", gpu, "cuda") for gpu in chosen]
+    return [Slot(f"gpu{gpu}@{host}", gpu, "cuda:0") for gpu in chosen]
 
 
 def visible_gpus() -> list[str]:
