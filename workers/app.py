@@ -27,6 +27,10 @@ class WorkerApp:
         self.kinds = kinds
         self.celery: Celery = make_celery(settings, "inferq-worker")
         self.celery.loader.override_backends = backend.OVERRIDES
+        # counts, logs and answers messages that cannot be run (undecodable, pickled, malformed)
+        self.celery.conf.worker_consumer = "workers.consumer:InferqConsumer"
+        # ... and list entries that are not even messages (a stray LPUSH must not stop the worker)
+        self.celery.conf.broker_transport = "workers.transport:Transport"
         self._runtime: Runtime | None = None
         register_tasks(self.celery, self.runtime)
         self.celery.steps["consumer"].add(ThreadSafeTaskEvents)

@@ -7,6 +7,7 @@ from typing import Any
 
 from celery.worker.control import control_command
 
+from workers.consumer import refused_counts
 from workers.runtime import Runtime
 
 _runtime: Runtime | None = None
@@ -21,7 +22,7 @@ def publish(runtime: Runtime) -> None:
 def inferq_status(state: Any) -> dict[str, Any]:
     if _runtime is None:
         return {"ready": False}
-    return _runtime.describe()
+    return {**_runtime.describe(), "refused": refused_counts()}
 
 
 @control_command()  # type: ignore[untyped-decorator]

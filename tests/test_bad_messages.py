@@ -1,0 +1,105 @@
+"""Messages that are not valid inferq tasks: never run, never crash the worker, counted, logged, and
+answered with InvalidMessage under their task id where it can be read."""
+
+from __future__ import annotations
+
+import base64
+import json
+import pickle
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from producer.client import Client
+from tests.conftest import WorkerProcess
+from tests.test_foreign_clients import raw_message, stored
+from workers.dead_letter import DEAD_LETTER_KEY
+
+pytestmark = pytest.mark.integration
+
+
+class WritesAFile:
+    """Unpickling this creates a file: proof that a payload was (or was not) unpickled."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (open, (str(self.path), "w"))
+
+
+def refused(client: Client, worker: WorkerProcess) -> dict[str, int]:
+    replies = client.app.control.broadcast("inferq_status", reply=True, timeout=5, destination=[worker.node])
+    return dict(replies[0][worker.node]["refused"])
+
+
+def test_a_pickled_payload_is_refused_without_being_unpickled(redis_client: redis.Redis, client: Client,
+                                                               worker: WorkerProcess, tmp_path: Path) -> None:
+    marker = tmp_path / "unpickled"
+    before = refused(client, worker).get("undecodable", 0)
+    for queue in ("embed", "classify", "generate"):
+        task_id, message = raw_message(f"inferq.{queue}", {}, content_type="application/x-python-serialize")
+        message["body"] = base64.b64encode(pickle.dumps(((), {"texts": [WritesAFile(marker)]}, {}))).decode()
+        message["content-encoding"] = "binary"
+        redis_client.lpush(queue, json.dumps(message))
+        meta = stored(redis_client, task_id)
+        assert meta["status"] == "FAILURE"
+        assert meta["result"]["exc_type"] == "InvalidMessage"
+        assert "inferq accepts only JSON task messages (content type 'application/x-python-serialize')" in \
+            meta["result"]["exc_message"]
+    assert not marker.exists(), "a pickled payload was unpickled"
+    assert refused(client, worker)["undecodable"] == before + 3
+    assert client.embed(["still serving"])["dim"] == 384
+
+
+@pytest.mark.parametrize(("body", "content_type"), [
+    (b"{not json", "application/json"),
+    (b"\xff\xfe\xfa invalid utf-8", "application/json"),
+    (b"- yaml: [1, 2]", "application/x-yaml"),
+])
+def test_undecodable_bodies_fail_with_invalid_message(redis_client: redis.Redis, client: Client,
+                                                      worker: WorkerProcess, body: bytes, content_type: str) -> None:
+    task_id, message = raw_message("inferq.embed", {}, content_type=content_type)
+    message["body"] = base64.b64encode(body).decode()
+    redis_client.lpush("embed", json.dumps(message))
+    meta = stored(redis_client, task_id)
+    assert meta["result"]["exc_type"] == "InvalidMessage", meta
+    assert "could not be decoded" in meta["result"]["exc_message"]
+    assert client.embed(["still serving"])["dim"] == 384
+
+
+def test_a_body_that_is_not_a_task_triple_fails_with_invalid_message(redis_client: redis.Redis, client: Client,
+                                                                     worker: WorkerProcess) -> None:
+    task_id, message = raw_message("inferq.embed", {})
+    message["body"] = base64.b64encode(json.dumps("just a string").encode()).decode()
+    redis_client.lpush("embed", json.dumps(message))
+    meta = stored(redis_client, task_id)
+    assert meta["status"] == "FAILURE"
+    assert meta["result"]["exc_type"] in ("InvalidMessage", "InvalidInput"), meta
+    assert client.embed(["still serving"])["dim"] == 384
+
+
+def test_list_entries_that_are_not_messages_go_to_the_dead_letter_list(redis_client: redis.Redis, client: Client,
+                                                                       worker: WorkerProcess) -> None:
+    # Anyone who can LPUSH can put anything in a queue; plain Kombu would stop the worker on the first.
+    before = refused(client, worker).get("not_an_envelope", 0)
+    redis_client.delete(DEAD_LETTER_KEY)
+    redis_client.lpush("embed", json.dumps({"body": "", "headers": {}, "properties": {
+        "delivery_tag": str(uuid.uuid4()), "body_encoding": "base64", "delivery_info": {}},
+        "content-type": "application/json", "content-encoding": "utf-8"}))
+    redis_client.lpush("embed", b"\x00 not even json")
+    redis_client.lpush("classify", json.dumps([1, 2, 3]))
+    assert client.embed(["after garbage"])["dim"] == 384
+    assert client.classify(["after garbage"], labels=["a", "b"])["model"] == "minilm"
+    assert refused(client, worker)["not_an_envelope"] == before + 3
+    kept = [json.loads(raw) for raw in redis_client.lrange(DEAD_LETTER_KEY, 0, -1)]
+    assert sorted(entry["queue"] for entry in kept) == ["classify", "embed", "embed"]
+    reasons = " | ".join(entry["reason"] for entry in kept)
+    assert "lacks 'exchange' or 'routing_key'" in reasons
+    assert "the entry is not JSON" in reasons
+    assert "the entry is JSON list, not a message envelope object" in reasons
+    assert "dropped an entry of queue 'embed' that is not a message" in worker.log()
+    redis_client.delete(DEAD_LETTER_KEY)

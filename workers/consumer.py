@@ -1,0 +1,90 @@
+"""The worker's message consumer: messages that are not valid inferq tasks never run and never crash it.
+
+Celery already refuses any content type but JSON without decoding it (so a pickled payload is never
+unpickled), and acknowledges what it cannot decode so it is not redelivered forever. This consumer adds
+what a caller needs: the refusal is counted (``inferq_status``'s ``refused`` counts), logged in one line,
+and, where the task id can be read from the headers, stored under that id as an ``InvalidMessage``
+failure, so the caller's ``get()`` raises instead of waiting forever.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import Counter
+from typing import Any
+
+from celery.worker.consumer import Consumer
+from kombu.exceptions import ContentDisallowed, DecodeError
+
+from producer.errors import InvalidMessage
+
+log = logging.getLogger(__name__)
+
+_refused: Counter[str] = Counter()
+_lock = threading.Lock()
+
+
+def refused_counts() -> dict[str, int]:
+    with _lock:
+        return dict(_refused)
+
+
+def count_refused(reason: str) -> None:
+    with _lock:
+        _refused[reason] += 1
+
+
+def _undecodable(message: Any, exc: Exception) -> str:
+    return (f"the message could not be decoded ({type(exc).__name__}: {exc}); inferq accepts only JSON task "
+            f"messages (content type {message.content_type!r})")
+
+
+class InferqConsumer(Consumer):  # type: ignore[misc]
+    def create_task_handler(self, *args: Any, **kwargs: Any) -> Any:
+        handle = super().create_task_handler(*args, **kwargs)
+        passes = tuple(self.connection_errors) + tuple(self.channel_errors) + (MemoryError,)
+
+        def on_task_received(message: Any) -> Any:
+            try:
+                return handle(message)
+            except passes:
+                raise  # the consumer reconnects on these
+            except Exception as exc:
+                # Celery unpacks the body while building its request and lets e.g. the ValueError of a body
+                # that is not an (args, kwargs, embed) triple escape, which stops the whole consumer.
+                self._refuse(message, "invalid_task", f"the task message is malformed ({type(exc).__name__}: "
+                                                      f"{exc}); the body must be [args, kwargs, embed]")
+                if not message.acknowledged:
+                    message.reject_log_error(log, self.connection_errors)
+                return None
+
+        return on_task_received
+
+    def on_decode_error(self, message: Any, exc: Exception) -> None:
+        self._refuse(message, "undecodable", _undecodable(message, exc))
+        message.ack()
+
+    def on_unknown_message(self, body: Any, message: Any) -> None:
+        self._refuse(message, "not_a_task", "the message is not a Celery task message (no task name in its headers)")
+        message.reject_log_error(log, self.connection_errors)
+
+    def on_invalid_task(self, body: Any, message: Any, exc: Exception) -> None:
+        # A protocol-2 message is decoded only when its task runs: a foreign content type (pickle, yaml)
+        # raises ContentDisallowed there, before any decoding, and broken JSON a DecodeError.
+        if isinstance(exc, ContentDisallowed | DecodeError):
+            self._refuse(message, "undecodable", _undecodable(message, exc))
+        else:
+            self._refuse(message, "invalid_task", f"the task message is malformed ({type(exc).__name__}: {exc})")
+        message.reject_log_error(log, self.connection_errors)
+
+    def _refuse(self, message: Any, reason: str, text: str) -> None:
+        count_refused(reason)
+        headers = message.headers if isinstance(message.headers, dict) else {}
+        task_id = headers.get("id")
+        log.error("refused a message (%s): %s; task id %s, task %s", reason, text, task_id, headers.get("task"))
+        if isinstance(task_id, str) and task_id:
+            try:
+                self.app.backend.mark_as_failure(task_id, InvalidMessage(text))
+            except Exception:  # a failed store must not stop the consumer; the log line stands
+                log.exception("could not store the InvalidMessage failure for task %s", task_id)
