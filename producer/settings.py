@@ -168,6 +168,10 @@ class Settings(BaseSettings):
     task_sent_events: bool = Field(False, description="producers send a task-sent event per message (Flower shows "
                                    "queued tasks; a second publish per message)")
     embedded_redis: Literal["auto", "never"] = "auto"
+    # Fault drill only: makes a CPU behave like a GPU with little memory, to exercise the split-and-retry
+    # path that a real CUDA out-of-memory error takes.
+    fault_oom_above_tokens: int | None = Field(None, ge=1, description="testing: an encoder batch over this many "
+                                               "padded tokens raises CUDA out-of-memory")
 
     # `inferq flower`
     flower_port: int = Field(5555, ge=1, le=65535)

@@ -95,6 +95,24 @@ def test_a_request_past_its_deadline_fails_with_task_timeout_and_never_runs() ->
         loop.stop()
 
 
+def test_a_request_its_caller_cancelled_before_it_expired_does_not_stop_the_loop() -> None:
+    hold = threading.Event()
+    runner = Recorder(hold)
+    loop = make_loop(runner, max_items=1, max_wait=0.0)
+    try:
+        busy = loop.submit("square", 2, items=1, longest=1, timeout=10)
+        time.sleep(0.05)
+        abandoned = loop.submit("square", 3, items=1, longest=1, timeout=0.1)
+        assert abandoned.cancel()  # what a task thread does when its own wait runs out first
+        time.sleep(0.3)
+        hold.set()
+        assert busy.result(timeout=5) == 4
+        assert loop.submit("square", 5, items=1, longest=1, timeout=5).result(timeout=5) == 25
+        assert loop.counts["square:expired"] == 1
+    finally:
+        loop.stop()
+
+
 def test_a_runner_that_loses_an_answer_is_caught() -> None:
     loop = DeviceLoop({"bad": BatchKind(lambda payloads: payloads[:-1], BatchLimits(4, 100, 0.0))})
     loop.start()

@@ -71,6 +71,11 @@ class DeviceLoop:
         self._thread = threading.Thread(target=self._run, name="inferq-device", daemon=True)
         self._thread.start()
 
+    @property
+    def died(self) -> bool:
+        """The loop thread ended without being asked to stop (a bug): nothing will run on the device again."""
+        return self._thread is not None and not self._thread.is_alive() and not self._stopping
+
     def stop(self) -> None:
         with self._wake:
             self._stopping = True
@@ -103,8 +108,10 @@ class DeviceLoop:
             for waiting in queue.expire(now):
                 job = waiting.payload
                 self.counts[f"{key}:expired"] += 1
-                job.future.set_exception(TaskTimeout(f"the request waited {now - waiting.arrived:.1f} s for the "
-                                                     f"device, over its limit of {job.timeout:g} s"))
+                # Its task thread may have given up at the same limit and cancelled it: nothing to answer.
+                if job.future.set_running_or_notify_cancel():
+                    job.future.set_exception(TaskTimeout(f"the request waited {now - waiting.arrived:.1f} s for "
+                                                         f"the device, over its limit of {job.timeout:g} s"))
         ready = [(queue.oldest_arrival(), key) for key, queue in self._queues.items()
                  if queue.ready(now) or (self._stopping and len(queue))]
         if not ready:

@@ -7,12 +7,14 @@ task thread then turns its own rows into its JSON result. Only the device loop t
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import resource
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any
@@ -28,7 +30,7 @@ from producer.contract import (
     GenerateResult,
     validate,
 )
-from producer.errors import InvalidInput, TaskTimeout, UnknownModel
+from producer.errors import InvalidInput, OutOfMemory, TaskTimeout, UnknownModel
 from producer.settings import Kind, Settings
 from workers.batching import BatchLimits
 from workers.device_loop import BatchKind, DeviceLoop
@@ -116,20 +118,37 @@ class Runtime:
 
         def runner(jobs: list[EncodeJob]) -> list[torch.Tensor]:
             # every request's inputs in one set of length-sorted passes; each gets its own rows back
-            with torch.inference_mode():
-                rows = run([ids for job in jobs for ids in job.ids], batching.encode_max_texts,
-                           batching.encode_max_tokens)
+            inputs = [ids for job in jobs for ids in job.ids]
+            with torch.inference_mode(), self._freeing_memory_on_oom():
+                self._simulate_oom(inputs)
+                rows = run(inputs, batching.encode_max_texts, batching.encode_max_tokens)
             return list(torch.split(rows, [len(job.ids) for job in jobs]))
 
         return runner
 
-    @staticmethod
-    def _generate_runner(generator: GenerateModel) -> Any:
+    def _generate_runner(self, generator: GenerateModel) -> Any:
         def runner(batch: list[Prepared]) -> list[Any]:
-            with torch.inference_mode():
+            with torch.inference_mode(), self._freeing_memory_on_oom():
                 return list(generator.run(batch))
 
         return runner
+
+    @contextlib.contextmanager
+    def _freeing_memory_on_oom(self) -> Iterator[None]:
+        # The device loop retries a failed batch in halves; give the halves the memory the failure held.
+        try:
+            yield
+        except torch.OutOfMemoryError:
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            raise
+
+    def _simulate_oom(self, inputs: list[list[int]]) -> None:
+        limit = self.settings.fault_oom_above_tokens
+        padded = max(len(ids) for ids in inputs) * len(inputs)
+        if limit is not None and padded > limit:
+            raise torch.OutOfMemoryError(f"simulated CUDA out of memory: {padded} padded tokens > {limit} "
+                                         "(fault_oom_above_tokens)")
 
     def _watch_for_stalls(self) -> None:
         limit = self.settings.time_limits.device_stall
@@ -141,6 +160,9 @@ class Runtime:
                 # so the broker hands this worker's messages to another, and the supervisor restarts us.
                 log.critical("the device made no progress for %.0f s (limit %g s); exiting", time.monotonic()
                              - busy_since, limit)
+                os._exit(70)
+            if self.loop is not None and self.loop.died:
+                log.critical("the device loop thread died; exiting so the supervisor restarts this worker")
                 os._exit(70)
 
     def self_test(self) -> dict[str, Any]:
@@ -213,6 +235,11 @@ class Runtime:
         except FutureTimeout:
             future.cancel()
             raise TaskTimeout(f"the {kind} request ran past its limit of {limit:g} s") from None
+        except torch.OutOfMemoryError as exc:
+            # The device loop already retried it in ever smaller batches; it failed alone.
+            raise OutOfMemory(f"the {kind} request does not fit in device memory even on its own ({items} "
+                              f"input(s), longest {longest} tokens): send fewer or shorter inputs, or fewer "
+                              f"new tokens; {exc}") from None
 
     def _encode(self, kind: Kind, key: str, ids: list[list[int]]) -> torch.Tensor:
         rows: torch.Tensor = self._wait(kind, key, EncodeJob(ids), len(ids), max(len(row) for row in ids))
