@@ -76,17 +76,26 @@ def test_a_request_that_breaks_its_batch_fails_alone() -> None:
         loop.stop()
 
 
-def test_a_request_past_its_deadline_fails_with_task_timeout_and_never_runs() -> None:
+def expire_behind_a_busy_device(cancel: bool) -> tuple[DeviceLoop, Recorder, Future[Any]]:
+    """A loop whose device is busy with 2 while 3 waits past its 0.1 s limit (cancelled by its caller first,
+    if `cancel`); returns once the device is free again."""
     hold = threading.Event()
     runner = Recorder(hold)
     loop = make_loop(runner, max_items=1, max_wait=0.0)
+    busy = loop.submit("square", 2, items=1, longest=1, timeout=10)
+    time.sleep(0.05)
+    late: Future[Any] = loop.submit("square", 3, items=1, longest=1, timeout=0.1)
+    if cancel:
+        assert late.cancel()  # what a task thread does when its own wait runs out first
+    time.sleep(0.3)
+    hold.set()
+    assert busy.result(timeout=5) == 4
+    return loop, runner, late
+
+
+def test_a_request_past_its_deadline_fails_with_task_timeout_and_never_runs() -> None:
+    loop, runner, late = expire_behind_a_busy_device(cancel=False)
     try:
-        busy = loop.submit("square", 2, items=1, longest=1, timeout=10)
-        time.sleep(0.05)
-        late: Future[Any] = loop.submit("square", 3, items=1, longest=1, timeout=0.1)
-        time.sleep(0.3)
-        hold.set()
-        assert busy.result(timeout=5) == 4
         with pytest.raises(TaskTimeout, match=r"waited .* over its limit of 0.1 s"):
             late.result(timeout=5)
         assert [3] not in runner.batches
@@ -96,18 +105,10 @@ def test_a_request_past_its_deadline_fails_with_task_timeout_and_never_runs() ->
 
 
 def test_a_request_its_caller_cancelled_before_it_expired_does_not_stop_the_loop() -> None:
-    hold = threading.Event()
-    runner = Recorder(hold)
-    loop = make_loop(runner, max_items=1, max_wait=0.0)
+    loop, runner, _ = expire_behind_a_busy_device(cancel=True)
     try:
-        busy = loop.submit("square", 2, items=1, longest=1, timeout=10)
-        time.sleep(0.05)
-        abandoned = loop.submit("square", 3, items=1, longest=1, timeout=0.1)
-        assert abandoned.cancel()  # what a task thread does when its own wait runs out first
-        time.sleep(0.3)
-        hold.set()
-        assert busy.result(timeout=5) == 4
         assert loop.submit("square", 5, items=1, longest=1, timeout=5).result(timeout=5) == 25
+        assert [3] not in runner.batches
         assert loop.counts["square:expired"] == 1
     finally:
         loop.stop()
