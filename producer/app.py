@@ -33,10 +33,12 @@ def make_celery(settings: Settings, main: str = "inferq") -> Celery:
         broker_connection_timeout=timeout,
         broker_connection_retry_on_startup=True,
         # Messages a dead worker held come back after visibility_timeout; Kombu's sweep for them runs every
-        # interval x throttle seconds (10 x 10 by default: 100 s more), here every 5 s.
+        # interval x throttle seconds (10 x 10 by default: 100 s more), here every 5 s. A worker that dies
+        # during a sweep leaves the sweep's lock behind until it expires: 30 s here, not Kombu's 300.
         broker_transport_options={"socket_connect_timeout": timeout, "socket_timeout": max(timeout, 30.0),
                                   "visibility_timeout": settings.visibility_timeout,
-                                  "unacked_restore_interval": 5, "unacked_restore_throttle": 1},
+                                  "unacked_restore_interval": 5, "unacked_restore_throttle": 1,
+                                  "unacked_mutex_expire": 30},
         worker_send_task_events=settings.task_events,
         task_send_sent_event=settings.task_sent_events,
         redis_socket_connect_timeout=timeout,

@@ -45,6 +45,11 @@ class InvalidMessage(InferqError):
     """The task message itself could not be decoded."""
 
 
+class PoisonMessage(InferqError):
+    """The message was delivered too many times, each time without an answer (its worker died): it is not run
+    again, and is kept in the dead-letter list for inspection."""
+
+
 class InferqConnectionError(InferqError):
     """The broker or the result backend could not be reached within the configured timeouts."""
 
@@ -59,5 +64,5 @@ class ResultTimeout(InferqError):
 # Names a foreign client may see in ``exc_type``; used to rebuild the right class from a stored failure.
 TASK_ERRORS: dict[str, type[InferqError]] = {
     cls.__name__: cls
-    for cls in (InvalidInput, UnknownModel, InputTooLarge, TaskTimeout, OutOfMemory, InvalidMessage)
+    for cls in (InvalidInput, UnknownModel, InputTooLarge, TaskTimeout, OutOfMemory, InvalidMessage, PoisonMessage)
 }

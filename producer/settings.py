@@ -164,6 +164,10 @@ class Settings(BaseSettings):
     # Redis hands a message that was delivered but never acknowledged (its worker died) to another worker
     # after this many seconds. It must exceed the longest time limit, or a slow task would run twice.
     visibility_timeout: float = Field(150.0, gt=0)
+    # A worker that dies while running a message (a crash, a kill) leaves it unacknowledged, and Redis hands
+    # it out again; a message that kills every worker it reaches must not do so forever.
+    max_deliveries: int = Field(3, ge=1, description="deliveries of a message whose workers died each time, "
+                                "after which it fails with PoisonMessage and goes to the dead-letter list")
     task_events: bool = Field(True, description="workers send task events (Flower counts every message)")
     task_sent_events: bool = Field(False, description="producers send a task-sent event per message (Flower shows "
                                    "queued tasks; a second publish per message)")
@@ -172,6 +176,8 @@ class Settings(BaseSettings):
     # path that a real CUDA out-of-memory error takes.
     fault_oom_above_tokens: int | None = Field(None, ge=1, description="testing: an encoder batch over this many "
                                                "padded tokens raises CUDA out-of-memory")
+    fault_crash_on_text: str | None = Field(None, min_length=1, description="testing: a request with a text or "
+                                            "prompt containing this string kills the worker process at once")
 
     # `inferq flower`
     flower_port: int = Field(5555, ge=1, le=65535)

@@ -32,7 +32,7 @@ class WorkerApp:
         # ... and list entries that are not even messages (a stray LPUSH must not stop the worker)
         self.celery.conf.broker_transport = "workers.transport:Transport"
         self._runtime: Runtime | None = None
-        register_tasks(self.celery, self.runtime)
+        register_tasks(self.celery, self.runtime, settings)
         self.celery.steps["consumer"].add(ThreadSafeTaskEvents)
         worker_init.connect(self._on_worker_init, weak=False)
         worker_shutdown.connect(self._on_worker_shutdown, weak=False)

@@ -219,6 +219,10 @@ class Runtime:
     def handle(self, kind: Kind, args: Any, kwargs: Any) -> Result:
         """Validate and tokenise here, run on the device loop, build the result here."""
         request = validate(kind, kwargs, self.settings.limits, args)
+        crash = self.settings.fault_crash_on_text
+        if crash is not None and crash in repr(kwargs):
+            log.critical("fault_crash_on_text matched a %s request: exiting as a crash would", kind)
+            os._exit(86)
         if isinstance(request, EmbedRequest):
             return self._embed(request)
         if isinstance(request, ClassifyRequest):

@@ -9,21 +9,28 @@ from celery import Celery
 
 from producer.contract import task_name
 from producer.errors import InferqError
-from producer.settings import KINDS, Kind
+from producer.settings import KINDS, Kind, Settings
+from workers.deliveries import quarantined
 from workers.runtime import Result, Runtime
 
 
-def register_tasks(app: Celery, runtime: Callable[[], Runtime]) -> None:
+def register_tasks(app: Celery, runtime: Callable[[], Runtime], settings: Settings) -> None:
     for kind in KINDS:
-        _register(app, kind, runtime)
+        _register(app, kind, runtime, settings)
 
 
-def _register(app: Celery, kind: Kind, runtime: Callable[[], Runtime]) -> None:
+def _register(app: Celery, kind: Kind, runtime: Callable[[], Runtime], settings: Settings) -> None:
+    # A redelivery counter outlives the redeliveries it counts: each comes about one visibility timeout apart.
+    keep = int(settings.visibility_timeout * (settings.max_deliveries + 2)) + 60
+
     # *args/**kwargs: a foreign client's unknown or positional arguments must reach validation and come
     # back as InvalidInput, not as a TypeError from Python's call machinery.
-    def run(*args: Any, **kwargs: Any) -> Result:
-        return runtime().handle(kind, args, kwargs)
+    wait = getattr(settings.time_limits, kind)
+
+    def run(task: Any, *args: Any, **kwargs: Any) -> Result:
+        with quarantined(app, task.request, settings.max_deliveries, keep, wait):
+            return runtime().handle(kind, args, kwargs)
 
     run.__name__ = run.__qualname__ = kind
     # throws: expected request errors are stored and logged in one line, without a traceback.
-    app.task(name=task_name(kind), throws=(InferqError,), acks_late=True)(run)
+    app.task(name=task_name(kind), bind=True, throws=(InferqError,), acks_late=True)(run)

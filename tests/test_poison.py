@@ -1,0 +1,65 @@
+"""Poison and replay: a message that kills every worker it reaches is tried a bounded number of times, then
+fails with PoisonMessage and is kept in the dead-letter list; the other messages are all answered."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import redis
+
+from producer.client import Client
+from producer.errors import PoisonMessage
+from producer.settings import Settings
+from tests.conftest import ARTIFACTS, REDIS_HOST, REDIS_PORT, ROOT
+from workers.dead_letter import DEAD_LETTER_KEY
+
+pytestmark = pytest.mark.integration
+DB = 9
+URL = f"redis://{REDIS_HOST}:{REDIS_PORT}/{DB}"
+
+
+def test_a_message_that_crashes_its_worker_every_time_ends_in_the_dead_letter_list(
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    store = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=DB)
+    store.flushdb()
+    config = tmp_path_factory.mktemp("poison") / "inferq.toml"
+    config.write_text('fault_crash_on_text = "POISON"\nmax_deliveries = 3\nvisibility_timeout = 4\n'
+                      "worker_concurrency = 16\n[time_limits]\nembed = 3\nclassify = 3\ngenerate = 3\n"
+                      "[models]\ngenerate = {}\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INFERQ_")}
+    env.update(INFERQ_REDIS_URL=URL, INFERQ_CONFIG=str(config), HF_HUB_OFFLINE="1")
+    ARTIFACTS.mkdir(exist_ok=True)
+    log_path = ARTIFACTS / "poison-launcher.log"
+    with log_path.open("wb") as log:
+        launcher = subprocess.Popen([sys.executable, "-m", "producer.cli", "worker", "--gpus", "none", "--kinds",
+                                     "embed"], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    client = Client(Settings(redis_url=URL, result_timeout=180))
+    try:
+        good = [client.submit_embed([f"good message {i}"]) for i in range(10)]
+        poison = client.app.send_task("inferq.embed", kwargs={"texts": ["a POISON pill"]}, queue="embed")
+        good += [client.submit_embed([f"good message {i}"]) for i in range(10, 20)]
+        with pytest.raises(PoisonMessage, match=r"delivered 4 times, and the worker running it died each time "
+                                                r"\(max_deliveries = 3\)"):
+            client.handle(poison.id).get(timeout=240)
+        assert [handle.get(timeout=120)["dim"] for handle in good] == [384] * 20
+        log_text = log_path.read_text()
+        assert log_text.count("exited with code 86") == 3, log_text[-3000:]
+        dead = [json.loads(raw) for raw in store.lrange(DEAD_LETTER_KEY, 0, -1)]
+        assert [entry["task_id"] for entry in dead] == [poison.id]
+        assert dead[0]["queue"] == "embed" and "a POISON pill" in dead[0]["raw"]
+        time.sleep(6)  # past another visibility timeout: nothing comes back
+        assert store.llen("embed") == 0 and store.hlen("unacked") == 0
+        assert log_path.read_text().count("exited with code 86") == 3
+        assert client.embed(["still serving"])["dim"] == 384
+    finally:
+        launcher.send_signal(signal.SIGTERM)
+        launcher.wait(timeout=60)
+        client.close()
+        store.flushdb()
+        store.close()
