@@ -125,6 +125,7 @@ class GenerateRequest(_Request):
             if len(self.stop) > limits.max_stop:
                 raise InputTooLarge(f"stop has {len(self.stop)} strings; at most {limits.max_stop} are allowed")
             for i, stop in enumerate(self.stop):
+                _check_unicode(f"stop[{i}]", stop)
                 if not 0 < len(stop) <= MAX_STOP_CHARS:
                     raise InvalidInput(f"stop[{i}] must be a string of 1 to {MAX_STOP_CHARS} characters; "
                                        f"got {len(stop)} characters")
@@ -215,7 +216,17 @@ def _limits(info: ValidationInfo) -> Limits:
     return limits
 
 
+def _check_unicode(where: str, text: str) -> None:
+    # JSON can carry lone UTF-16 surrogates ("\ud800"); they are not characters, and no tokenizer takes them.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidInput(f"{where} is not valid Unicode: a lone surrogate {text[exc.start]!r} at position "
+                           f"{exc.start}; send UTF-8 text") from None
+
+
 def _check_text(where: str, text: str, limits: Limits) -> None:
+    _check_unicode(where, text)
     if not text:
         raise InvalidInput(f"{where} is an empty string; it must have 1 to {limits.max_chars} characters")
     if len(text) > limits.max_chars:
@@ -238,6 +249,7 @@ def _check_labels(labels: list[str], limits: Limits) -> None:
         raise InputTooLarge(f"labels has {len(labels)} items; at most {limits.max_labels} are allowed")
     seen: set[str] = set()
     for i, label in enumerate(labels):
+        _check_unicode(f"labels[{i}]", label)
         if not label.strip():
             raise InvalidInput(f"labels[{i}] is empty; each label must have visible characters")
         if len(label) > limits.max_label_chars:

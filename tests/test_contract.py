@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -110,3 +111,16 @@ def test_several_type_errors_are_reported_together() -> None:
     message = reject("generate", {"prompt": 1, "max_new_tokens": "many"})
     assert "prompt must be a string; got int" in message
     assert "max_new_tokens must be an integer >= 1; got string 'many'" in message
+
+
+@pytest.mark.parametrize(("kind", "kwargs", "where"), [
+    ("embed", {"texts": ["fine", "bad \ud800"]}, "texts[1]"),
+    ("classify", {"texts": ["x"], "labels": ["a", "\udfff"]}, "labels[1]"),
+    ("generate", {"prompt": "\udc80 hi"}, "prompt"),
+    ("generate", {"messages": [{"role": "user", "content": "a\ud800"}]}, "messages[0].content"),
+    ("generate", {"prompt": "x", "stop": ["\ud800"]}, "stop[0]"),
+])
+def test_lone_surrogates_are_refused_with_their_position(kind: str, kwargs: dict[str, Any], where: str) -> None:
+    # found by tests/test_fuzz.py: the tokenizer raised a bare TypeError on them
+    with pytest.raises(InvalidInput, match=rf"{re.escape(where)} is not valid Unicode: a lone surrogate"):
+        validate(kind, kwargs, Limits())  # type: ignore[arg-type]

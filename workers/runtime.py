@@ -198,6 +198,7 @@ class Runtime:
         }
         defaults = {kind: self.settings.models.default_alias(kind) for kind in self.kinds}
         status: dict[str, Any] = {"kinds": list(self.kinds), "device": str(self.device), "pid": os.getpid(),
+                                  "rss_mib": round(_rss_bytes() / 2**20, 1),
                                   "ready": self.loaded_at is not None, "models": models, "defaults": defaults,
                                   "load_counts": dict(self.load_counts)}
         if self.loop is not None:
@@ -314,3 +315,12 @@ class Runtime:
             raise UnknownModel(f"model {name!r} is not configured for {kind} on this worker; "
                                f"available: {shown}")
         return alias
+
+
+def _rss_bytes() -> int:
+    """This process's resident memory now (Linux; the peak elsewhere)."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
