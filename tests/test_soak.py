@@ -1,0 +1,49 @@
+"""Soak: 2,000 small tasks through the session worker; every one answered once, every result key carries a
+TTL, and the worker's memory stays flat. `python benchmarks/soak.py` runs 50,000 and reports figures."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import redis
+
+from producer.client import Client
+from tests.conftest import WorkerProcess
+
+pytestmark = pytest.mark.integration
+TASKS = 2000
+WINDOW = 256
+
+
+def status(client: Client, worker: WorkerProcess) -> dict[str, Any]:
+    replies = client.app.control.broadcast("inferq_status", reply=True, timeout=5, destination=[worker.node])
+    return dict(replies[0][worker.node])
+
+
+def test_two_thousand_tasks_leave_memory_flat_and_every_result_expiring(
+        client: Client, worker: WorkerProcess, redis_client: redis.Redis) -> None:
+    for i in range(200):  # warm: allocator pools, tokenizer caches
+        client.embed([f"warm {i}"])
+    before = status(client, worker)
+    ids: list[str] = []
+    in_flight: list[Any] = []
+    for i in range(TASKS):
+        kind_texts = [f"soak {i} " + "word " * (i % 12)]
+        in_flight.append(client.submit_embed(kind_texts) if i % 3 else
+                         client.submit_classify(kind_texts, labels=["a", "b", "c"]))
+        if len(in_flight) >= WINDOW:
+            handle = in_flight.pop(0)
+            handle.get()
+            ids.append(handle.id)
+    for handle in in_flight:
+        handle.get()
+        ids.append(handle.id)
+    after = status(client, worker)
+    assert len(set(ids)) == TASKS
+    ttls = [redis_client.ttl(f"celery-task-meta-{task_id}") for task_id in ids]
+    assert all(0 < ttl <= client.settings.result_expires for ttl in ttls), sorted(set(ttls))[:5]
+    grown = after["rss_mib"] - before["rss_mib"]
+    print(f"worker RSS {before['rss_mib']} MiB -> {after['rss_mib']} MiB over {TASKS} tasks")
+    assert grown < 100, f"worker memory grew by {grown:.0f} MiB over {TASKS} tasks"
+    assert after["pid"] == before["pid"]
