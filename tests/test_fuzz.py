@@ -2,13 +2,15 @@
 requests. Every bad one gets a typed error with a message, every good one its right answer, and the worker
 neither crashes nor restarts.
 
-1,000 payloads here (10 Hypothesis examples of 100, sent concurrently); `python benchmarks/fuzz.py` sends
-10,000 or more and reports figures.
+1,000 payloads here (10 Hypothesis examples of 100, sent concurrently); `bash benchmarks/drills.sh` sends
+10,000 (INFERQ_DRILL_FUZZ_EXAMPLES=100) and records the figures.
 """
 
 from __future__ import annotations
 
 import math
+import os
+from collections import Counter
 from typing import Any
 
 import pytest
@@ -25,6 +27,7 @@ from tests.test_foreign_clients import stored
 pytestmark = pytest.mark.integration
 KINDS = ("embed", "classify", "generate")
 PER_EXAMPLE = 100
+EXAMPLES = int(os.environ.get("INFERQ_DRILL_FUZZ_EXAMPLES", "10"))
 
 junk = st.one_of(
     st.none(), st.booleans(), st.integers(min_value=-(2**70), max_value=2**70),
@@ -64,6 +67,7 @@ def kwargs_for(kind: str) -> st.SearchStrategy[dict[str, Any]]:
 
 
 payload = st.sampled_from(KINDS).flatmap(lambda kind: st.tuples(st.just(kind), kwargs_for(kind)))
+TALLY: Counter[str] = Counter()  # outcomes over every example, printed by the last test
 GOOD: list[tuple[str, dict[str, Any]]] = [
     ("embed", {"texts": ["a good request", "and another"]}),
     ("classify", {"texts": ["The striker scored."], "labels": ["sports", "cooking"]}),
@@ -94,7 +98,7 @@ def reference(sender: Celery, worker: WorkerProcess) -> list[Any]:
 
 
 # no shrinking: each example is a whole batch, and the assertion names the offending payload already
-@fuzz_settings(max_examples=10, deadline=None, derandomize=True, database=None, phases=[Phase.generate],
+@fuzz_settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None, phases=[Phase.generate],
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
                                  HealthCheck.data_too_large])
 @given(payloads=st.lists(payload, min_size=PER_EXAMPLE, max_size=PER_EXAMPLE))
@@ -107,6 +111,8 @@ def test_every_malformed_payload_gets_a_typed_error_and_good_ones_their_answer(
             for kind, kwargs, answer in mixed]
     for task_id, kind, kwargs, answer in sent:
         meta = stored(redis_client, task_id, timeout=120)
+        TALLY["good sent" if answer is not None else "fuzzed sent"] += 1
+        TALLY[meta["result"]["exc_type"] if meta["status"] == "FAILURE" else "SUCCESS"] += 1
         if answer is not None:
             assert meta["status"] == "SUCCESS", (kind, kwargs, meta)
             assert same_answer(kind, meta["result"], answer), (kind, kwargs, meta)
@@ -125,3 +131,5 @@ def test_the_fuzzed_worker_never_restarted_or_reloaded(sender: Celery, worker: W
     status = replies[0][worker.node]
     assert status["pid"] == worker.process.pid
     assert all(count == 1 for count in status["load_counts"].values()), status["load_counts"]
+    print(f"\nfuzz: {dict(sorted(TALLY.items()))}; worker pid unchanged, models loaded once; "
+          f"refused messages {status['refused']}")

@@ -1,8 +1,9 @@
 """Soak: 2,000 small tasks through the session worker; every one answered once, every result key carries a
-TTL, and the worker's memory stays flat. `python benchmarks/soak.py` runs 50,000 and reports figures."""
+TTL, and the worker's memory stays flat. `bash benchmarks/drills.sh` runs 50,000 (INFERQ_DRILL_SOAK_TASKS)."""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import pytest
@@ -12,7 +13,7 @@ from producer.client import Client
 from tests.conftest import WorkerProcess
 
 pytestmark = pytest.mark.integration
-TASKS = 2000
+TASKS = int(os.environ.get("INFERQ_DRILL_SOAK_TASKS", "2000"))
 WINDOW = 256
 
 
@@ -44,6 +45,7 @@ def test_two_thousand_tasks_leave_memory_flat_and_every_result_expiring(
     ttls = [redis_client.ttl(f"celery-task-meta-{task_id}") for task_id in ids]
     assert all(0 < ttl <= client.settings.result_expires for ttl in ttls), sorted(set(ttls))[:5]
     grown = after["rss_mib"] - before["rss_mib"]
-    print(f"worker RSS {before['rss_mib']} MiB -> {after['rss_mib']} MiB over {TASKS} tasks")
+    print(f"\nsoak: {TASKS} tasks sent, {len(set(ids))} results, worker RSS {before['rss_mib']} MiB -> "
+          f"{after['rss_mib']} MiB, worker pid unchanged: {after['pid'] == before['pid']}")
     assert grown < 100, f"worker memory grew by {grown:.0f} MiB over {TASKS} tasks"
     assert after["pid"] == before["pid"]
