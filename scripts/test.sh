@@ -15,7 +15,7 @@ fi
 # System tools the deployment and monitoring tests run (Debian packages): docker-compose validates the compose
 # file, promtool/prometheus check and run the scrape config and dashboard queries, chromium screenshots Flower.
 missing=()
-for pair in docker-compose:docker-compose promtool:prometheus chromium:chromium; do
+for pair in docker-compose:docker-compose promtool:prometheus chromium:chromium openssl:openssl; do
   command -v "${pair%%:*}" >/dev/null || missing+=("${pair##*:}")
 done
 if ((${#missing[@]})); then
