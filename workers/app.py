@@ -31,6 +31,12 @@ class WorkerApp:
         self.celery.conf.worker_consumer = "workers.consumer:InferqConsumer"
         # ... and list entries that are not even messages (a stray LPUSH must not stop the worker)
         self.celery.conf.broker_transport = "workers.transport:Transport"
+        # A worker whose result store fails gives the result up, and then acknowledges the message: the job
+        # is lost. Producers retry briefly (they must not hang); a worker keeps retrying through a Redis
+        # restart, for up to the visibility timeout, after which the message would be handed out again anyway.
+        self.celery.conf.result_backend_transport_options = {"retry_policy": {
+            "max_retries": max(3, int(settings.visibility_timeout)), "interval_start": 0, "interval_step": 0.5,
+            "interval_max": 1.0}}
         self._runtime: Runtime | None = None
         register_tasks(self.celery, self.runtime, settings)
         self.celery.steps["consumer"].add(ThreadSafeTaskEvents)
