@@ -22,27 +22,19 @@ import redis
 from producer.client import Client, Handle
 from producer.errors import InferqConnectionError, ResultTimeout
 from producer.settings import Settings
-from tests.conftest import ARTIFACTS, WorkerProcess, free_port
+from tests.conftest import ARTIFACTS, WorkerProcess, free_port, start_redis_server
 
 pytestmark = pytest.mark.integration
 SENT = 400
 
 
 def start_redis(port: int, data: Path) -> subprocess.Popen[bytes]:
-    server = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--appendonly", "yes",
-                               "--appendfsync", "everysec", "--save", "", "--dir", str(data)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     probe = redis.Redis(port=port)
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            probe.ping()
-            break
-        except redis.ConnectionError:
-            assert time.monotonic() < deadline, "redis-server did not start"
-            time.sleep(0.05)
-    probe.close()
-    return server
+    try:
+        return start_redis_server(data, ["--port", str(port), "--appendonly", "yes", "--appendfsync", "everysec"],
+                                  probe)
+    finally:
+        probe.close()
 
 
 @pytest.mark.parametrize("how", ["shutdown", "kill"])

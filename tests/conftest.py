@@ -56,6 +56,21 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def start_redis_server(workdir: Path, args: list[str], probe: redis.Redis) -> subprocess.Popen[bytes]:
+    """A redis-server of a test's own (`args`: its options), returned once `probe` answers a PING."""
+    server = subprocess.Popen(["redis-server", "--bind", "127.0.0.1", "--save", "", "--dir", str(workdir), *args],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            probe.ping()
+            return server
+        except redis.ConnectionError:
+            assert server.poll() is None, "redis-server exited"
+            assert time.monotonic() < deadline, "redis-server did not start"
+            time.sleep(0.05)
+
+
 def _copy_tokenizer(target: Path) -> None:
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
         (target / name).write_bytes((MINILM / name).read_bytes())

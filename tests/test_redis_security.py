@@ -18,38 +18,23 @@ import redis
 from producer.client import Client
 from producer.errors import InferqConnectionError
 from producer.settings import Settings
-from tests.conftest import ARTIFACTS, ROOT, WorkerProcess, free_port
+from tests.conftest import ARTIFACTS, ROOT, WorkerProcess, free_port, start_redis_server
 
 pytestmark = pytest.mark.integration
 PASSWORD = "s3cret-Redis-pw"
 
 
-def start_redis(port: int, workdir: Path, *args: str) -> subprocess.Popen[bytes]:
-    """A redis-server of the test's own, with a password, answering `probe` once up."""
-    server = subprocess.Popen(["redis-server", "--bind", "127.0.0.1", "--requirepass", PASSWORD, "--save", "",
-                               "--appendonly", "no", "--dir", str(workdir), "--port", str(port), *args],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return server
-
-
-def wait_until_up(probe: redis.Redis, server: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            probe.ping()
-            return
-        except redis.ConnectionError:
-            assert server.poll() is None, "redis-server exited"
-            assert time.monotonic() < deadline, "redis-server did not start"
-            time.sleep(0.1)
+def start_redis(port: int, workdir: Path, probe: redis.Redis, *args: str) -> subprocess.Popen[bytes]:
+    """A redis-server of the test's own, with a password."""
+    return start_redis_server(workdir, ["--requirepass", PASSWORD, "--appendonly", "no", "--port", str(port), *args],
+                              probe)
 
 
 @pytest.fixture(scope="module")
 def guarded_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port = free_port()
-    server = start_redis(port, tmp_path_factory.mktemp("redis"))
     probe = redis.Redis(port=port, password=PASSWORD)
-    wait_until_up(probe, server)
+    server = start_redis(port, tmp_path_factory.mktemp("redis"), probe)
     yield f"redis://:{PASSWORD}@127.0.0.1:{port}/0"
     probe.close()
     server.terminate()
@@ -72,10 +57,9 @@ def tls_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, P
     openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-out",
             "server.crt", "-days", "1", "-extfile", "ext.cnf")
     port = free_port()
-    server = start_redis(0, certs, "--tls-port", str(port), "--tls-cert-file", "server.crt", "--tls-key-file",
-                         "server.key", "--tls-ca-cert-file", "ca.crt", "--tls-auth-clients", "no")
     probe = redis.Redis(port=port, password=PASSWORD, ssl=True, ssl_ca_certs=str(certs / "ca.crt"))
-    wait_until_up(probe, server)
+    server = start_redis(0, certs, probe, "--tls-port", str(port), "--tls-cert-file", "server.crt",
+                         "--tls-key-file", "server.key", "--tls-ca-cert-file", "ca.crt", "--tls-auth-clients", "no")
     yield (f"rediss://:{PASSWORD}@127.0.0.1:{port}/0?ssl_cert_reqs=required&ssl_ca_certs={certs / 'ca.crt'}",
            certs)
     probe.close()

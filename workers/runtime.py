@@ -145,8 +145,10 @@ class Runtime:
 
     def _simulate_oom(self, inputs: list[list[int]]) -> None:
         limit = self.settings.fault_oom_above_tokens
+        if limit is None:  # the normal case: nothing to compute on the device loop's path
+            return
         padded = max(len(ids) for ids in inputs) * len(inputs)
-        if limit is not None and padded > limit:
+        if padded > limit:
             raise torch.OutOfMemoryError(f"simulated CUDA out of memory: {padded} padded tokens > {limit} "
                                          "(fault_oom_above_tokens)")
 
