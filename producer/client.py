@@ -162,6 +162,13 @@ class Client:
     def close(self) -> None:
         if self._coalescer is not None:
             self._coalescer.close()
+        # Handles dropped after close() unsubscribe from their result channel as they are collected; with
+        # Redis gone, each unsubscribe would retry its reconnect for seconds (400 dropped handles stalled a
+        # process for minutes). A closed client forgets its subscriptions instead.
+        consumer = getattr(self.app.backend, "result_consumer", None)
+        if consumer is not None:
+            consumer.subscribed_to.clear()
+            consumer.stop()
         self.app.close()
 
     # --- embed ----------------------------------------------------------------------------------------

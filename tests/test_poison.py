@@ -57,9 +57,31 @@ def test_a_message_that_crashes_its_worker_every_time_ends_in_the_dead_letter_li
         assert store.llen("embed") == 0 and store.hlen("unacked") == 0
         assert log_path.read_text().count("exited with code 86") == 3
         assert client.embed(["still serving"])["dim"] == 384
+        replay_of_an_answered_message(client, store)
     finally:
         launcher.send_signal(signal.SIGTERM)
         launcher.wait(timeout=60)
         client.close()
         store.flushdb()
         store.close()
+
+
+def replay_of_an_answered_message(client: Client, store: redis.Redis) -> None:
+    """A worker that died after storing a result and before acknowledging it leaves a redelivered message
+    whose answer is already stored: it is not run again, and the stored answer stays the only one."""
+    earlier = {"model": "answered earlier", "dim": 1, "embeddings": [[1.0]]}
+    parked = client.app.send_task("inferq.embed", kwargs={"texts": ["answered before the worker died"]},
+                                  queue="parked")  # a queue no worker reads, to take the message's bytes
+    message = json.loads(store.rpop("parked") or b"null")
+    message["headers"]["redelivered"] = True
+    message["properties"]["delivery_info"]["redelivered"] = True  # as Kombu marks a restored message
+    client.app.backend.store_result(parked.id, earlier, "SUCCESS")
+    store.lpush("embed", json.dumps(message))
+    deadline = time.monotonic() + 60
+    while store.llen("embed") or store.hlen("unacked"):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert client.handle(parked.id).get(timeout=10) == earlier
+    replies = client.app.control.broadcast("inferq_status", reply=True, timeout=2.0)
+    statuses = [status for reply in replies for status in reply.values()]
+    assert sum(status["already_answered"] for status in statuses) == 1

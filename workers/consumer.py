@@ -10,29 +10,25 @@ failure, so the caller's ``get()`` raises instead of waiting forever.
 from __future__ import annotations
 
 import logging
-import threading
-from collections import Counter
 from typing import Any
 
 from celery.worker.consumer import Consumer
 from kombu.exceptions import ContentDisallowed, DecodeError
 
 from producer.errors import InvalidMessage
+from workers.counters import SharedCounter
 
 log = logging.getLogger(__name__)
 
-_refused: Counter[str] = Counter()
-_lock = threading.Lock()
+_refused = SharedCounter()
 
 
 def refused_counts() -> dict[str, int]:
-    with _lock:
-        return dict(_refused)
+    return _refused.snapshot()
 
 
 def count_refused(reason: str) -> None:
-    with _lock:
-        _refused[reason] += 1
+    _refused.add(reason)
 
 
 def _undecodable(message: Any, exc: Exception) -> str:

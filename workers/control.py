@@ -8,6 +8,7 @@ from typing import Any
 from celery.worker.control import control_command
 
 from workers.consumer import refused_counts
+from workers.deliveries import redelivery_counts
 from workers.runtime import Runtime
 
 _runtime: Runtime | None = None
@@ -22,7 +23,7 @@ def publish(runtime: Runtime) -> None:
 def inferq_status(state: Any) -> dict[str, Any]:
     if _runtime is None:
         return {"ready": False}
-    return {**_runtime.describe(), "refused": refused_counts()}
+    return {**_runtime.describe(), "refused": refused_counts(), **redelivery_counts()}
 
 
 @control_command()  # type: ignore[untyped-decorator]

@@ -8,6 +8,10 @@ growing belongs to a message that was running, alone among the redelivered ones,
 died, and not to the messages that were merely prefetched beside it. Past ``max_deliveries`` the message
 fails with PoisonMessage without running, and is kept in the dead-letter list with the reason. First
 deliveries, the normal path, cost nothing.
+
+A worker can also die after it stored a result and before it acknowledged the message. The redelivered
+message then finds its SUCCESS stored: it is not run again, and the stored result is its answer (the
+result backend never overwrites a SUCCESS either, so a caller can never see two different answers).
 """
 
 from __future__ import annotations
@@ -22,17 +26,33 @@ from celery import Celery
 
 from producer.errors import PoisonMessage
 from workers import dead_letter
+from workers.counters import SharedCounter
 
 KEY = "inferq:deliveries:{}"
 _quarantine = threading.Lock()
+_counts = SharedCounter("redelivered", "already_answered")
+
+
+def redelivery_counts() -> dict[str, int]:
+    """Redelivered messages this worker received, and how many of them an earlier delivery had answered."""
+    return _counts.snapshot()
 
 
 @contextmanager
-def quarantined(app: Celery, request: Any, max_deliveries: int, keep_seconds: int, wait: float) -> Iterator[None]:
-    """Around one task run: raises PoisonMessage instead of running a message delivered too often."""
+def quarantined(app: Celery, request: Any, max_deliveries: int, keep_seconds: int,
+                wait: float) -> Iterator[Any | None]:
+    """Around one task run: raises PoisonMessage instead of running a message delivered too often.
+
+    Yields the result an earlier delivery of the message already stored (run nothing then), or None."""
     info = request.delivery_info or {}
     if not info.get("redelivered"):
-        yield
+        yield None
+        return
+    _counts.add("redelivered")
+    earlier = app.backend.get_task_meta(request.id, cache=False)
+    if earlier.get("status") == "SUCCESS":
+        _counts.add("already_answered")
+        yield earlier.get("result")
         return
     # Bounded: a redelivered message that cannot get the quarantine in time runs beside another one.
     alone = _quarantine.acquire(timeout=wait)
@@ -46,7 +66,7 @@ def quarantined(app: Celery, request: Any, max_deliveries: int, keep_seconds: in
                 redeliveries = int(pipe.execute()[0])
             if redeliveries + 1 > max_deliveries:
                 _bury(client, request, info, redeliveries + 1, max_deliveries)
-        yield
+        yield None
         with app.pool.acquire(block=True) as connection:
             connection.default_channel.client.delete(key)  # it ran to the end: it is not what killed a worker
     finally:

@@ -28,8 +28,8 @@ def _register(app: Celery, kind: Kind, runtime: Callable[[], Runtime], settings:
     wait = getattr(settings.time_limits, kind)
 
     def run(task: Any, *args: Any, **kwargs: Any) -> Result:
-        with quarantined(app, task.request, settings.max_deliveries, keep, wait):
-            return runtime().handle(kind, args, kwargs)
+        with quarantined(app, task.request, settings.max_deliveries, keep, wait) as earlier:
+            return earlier if earlier is not None else runtime().handle(kind, args, kwargs)
 
     run.__name__ = run.__qualname__ = kind
     # throws: expected request errors are stored and logged in one line, without a traceback.

@@ -1,10 +1,6 @@
 """Redis restarts mid-load (append-only file, appendfsync everysec, as in the compose file): after a clean
 SHUTDOWN no accepted task is lost; after a hard kill the loss is measured; workers reconnect by themselves and
 a producer's call during the outage either succeeds or raises InferqConnectionError, never hangs.
-
-Not yet in CI: its assertions pass (figures in benchmarks/RESULTS.md), but the run then hangs for minutes
-before it ends; run it by hand until that is found:
-    HF_HUB_OFFLINE=1 .venv/bin/python -m pytest benchmarks/redis_restart_drill.py -s -p no:cacheprovider
 """
 
 from __future__ import annotations
@@ -49,7 +45,7 @@ def test_a_redis_restart_mid_load(how: str, tmp_path: Path) -> None:
     env.update(INFERQ_REDIS_URL=url, INFERQ_CONFIG=str(config), HF_HUB_OFFLINE="1")
     worker = WorkerProcess(env, ARTIFACTS / f"restart-{how}-worker.log", f"restart-{how}-{os.getpid()}@localhost",
                            ("--kinds", "embed"))
-    client = Client(Settings(redis_url=url, result_timeout=60, connect_timeout=2))
+    client = Client(Settings(redis_url=url, result_timeout=30, connect_timeout=2))
     accepted: list[Handle[Any]] = []
     refused: list[float] = []
     try:
