@@ -5,6 +5,14 @@ inside its event loop: an entry that is not JSON stops the worker ("Unrecoverabl
 without delivery info makes the consumer reconnect again and again. Here such an entry is logged, counted
 and moved to the dead-letter list instead; the worker goes on. The worker's Celery app uses this transport
 (``broker_transport``); producers keep Kombu's own.
+
+It also survives losing Redis. When the connection drops, the consumer closes its channel; the channel then
+puts its unacknowledged messages back on their queues, and task threads still acknowledge the messages they
+finish through it. Kombu builds each new Redis connection pool from the transport's connection details, which
+closing the channel removes: both raised AttributeError, an "Unrecoverable error" that ended the worker (seen
+in our Redis-restart drill). The channel here keeps those details, so these calls reach Redis again, or fail
+with a connection error that Kombu handles (a message not acknowledged then comes back after the visibility
+timeout, finds its answer stored, and is not run again).
 """
 
 from __future__ import annotations
@@ -45,6 +53,15 @@ def envelope_problem(payload: Any) -> str | None:
 
 
 class Channel(kombu_redis.Channel):
+    def _connparams(self, asynchronous: bool = False) -> Any:
+        # Kombu reads the connection details from the transport whenever it makes a connection pool; once the
+        # channel is closed they are gone. Remember them, so the restore on close and a late acknowledgement
+        # reach Redis, or fail with a connection error Kombu handles, rather than an AttributeError.
+        key = "_inferq_connparams_async" if asynchronous else "_inferq_connparams"
+        if self.connection is not None and self.connection.client is not None:
+            self.__dict__[key] = super()._connparams(asynchronous)  # type: ignore[no-untyped-call]
+        return dict(self.__dict__[key])
+
     def _brpop_read(self, **options: Any) -> bool:
         # Kombu's own _brpop_read, with the entry checked before it is delivered.
         try:
