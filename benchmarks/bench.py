@@ -88,6 +88,20 @@ def batch_histogram(before: dict[str, Any], after: dict[str, Any]) -> dict[str, 
     return dict(sorted(histogram.items(), key=lambda kv: int(kv[0])))
 
 
+def device_time(before: dict[str, Any], after: dict[str, Any], elapsed: float) -> dict[str, float]:
+    """The workers' device threads between two status reads: busy fraction and milliseconds per batch."""
+    busy = batches = 0
+    for node, status in after.items():
+        earlier = before.get(node, {}).get("counts", {})
+        for name, value in status.get("counts", {}).items():
+            grown = value - earlier.get(name, 0)
+            if name.endswith(":busy_ms"):
+                busy += grown
+            elif name.endswith(":batches"):
+                batches += grown
+    return {"device_busy_fraction": busy / 1000 / max(elapsed, 1e-9), "device_ms_per_batch": busy / max(batches, 1)}
+
+
 def start_worker(log_path: Path) -> subprocess.Popen[bytes]:
     log = log_path.open("wb")
     return subprocess.Popen([sys.executable, "-m", "producer.cli", "worker", "--name", f"bench-{os.getpid()}@%h"],
@@ -134,8 +148,11 @@ def run_bench(kinds: tuple[Kind, ...], levels: list[int], requests: int, process
                     before = worker_status(client)
                     samples = run_load(load_settings, kind, count, level, processes, new_tokens, progress=bar.update,
                                        client=client_kind)
-                    row = {"concurrency": level, **summarize(samples),
-                           "batch_sizes": batch_histogram(before, worker_status(client))}
+                    after = worker_status(client)
+                    summary = summarize(samples)
+                    elapsed = summary["requests"] / max(summary["requests_per_s"], 1e-9)
+                    row = {"concurrency": level, **summary, "batch_sizes": batch_histogram(before, after),
+                           **device_time(before, after, elapsed)}
                     rows.append(row)
                 report["kinds"][kind] = rows
         light = {}
@@ -202,12 +219,13 @@ def _print(report: dict[str, Any]) -> None:
         print(f"raw {key}: " + ", ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}"
                                          for k, v in raw.items()))
     print(f"{'kind':<9}{'in flight':>10}{'req/s':>9}{'tok/s':>9}{'send/s':>9}{'p50 ms':>9}{'p95 ms':>9}"
-          f"{'p99 ms':>9}{'vs raw':>8}{'failed':>7}  batch sizes")
+          f"{'p99 ms':>9}{'vs raw':>8}{'failed':>7}{'device':>8}{'ms/batch':>9}  batch sizes")
     for kind, rows in report["kinds"].items():
         for r in rows:
             print(f"{kind:<9}{r['concurrency']:>10}{r['requests_per_s']:>9.1f}{r['tokens_per_s']:>9.1f}"
                   f"{r['send_per_s']:>9.0f}{r['p50_ms']:>9.1f}{r['p95_ms']:>9.1f}{r['p99_ms']:>9.1f}"
-                  f"{r.get('ratio_to_raw', 0):>8.2f}{r['failed']:>7}  {r['batch_sizes']}")
+                  f"{r.get('ratio_to_raw', 0):>8.2f}{r['failed']:>7}{r.get('device_busy_fraction', 0):>8.0%}"
+                  f"{r.get('device_ms_per_batch', 0):>9.1f}  {r['batch_sizes']}")
     if report.get("light_load_p50_ms"):
         single = report.get("raw", {}).get("encode", {}).get("single_ms_p50")
         print("light load p50 (one request at a time): " +

@@ -157,6 +157,8 @@ class Settings(BaseSettings):
 
     device: str = Field("auto", description="auto (cuda when present, else cpu), cpu, cuda, cuda:N")
     torch_threads: int | None = Field(None, ge=1, description="torch's CPU threads (default: torch's choice)")
+    device_process: bool = Field(False, description="run encoder forward passes in a child process of their own, "
+                                 "out of reach of the worker's GIL (experimental; see workers/device_process.py)")
     # Each waiting request holds a task thread, so the thread count caps how many requests can be batched
     # together; the default holds about two batches of single-text requests.
     worker_concurrency: int = Field(256, ge=1, description="task threads per worker; one thread owns the device")

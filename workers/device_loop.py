@@ -97,10 +97,14 @@ class DeviceLoop:
                 key, batch = picked
                 self.busy_since = self._clock()
                 self.counts[f"{key}:texts"] += sum(waiting.items for waiting in batch)
+            started = time.perf_counter()
             try:
                 self._execute(key, [waiting.payload for waiting in batch])
             finally:
                 self.busy_since = None
+                # device time per model: busy_ms / batches against the raw model's pass shows what the
+                # worker's other threads cost the device thread (the GIL), and busy_ms / wall time its load
+                self.counts[f"{key}:busy_ms"] += round((time.perf_counter() - started) * 1000)
 
     def _next(self, now: float) -> tuple[str, list[Waiting[_Job]]] | None:
         """Expire late requests; then take a batch from the ready queue whose oldest request is oldest."""

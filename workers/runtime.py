@@ -34,6 +34,7 @@ from producer.errors import InvalidInput, OutOfMemory, TaskTimeout, UnknownModel
 from producer.settings import Kind, Settings
 from workers.batching import BatchLimits
 from workers.device_loop import BatchKind, DeviceLoop
+from workers.device_process import DeviceProcess
 from workers.models.base import ClassifyModel, EmbedModel, GenerateModel
 from workers.models.classify import SequenceClassifier, top_k, zero_shot
 from workers.models.embed import PooledEmbedder
@@ -67,6 +68,7 @@ class Runtime:
         self.load_counts: Counter[str] = Counter()
         self.loaded_at: float | None = None
         self.loop: DeviceLoop | None = None
+        self.device_process: DeviceProcess | None = None
         self._label_vectors: dict[tuple[str, str], torch.Tensor] = {}
         self._label_lock = threading.Lock()
 
@@ -78,14 +80,21 @@ class Runtime:
         if self.settings.torch_threads is not None:
             torch.set_num_threads(self.settings.torch_threads)
         registry = self.settings.models
+        # With a device process the encoders run there; this process keeps a CPU copy for its tokenizers.
+        encoder_device = torch.device("cpu") if self.settings.device_process else self.device
+        remote: dict[str, tuple[str, str, Any]] = {}
         if "embed" in self.kinds or "classify" in self.kinds:  # zero-shot classify runs on the embedders
             for alias, entry in registry.embed.items():
-                self.embedders[alias] = PooledEmbedder.load(alias, entry, self.device)
+                self.embedders[alias] = PooledEmbedder.load(alias, entry, encoder_device)
                 self.load_counts[f"embed/{alias}"] += 1
+                remote[f"embed/{alias}"] = ("embed", alias, entry)
         if "classify" in self.kinds:
             for alias, entry in registry.classify.items():
-                self.classifiers[alias] = SequenceClassifier.load(alias, entry, self.device)
+                self.classifiers[alias] = SequenceClassifier.load(alias, entry, encoder_device)
                 self.load_counts[f"classify/{alias}"] += 1
+                remote[f"classify/{alias}"] = ("classify", alias, entry)
+        if self.settings.device_process and remote:
+            self.device_process = DeviceProcess(remote, str(self.device), self.settings.torch_threads)
         if "generate" in self.kinds:
             for alias, entry in registry.generate.items():
                 self.generators[alias] = CausalGenerator.load(alias, entry, self.device)
@@ -106,12 +115,21 @@ class Runtime:
         generate = BatchLimits(batching.generate_max_prompts, batching.generate_max_tokens, wait)
         kinds: dict[str, BatchKind] = {}
         for alias, embedder in self.embedders.items():
-            kinds[f"embed/{alias}"] = BatchKind(self._encoder_runner(embedder.vectors), encode)
+            kinds[f"embed/{alias}"] = BatchKind(self._encoder_runner(self._on_device(f"embed/{alias}",
+                                                                                     embedder.vectors)), encode)
         for alias, classifier in self.classifiers.items():
-            kinds[f"classify/{alias}"] = BatchKind(self._encoder_runner(classifier.probabilities), encode)
+            kinds[f"classify/{alias}"] = BatchKind(
+                self._encoder_runner(self._on_device(f"classify/{alias}", classifier.probabilities)), encode)
         for alias, generator in self.generators.items():
             kinds[f"generate/{alias}"] = BatchKind(self._generate_runner(generator), generate)
         return kinds
+
+    def _on_device(self, key: str, local: Any) -> Any:
+        """An encoder's forward pass: here, or in the device process when there is one."""
+        remote = self.device_process
+        if remote is None:
+            return local
+        return lambda ids, max_items, max_tokens: remote.run(key, ids, max_items, max_tokens)
 
     def _encoder_runner(self, run: Any) -> Any:
         batching = self.settings.batching
@@ -216,6 +234,8 @@ class Runtime:
     def close(self) -> None:
         if self.loop is not None:
             self.loop.stop()
+        if self.device_process is not None:
+            self.device_process.close()
 
     # --- serving (task threads) -----------------------------------------------------------------------
 
