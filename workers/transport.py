@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
 from queue import Empty
 from typing import Any
 
@@ -55,17 +53,6 @@ def envelope_problem(payload: Any) -> str | None:
 
 
 class Channel(kombu_redis.Channel):
-    @contextmanager
-    def conn_or_acquire(self, client: Any = None) -> Iterator[Any]:
-        # Kombu builds a new redis.Redis object (its command table and all) for every acknowledgement and every
-        # delivered message it records as unacknowledged: a tenth of the worker's GIL time in our profile.
-        # One client per channel serves them all (it is thread-safe: each command takes a pooled connection).
-        if client is None:
-            client = self.__dict__.get("_inferq_client")
-            if client is None:
-                client = self.__dict__["_inferq_client"] = self._create_client()  # type: ignore[no-untyped-call]
-        yield client
-
     def _connparams(self, asynchronous: bool = False) -> Any:
         # Kombu reads the connection details from the transport whenever it makes a connection pool; once the
         # channel is closed they are gone. Remember them, so the restore on close and a late acknowledgement
