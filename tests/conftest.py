@@ -138,6 +138,7 @@ class WorkerProcess:
         self.log_path = log_path
         self.node = node
         self.status: dict[str, Any] = {}
+        log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = log_path.open("wb")
         self.process = subprocess.Popen([sys.executable, "-m", "producer.cli", "worker", "--name", node, *args],
                                         env=env, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT)
@@ -204,7 +205,6 @@ def client(settings: Settings, redis_client: redis.Redis) -> Iterator[Client]:
 @pytest.fixture(scope="session")
 def worker(config_path: Path, client: Client) -> Iterator[WorkerProcess]:
     """The session's worker: all three kinds, the offline models and the tiny ones."""
-    ARTIFACTS.mkdir(exist_ok=True)
     node = f"tests-{os.getpid()}@localhost"
     process = WorkerProcess(worker_env(config_path), ARTIFACTS / "worker.log", node)
     try:

@@ -14,11 +14,14 @@ from typing import Any
 
 import pytest
 import redis
+from kombu import Connection, Producer
+from kombu import Queue as KombuQueue
 
 from producer.client import Client, Handle
 from producer.errors import InferqConnectionError
 from producer.settings import Settings
 from tests.conftest import ARTIFACTS, WorkerProcess, free_port, start_redis_server
+from workers.transport import Transport
 
 pytestmark = pytest.mark.integration
 SENT = 400
@@ -98,5 +101,39 @@ def test_a_redis_restart_mid_load(how: str, tmp_path: Path) -> None:
     finally:
         worker.stop()
         client.close()
+        server.terminate()
+        server.wait(timeout=20)
+
+
+def test_a_message_popped_as_redis_stops_is_put_back_when_it_returns(tmp_path: Path) -> None:
+    """Kombu takes a message off its queue (BRPOP), then records it as unacknowledged: Redis stopping between
+    the two left the message in the worker's memory only, and a clean restart lost it. The worker's transport
+    keeps it and puts it back at the head of its queue once Redis answers again. The two halves are run here
+    one after the other, with the stop between them, on Kombu's own basic_get path."""
+    port = free_port()
+    server = start_redis(port, tmp_path)
+    url = f"redis://127.0.0.1:{port}/0"
+    try:
+        with Connection(url, transport=Transport) as connection:
+            channel = connection.default_channel
+            for body in ("first", "second"):
+                Producer(channel).publish(body, routing_key="embed", declare=[KombuQueue("embed")])
+            message = channel.basic_get("embed", no_ack=True)  # popped; not yet recorded
+            assert message is not None and message.payload == "first"
+            redis.Redis(port=port).shutdown()
+            server.wait(timeout=20)
+            with pytest.raises(connection.connection_errors):
+                channel.qos.append(message, message.delivery_tag)  # the record Kombu makes next
+        server = start_redis(port, tmp_path)
+        with Connection(url, transport=Transport) as connection:
+            channel = connection.default_channel  # the first channel to reach Redis puts it back
+            store = redis.Redis(port=port)
+            assert store.hlen("unacked") == 0
+            assert store.llen("embed") == 2
+            again = channel.basic_get("embed", no_ack=True)
+            assert again is not None and again.payload == "first"  # at the head, where it was
+            assert again.delivery_tag == message.delivery_tag and not again.delivery_info.get("redelivered")
+            store.close()
+    finally:
         server.terminate()
         server.wait(timeout=20)
