@@ -171,9 +171,9 @@ class WorkerProcess:
         self._log.close()
 
 
-def worker_env(config: Path, **extra: str) -> dict[str, str]:
+def worker_env(config: Path, redis_url: str = REDIS_URL, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("INFERQ_")}
-    env.update(INFERQ_REDIS_URL=REDIS_URL, INFERQ_CONFIG=str(config), HF_HUB_OFFLINE="1", **extra)
+    env.update(INFERQ_REDIS_URL=redis_url, INFERQ_CONFIG=str(config), HF_HUB_OFFLINE="1", **extra)
     return env
 
 

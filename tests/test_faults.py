@@ -16,7 +16,7 @@ import redis
 from producer.client import Client
 from producer.errors import InferqError, OutOfMemory, TaskTimeout
 from producer.settings import Limits, Settings
-from tests.conftest import ARTIFACTS, REDIS_HOST, REDIS_PORT, WorkerProcess
+from tests.conftest import ARTIFACTS, REDIS_HOST, REDIS_PORT, WorkerProcess, worker_env
 
 pytestmark = pytest.mark.integration
 DB = 10
@@ -31,8 +31,7 @@ def drill(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Client, Wo
     config = tmp_path_factory.mktemp("faults") / "inferq.toml"
     config.write_text(f"fault_oom_above_tokens = {OOM_ABOVE}\nworker_concurrency = 128\nvisibility_timeout = 30\n"
                       "[time_limits]\nembed = 5\nclassify = 5\ngenerate = 5\n[models]\ngenerate = {}\n")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("INFERQ_")}
-    env.update(INFERQ_REDIS_URL=URL, INFERQ_CONFIG=str(config), HF_HUB_OFFLINE="1")
+    env = worker_env(config, URL)
     ARTIFACTS.mkdir(exist_ok=True)
     worker = WorkerProcess(env, ARTIFACTS / "faults-worker.log", f"faults-{os.getpid()}@localhost",
                            ("--kinds", "embed"))

@@ -18,7 +18,7 @@ import redis
 
 from producer.client import Client
 from producer.settings import Settings
-from tests.conftest import ARTIFACTS, REDIS_HOST, REDIS_PORT, ROOT
+from tests.conftest import ARTIFACTS, REDIS_HOST, REDIS_PORT, ROOT, worker_env
 from workers.launcher import LaunchError, Slot, plan_slots
 
 DB = 12  # the launcher's workers must not take the session worker's messages (database 13), nor it theirs
@@ -107,8 +107,7 @@ def launched(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Launched]:
                       "generate = 10\n[models]\ngenerate = {}\n")
     ARTIFACTS.mkdir(exist_ok=True)
     log_path = ARTIFACTS / "launcher.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("INFERQ_")}
-    env.update(INFERQ_REDIS_URL=URL, INFERQ_CONFIG=str(config), HF_HUB_OFFLINE="1")
+    env = worker_env(config, URL)
     with log_path.open("wb") as log:
         process = subprocess.Popen([sys.executable, "-m", "producer.cli", "worker", "--gpus", "none", "--replicas",
                                     "2", "--kinds", "embed"], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)

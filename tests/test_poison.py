@@ -4,7 +4,6 @@ fails with PoisonMessage and is kept in the dead-letter list; the other messages
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -16,7 +15,7 @@ import redis
 from producer.client import Client
 from producer.errors import PoisonMessage
 from producer.settings import Settings
-from tests.conftest import ARTIFACTS, REDIS_HOST, REDIS_PORT, ROOT
+from tests.conftest import ARTIFACTS, REDIS_HOST, REDIS_PORT, ROOT, worker_env
 from workers.dead_letter import DEAD_LETTER_KEY
 
 pytestmark = pytest.mark.integration
@@ -32,8 +31,7 @@ def test_a_message_that_crashes_its_worker_every_time_ends_in_the_dead_letter_li
     config.write_text('fault_crash_on_text = "POISON"\nmax_deliveries = 3\nvisibility_timeout = 4\n'
                       "worker_concurrency = 16\n[time_limits]\nembed = 3\nclassify = 3\ngenerate = 3\n"
                       "[models]\ngenerate = {}\n")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("INFERQ_")}
-    env.update(INFERQ_REDIS_URL=URL, INFERQ_CONFIG=str(config), HF_HUB_OFFLINE="1")
+    env = worker_env(config, URL)
     ARTIFACTS.mkdir(exist_ok=True)
     log_path = ARTIFACTS / "poison-launcher.log"
     with log_path.open("wb") as log:

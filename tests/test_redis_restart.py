@@ -20,7 +20,7 @@ from kombu import Queue as KombuQueue
 from producer.client import Client, Handle
 from producer.errors import InferqConnectionError
 from producer.settings import Settings
-from tests.conftest import ARTIFACTS, WorkerProcess, free_port, start_redis_server
+from tests.conftest import ARTIFACTS, WorkerProcess, free_port, start_redis_server, worker_env
 from workers.transport import Transport
 
 pytestmark = pytest.mark.integration
@@ -44,8 +44,7 @@ def test_a_redis_restart_mid_load(how: str, tmp_path: Path) -> None:
     config = tmp_path / "inferq.toml"
     config.write_text("worker_concurrency = 16\nvisibility_timeout = 10\n[time_limits]\nembed = 5\nclassify = 5\n"
                       "generate = 5\n[models]\ngenerate = {}\n")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("INFERQ_")}
-    env.update(INFERQ_REDIS_URL=url, INFERQ_CONFIG=str(config), HF_HUB_OFFLINE="1")
+    env = worker_env(config, url)
     worker = WorkerProcess(env, ARTIFACTS / f"restart-{how}-worker.log", f"restart-{how}-{os.getpid()}@localhost",
                            ("--kinds", "embed"))
     client = Client(Settings(redis_url=url, result_timeout=30, connect_timeout=2))

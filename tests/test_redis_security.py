@@ -18,7 +18,7 @@ import redis
 from producer.client import Client
 from producer.errors import InferqConnectionError
 from producer.settings import Settings
-from tests.conftest import ARTIFACTS, ROOT, WorkerProcess, free_port, start_redis_server
+from tests.conftest import ARTIFACTS, ROOT, WorkerProcess, free_port, start_redis_server, worker_env
 
 pytestmark = pytest.mark.integration
 PASSWORD = "s3cret-Redis-pw"
@@ -72,8 +72,7 @@ def test_a_worker_and_a_producer_speak_tls_and_refuse_an_unverified_server(tls_r
     url, certs = tls_redis
     config = tmp_path / "inferq.toml"
     config.write_text("worker_concurrency = 8\n[models]\ngenerate = {}\n")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("INFERQ_")}
-    env.update(INFERQ_REDIS_URL=url, INFERQ_CONFIG=str(config), HF_HUB_OFFLINE="1")
+    env = worker_env(config, url)
     worker = WorkerProcess(env, ARTIFACTS / "tls-worker.log", f"tls-{os.getpid()}@localhost", ("--kinds", "embed"))
     client = Client(Settings(redis_url=url, result_timeout=60))
     try:

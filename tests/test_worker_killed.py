@@ -13,7 +13,7 @@ import pytest
 import redis
 from celery import Celery
 
-from tests.conftest import ARTIFACTS, REDIS_HOST, REDIS_PORT, WorkerProcess
+from tests.conftest import ARTIFACTS, REDIS_HOST, REDIS_PORT, WorkerProcess, worker_env
 
 pytestmark = pytest.mark.integration
 DB = 14  # its own database: the session worker must not take these messages
@@ -38,8 +38,7 @@ generate_max_prompts = 2
 source = {json.dumps(str(tiny_models["lm"]))}
 max_length = 128
 """)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("INFERQ_")}
-    env.update(INFERQ_REDIS_URL=url, INFERQ_CONFIG=str(config), HF_HUB_OFFLINE="1")
+    env = worker_env(config, url)
     sender = Celery("foreign", broker=url, backend=url, set_as_current=False)
     first = WorkerProcess(env, ARTIFACTS / "killed-worker.log", f"doomed-{os.getpid()}@localhost",
                           ("--kinds", "generate"))

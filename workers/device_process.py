@@ -9,14 +9,17 @@ encoder models; the device thread waits on the pipe with the GIL released. Gener
 worker process for now.
 
 The child is started with ``spawn`` (never fork after torch or CUDA is initialised) and exits when its
-pipe closes, which includes the worker dying. If the child dies, the batch fails and the device thread's
-watchdog ends the worker, so its messages go back to the queue and the supervisor restarts it.
+pipe closes, which includes the worker dying. If the child dies, the worker exits with code 70 at once, so
+its unacknowledged messages go back to the queue and the launcher restarts it. Each pipe message is
+(model key, token ids, inputs per pass, padded tokens per pass); the answer ("ok", float32 rows) or
+("error", exception).
 """
 
 from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import os
 import threading
 from multiprocessing.connection import Connection
 from typing import Any
@@ -27,8 +30,7 @@ from producer.settings import ModelEntry
 
 log = logging.getLogger(__name__)
 
-# (key, token ids, inputs per pass, padded tokens per pass) -> ("ok", float32 rows) | ("error", exception)
-Request = tuple[str, list[list[int]], int, int]
+EXIT_DEVICE_PROCESS_DIED = 70  # EX_SOFTWARE
 
 
 class DeviceProcessDied(RuntimeError):
@@ -52,8 +54,16 @@ class DeviceProcess:
 
     def run(self, key: str, ids: list[list[int]], max_items: int, max_tokens: int) -> torch.Tensor:
         with self._lock:
-            self._conn.send((key, ids, max_items, max_tokens))
-            rows = self._receive()
+            try:
+                self._conn.send((key, ids, max_items, max_tokens))
+                rows = self._receive()
+            except (DeviceProcessDied, OSError) as exc:
+                # No encoder batch can run any more. Failing each request would answer (and acknowledge) every
+                # message still to come with an error; ending the worker sends them back to the queue for a
+                # live worker, and the launcher starts this one again.
+                log.critical("the device process is gone (%s); the worker exits so its messages are redelivered",
+                             exc)
+                os._exit(EXIT_DEVICE_PROCESS_DIED)
         return torch.from_numpy(rows)
 
     def _receive(self) -> Any:
@@ -102,4 +112,6 @@ def _serve(conn: Connection, encoders: dict[str, tuple[str, str, ModelEntry]], d
                 rows = runners[key](ids, max_items, max_tokens)
             conn.send(("ok", rows.float().cpu().numpy()))
         except Exception as exc:  # CUDA OOM included: the worker's device loop splits the batch and retries
+            if isinstance(exc, torch.cuda.OutOfMemoryError):
+                torch.cuda.empty_cache()  # give the halves the memory the failed pass held in the cache
             conn.send(("error", exc))

@@ -26,6 +26,10 @@ BUFFER_LIMIT = 500
 class ThreadSafeTaskEvents(bootsteps.StartStopStep):  # type: ignore[misc]
     requires = ("celery.worker.consumer.events:Events",)
 
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        self._flush_timer: Any = None
+
     def start(self, consumer: Any) -> None:
         dispatcher = getattr(consumer, "event_dispatcher", None)
         if dispatcher is None or getattr(dispatcher, "_inferq_locked", False):
@@ -47,7 +51,10 @@ class ThreadSafeTaskEvents(bootsteps.StartStopStep):  # type: ignore[misc]
         if hub is not None:
             dispatcher.on_send_buffered = None  # instead of a flush per event-loop turn ...
             dispatcher.buffer_limit = BUFFER_LIMIT
-            hub.call_repeatedly(FLUSH_INTERVAL, consumer._flush_events)  # ... one every interval
+            # The consumer starts again after each lost connection: one timer, not one more per restart.
+            if self._flush_timer is not None:
+                self._flush_timer.cancel()
+            self._flush_timer = hub.call_repeatedly(FLUSH_INTERVAL, consumer._flush_events)  # ... one per interval
 
     def shutdown(self, consumer: Any) -> None:
         # Runs before Celery's Events step closes the dispatcher, which would drop what is still buffered.
