@@ -1,0 +1,84 @@
+"""The worker's broker transport takes the messages waiting behind a BRPOP in bulk, within the prefetch limit,
+and records every one of them as unacknowledged before it is delivered (Kombu's own path, not a mock)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+import redis
+from kombu import Connection, Consumer, Producer
+from kombu import Queue as KombuQueue
+
+from tests.conftest import REDIS_HOST, REDIS_PORT
+from workers.dead_letter import DEAD_LETTER_KEY
+from workers.transport import Transport
+
+pytestmark = pytest.mark.integration
+DB = 7
+URL = f"redis://{REDIS_HOST}:{REDIS_PORT}/{DB}"
+
+
+@pytest.fixture
+def store() -> Iterator[redis.Redis]:
+    client = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=DB)
+    client.flushdb()
+    yield client
+    client.flushdb()
+    client.close()
+
+
+@contextmanager
+def received(prefetch: int | None, published: list[str], entries: tuple[bytes, ...] = ()) -> Iterator[list[Any]]:
+    """Publishes, pushes raw `entries` behind them, then runs one drain_events: the messages it delivered,
+    while the channel is open (closing it puts the unacknowledged ones back)."""
+    delivered: list[Any] = []
+    with Connection(URL, transport=Transport) as connection:
+        channel = connection.channel()
+        queue = KombuQueue("embed", routing_key="embed")
+        for body in published:
+            Producer(channel).publish(body, routing_key="embed", declare=[queue])
+        raw = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=DB)
+        for entry in entries:
+            raw.lpush("embed", entry)
+        raw.close()
+        if prefetch is not None:
+            channel.basic_qos(0, prefetch, False)
+        with Consumer(channel, [queue], callbacks=[lambda body, message: delivered.append(message)]):
+            connection.drain_events(timeout=5)
+            yield delivered
+
+
+def test_one_read_delivers_every_waiting_message_in_order_each_recorded_as_unacknowledged(
+        store: redis.Redis) -> None:
+    sent = [f"message {i}" for i in range(20)]
+    with received(None, sent) as delivered:
+        assert [message.payload for message in delivered] == sent
+        assert store.llen("embed") == 0
+        tags = [message.delivery_tag for message in delivered]
+        recorded = store.hgetall("unacked")
+        assert sorted(recorded) == sorted(tag.encode() for tag in tags)
+        assert store.zcard("unacked_index") == 20
+        # each record is what the visibility timeout would put back: the whole envelope, exchange, routing key
+        envelope, _, routing_key = json.loads(recorded[tags[3].encode()])
+        assert routing_key == "embed" and envelope["properties"]["delivery_tag"] == tags[3]
+        delivered[0].ack()
+        assert store.hlen("unacked") == 19
+    assert store.llen("embed") == 19  # closing the channel put back what was not acknowledged
+
+
+def test_the_prefetch_limit_bounds_what_is_taken(store: redis.Redis) -> None:
+    with received(3, [f"message {i}" for i in range(10)]) as delivered:
+        assert [message.payload for message in delivered] == ["message 0", "message 1", "message 2"]
+        assert store.llen("embed") == 7 and store.hlen("unacked") == 3
+
+
+def test_an_entry_that_is_not_a_message_among_the_bulk_goes_to_the_dead_letter_list(store: redis.Redis) -> None:
+    with received(None, ["first", "second"], (b"not json at all",)) as delivered:
+        assert [message.payload for message in delivered] == ["first", "second"]
+        dead = store.lrange(DEAD_LETTER_KEY, 0, -1)
+        assert len(dead) == 1 and b"not json at all" in dead[0]
+        assert store.hlen("unacked") == 2
