@@ -13,6 +13,7 @@ from producer.settings import Kind, Settings
 from workers import backend, control
 from workers.errors import WorkerError
 from workers.events import ThreadSafeTaskEvents
+from workers.fastpath import DrainFastPath, FastPath
 from workers.runtime import Runtime
 from workers.tasks import register_tasks
 
@@ -38,8 +39,12 @@ class WorkerApp:
             "max_retries": max(3, int(settings.visibility_timeout)), "interval_start": 0, "interval_step": 0.5,
             "interval_max": 1.0}}
         self._runtime: Runtime | None = None
-        register_tasks(self.celery, self.runtime, settings)
+        self.fast_path = FastPath(self.celery, self.runtime) if settings.fast_path else None
+        register_tasks(self.celery, self.runtime, settings, self.fast_path)
         self.celery.steps["consumer"].add(ThreadSafeTaskEvents)
+        if self.fast_path is not None:
+            self.celery.inferq_fast_path = self.fast_path  # for the step that drains it at shutdown
+            self.celery.steps["consumer"].add(DrainFastPath)
         worker_init.connect(self._on_worker_init, weak=False)
         worker_shutdown.connect(self._on_worker_shutdown, weak=False)
 

@@ -54,10 +54,29 @@ class InferqRedisBackend(RedisBackend):  # type: ignore[misc]
         return result
 
     def _store_unless_succeeded(self, key: Any, value: Any, expires: int) -> None:
+        self._store_script()(keys=[key], args=[value, expires])
+
+    def _store_script(self) -> Any:
         script = getattr(self, "_inferq_store_script", None)
         if script is None:
             script = self._inferq_store_script = self.client.register_script(_STORE_UNLESS_SUCCEEDED)
-        script(keys=[key], args=[value, expires])
+        return script
+
+    def store_successes(self, results: list[tuple[str, Any]]) -> None:
+        """Stores many (task id, result) SUCCESS results in one round trip, each as `_store_result` would
+        (never over a stored SUCCESS); retried through a Redis outage like any store."""
+        meta = self._get_result_meta(result=None, state="SUCCESS", traceback=None, request=None)
+        expires = int(self.expires) if self.expires else 0
+        items = [(self.get_key_for_task(task_id), self.encode({**meta, "result": result, "task_id": task_id}))
+                 for task_id, result in results]
+        self.ensure(self._store_all, (items, expires))
+
+    def _store_all(self, items: list[tuple[Any, Any]], expires: int) -> None:
+        script = self._store_script()
+        with self.client.pipeline(transaction=False) as pipe:
+            for key, value in items:
+                script(keys=[key], args=[value, expires], client=pipe)
+            pipe.execute()
 
 
 OVERRIDES = {

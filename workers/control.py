@@ -9,6 +9,7 @@ from celery.worker.control import control_command
 
 from workers.consumer import refused_counts
 from workers.deliveries import redelivery_counts
+from workers.fastpath import path_counts
 from workers.runtime import Runtime
 
 _runtime: Runtime | None = None
@@ -23,7 +24,7 @@ def publish(runtime: Runtime) -> None:
 def inferq_status(state: Any) -> dict[str, Any]:
     if _runtime is None:
         return {"ready": False}
-    return {**_runtime.describe(), "refused": refused_counts(), **redelivery_counts()}
+    return {**_runtime.describe(), "refused": refused_counts(), **redelivery_counts(), "paths": path_counts()}
 
 
 @control_command()  # type: ignore[untyped-decorator]

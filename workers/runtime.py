@@ -14,7 +14,8 @@ import resource
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any
@@ -46,6 +47,18 @@ Result = EmbedResult | ClassifyResult | GenerateResult
 # Zero-shot label vectors kept per (embedding model, label text): label sets repeat across requests, and a
 # cached label costs nothing on the device. Oldest entries go first once the cache is full.
 LABEL_CACHE_SIZE = 4096
+
+
+@dataclass
+class Pending:
+    """A request on its way through the device loop: its future, and what turns the outcome into its result."""
+
+    kind: Kind
+    future: Future[Any]
+    build: Callable[[Any], Result]
+    items: int
+    longest: int
+    limit: float
 
 
 @dataclass
@@ -240,7 +253,20 @@ class Runtime:
     # --- serving (task threads) -----------------------------------------------------------------------
 
     def handle(self, kind: Kind, args: Any, kwargs: Any) -> Result:
-        """Validate and tokenise here, run on the device loop, build the result here."""
+        """Validate and tokenise here, run on the device loop, build the result here (a task thread's path)."""
+        pending = self.begin(kind, args, kwargs)
+        try:
+            outcome = pending.future.result(timeout=pending.limit)
+        except FutureTimeout:
+            pending.future.cancel()
+            raise self.timed_out(pending) from None
+        except torch.OutOfMemoryError as exc:
+            raise self.out_of_memory(pending, exc) from None
+        return pending.build(outcome)
+
+    def begin(self, kind: Kind, args: Any, kwargs: Any) -> Pending:
+        """Validate and tokenise a request and hand it to the device loop; raises InferqError for bad input.
+        The caller waits on the future (or is called back), then builds the result with `build`."""
         request = validate(kind, kwargs, self.settings.limits, args)
         crash = self.settings.fault_crash_on_text
         if crash is not None and crash in repr(kwargs):
@@ -252,35 +278,37 @@ class Runtime:
             return self._classify(request)
         return self._generate(request)
 
-    def _wait(self, kind: Kind, key: str, payload: Any, items: int, longest: int) -> Any:
+    def timed_out(self, pending: Pending) -> TaskTimeout:
+        return TaskTimeout(f"the {pending.kind} request ran past its limit of {pending.limit:g} s")
+
+    def out_of_memory(self, pending: Pending, exc: BaseException) -> OutOfMemory:
+        # The device loop already retried it in ever smaller batches; it failed alone.
+        return OutOfMemory(f"the {pending.kind} request does not fit in device memory even on its own "
+                           f"({pending.items} input(s), longest {pending.longest} tokens): send fewer or shorter "
+                           f"inputs, or fewer new tokens; {exc}")
+
+    def _submit(self, kind: Kind, key: str, payload: Any, items: int, longest: int,
+                build: Callable[[Any], Result]) -> Pending:
         if self.loop is None:
             raise RuntimeError("the runtime is not loaded")
         limit = getattr(self.settings.time_limits, kind)
-        future = self.loop.submit(key, payload, items, longest, limit)
-        try:
-            return future.result(timeout=limit)
-        except FutureTimeout:
-            future.cancel()
-            raise TaskTimeout(f"the {kind} request ran past its limit of {limit:g} s") from None
-        except torch.OutOfMemoryError as exc:
-            # The device loop already retried it in ever smaller batches; it failed alone.
-            raise OutOfMemory(f"the {kind} request does not fit in device memory even on its own ({items} "
-                              f"input(s), longest {longest} tokens): send fewer or shorter inputs, or fewer "
-                              f"new tokens; {exc}") from None
+        return Pending(kind, self.loop.submit(key, payload, items, longest, limit), build, items, longest, limit)
 
-    def _encode(self, kind: Kind, key: str, ids: list[list[int]]) -> torch.Tensor:
-        rows: torch.Tensor = self._wait(kind, key, EncodeJob(ids), len(ids), max(len(row) for row in ids))
-        return rows
+    def _encode(self, kind: Kind, key: str, ids: list[list[int]], build: Callable[[torch.Tensor], Result]) -> Pending:
+        return self._submit(kind, key, EncodeJob(ids), len(ids), max(len(row) for row in ids), build)
 
-    def _embed(self, request: EmbedRequest) -> EmbedResult:
+    def _embed(self, request: EmbedRequest) -> Pending:
         alias = self._alias("embed", request.model, self.embedders)
         embedder = self.embedders[alias]
-        vectors = self._encode("embed", f"embed/{alias}", embedder.tokenize(list(request.texts)))
-        if request.normalize:
-            vectors = torch.nn.functional.normalize(vectors, dim=-1)
-        return EmbedResult(model=alias, dim=embedder.dim, embeddings=vectors.tolist())
 
-    def _classify(self, request: ClassifyRequest) -> ClassifyResult:
+        def build(vectors: torch.Tensor) -> EmbedResult:
+            if request.normalize:
+                vectors = torch.nn.functional.normalize(vectors, dim=-1)
+            return EmbedResult(model=alias, dim=embedder.dim, embeddings=vectors.tolist())
+
+        return self._encode("embed", f"embed/{alias}", embedder.tokenize(list(request.texts)), build)
+
+    def _classify(self, request: ClassifyRequest) -> Pending:
         name, texts = request.model, list(request.texts)
         if name is not None and name in self.classifiers:
             classifier = self.classifiers[name]
@@ -289,9 +317,7 @@ class Runtime:
                                    "omit labels, or omit model to classify zero-shot into the labels you pass")
         elif request.labels is not None:
             alias = self._alias("embed", name, self.embedders, also=self.classifiers)
-            labels = list(request.labels)
-            scores = zero_shot(*self._texts_and_labels(alias, texts, labels), self.settings.classify_temperature)
-            return ClassifyResult(model=alias, results=top_k(scores, labels, request.top_k))
+            return self._zero_shot(alias, texts, list(request.labels), request.top_k)
         elif name is not None and name in self.embedders:
             raise InvalidInput(f"model {name!r} is an embedding model: it classifies zero-shot, so pass labels")
         else:
@@ -300,10 +326,13 @@ class Runtime:
                                    "to classify zero-shot, or configure one under models.classify")
             classifier = self.classifiers[self._alias("classify", name, self.classifiers, also=self.embedders)]
         alias = classifier.loaded.alias
-        probabilities = self._encode("classify", f"classify/{alias}", classifier.tokenize(texts))
-        return ClassifyResult(model=alias, results=top_k(probabilities, classifier.labels, request.top_k))
 
-    def _texts_and_labels(self, alias: str, texts: list[str], labels: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        def build(probabilities: torch.Tensor) -> ClassifyResult:
+            return ClassifyResult(model=alias, results=top_k(probabilities, classifier.labels, request.top_k))
+
+        return self._encode("classify", f"classify/{alias}", classifier.tokenize(texts), build)
+
+    def _zero_shot(self, alias: str, texts: list[str], labels: list[str], k: int) -> Pending:
         """Text vectors, and label vectors from the cache or computed in the same batch as the texts."""
         embedder = self.embedders[alias]
         label_texts = [self.settings.classify_label_template.format(label) for label in labels]
@@ -311,22 +340,26 @@ class Runtime:
             known = {text: self._label_vectors.get((alias, text)) for text in label_texts}
         missing = [text for text, vector in known.items() if vector is None]
         ids = embedder.tokenize(texts) + (embedder.tokenize(missing, "labels") if missing else [])
-        rows = self._encode("classify", f"embed/{alias}", ids)
-        with self._label_lock:
-            for text, vector in zip(missing, rows[len(texts):], strict=True):
-                known[text] = vector
-                self._label_vectors[(alias, text)] = vector
-            while len(self._label_vectors) > LABEL_CACHE_SIZE:
-                self._label_vectors.pop(next(iter(self._label_vectors)))
-        label_rows = [known[text] for text in label_texts]
-        return rows[: len(texts)], torch.stack([row for row in label_rows if row is not None])
 
-    def _generate(self, request: GenerateRequest) -> GenerateResult:
+        def build(rows: torch.Tensor) -> ClassifyResult:
+            with self._label_lock:
+                for text, vector in zip(missing, rows[len(texts):], strict=True):
+                    known[text] = vector
+                    self._label_vectors[(alias, text)] = vector
+                while len(self._label_vectors) > LABEL_CACHE_SIZE:
+                    self._label_vectors.pop(next(iter(self._label_vectors)))
+            label_rows = torch.stack([row for row in (known[text] for text in label_texts) if row is not None])
+            scores = zero_shot(rows[: len(texts)], label_rows, self.settings.classify_temperature)
+            return ClassifyResult(model=alias, results=top_k(scores, labels, k))
+
+        return self._encode("classify", f"embed/{alias}", ids, build)
+
+    def _generate(self, request: GenerateRequest) -> Pending:
         alias = self._alias("generate", request.model, self.generators)
         generator = self.generators[alias]
         prepared = generator.prepare(request)
-        completion = self._wait("generate", f"generate/{alias}", prepared, 1, prepared.total_tokens)
-        return generator.finish(prepared, completion)
+        return self._submit("generate", f"generate/{alias}", prepared, 1, prepared.total_tokens,
+                            lambda completion: generator.finish(prepared, completion))
 
     def _alias(self, kind: Kind, name: str | None, group: dict[str, Any],
                also: dict[str, Any] | None = None) -> str:

@@ -11,15 +11,18 @@ from producer.contract import task_name
 from producer.errors import InferqError
 from producer.settings import KINDS, Kind, Settings
 from workers.deliveries import quarantined
+from workers.fastpath import FastPath
 from workers.runtime import Result, Runtime
 
 
-def register_tasks(app: Celery, runtime: Callable[[], Runtime], settings: Settings) -> None:
+def register_tasks(app: Celery, runtime: Callable[[], Runtime], settings: Settings,
+                   fast: FastPath | None = None) -> None:
     for kind in KINDS:
-        _register(app, kind, runtime, settings)
+        _register(app, kind, runtime, settings, fast)
 
 
-def _register(app: Celery, kind: Kind, runtime: Callable[[], Runtime], settings: Settings) -> None:
+def _register(app: Celery, kind: Kind, runtime: Callable[[], Runtime], settings: Settings,
+              fast: FastPath | None) -> None:
     # A redelivery counter outlives the redeliveries it counts: each comes about one visibility timeout apart.
     keep = int(settings.visibility_timeout * (settings.max_deliveries + 2)) + 60
 
@@ -33,4 +36,7 @@ def _register(app: Celery, kind: Kind, runtime: Callable[[], Runtime], settings:
 
     run.__name__ = run.__qualname__ = kind
     # throws: expected request errors are stored and logged in one line, without a traceback.
-    app.task(name=task_name(kind), bind=True, throws=(InferqError,), acks_late=True)(run)
+    # Strategy: how the consumer hands this task's messages on; the fast path runs ordinary ones itself
+    # and gives the rest to Celery's default strategy (the pool, with `run` above).
+    options: dict[str, Any] = {"Strategy": staticmethod(fast.strategy(kind))} if fast is not None else {}
+    app.task(name=task_name(kind), bind=True, throws=(InferqError,), acks_late=True, **options)(run)

