@@ -60,6 +60,11 @@ class TimeLimits(BaseModel):
         "its unacknowledged messages go back to the queue"
     )
 
+    @property
+    def longest(self) -> float:
+        """The longest per-kind limit (the stall limit is a different thing)."""
+        return max(self.embed, self.classify, self.generate)
+
 
 class ModelEntry(BaseModel):
     """One named model of the registry. Requests pick entries by alias, never by source."""
@@ -194,7 +199,7 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _visibility_outlasts_time_limits(self) -> Settings:
-        longest = max(self.time_limits.embed, self.time_limits.classify, self.time_limits.generate)
+        longest = self.time_limits.longest
         if self.visibility_timeout <= longest:
             raise ValueError(f"visibility_timeout ({self.visibility_timeout:g} s) must exceed the longest time limit "
                              f"({longest:g} s), or a task still running would be handed to a second worker")

@@ -168,8 +168,7 @@ class FastPath:
         runtime = self._runtime_or_none()
         if runtime is None:
             return 0.0
-        limits = runtime.settings.time_limits
-        return float(max(limits.embed, limits.classify, limits.generate))
+        return runtime.settings.time_limits.longest
 
     def drain(self, timeout: float) -> int:
         """Waits until every message taken has been answered and acknowledged; how many are left."""
@@ -305,8 +304,7 @@ class DrainFastPath(bootsteps.StartStopStep):  # type: ignore[misc]
         fast: FastPath | None = getattr(consumer.app, "inferq_fast_path", None)
         if fast is None:
             return
-        settings_limit = max(fast.longest_limit(), 1.0)
-        left = fast.drain(timeout=settings_limit + 5.0)
+        left = fast.drain(timeout=max(fast.longest_limit(), 1.0) + 5.0)
         if left:
             log.warning("stopping with %d fast-path message(s) unanswered; they go back to their queue", left)
         dispatcher = getattr(consumer, "event_dispatcher", None)

@@ -47,9 +47,8 @@ def run_launcher(settings: Settings, kinds: tuple[Kind, ...], gpus: str, replica
     """Supervise one worker per GPU (or `replicas` CPU workers) until SIGTERM or Ctrl-C."""
     logging.basicConfig(level=settings.log_level.upper(), format=LOG_FORMAT.format(node="launcher"))
     slots = plan_slots(gpus, replicas, socket.gethostname(), visible_gpus)
-    limits = settings.time_limits
     # Warm shutdown lets running tasks finish; none may run longer than its kind's limit.
-    grace = max(limits.embed, limits.classify, limits.generate) + 10
+    grace = settings.time_limits.longest + 10
     cores = os.cpu_count() or 1
     launcher = Launcher(slots, kinds, concurrency, grace, torch_threads=max(1, cores // len(slots)))
     logging.getLogger("inferq.launcher").info("supervising %s for %s", ", ".join(s.name for s in slots),

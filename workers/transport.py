@@ -36,7 +36,7 @@ import logging
 import threading
 import time
 from queue import Empty
-from typing import Any
+from typing import Any, cast
 
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual as kombu_virtual
@@ -203,6 +203,12 @@ class Channel(kombu_redis.Channel):
             self._in_poll = None  # type: ignore[assignment]  # as Kombu does
 
     def _deliver_entry(self, queue: str, item: bytes) -> None:
+        payload = self._envelope(queue, item)
+        if payload is not None:
+            self.connection._deliver(payload, queue)
+
+    def _envelope(self, queue: str, item: bytes) -> dict[str, Any] | None:
+        """The entry's decoded message envelope; None (and the entry dead-lettered) when it is not one."""
         try:
             payload = json.loads(_text(item))
             problem = envelope_problem(payload)
@@ -210,8 +216,8 @@ class Channel(kombu_redis.Channel):
             problem = f"the entry is not JSON ({type(exc).__name__}: {exc})"
         if problem is not None:
             self._dead_letter(queue, item, problem)
-        else:
-            self.connection._deliver(payload, queue)
+            return None
+        return cast(dict[str, Any], payload)
 
     def _take_more(self, key: str, queue: str) -> None:
         """Up to the prefetch room, the messages waiting behind the one BRPOP gave: one RPOP for all of them,
@@ -221,19 +227,8 @@ class Channel(kombu_redis.Channel):
         room = BULK_MAX if room is None else min(room, BULK_MAX)
         if room < 1 or self.global_keyprefix or not self.qos.can_consume():
             return
-        items = self.client.rpop(key, room) or []
-        envelopes: list[tuple[dict[str, Any], bytes]] = []
-        for item in items:
-            try:
-                payload = json.loads(_text(item))
-                problem = envelope_problem(payload)
-            except (ValueError, UnicodeDecodeError) as exc:
-                payload, problem = None, f"the entry is not JSON ({type(exc).__name__}: {exc})"
-            if problem is not None:
-                self._dead_letter(queue, item, problem)
-            else:
-                envelopes.append((payload, item))
-        payloads = [payload for payload, _ in envelopes]
+        envelopes = (self._envelope(queue, item) for item in self.client.rpop(key, room) or [])
+        payloads = [payload for payload in envelopes if payload is not None]
         if payloads:
             self.qos.record_all(payloads)
         for index, payload in enumerate(payloads):
