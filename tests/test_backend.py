@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from decimal import Decimal
 from collections.abc import Iterator
 
 import pytest
@@ -54,3 +55,22 @@ def test_a_failure_can_be_followed_by_a_success_and_errors_are_one_string(app: C
         app.AsyncResult(task_id).get(timeout=5)
     app.backend.store_result(task_id, {"answer": 2}, "SUCCESS")  # a retry that succeeded
     assert stored(redis_client, task_id)["result"] == {"answer": 2}
+
+
+def test_results_are_plain_json_with_the_same_floats_and_odd_values_still_stored(app: Celery,
+                                                                                redis_client: redis.Redis) -> None:
+    # orjson writes the results: any JSON reader must get the very floats back, and Celery's reader too
+    vector = [0.1 + i / 7 for i in range(384)] + [1e-05, -2.5e300, 0.0]
+    task_ids = [str(uuid.uuid4()) for _ in range(2)]
+    app.backend.store_successes([(task_id, {"embeddings": [vector], "dim": 387}) for task_id in task_ids])
+    for task_id in task_ids:
+        assert stored(redis_client, task_id)["result"] == {"embeddings": [vector], "dim": 387}
+        assert app.AsyncResult(task_id).get(timeout=5) == {"embeddings": [vector], "dim": 387}
+    # a non-finite float becomes null (valid JSON for every client), not the NaN the json module writes
+    nan_id = str(uuid.uuid4())
+    app.backend.store_successes([(nan_id, {"score": float("nan")})])
+    assert stored(redis_client, nan_id)["result"] == {"score": None}
+    # a type only kombu's encoder knows falls back to it, instead of failing the store
+    odd_id = str(uuid.uuid4())
+    app.backend.store_result(odd_id, {"price": Decimal("1.5")}, "SUCCESS")
+    assert app.AsyncResult(odd_id).get(timeout=5) == {"price": Decimal("1.5")}  # kombu's tagged form, round trip
