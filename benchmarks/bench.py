@@ -22,7 +22,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from benchmarks.load import Sample, run_load
+from benchmarks.load import Load, run_load
 from benchmarks.raw import raw_encode, raw_generate
 from producer.client import Client
 from producer.settings import Kind, Settings
@@ -52,7 +52,8 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
-def summarize(samples: list[Sample]) -> dict[str, Any]:
+def summarize(load: Load) -> dict[str, Any]:
+    samples = load.samples
     latencies = [(s.done - s.sent) * 1000 for s in samples]
     first_send, last_send = min(s.sent for s in samples), max(s.sent for s in samples)
     last_done = max(s.done for s in samples)
@@ -65,6 +66,8 @@ def summarize(samples: list[Sample]) -> dict[str, Any]:
         "send_per_s": len(samples) / max(last_send - first_send, 1e-9),
         "p50_ms": percentile(latencies, 50), "p95_ms": percentile(latencies, 95),
         "p99_ms": percentile(latencies, 99),
+        # the producers' own CPU per request: on a small machine it comes out of the worker's share
+        "client_cpu_ms_per_req": load.client_cpu_s * 1000 / len(samples),
     }
 
 
@@ -146,10 +149,10 @@ def run_bench(kinds: tuple[Kind, ...], levels: list[int], requests: int, process
                 rows = []
                 for level in levels:
                     before = worker_status(client)
-                    samples = run_load(load_settings, kind, count, level, processes, new_tokens, progress=bar.update,
-                                       client=client_kind)
+                    load = run_load(load_settings, kind, count, level, processes, new_tokens, progress=bar.update,
+                                    client=client_kind)
                     after = worker_status(client)
-                    summary = summarize(samples)
+                    summary = summarize(load)
                     elapsed = summary["requests"] / max(summary["requests_per_s"], 1e-9)
                     row = {"concurrency": level, **summary, "batch_sizes": batch_histogram(before, after),
                            **device_time(before, after, elapsed)}
@@ -159,8 +162,7 @@ def run_bench(kinds: tuple[Kind, ...], levels: list[int], requests: int, process
         for kind in kinds:
             if kind == "generate":
                 continue
-            samples = run_load(load_settings, kind, 50, 1, 1, new_tokens, client=client_kind)
-            light[kind] = summarize(samples)["p50_ms"]
+            light[kind] = summarize(run_load(load_settings, kind, 50, 1, 1, new_tokens, client=client_kind))["p50_ms"]
         report["light_load_p50_ms"] = light
     finally:
         if worker is not None:
@@ -219,13 +221,15 @@ def _print(report: dict[str, Any]) -> None:
         print(f"raw {key}: " + ", ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}"
                                          for k, v in raw.items()))
     print(f"{'kind':<9}{'in flight':>10}{'req/s':>9}{'tok/s':>9}{'send/s':>9}{'p50 ms':>9}{'p95 ms':>9}"
-          f"{'p99 ms':>9}{'vs raw':>8}{'failed':>7}{'device':>8}{'ms/batch':>9}  batch sizes")
+          f"{'p99 ms':>9}{'vs raw':>8}{'failed':>7}{'device':>8}{'ms/batch':>9}{'client':>8}  batch sizes")
     for kind, rows in report["kinds"].items():
         for r in rows:
             print(f"{kind:<9}{r['concurrency']:>10}{r['requests_per_s']:>9.1f}{r['tokens_per_s']:>9.1f}"
                   f"{r['send_per_s']:>9.0f}{r['p50_ms']:>9.1f}{r['p95_ms']:>9.1f}{r['p99_ms']:>9.1f}"
                   f"{r.get('ratio_to_raw', 0):>8.2f}{r['failed']:>7}{r.get('device_busy_fraction', 0):>8.0%}"
-                  f"{r.get('device_ms_per_batch', 0):>9.1f}  {r['batch_sizes']}")
+                  f"{r.get('device_ms_per_batch', 0):>9.1f}{r.get('client_cpu_ms_per_req', 0):>8.2f}"
+                  f"  {r['batch_sizes']}")
+    print("client: the producer processes' own CPU in ms per request (on one machine it is the worker's loss)")
     if report.get("light_load_p50_ms"):
         single = report.get("raw", {}).get("encode", {}).get("single_ms_p50")
         print("light load p50 (one request at a time): " +

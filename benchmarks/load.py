@@ -3,14 +3,16 @@ a plain Celery app, keep a window of requests in flight, and read results straig
 
 Each process owns ``window`` slots; a slot sends its next request as soon as its previous result lands,
 so ``processes x window`` requests are in flight. Results are read by MGET on the result keys, as a client
-in any language could, so the reading costs no Celery machinery: every POLL_SECONDS (every millisecond
-while a process has at most FEW requests in flight, so light-load latency is not padded). Polling every
-millisecond under load cost the producers and Redis CPU that the worker shares on a small machine.
+in any language could, so the reading costs no Celery machinery. A process polls again after a twentieth of
+its oldest request's age (1 to 20 ms): a millisecond at light load, so latency is not padded, and seldom
+under load, where a result takes hundreds of milliseconds and polling every few milliseconds cost the
+producers, on the worker's two cores, 0.25 ms of CPU per request (a result is seen at most 5% late).
+Results are decoded with orjson (12 us for an embedding, against 100 us for the json module), as a lean
+client would.
 """
 
 from __future__ import annotations
 
-import json
 import multiprocessing as mp
 import time
 import uuid
@@ -18,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 import redis
 from celery import Celery
 
@@ -26,8 +29,7 @@ from producer.contract import queue_name, task_name
 from producer.settings import Kind, Settings
 
 Payload = Callable[[int], dict[str, Any]]
-POLL_SECONDS = 0.005
-FEW = 4
+POLL_SECONDS = (0.001, 0.02)  # the shortest and longest wait between two polls
 
 
 def payload_for(kind: Kind, new_tokens: int) -> Payload:
@@ -59,6 +61,7 @@ def _producer(settings: Settings, kind: Kind, count: int, window: int, new_token
     sent = 0
     while time.time() < start_at:
         time.sleep(0.001)
+    cpu_at_start = time.process_time()
     with app.producer_or_acquire() as producer:
         while sent < count or inflight:
             while sent < count and len(inflight) < window:
@@ -70,14 +73,17 @@ def _producer(settings: Settings, kind: Kind, count: int, window: int, new_token
             for task_id, raw in zip(ids, store.mget([f"celery-task-meta-{i}" for i in ids]), strict=True):
                 if raw is None:
                     continue
-                meta = json.loads(raw)
+                meta = orjson.loads(raw)
                 ok = meta["status"] == "SUCCESS"
                 tokens = int(meta["result"].get("completion_tokens", 0)) if ok else 0
                 samples.append(Sample(inflight.pop(task_id), time.time(), ok, tokens))
                 if len(samples) % 50 == 0:
                     out.put(("tick", 50))
-            time.sleep(0.001 if len(inflight) <= FEW else POLL_SECONDS)
+            if inflight:
+                oldest = time.time() - next(iter(inflight.values()))  # dicts keep the order of sending
+                time.sleep(min(POLL_SECONDS[1], max(POLL_SECONDS[0], oldest / 20)))
     out.put(("tick", len(samples) % 50))
+    out.put(("cpu", time.process_time() - cpu_at_start))
     out.put(("done", [(s.sent, s.done, s.ok, s.tokens) for s in samples]))
 
 
@@ -113,6 +119,7 @@ def _inferq_producer(settings: Settings, kind: Kind, count: int, window: int, ne
 
     while time.time() < start_at:
         time.sleep(0.001)
+    cpu_at_start = time.process_time()
     threads = [threading.Thread(target=slot) for _ in range(window)]
     for thread in threads:
         thread.start()
@@ -120,12 +127,19 @@ def _inferq_producer(settings: Settings, kind: Kind, count: int, window: int, ne
         thread.join()
     client.close()
     out.put(("tick", len(samples) % 50))
+    out.put(("cpu", time.process_time() - cpu_at_start))
     out.put(("done", [(s.sent, s.done, s.ok, s.tokens) for s in samples]))
 
 
+@dataclass
+class Load:
+    samples: list[Sample]
+    client_cpu_s: float  # CPU the producer processes spent while sending and reading (their share of the machine)
+
+
 def run_load(settings: Settings, kind: Kind, count: int, concurrency: int, processes: int,
-             new_tokens: int, progress: Callable[[int], None] | None = None, client: str = "plain") -> list[Sample]:
-    """Send ``count`` requests with ``concurrency`` in flight over ``processes`` processes; all samples."""
+             new_tokens: int, progress: Callable[[int], None] | None = None, client: str = "plain") -> Load:
+    """Send ``count`` requests with ``concurrency`` in flight over ``processes`` processes."""
     processes = max(1, min(processes, concurrency))
     context = mp.get_context("spawn")
     out = context.Queue()
@@ -139,15 +153,18 @@ def run_load(settings: Settings, kind: Kind, count: int, concurrency: int, proce
     for worker in workers:
         worker.start()
     samples: list[Sample] = []
+    client_cpu = 0.0
     finished = 0
     while finished < len(workers):
         what, data = out.get()
         if what == "tick":
             if progress:
                 progress(data)
+        elif what == "cpu":
+            client_cpu += data
         else:
             samples.extend(Sample(*row) for row in data)
             finished += 1
     for worker in workers:
         worker.join()
-    return samples
+    return Load(samples, client_cpu)
