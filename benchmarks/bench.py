@@ -23,7 +23,7 @@ from typing import Any
 from tqdm import tqdm
 
 from benchmarks.load import Load, run_load
-from benchmarks.raw import raw_encode, raw_generate
+from benchmarks.raw import encode_rate, load_embedder, raw_encode, raw_generate
 from producer.client import Client
 from producer.settings import Kind, Settings
 
@@ -137,8 +137,9 @@ def run_bench(kinds: tuple[Kind, ...], levels: list[int], requests: int, process
         # The raw loop runs once the worker has loaded and sits idle, so the two never share the CPU.
         wait_ready(client, worker)
         raw: dict[str, Any] = {}
-        if "embed" in kinds or "classify" in kinds:
-            raw["encode"] = raw_encode(settings, raw_batch, seconds=5.0)
+        embedder = load_embedder(settings) if "embed" in kinds or "classify" in kinds else None
+        if embedder is not None:
+            raw["encode"] = raw_encode(settings, raw_batch, seconds=5.0, embedder=embedder)
         if "generate" in kinds:
             raw["generate"] = raw_generate(settings, max(levels), new_tokens, rounds=1)
         report["raw"] = raw
@@ -148,6 +149,9 @@ def run_bench(kinds: tuple[Kind, ...], levels: list[int], requests: int, process
                 count = generate_requests if kind == "generate" else requests
                 rows = []
                 for level in levels:
+                    # This machine's speed drifts by up to 40% within minutes (other tenants): each encoder row
+                    # is compared with a raw loop run just before it, while the worker sits idle.
+                    raw_now = encode_rate(embedder, raw_batch, seconds=3.0) if embedder and kind != "generate" else None
                     before = worker_status(client)
                     load = run_load(load_settings, kind, count, level, processes, new_tokens, progress=bar.update,
                                     client=client_kind)
@@ -156,6 +160,8 @@ def run_bench(kinds: tuple[Kind, ...], levels: list[int], requests: int, process
                     elapsed = summary["requests"] / max(summary["requests_per_s"], 1e-9)
                     row = {"concurrency": level, **summary, "batch_sizes": batch_histogram(before, after),
                            **device_time(before, after, elapsed)}
+                    if raw_now is not None:
+                        row["raw_texts_per_s"] = raw_now
                     rows.append(row)
                 report["kinds"][kind] = rows
         light = {}
@@ -184,7 +190,7 @@ def _ratios(report: dict[str, Any]) -> None:
             if kind == "generate" and "generate" in raw:
                 row["ratio_to_raw"] = row["tokens_per_s"] / raw["generate"]["tokens_per_s"]
             elif kind != "generate" and "encode" in raw:
-                row["ratio_to_raw"] = row["requests_per_s"] / raw["encode"]["texts_per_s"]
+                row["ratio_to_raw"] = row["requests_per_s"] / row.get("raw_texts_per_s", raw["encode"]["texts_per_s"])
 
 
 def _plot(report: dict[str, Any], path: Path) -> None:
@@ -221,15 +227,17 @@ def _print(report: dict[str, Any]) -> None:
         print(f"raw {key}: " + ", ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}"
                                          for k, v in raw.items()))
     print(f"{'kind':<9}{'in flight':>10}{'req/s':>9}{'tok/s':>9}{'send/s':>9}{'p50 ms':>9}{'p95 ms':>9}"
-          f"{'p99 ms':>9}{'vs raw':>8}{'failed':>7}{'device':>8}{'ms/batch':>9}{'client':>8}  batch sizes")
+          f"{'p99 ms':>9}{'raw/s':>7}{'vs raw':>8}{'failed':>7}{'device':>8}{'ms/batch':>9}{'client':>8}  batch sizes")
     for kind, rows in report["kinds"].items():
         for r in rows:
             print(f"{kind:<9}{r['concurrency']:>10}{r['requests_per_s']:>9.1f}{r['tokens_per_s']:>9.1f}"
                   f"{r['send_per_s']:>9.0f}{r['p50_ms']:>9.1f}{r['p95_ms']:>9.1f}{r['p99_ms']:>9.1f}"
-                  f"{r.get('ratio_to_raw', 0):>8.2f}{r['failed']:>7}{r.get('device_busy_fraction', 0):>8.0%}"
+                  f"{r.get('raw_texts_per_s', 0):>7.0f}{r.get('ratio_to_raw', 0):>8.2f}{r['failed']:>7}"
+                  f"{r.get('device_busy_fraction', 0):>8.0%}"
                   f"{r.get('device_ms_per_batch', 0):>9.1f}{r.get('client_cpu_ms_per_req', 0):>8.2f}"
                   f"  {r['batch_sizes']}")
-    print("client: the producer processes' own CPU in ms per request (on one machine it is the worker's loss)")
+    print("raw/s: the raw loop just before the row (texts/s); client: the producer processes' own CPU in ms per "
+          "request (on one machine it is the worker's loss)")
     if report.get("light_load_p50_ms"):
         single = report.get("raw", {}).get("encode", {}).get("single_ms_p50")
         print("light load p50 (one request at a time): " +

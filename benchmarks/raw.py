@@ -18,12 +18,16 @@ def texts_for(n: int) -> list[str]:
     return [f"request {i}: a short sentence about queues, batching and the GPUs that answer them" for i in range(n)]
 
 
-def raw_encode(settings: Settings, batch: int, seconds: float) -> dict[str, Any]:
-    """texts/s of tokenise + forward (+ pooling) in batches of ``batch``; also one text alone."""
+def load_embedder(settings: Settings) -> PooledEmbedder:
     device = pick_device(settings.device)
     alias = settings.models.default_alias("embed")
     assert alias is not None
-    embedder = PooledEmbedder.load(alias, settings.models.embed[alias], device)
+    return PooledEmbedder.load(alias, settings.models.embed[alias], device)
+
+
+def encode_rate(embedder: PooledEmbedder, batch: int, seconds: float) -> float:
+    """texts/s of tokenise + forward (+ pooling) in batches of ``batch``, for ``seconds``."""
+    device = embedder.loaded.device
     texts = texts_for(batch)
     with torch.inference_mode():
         embedder.vectors(embedder.tokenize(texts), batch, 10**9)  # warm-up
@@ -32,14 +36,22 @@ def raw_encode(settings: Settings, batch: int, seconds: float) -> dict[str, Any]
             embedder.vectors(embedder.tokenize(texts), batch, 10**9)
             _sync(device)
             done += batch
-        elapsed = time.perf_counter() - started
-        singles = []
+        return done / (time.perf_counter() - started)
+
+
+def raw_encode(settings: Settings, batch: int, seconds: float,
+               embedder: PooledEmbedder | None = None) -> dict[str, Any]:
+    """texts/s in batches of ``batch``; also one text alone (median of 50)."""
+    embedder = embedder or load_embedder(settings)
+    rate = encode_rate(embedder, batch, seconds)
+    singles = []
+    with torch.inference_mode():
         for text in texts_for(50):
             t0 = time.perf_counter()
             embedder.vectors(embedder.tokenize([text]), 1, 10**9)
-            _sync(device)
+            _sync(embedder.loaded.device)
             singles.append(time.perf_counter() - t0)
-    return {"model": alias, "batch": batch, "texts_per_s": done / elapsed,
+    return {"model": embedder.loaded.alias, "batch": batch, "texts_per_s": rate,
             "single_ms_p50": statistics.median(singles) * 1000}
 
 
