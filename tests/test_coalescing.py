@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
+import redis
 import torch
 
 from producer.client import Client
+from producer.contract import queue_name
 from producer.errors import InputTooLarge
 from producer.settings import Settings
-from tests.conftest import WorkerProcess
+from tests.conftest import REDIS_HOST, REDIS_PORT, WorkerProcess
 
 pytestmark = pytest.mark.integration
 
@@ -82,3 +86,28 @@ def test_asyncio_callers_and_different_options_are_kept_apart(coalescing: Client
     assert all(len(r["results"][0]) == 2 for r in results[8:12])
     vector = torch.tensor(results[12]["embeddings"][0])
     assert abs(float(vector.norm()) - 1.0) > 1e-3
+
+
+def test_an_answer_stored_without_a_notice_is_still_read() -> None:
+    """The coalescer is told of answers by Redis pub/sub; one stored with no notice (published before the
+    subscription took effect, or while Redis restarted) is found by its once-a-second read of the keys."""
+    url = f"redis://{REDIS_HOST}:{REDIS_PORT}/11"  # no worker listens here: this test plays the worker
+    store = redis.Redis.from_url(url)
+    store.flushdb()
+    client = Client(Settings(redis_url=url, coalesce_ms=5.0))
+    try:
+        handle = client.submit("embed", texts=["a", "b"])
+        deadline = time.monotonic() + 10
+        raw = None
+        while raw is None and time.monotonic() < deadline:
+            raw = store.rpop(queue_name("embed"))
+            time.sleep(0.01)
+        assert raw is not None, "the coalescer sent nothing"
+        task_id = json.loads(raw)["headers"]["id"]
+        answer = {"model": "minilm", "dim": 1, "embeddings": [[1.0], [2.0]]}
+        store.set(f"celery-task-meta-{task_id}", json.dumps({"status": "SUCCESS", "result": answer,
+                                                             "traceback": None, "task_id": task_id}))  # no PUBLISH
+        assert handle.get(timeout=5) == answer
+    finally:
+        client.close()
+        store.flushdb()
