@@ -44,6 +44,11 @@ def raw_encode(settings: Settings, batch: int, seconds: float,
     """texts/s in batches of ``batch``; also one text alone (median of 50)."""
     embedder = embedder or load_embedder(settings)
     rate = encode_rate(embedder, batch, seconds)
+    return {"model": embedder.loaded.alias, "batch": batch, "texts_per_s": rate, "single_ms_p50": single_ms(embedder)}
+
+
+def single_ms(embedder: PooledEmbedder) -> float:
+    """Median milliseconds of tokenise + forward for one text alone (50 texts)."""
     singles = []
     with torch.inference_mode():
         for text in texts_for(50):
@@ -51,8 +56,7 @@ def raw_encode(settings: Settings, batch: int, seconds: float,
             embedder.vectors(embedder.tokenize([text]), 1, 10**9)
             _sync(embedder.loaded.device)
             singles.append(time.perf_counter() - t0)
-    return {"model": embedder.loaded.alias, "batch": batch, "texts_per_s": rate,
-            "single_ms_p50": statistics.median(singles) * 1000}
+    return statistics.median(singles) * 1000
 
 
 def raw_generate(settings: Settings, batch: int, new_tokens: int, rounds: int) -> dict[str, Any]:

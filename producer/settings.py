@@ -39,7 +39,13 @@ class Batching(BaseModel):
 
     # 0: no artificial wait. The device loop takes whatever waits whenever it is free, so batches grow with
     # load by themselves (as in text-embeddings-inference) and a lone request pays nothing.
-    max_wait_ms: float = Field(0.0, ge=0, description="how long the oldest request waits for batch-mates")
+    max_wait_ms: float = Field(0.0, ge=0, description="how long the oldest embed/classify request waits for "
+                               "batch-mates")
+    # A generate batch runs for seconds, and nothing joins it once it started: a prompt that arrives just
+    # before a burst would run alone for a whole pass while the burst waits behind it. A short wait costs a
+    # lone prompt a few percent of its pass (measured in benchmarks/RESULTS.md).
+    generate_max_wait_ms: float = Field(50.0, ge=0, description="how long the oldest generate request waits for "
+                                        "batch-mates")
     encode_max_texts: int = Field(128, ge=1, description="texts per embed/classify batch and forward pass")
     encode_max_tokens: int = Field(32_768, ge=1, description="padded tokens (longest x texts) per encoder pass")
     generate_max_prompts: int = Field(64, ge=1, description="prompts per generate batch")

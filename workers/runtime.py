@@ -123,9 +123,9 @@ class Runtime:
 
     def _batch_kinds(self) -> dict[str, BatchKind]:
         batching = self.settings.batching
-        wait = batching.max_wait_ms / 1000
-        encode = BatchLimits(batching.encode_max_texts, batching.encode_max_tokens, wait)
-        generate = BatchLimits(batching.generate_max_prompts, batching.generate_max_tokens, wait)
+        encode = BatchLimits(batching.encode_max_texts, batching.encode_max_tokens, batching.max_wait_ms / 1000)
+        generate = BatchLimits(batching.generate_max_prompts, batching.generate_max_tokens,
+                               batching.generate_max_wait_ms / 1000)
         kinds: dict[str, BatchKind] = {}
         for alias, embedder in self.embedders.items():
             kinds[f"embed/{alias}"] = BatchKind(self._encoder_runner(self._on_device(f"embed/{alias}",
