@@ -16,12 +16,10 @@ from typing import Any, Generic, TypeVar, cast
 from celery import Celery
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import AsyncResult
-from kombu.exceptions import OperationalError
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from producer.app import make_celery
 from producer.coalesce import Coalescer
+from producer.connection import ConnectionErrors
 from producer.contract import (
     ClassifyResult,
     EmbedResult,
@@ -30,11 +28,10 @@ from producer.contract import (
     task_name,
     validate,
 )
-from producer.errors import InferqConnectionError, ResultTimeout
+from producer.errors import ResultTimeout
 from producer.settings import Kind, Settings, redact
 
 T = TypeVar("T")
-_CONNECTION_ERRORS = (OperationalError, RedisConnectionError, RedisTimeoutError, ConnectionError)
 
 
 class Handle(Generic[T]):
@@ -77,25 +74,6 @@ class Handle(Generic[T]):
 
     def _translate_errors(self) -> ConnectionErrors:
         return ConnectionErrors(f"the result backend at {redact(self._backend_url)}")
-
-
-class ConnectionErrors:
-    """Turns Redis/Kombu connection failures into one clear InferqConnectionError."""
-
-    def __init__(self, what: str) -> None:
-        self._what = what
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
-        if exc is not None and isinstance(exc, _CONNECTION_ERRORS):
-            raise InferqConnectionError(f"could not reach {self._what}: {exc}") from exc
-        # Celery's Redis result backend subscribes to the result before publishing and, when it cannot
-        # reconnect, raises a bare RuntimeError with this text.
-        if isinstance(exc, RuntimeError) and "Celery result store" in str(exc):
-            raise InferqConnectionError(f"could not reach {self._what}: the result backend did not answer "
-                                        "after retries") from exc
 
 
 class FutureHandle(Handle[T]):

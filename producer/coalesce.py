@@ -33,13 +33,15 @@ from typing import Any
 import orjson
 from celery import Celery
 
+from producer.connection import ConnectionErrors
 from producer.contract import queue_name, task_name
 from producer.errors import InferqError
-from producer.settings import Kind
+from producer.settings import Kind, redact
 
 log = logging.getLogger(__name__)
 SWEEP_SECONDS = 1.0  # how often the stored results of what is still in flight are read
 MIN_WAIT = 0.001  # the shortest wait for answers: a group due sooner goes out at most this late
+OUTAGE_WAIT = 0.1  # between attempts to reach Redis again for notices
 
 
 @dataclass
@@ -85,6 +87,7 @@ class Coalescer:
         self._full: list[_Group] = []  # groups closed by size, for the thread to send at once
         self._inflight: dict[str, _Group] = {}  # result key -> its group
         self._closed = False
+        self._notices_lost = False  # the thread's own: whether the last wait for notices failed
         self._thread = threading.Thread(target=self._run, name="inferq-coalescer", daemon=True)
         self._thread.start()
 
@@ -151,9 +154,10 @@ class Coalescer:
             log.warning("could not subscribe to a result channel (%s); its answer will be read within %g s",
                         exc, SWEEP_SECONDS)
         try:
-            self._app.send_task(task_name(group.kind), kwargs={**group.options, "texts": texts},
-                                queue=queue_name(group.kind), task_id=task_id)
-        except Exception as exc:
+            with ConnectionErrors(f"the broker at {redact(str(self._app.conf.broker_url))}"):
+                self._app.send_task(task_name(group.kind), kwargs={**group.options, "texts": texts},
+                                    queue=queue_name(group.kind), task_id=task_id)
+        except Exception as exc:  # each caller gets the error a call of its own would have raised
             for call in group.calls:
                 call.future.set_exception(exc)
             return
@@ -175,8 +179,14 @@ class Coalescer:
             if landed:
                 answers.unsubscribe(*landed)
         except Exception as exc:  # Redis restarting: the sweep reads what was stored meanwhile
-            log.warning("result notifications interrupted (%s); reading stored results instead", exc)
-            time.sleep(timeout)
+            if not self._notices_lost:  # once per outage, not once per wait
+                log.warning("result notifications interrupted (%s); reading stored results instead", exc)
+                self._notices_lost = True
+            time.sleep(max(timeout, OUTAGE_WAIT))
+            return
+        if self._notices_lost:
+            log.info("result notifications are back")
+            self._notices_lost = False
 
     def _sweep(self, answers: Any) -> None:
         with self._lock:

@@ -11,7 +11,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from producer.client import Client, ConnectionErrors
+from producer.client import Client
+from producer.connection import ConnectionErrors
 from producer.settings import redact
 
 
