@@ -200,7 +200,8 @@ class Coalescer:
             if found:
                 answers.unsubscribe(*found)
         except Exception as exc:
-            log.warning("could not read stored results (%s); retrying", exc)
+            if not self._notices_lost:  # during an outage the lost notices were logged already
+                log.warning("could not read stored results (%s); retrying", exc)
 
     def _resolve(self, key: str, value: bytes) -> bool:
         """Answer a group's callers from its stored result; False if it is not final, or already answered."""

@@ -36,17 +36,23 @@ def start_redis(port: int, data: Path) -> subprocess.Popen[bytes]:
         probe.close()
 
 
-@pytest.mark.parametrize("how", ["shutdown", "kill"])
-def test_a_redis_restart_mid_load(how: str, tmp_path: Path) -> None:
+def redis_and_worker(tmp_path: Path, name: str, extra_config: str = "") -> tuple[int, subprocess.Popen[bytes], str,
+                                                                                 WorkerProcess]:
+    """A Redis of the test's own (append-only) and an embed worker on it, with short limits."""
     port = free_port()
     server = start_redis(port, tmp_path)
     url = f"redis://127.0.0.1:{port}/0"
     config = tmp_path / "inferq.toml"
-    config.write_text("worker_concurrency = 16\nvisibility_timeout = 10\n[time_limits]\nembed = 5\nclassify = 5\n"
+    config.write_text(f"{extra_config}visibility_timeout = 10\n[time_limits]\nembed = 5\nclassify = 5\n"
                       "generate = 5\n[models]\ngenerate = {}\n")
-    env = worker_env(config, url)
-    worker = WorkerProcess(env, ARTIFACTS / f"restart-{how}-worker.log", f"restart-{how}-{os.getpid()}@localhost",
-                           ("--kinds", "embed"))
+    worker = WorkerProcess(worker_env(config, url), ARTIFACTS / f"restart-{name}-worker.log",
+                           f"restart-{name}-{os.getpid()}@localhost", ("--kinds", "embed"))
+    return port, server, url, worker
+
+
+@pytest.mark.parametrize("how", ["shutdown", "kill"])
+def test_a_redis_restart_mid_load(how: str, tmp_path: Path) -> None:
+    port, server, url, worker = redis_and_worker(tmp_path, how, "worker_concurrency = 16\n")
     client = Client(Settings(redis_url=url, result_timeout=30, connect_timeout=2))
     accepted: list[tuple[float, Handle[Any]]] = []  # (when it was sent, its handle)
     refused: list[float] = []
@@ -134,5 +140,49 @@ def test_a_message_popped_as_redis_stops_is_put_back_when_it_returns(tmp_path: P
             assert again.delivery_tag == message.delivery_tag and not again.delivery_info.get("redelivered")
             store.close()
     finally:
+        server.terminate()
+        server.wait(timeout=20)
+
+
+def test_coalesced_calls_across_a_redis_restart_get_their_answer_or_a_clear_error(tmp_path: Path) -> None:
+    """The coalescer is told of answers over a pub/sub connection that a restart breaks: calls in flight still
+    get their answers (notices resume, or the once-a-second read of the keys finds them), calls made during
+    the outage fail with InferqConnectionError, and none hangs."""
+    port, server, url, worker = redis_and_worker(tmp_path, "coalesced")
+    client = Client(Settings(redis_url=url, result_timeout=30, connect_timeout=2, coalesce_ms=5.0))
+    outcomes: list[str] = []
+    try:
+        worker.wait_ready(client)
+
+        def caller(n: int) -> None:
+            for i in range(40):
+                try:
+                    answer = client.embed([f"caller {n}, call {i}"])
+                    outcomes.append("answered" if len(answer["embeddings"]) == 1 else f"wrong: {answer}")
+                except InferqConnectionError:
+                    outcomes.append("refused")
+                except Exception as exc:  # a ResultTimeout here is a call the restart left hanging
+                    outcomes.append(f"{type(exc).__name__}: {exc}")
+                time.sleep(0.02)
+
+        callers = [threading.Thread(target=caller, args=(n,)) for n in range(8)]
+        for thread in callers:
+            thread.start()
+        time.sleep(1.0)
+        redis.Redis(port=port).shutdown()
+        server.wait(timeout=20)
+        time.sleep(2)
+        server = start_redis(port, tmp_path)
+        for thread in callers:
+            thread.join(timeout=120)
+        assert not any(thread.is_alive() for thread in callers), "a coalesced call hung"
+        print(f"\ncoalesced calls across a restart: {outcomes.count('answered')} answered, "
+              f"{outcomes.count('refused')} refused with InferqConnectionError")
+        assert [o for o in outcomes if o not in ("answered", "refused")] == []
+        assert len(outcomes) == 8 * 40
+        assert client.embed(["after the restart"])["dim"] == 384
+    finally:
+        worker.stop()
+        client.close()
         server.terminate()
         server.wait(timeout=20)
