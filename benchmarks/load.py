@@ -61,15 +61,19 @@ def _producer(settings: Settings, kind: Kind, count: int, window: int, new_token
     samples: list[Sample] = []
     sent = 0
 
-    def landed(key: str, raw: bytes | str) -> None:
+    def landed(key: str, raw: bytes | str) -> bool:
+        """Records a final result; whether its channel can be left (answered now or before)."""
         meta = orjson.loads(raw)
-        if key not in inflight or meta.get("status") not in ("SUCCESS", "FAILURE"):
-            return
+        if key not in inflight:
+            return True
+        if meta.get("status") not in ("SUCCESS", "FAILURE"):
+            return False
         ok = meta["status"] == "SUCCESS"
         tokens = int(meta["result"].get("completion_tokens", 0)) if ok else 0
         samples.append(Sample(inflight.pop(key), time.time(), ok, tokens))
         if len(samples) % 50 == 0:
             out.put(("tick", 50))
+        return True
 
     while time.time() < start_at:
         time.sleep(0.001)
@@ -85,19 +89,20 @@ def _producer(settings: Settings, kind: Kind, count: int, window: int, new_token
                                   producer=producer)
                     inflight[f"celery-task-meta-{task_id}"] = time.time()
                     sent += 1
-            done_before = len(samples)
+            left: list[str] = []
             message = results.get_message(timeout=0.1)
             while message is not None:
-                landed(message["channel"].decode(), message["data"])
+                key = message["channel"].decode()
+                if landed(key, message["data"]):
+                    left.append(key)
                 message = results.get_message(timeout=0.0)
             if time.monotonic() - last_sweep > SWEEP_SECONDS and inflight:
                 last_sweep = time.monotonic()
                 keys = list(inflight)
-                for key, raw in zip(keys, store.mget(keys), strict=True):
-                    if raw is not None:
-                        landed(key, raw)
-            if len(samples) > done_before:
-                results.unsubscribe(*(key for key in results.channels if key.decode() not in inflight))
+                left += [key for key, raw in zip(keys, store.mget(keys), strict=True)
+                         if raw is not None and landed(key, raw)]
+            if left:
+                results.unsubscribe(*left)
     out.put(("tick", len(samples) % 50))
     out.put(("cpu", time.process_time() - cpu_at_start))
     out.put(("done", [(s.sent, s.done, s.ok, s.tokens) for s in samples]))

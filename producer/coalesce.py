@@ -82,6 +82,7 @@ class Coalescer:
         self._window = window
         self._max_texts = max_texts
         self._send_alone = send_alone  # the client's normal path, for retrying a failed merge one by one
+        self._broker = f"the broker at {redact(str(app.conf.broker_url))}"  # for connection errors
         self._lock = threading.Condition()
         self._open: dict[Hashable, _Group] = {}
         self._full: list[_Group] = []  # groups closed by size, for the thread to send at once
@@ -154,7 +155,7 @@ class Coalescer:
             log.warning("could not subscribe to a result channel (%s); its answer will be read within %g s",
                         exc, SWEEP_SECONDS)
         try:
-            with ConnectionErrors(f"the broker at {redact(str(self._app.conf.broker_url))}"):
+            with ConnectionErrors(self._broker):
                 self._app.send_task(task_name(group.kind), kwargs={**group.options, "texts": texts},
                                     queue=queue_name(group.kind), task_id=task_id)
         except Exception as exc:  # each caller gets the error a call of its own would have raised

@@ -301,7 +301,6 @@ class FastPath:
                           len(messages), exc)
 
 
-
 class DrainFastPath(bootsteps.StartStopStep):  # type: ignore[misc]
     """At a warm shutdown, after the consumer stopped taking messages and before its connection closes (which
     would put every unacknowledged message back on its queue): answer what the fast path holds."""
