@@ -3,6 +3,8 @@
     inferq bench                                   # starts a worker, all kinds, default levels
     inferq bench --kinds embed --concurrency 1,64,256 --requests 2000 --processes 4
     inferq bench --no-worker                       # use workers already running on INFERQ_REDIS_URL
+    inferq bench --client raw --kinds embed --backlog 20000      # drain a backlog; CPU per message
+    inferq bench --client raw --backlog 20000 --worker-args "--gpus none --receivers 2"
 
 Writes benchmarks/bench-<host>.json and benchmarks/bench-<host>.png (throughput and p95 latency against
 concurrency) and prints a table. The raw figures come first, while the worker sits idle.
@@ -105,9 +107,10 @@ def device_time(before: dict[str, Any], after: dict[str, Any], elapsed: float) -
     return {"device_busy_fraction": busy / 1000 / max(elapsed, 1e-9), "device_ms_per_batch": busy / max(batches, 1)}
 
 
-def start_worker(log_path: Path) -> subprocess.Popen[bytes]:
+def start_worker(log_path: Path, worker_args: list[str] | None = None) -> subprocess.Popen[bytes]:
     log = log_path.open("wb")
-    return subprocess.Popen([sys.executable, "-m", "producer.cli", "worker", "--name", f"bench-{os.getpid()}@%h"],
+    args = worker_args if worker_args else ["--name", f"bench-{os.getpid()}@%h"]
+    return subprocess.Popen([sys.executable, "-m", "producer.cli", "worker", *args],
                             stdout=log, stderr=subprocess.STDOUT)
 
 
@@ -124,12 +127,12 @@ def wait_ready(client: Client, process: subprocess.Popen[bytes] | None, timeout:
 
 def run_bench(kinds: tuple[Kind, ...], levels: list[int], requests: int, processes: int, new_tokens: int,
               raw_batch: int, generate_requests: int, start: bool, out_dir: Path, client_kind: str = "plain",
-              coalesce_ms: float = 2.0) -> dict[str, Any]:
+              coalesce_ms: float = 2.0, worker_args: list[str] | None = None) -> dict[str, Any]:
     settings = Settings()
     load_settings = settings.model_copy(update={"coalesce_ms": coalesce_ms}) if client_kind == "inferq" else settings
     client = Client(settings)
     out_dir.mkdir(parents=True, exist_ok=True)
-    worker = start_worker(out_dir / "bench-worker.log") if start else None
+    worker = start_worker(out_dir / "bench-worker.log", worker_args) if start else None
     report: dict[str, Any] = {"machine": machine(), "host": socket.gethostname(), "client": client_kind,
                               "coalesce_ms": coalesce_ms if client_kind == "inferq" else None,
                               "date": time.strftime("%Y-%m-%d %H:%M:%S"), "kinds": {}}
@@ -182,6 +185,44 @@ def run_bench(kinds: tuple[Kind, ...], levels: list[int], requests: int, process
     (out_dir / f"{name}.json").write_text(json.dumps(report, indent=2))
     _plot(report, out_dir / f"{name}.png")
     _print(report)
+    return report
+
+
+def run_backlog_bench(kinds: tuple[Kind, ...], count: int, start: bool, out_dir: Path,
+                      worker_args: list[str] | None = None) -> dict[str, Any]:
+    """Per kind: ``count`` raw messages pushed at once, drained by the workers (``benchmarks/backlog.py``)."""
+    from benchmarks.backlog import run_backlog
+
+    settings = Settings()
+    client = Client(settings)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    worker = start_worker(out_dir / "bench-worker.log", worker_args) if start else None
+    report: dict[str, Any] = {"machine": machine(), "host": socket.gethostname(), "client": "raw",
+                              "backlog": count, "worker_args": worker_args,
+                              "date": time.strftime("%Y-%m-%d %H:%M:%S"), "kinds": {}}
+    try:
+        wait_ready(client, worker)
+        # the launcher's children (or the one worker) and everything under them: a started worker's tree, or
+        # the pids the live workers report
+        pids = [worker.pid] if worker is not None else [int(s["pid"]) for s in worker_status(client).values()]
+        for kind in kinds:
+            report["kinds"][kind] = run_backlog(settings, kind, count, pids)
+    finally:
+        if worker is not None:
+            worker.terminate()
+            worker.wait(timeout=60)
+        client.close()
+    name = f"backlog-{socket.gethostname()}-{'-'.join(kinds)}"
+    (out_dir / f"{name}.json").write_text(json.dumps(report, indent=2))
+    print(f"\n{report['machine']}; raw clients, a backlog of {count} per kind; worker: "
+          f"{' '.join(worker_args or []) or 'inferq worker (one process)'}")
+    print(f"{'kind':<9}{'msg/s':>9}{'drain s':>9}{'worker us/msg':>15}{'redis us/msg':>14}{'cores':>7}"
+          f"{'events':>8}{'failed':>7}{'missing':>8}  us/msg by process")
+    for kind, row in report["kinds"].items():
+        print(f"{kind:<9}{row['messages_per_s']:>9.0f}{row['drain_s']:>9.1f}{row['worker_cpu_us_per_message']:>15.0f}"
+              f"{row['redis_cpu_us_per_message']:>14.0f}{row['worker_cores_busy']:>7.2f}"
+              f"{row['task_succeeded_events']:>8}{row['failed']:>7}{row['unanswered']:>8}  "
+              f"{row['worker_cpu_us_per_message_by_process']}")
     return report
 
 

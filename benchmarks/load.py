@@ -1,5 +1,7 @@
-"""Load from foreign-style clients: producer processes that send one request per message by task name with
-a plain Celery app, keep a window of requests in flight, and read results straight from Redis.
+"""Load from foreign-style clients: producer processes that send one request per message by task name, keep a
+window of requests in flight, and read results straight from Redis. A plain client sends with a plain
+Celery app's ``send_task`` (about 0.45 ms of client CPU each); a raw client LPUSHes protocol-2 messages it
+builds itself (``benchmarks/protocol.py``), a pipeline per window refill, as a lean foreign client would.
 
 Each process owns ``window`` slots; a slot sends its next request as soon as its previous result lands,
 so ``processes x window`` requests are in flight. Results are read as Celery's own result consumer reads
@@ -25,6 +27,7 @@ import orjson
 import redis
 from celery import Celery
 
+from benchmarks.protocol import task_message
 from producer.app import make_celery
 from producer.contract import queue_name, task_name
 from producer.settings import Kind, Settings
@@ -51,10 +54,11 @@ class Sample:
 
 
 def _producer(settings: Settings, kind: Kind, count: int, window: int, new_tokens: int, offset: int,
-              start_at: float, out: Any) -> None:
+              start_at: float, out: Any, raw: bool = False) -> None:
     app: Celery = make_celery(settings.model_copy(update={"result_backend": "disabled://"}), "bench-producer")
     app.conf.result_backend = None
     store = redis.Redis.from_url(settings.backend)
+    broker = redis.Redis.from_url(settings.broker) if raw else None
     payload = payload_for(kind, new_tokens)
     name, queue = task_name(kind), queue_name(kind)
     inflight: dict[str, float] = {}  # result key -> when its request was sent
@@ -84,11 +88,16 @@ def _producer(settings: Settings, kind: Kind, count: int, window: int, new_token
             fresh = [str(uuid.uuid4()) for _ in range(min(count - sent, window - len(inflight)))]
             if fresh:
                 results.subscribe(*(f"celery-task-meta-{task_id}" for task_id in fresh))
-                for task_id in fresh:
-                    app.send_task(name, kwargs=payload(offset + sent), queue=queue, task_id=task_id,
-                                  producer=producer)
-                    inflight[f"celery-task-meta-{task_id}"] = time.time()
-                    sent += 1
+                if broker is not None:  # one LPUSH for the whole refill
+                    broker.lpush(queue, *(task_message(name, queue, payload(offset + sent + i), task_id)[1]
+                                          for i, task_id in enumerate(fresh)))
+                else:
+                    for i, task_id in enumerate(fresh):
+                        app.send_task(name, kwargs=payload(offset + sent + i), queue=queue, task_id=task_id,
+                                      producer=producer)
+                now = time.time()
+                inflight.update((f"celery-task-meta-{task_id}", now) for task_id in fresh)
+                sent += len(fresh)
             left: list[str] = []
             message = results.get_message(timeout=0.1)
             while message is not None:
@@ -168,8 +177,9 @@ def run_load(settings: Settings, kind: Kind, count: int, concurrency: int, proce
     shares = [count // processes + (1 if p < count % processes else 0) for p in range(processes)]
     windows = [concurrency // processes + (1 if p < concurrency % processes else 0) for p in range(processes)]
     target = _inferq_producer if client == "inferq" else _producer
+    extra = (True,) if client == "raw" else ()
     workers = [context.Process(target=target, args=(settings, kind, share, window, new_tokens,
-                                                       sum(shares[:p]), start_at, out))
+                                                       sum(shares[:p]), start_at, out, *extra))
                for p, (share, window) in enumerate(zip(shares, windows, strict=True))]
     for worker in workers:
         worker.start()

@@ -229,17 +229,34 @@ def demo(timeout: float) -> None:
 @click.option("--new-tokens", default=64, show_default=True, help="max_new_tokens of each generate request")
 @click.option("--raw-batch", default=64, show_default=True, help="batch size of the raw encoder loop")
 @click.option("--no-worker", is_flag=True, help="use the workers already running instead of starting one")
-@click.option("--client", "client_kind", type=click.Choice(["plain", "inferq"]), default="plain", show_default=True,
-              help="plain: send_task by name, one request per message (a foreign client); inferq: our Client")
+@click.option("--client", "client_kind", type=click.Choice(["plain", "raw", "inferq"]), default="plain",
+              show_default=True, help="plain: send_task by name, one request per message (a foreign client); raw: "
+              "protocol-2 messages LPUSHed in pipelines (a lean foreign client); inferq: our Client")
 @click.option("--coalesce-ms", default=2.0, show_default=True, help="with --client inferq: the coalescing window")
+@click.option("--backlog", type=click.IntRange(min=1), help="with --client raw: push this many messages per kind at "
+              "once and time the workers draining them (CPU per message of every worker process and of Redis)")
+@click.option("--worker-args", help='the started worker\'s arguments, e.g. "--gpus none --receivers 2"')
 @click.option("--out", default="benchmarks", show_default=True, type=click.Path(file_okay=False))
 def bench(kinds: str, levels: str, requests: int, generate_requests: int, processes: int, new_tokens: int,
-          raw_batch: int, no_worker: bool, client_kind: str, coalesce_ms: float, out: str) -> None:
+          raw_batch: int, no_worker: bool, client_kind: str, coalesce_ms: float, backlog: int | None,
+          worker_args: str | None, out: str) -> None:
     """Benchmark: the raw model against the same model through the queue (a benchmark, not a test)."""
-    from benchmarks.bench import run_bench
+    import shlex
 
+    from benchmarks.bench import run_backlog_bench, run_bench
+
+    if worker_args is not None and no_worker:
+        raise click.BadParameter("--worker-args is for the worker bench starts; not with --no-worker",
+                                 param_hint="--worker-args")
+    started_args = shlex.split(worker_args) if worker_args else None
+    if backlog is not None:
+        if client_kind != "raw":
+            raise click.BadParameter("--backlog needs --client raw (plain clients cannot push fast enough)",
+                                     param_hint="--backlog")
+        run_backlog_bench(_parse_kinds(kinds), backlog, not no_worker, Path(out), started_args)
+        return
     run_bench(_parse_kinds(kinds), [int(n) for n in levels.split(",")], requests, processes, new_tokens, raw_batch,
-              generate_requests, not no_worker, Path(out), client_kind, coalesce_ms)
+              generate_requests, not no_worker, Path(out), client_kind, coalesce_ms, started_args)
 
 
 def _parse_kinds(text: str) -> tuple[Kind, ...]:

@@ -17,6 +17,7 @@ import pytest
 import redis
 from celery import Celery
 
+from benchmarks.protocol import task_message
 from producer.client import Client
 from tests.conftest import REDIS_URL, WorkerProcess
 
@@ -95,6 +96,25 @@ def test_minimal_protocol_2_message_pushed_straight_into_redis(redis_client: red
     meta = stored(redis_client, task_id)
     assert meta["status"] == "SUCCESS"
     assert meta["result"] == client.embed(["raw client"])
+
+
+def test_the_benchmark_raw_client_sends_what_celery_sends(redis_client: redis.Redis, plain_celery: Celery,
+                                                         client: Client, worker: WorkerProcess) -> None:
+    """`inferq bench --client raw` builds its messages itself; they must be a Celery 5 client's, field for field."""
+    kwargs = {"texts": ["bench raw client"]}
+    celery_id = plain_celery.send_task("inferq.embed", kwargs=kwargs, queue="embed").id
+    task_id, entry = task_message("inferq.embed", "embed", kwargs)
+    theirs = stored(redis_client, celery_id)
+    redis_client.lpush("embed", entry)
+    ours = stored(redis_client, task_id)
+    assert ours["status"] == theirs["status"] == "SUCCESS"
+    assert ours["result"] == theirs["result"] == client.embed(["bench raw client"])
+    # the same envelope as send_task's, down to the header names and the body's three parts
+    sent = plain_celery.amqp.as_task_v2(str(uuid.uuid4()), "inferq.embed", kwargs=kwargs)
+    envelope = json.loads(entry)
+    assert set(envelope["headers"]) == set(sent.headers)
+    assert json.loads(base64.b64decode(envelope["body"])) == [[], kwargs, dict(sent.body[2])]
+    assert envelope["properties"]["delivery_info"] == {"exchange": "", "routing_key": "embed"}
 
 
 @pytest.mark.parametrize(("kind", "kwargs", "args", "exc_type", "message"), [
