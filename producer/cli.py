@@ -157,15 +157,15 @@ def worker(kinds: str, concurrency: int | None, name: str | None, gpus: str | No
     if gpus is None:
         if replicas is not None:
             raise click.BadParameter("--replicas needs --gpus none", param_hint="--replicas")
-        from workers.main import run_worker
+        from workers.supervision.main import run_worker
 
         run_worker(Settings(), chosen, concurrency=concurrency, node_name=name)
         return
     if name is not None:
         raise click.BadParameter("--name names one worker; with --gpus the workers are named gpu0@host, cpu0@host, "
                                  "...", param_hint="--name")
-    from workers.launcher import LaunchError
-    from workers.main import run_launcher
+    from workers.supervision.launcher import LaunchError
+    from workers.supervision.main import run_launcher
 
     try:
         sys.exit(run_launcher(Settings(), chosen, gpus, replicas or 1, concurrency))

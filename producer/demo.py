@@ -22,7 +22,7 @@ CLASSIFY_LABELS = ["sports", "finance", "cooking"]
 
 
 def run_demo(settings: Settings, timeout: float) -> int:
-    from workers.embedded_redis import start_if_absent  # needs the [worker] extra, like the demo itself
+    from workers.supervision.embedded_redis import start_if_absent  # needs the [worker] extra, like the demo itself
 
     embedded = start_if_absent(settings)
     print(f"Redis: {redact(settings.broker)}" + (" (embedded Valkey, started for this demo)" if embedded else ""))

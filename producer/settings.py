@@ -169,9 +169,10 @@ class Settings(BaseSettings):
     device: str = Field("auto", description="auto (cuda when present, else cpu), cpu, cuda, cuda:N")
     torch_threads: int | None = Field(None, ge=1, description="torch's CPU threads (default: torch's choice)")
     device_process: bool = Field(False, description="run encoder forward passes in a child process of their own, "
-                                 "out of reach of the worker's GIL (experimental; see workers/device_process.py)")
+                                 "out of reach of the worker's GIL (experimental; see workers/device/process.py)")
     fast_path: bool = Field(True, description="run ordinary first deliveries without a task thread each and "
-                            "answer them per batch (workers/fastpath.py); false: every message on Celery's pool")
+                            "answer them per batch (workers/receiving/fastpath.py); false: every message on "
+                            "Celery's pool")
     # With fast_path off, each waiting request holds a task thread, so the thread count caps how many requests
     # can be batched together; the default holds about two batches of single-text requests. With it on, the
     # prefetch limit (worker_concurrency x worker_prefetch_multiplier messages) is that cap.

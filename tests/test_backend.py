@@ -15,7 +15,7 @@ from producer.app import make_celery
 from producer.errors import InvalidInput
 from producer.settings import Settings
 from tests.conftest import REDIS_URL
-from workers import backend as inferq_backend
+from workers.receiving import backend as inferq_backend
 
 pytestmark = pytest.mark.integration
 

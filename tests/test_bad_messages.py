@@ -16,7 +16,7 @@ import redis
 from producer.client import Client
 from tests.conftest import WorkerProcess
 from tests.test_foreign_clients import raw_message, stored
-from workers.dead_letter import DEAD_LETTER_KEY
+from workers.receiving.dead_letter import DEAD_LETTER_KEY
 
 pytestmark = pytest.mark.integration
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from workers.batching import BatchLimits, BatchQueue, plan_chunks
+from workers.device.batching import BatchLimits, BatchQueue, plan_chunks
 
 
 def queue(max_items: int = 4, max_tokens: int = 1000, max_wait: float = 0.010) -> BatchQueue[str]:

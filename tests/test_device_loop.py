@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from producer.errors import TaskTimeout
-from workers.batching import BatchLimits
-from workers.device_loop import BatchKind, DeviceLoop
+from workers.device.batching import BatchLimits
+from workers.device.loop import BatchKind, DeviceLoop
 
 
 class Recorder:

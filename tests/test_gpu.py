@@ -16,8 +16,8 @@ from producer.client import Client
 from producer.settings import ModelRegistry, Settings
 from tests.conftest import ARTIFACTS, REDIS_HOST, REDIS_PORT, ROOT
 from tests.test_launcher import Launched
-from workers.launcher import visible_gpus
-from workers.runtime import Runtime
+from workers.device.runtime import Runtime
+from workers.supervision.launcher import visible_gpus
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]

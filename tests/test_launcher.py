@@ -19,7 +19,7 @@ import redis
 from producer.client import Client
 from producer.settings import Settings
 from tests.conftest import ARTIFACTS, REDIS_HOST, REDIS_PORT, ROOT, worker_env
-from workers.launcher import LaunchError, Slot, plan_slots
+from workers.supervision.launcher import LaunchError, Slot, plan_slots
 
 DB = 12  # the launcher's workers must not take the session worker's messages (database 13), nor it theirs
 URL = f"redis://{REDIS_HOST}:{REDIS_PORT}/{DB}"

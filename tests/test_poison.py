@@ -16,7 +16,7 @@ from producer.client import Client
 from producer.errors import PoisonMessage
 from producer.settings import Settings
 from tests.conftest import ARTIFACTS, REDIS_HOST, REDIS_PORT, ROOT, worker_env
-from workers.dead_letter import DEAD_LETTER_KEY
+from workers.receiving.dead_letter import DEAD_LETTER_KEY
 
 pytestmark = pytest.mark.integration
 DB = 9

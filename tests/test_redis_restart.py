@@ -21,7 +21,7 @@ from producer.client import Client, Handle
 from producer.errors import InferqConnectionError
 from producer.settings import Settings
 from tests.conftest import ARTIFACTS, WorkerProcess, free_port, start_redis_server, worker_env
-from workers.transport import Transport
+from workers.receiving.transport import Transport
 
 pytestmark = pytest.mark.integration
 SENT = 400

@@ -6,7 +6,7 @@ import pytest
 
 from producer.errors import InvalidInput, UnknownModel
 from producer.settings import ModelRegistry, Settings
-from workers.runtime import Runtime
+from workers.device.runtime import Runtime
 
 
 @pytest.fixture(scope="module")

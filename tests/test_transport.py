@@ -14,8 +14,8 @@ from kombu import Connection, Consumer, Producer
 from kombu import Queue as KombuQueue
 
 from tests.conftest import REDIS_HOST, REDIS_PORT
-from workers.dead_letter import DEAD_LETTER_KEY
-from workers.transport import Transport
+from workers.receiving.dead_letter import DEAD_LETTER_KEY
+from workers.receiving.transport import Transport
 
 pytestmark = pytest.mark.integration
 DB = 7

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 
 from producer.errors import InputTooLarge
-from workers.batching import plan_chunks
+from workers.device.batching import plan_chunks
 from workers.models.loading import LoadedModel
 
 Head = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]

@@ -7,10 +7,10 @@ from typing import Any
 
 from celery.worker.control import control_command
 
-from workers.consumer import refused_counts
-from workers.deliveries import redelivery_counts
-from workers.fastpath import path_counts
-from workers.runtime import Runtime
+from workers.device.runtime import Runtime
+from workers.receiving.consumer import refused_counts
+from workers.receiving.deliveries import redelivery_counts
+from workers.receiving.fastpath import path_counts
 
 _runtime: Runtime | None = None
 

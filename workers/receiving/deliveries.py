@@ -25,8 +25,8 @@ from typing import Any
 from celery import Celery
 
 from producer.errors import PoisonMessage
-from workers import dead_letter
-from workers.counters import SharedCounter
+from workers.receiving import dead_letter
+from workers.receiving.counters import SharedCounter
 
 KEY = "inferq:deliveries:{}"
 _quarantine = threading.Lock()

@@ -98,6 +98,6 @@ class InferqRedisBackend(RedisBackend):  # type: ignore[misc]
 
 
 OVERRIDES = {
-    "redis": "workers.backend:InferqRedisBackend",
-    "rediss": "workers.backend:InferqRedisBackend",
+    "redis": "workers.receiving.backend:InferqRedisBackend",
+    "rediss": "workers.receiving.backend:InferqRedisBackend",
 }

@@ -37,8 +37,8 @@ from celery.worker.strategy import default as default_strategy
 
 from producer.errors import InferqError
 from producer.settings import Kind
-from workers.counters import SharedCounter
-from workers.runtime import Pending, Runtime
+from workers.device.runtime import Pending, Runtime
+from workers.receiving.counters import SharedCounter
 
 log = logging.getLogger(__name__)
 RESULT_REPR_MAXSIZE = 1024  # Celery's default length of the result shown in task-succeeded events

@@ -16,7 +16,7 @@ from celery.worker.consumer import Consumer
 from kombu.exceptions import ContentDisallowed, DecodeError
 
 from producer.errors import InvalidMessage
-from workers.counters import SharedCounter
+from workers.receiving.counters import SharedCounter
 
 log = logging.getLogger(__name__)
 

@@ -10,9 +10,9 @@ from celery import Celery
 from producer.contract import task_name
 from producer.errors import InferqError
 from producer.settings import KINDS, Kind, Settings
-from workers.deliveries import quarantined
-from workers.fastpath import FastPath
-from workers.runtime import Result, Runtime
+from workers.device.runtime import Result, Runtime
+from workers.receiving.deliveries import quarantined
+from workers.receiving.fastpath import FastPath
 
 
 def register_tasks(app: Celery, runtime: Callable[[], Runtime], settings: Settings,

@@ -33,9 +33,9 @@ from producer.contract import (
 )
 from producer.errors import InvalidInput, OutOfMemory, TaskTimeout, UnknownModel
 from producer.settings import Kind, Settings
-from workers.batching import BatchLimits
-from workers.device_loop import BatchKind, DeviceLoop
-from workers.device_process import DeviceProcess
+from workers.device.batching import BatchLimits
+from workers.device.loop import BatchKind, DeviceLoop
+from workers.device.process import DeviceProcess
 from workers.models.base import ClassifyModel, EmbedModel, GenerateModel
 from workers.models.classify import SequenceClassifier, top_k, zero_shot
 from workers.models.embed import PooledEmbedder

@@ -42,8 +42,8 @@ from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual as kombu_virtual
 from kombu.utils.json import dumps
 
-from workers import dead_letter
-from workers.consumer import count_refused
+from workers.receiving import dead_letter
+from workers.receiving.consumer import count_refused
 
 log = logging.getLogger(__name__)
 # Messages taken in one RPOP behind a BRPOP (the prefetch limit bounds it further).

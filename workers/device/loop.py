@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from producer.errors import TaskTimeout
-from workers.batching import BatchLimits, BatchQueue, Waiting
+from workers.device.batching import BatchLimits, BatchQueue, Waiting
 
 log = logging.getLogger(__name__)
 

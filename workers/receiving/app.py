@@ -10,12 +10,12 @@ from celery.signals import worker_init, worker_shutdown
 
 from producer.app import make_celery
 from producer.settings import Kind, Settings
-from workers import backend, control
+from workers.device.runtime import Runtime
 from workers.errors import WorkerError
-from workers.events import ThreadSafeTaskEvents
-from workers.fastpath import DrainFastPath, FastPath
-from workers.runtime import Runtime
-from workers.tasks import register_tasks
+from workers.receiving import backend, control
+from workers.receiving.events import ThreadSafeTaskEvents
+from workers.receiving.fastpath import DrainFastPath, FastPath
+from workers.receiving.tasks import register_tasks
 
 log = logging.getLogger(__name__)
 
@@ -29,9 +29,9 @@ class WorkerApp:
         self.celery: Celery = make_celery(settings, "inferq-worker")
         self.celery.loader.override_backends = backend.OVERRIDES
         # counts, logs and answers messages that cannot be run (undecodable, pickled, malformed)
-        self.celery.conf.worker_consumer = "workers.consumer:InferqConsumer"
+        self.celery.conf.worker_consumer = "workers.receiving.consumer:InferqConsumer"
         # ... and list entries that are not even messages (a stray LPUSH must not stop the worker)
-        self.celery.conf.broker_transport = "workers.transport:Transport"
+        self.celery.conf.broker_transport = "workers.receiving.transport:Transport"
         # A worker whose result store fails gives the result up, and then acknowledges the message: the job
         # is lost. Producers retry briefly (they must not hang); a worker keeps retrying through a Redis
         # restart, for up to the visibility timeout, after which the message would be handed out again anyway.

@@ -10,14 +10,14 @@ from celery.utils.nodenames import host_format
 
 from producer.contract import queue_name
 from producer.settings import Kind, Settings, redact
-from workers.launcher import Launcher, plan_slots, visible_gpus
+from workers.supervision.launcher import Launcher, plan_slots, visible_gpus
 
 LOG_FORMAT = "%(asctime)s %(levelname)s {node} %(name)s: %(message)s"
 
 
 def run_worker(settings: Settings, kinds: tuple[Kind, ...], concurrency: int | None = None,
                node_name: str | None = None) -> None:
-    from workers.app import WorkerApp  # torch comes in here, in the worker process only
+    from workers.receiving.app import WorkerApp  # torch comes in here, in the worker process only
 
     node_name = host_format(node_name or f"inferq@{socket.gethostname()}")  # expands %h, %n, %d as Celery does
     # the node name on every line: a launcher's children share one log stream
