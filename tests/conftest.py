@@ -212,3 +212,34 @@ def worker(config_path: Path, client: Client) -> Iterator[WorkerProcess]:
         yield process
     finally:
         process.stop()
+
+
+def whereabouts(store: redis.Redis, task_ids: list[str], queues: tuple[str, ...]) -> dict[str, str]:
+    """Where each task's message is now: 'answered' (a result is stored), 'queued' (on one of `queues`),
+    'unacked' (delivered, not yet acknowledged), 'dead-letter', or 'gone' (nowhere: lost). A drill that fails
+    reports these, so a lost message is told apart from one that is late or held."""
+    places: dict[str, str] = {}
+    answered = store.mget([f"celery-task-meta-{task_id}" for task_id in task_ids]) if task_ids else []
+    for task_id, raw in zip(task_ids, answered, strict=True):
+        if raw is not None:
+            places[task_id] = "answered"
+    for queue in queues:
+        for raw in store.lrange(queue, 0, -1):
+            places.setdefault(json.loads(raw)["headers"]["id"], "queued")
+    for raw in store.hvals("unacked"):
+        places.setdefault(json.loads(raw)[0]["headers"]["id"], "unacked")
+    for raw in store.lrange("inferq:dead-letter", 0, -1):
+        task_id = json.loads(raw).get("task_id")
+        if task_id:
+            places.setdefault(task_id, "dead-letter")
+    return {task_id: places.get(task_id, "gone") for task_id in task_ids}
+
+
+def whereabouts_report(store: redis.Redis, task_ids: list[str], queues: tuple[str, ...]) -> str:
+    """How many of `task_ids` are in each place (see `whereabouts`), and the first few that are not answered."""
+    places = whereabouts(store, task_ids, queues)
+    counts: dict[str, int] = {}
+    for place in places.values():
+        counts[place] = counts.get(place, 0) + 1
+    pending = [f"{task_id}: {place}" for task_id, place in places.items() if place != "answered"][:10]
+    return f"messages by place: {counts}; not answered (first 10): {pending}"

@@ -82,3 +82,15 @@ def test_an_entry_that_is_not_a_message_among_the_bulk_goes_to_the_dead_letter_l
         dead = store.lrange(DEAD_LETTER_KEY, 0, -1)
         assert len(dead) == 1 and b"not json at all" in dead[0]
         assert store.hlen("unacked") == 2
+
+
+def test_an_entry_the_take_recorded_but_the_worker_refuses_leaves_no_record_behind(store: redis.Redis) -> None:
+    """The take's Lua script records any entry shaped like an envelope; the worker then refuses one that is
+    not valid UTF-8. Its record must go, or the visibility timeout would bring it back again and again."""
+    bad = (b'{"body": "\xff\xfe", "properties": {"delivery_tag": "not-utf8", "delivery_info": '
+           b'{"exchange": "", "routing_key": "embed"}}}')
+    with received(None, ["first"], (bad,)) as delivered:
+        assert [message.payload for message in delivered] == ["first"]
+        assert store.llen(DEAD_LETTER_KEY) == 1
+        assert store.hkeys("unacked") == [delivered[0].delivery_tag.encode()]
+        assert store.zcard("unacked_index") == 1

@@ -23,7 +23,7 @@ import redis
 
 from producer.client import Client, Handle
 from producer.settings import Settings
-from tests.conftest import ARTIFACTS, REDIS_HOST, REDIS_PORT, WorkerProcess
+from tests.conftest import ARTIFACTS, REDIS_HOST, REDIS_PORT, WorkerProcess, whereabouts_report
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
 DB = 14
@@ -111,10 +111,16 @@ def test_a_worker_killed_mid_load_with_the_default_settings(tmp_path: Path) -> N
         held_ids = {task_id for task_id, _ in held.values()}
         expires_at = max(delivered for _, delivered in held.values()) + defaults.visibility_timeout
         while unacked(store).keys() & held.keys():  # Kombu's sweep puts them back on the queue
-            assert time.time() < killed_at + DEADLINE, "held messages were never restored"
+            assert time.time() < killed_at + DEADLINE, \
+                f"held messages were never restored; {whereabouts_report(store, list(held_ids), ('embed',))}"
             time.sleep(0.2)
         restored_at = time.time()
 
+        keys = [f"celery-task-meta-{handle.id}" for handle in handles]
+        while sum(raw is not None for raw in store.mget(keys)) < SENT:  # or report where the missing ones are
+            assert time.time() < killed_at + DEADLINE, \
+                whereabouts_report(store, [handle.id for handle in handles], ("embed",))
+            time.sleep(0.2)
         answers = [handle.get() for handle in handles]  # any error here fails the drill
         answered_at = time.time()
         assert [answer["dim"] for answer in answers] == [384] * SENT
@@ -124,7 +130,6 @@ def test_a_worker_killed_mid_load_with_the_default_settings(tmp_path: Path) -> N
             text, answer = by_id[task_id]
             again = client.embed([text])["embeddings"][0]
             assert max(abs(a - b) for a, b in zip(answer["embeddings"][0], again, strict=True)) < 1e-4
-        keys = [f"celery-task-meta-{handle.id}" for handle in handles]
         stored = [json.loads(raw) for raw in store.mget(keys)]
         assert [meta["status"] for meta in stored] == ["SUCCESS"] * SENT
 
