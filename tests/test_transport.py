@@ -3,7 +3,9 @@ and records every one of them as unacknowledged before it is delivered (Kombu's 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -94,3 +96,20 @@ def test_an_entry_the_take_recorded_but_the_worker_refuses_leaves_no_record_behi
         assert store.llen(DEAD_LETTER_KEY) == 1
         assert store.hkeys("unacked") == [delivered[0].delivery_tag.encode()]
         assert store.zcard("unacked_index") == 1
+
+
+def test_an_idle_channel_blocks_on_brpop_instead_of_taking_again_and_again(store: redis.Redis) -> None:
+    """After a take that found messages the next read is a take; once one finds nothing, the channel must go
+    back to blocking on BRPOP (a version that kept taking sent 13,000 empty takes in 40 s and starved the
+    model of CPU)."""
+    def evals() -> int:
+        return int(store.info("commandstats").get("cmdstat_eval", {}).get("calls", 0))
+
+    with received(None, [f"message {i}" for i in range(5)]) as delivered:
+        assert len(delivered) == 5
+        channel = delivered[0].channel
+        before = evals()
+        for _ in range(3):  # 1.5 s with an empty queue
+            with contextlib.suppress(socket.timeout, TimeoutError):
+                channel.connection.client.drain_events(timeout=0.5)
+        assert evals() - before <= 3

@@ -68,7 +68,8 @@ max_length = 128
                                                        f"{second.log()[-2000:]}")
             time.sleep(0.2)
         results = [json.loads(v) for v in store.mget(keys) if v is not None]
-        assert [r["status"] for r in results] == ["SUCCESS"] * 80
+        failures = [r["result"] for r in results if r["status"] != "SUCCESS"]
+        assert not failures, f"{len(failures)} of 80 failed, e.g. {failures[:3]}"
         assert all(r["result"]["model"] == "tiny-lm" for r in results)
     finally:
         first.stop()
@@ -134,7 +135,8 @@ max_length = 64
                                                  f"{last.log()[-2000:]}")
             time.sleep(0.2)
         results = [json.loads(v) for v in store.mget(keys)]
-        assert [r["status"] for r in results] == ["SUCCESS"] * len(ids)
+        failures = [r["result"] for r in results if r["status"] != "SUCCESS"]
+        assert not failures, f"{len(failures)} failed, e.g. {failures[:3]}"
         # each its own answer: the same text always gets the same vector, different texts different ones
         assert len({tuple(r["result"]["embeddings"][0]) for r in results}) == len(ids)
     finally:

@@ -230,7 +230,8 @@ class Channel(kombu_redis.Channel):
                 raise
             if self._take_sent:
                 self._take_sent = False
-                if not self._deliver_taken(reply):
+                self._take_next = self._deliver_taken(reply)  # an empty take: block on BRPOP next, not spin
+                if not self._take_next:
                     raise Empty()
                 return True
             if not reply:
