@@ -12,5 +12,7 @@ out=${OUT:-/tmp/out}; mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 inferq bench --kinds embed,classify --concurrency 64,512 --requests 4000 --processes 12 --raw-batch 128 --out "$out" 2>&1 | grep -v "through the queue"
 inferq bench --kinds embed --client inferq --coalesce-ms 5 --concurrency 512 --requests 12000 --processes 12 --raw-batch 128 --out "$out" 2>&1 | grep -v "through the queue"
+# Feed the GPU: a raw-client backlog, drained by one worker; worker CPU per message and msg/s
+inferq bench --client raw --kinds embed --backlog 50000 --worker-args "--kinds embed --name gpubench@%h" --out "$out"
 inferq bench --kinds generate --concurrency 256 --generate-requests 512 --processes 8 --out "$out" 2>&1 | grep -v "through the queue"
 ls "$out"

@@ -12,7 +12,7 @@ from producer.app import make_celery
 from producer.settings import Kind, Settings
 from workers.device.runtime import Runtime
 from workers.errors import WorkerError
-from workers.receiving import backend, control
+from workers.receiving import backend, control, serialization
 from workers.receiving.events import ThreadSafeTaskEvents
 from workers.receiving.fastpath import DrainFastPath, FastPath
 from workers.receiving.tasks import register_tasks
@@ -28,6 +28,8 @@ class WorkerApp:
         self.kinds = kinds
         self.celery: Celery = make_celery(settings, "inferq-worker")
         self.celery.loader.override_backends = backend.OVERRIDES
+        serialization.install()  # messages decoded with orjson, events encoded with it
+        self.celery.conf.event_serializer = serialization.SERIALIZER
         # counts, logs and answers messages that cannot be run (undecodable, pickled, malformed)
         self.celery.conf.worker_consumer = "workers.receiving.consumer:InferqConsumer"
         # ... and list entries that are not even messages (a stray LPUSH must not stop the worker)

@@ -34,6 +34,7 @@ worker stops first, it is logged in full at CRITICAL so nothing is lost without 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import logging
 import threading
@@ -41,12 +42,14 @@ import time
 from queue import Empty
 from typing import Any, cast
 
+import orjson
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual as kombu_virtual
 from kombu.utils.json import dumps
 
 from workers.receiving import dead_letter
 from workers.receiving.consumer import count_refused
+from workers.receiving.serialization import orjson_reads_exactly
 
 log = logging.getLogger(__name__)
 # Messages taken in one step (the prefetch limit bounds it further).
@@ -256,7 +259,12 @@ class Channel(kombu_redis.Channel):
     def _envelope(self, queue: str, item: bytes) -> dict[str, Any] | None:
         """The entry's decoded message envelope; None (and the entry dead-lettered) when it is not one."""
         try:
-            payload = json.loads(_text(item))
+            payload = None
+            if orjson_reads_exactly(item):
+                with contextlib.suppress(orjson.JSONDecodeError):  # 3 us for an envelope, against 12 us
+                    payload = orjson.loads(item)
+            if payload is None:  # the standard library accepts a little more (NaN) and names what is wrong
+                payload = json.loads(_text(item))
             problem = envelope_problem(payload)
         except (ValueError, UnicodeDecodeError) as exc:
             problem = f"the entry is not JSON ({type(exc).__name__}: {exc})"
