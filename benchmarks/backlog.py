@@ -28,7 +28,7 @@ from producer.settings import Kind, Settings
 
 PUSH_CHUNK = 1000
 RESULT_PREFIX = "celery-task-meta-"
-_TICKS = os.sysconf("SC_CLK_TCK")
+TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def process_cpu(pid: int) -> float | None:
@@ -37,7 +37,7 @@ def process_cpu(pid: int) -> float | None:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return None
-    return (int(fields[11]) + int(fields[12])) / _TICKS  # utime, stime (fields 14 and 15 of stat)
+    return (int(fields[11]) + int(fields[12])) / TICKS  # utime, stime (fields 14 and 15 of stat)
 
 
 def descendants(roots: Iterable[int]) -> dict[int, int]:
@@ -119,7 +119,7 @@ def run_backlog(settings: Settings, kind: Kind, count: int, worker_pids: list[in
     for at in range(0, count, PUSH_CHUNK):
         broker.lpush(queue, *(entry for _, entry in messages[at:at + PUSH_CHUNK]))
     pushed = time.perf_counter() - started
-    waiting = _wait_for(backend, keys, started + timeout)
+    waiting = wait_for(backend, keys, started + timeout)
     drained = time.perf_counter() - started
     cpu_after = cpu_by_process(worker_pids)
     redis_after = redis_cpu(broker)
@@ -142,7 +142,7 @@ def run_backlog(settings: Settings, kind: Kind, count: int, worker_pids: list[in
     }
 
 
-def _wait_for(backend: redis.Redis, keys: list[str], deadline: float) -> int:
+def wait_for(backend: redis.Redis, keys: list[str], deadline: float) -> int:
     """Waits until every key exists (or the deadline); how many never appeared. Results land roughly in the
     order sent, so each look reads the oldest missing keys and stops at the first chunk with none stored:
     a look costs Redis about what landed since the last one, not the whole backlog."""
