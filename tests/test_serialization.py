@@ -1,10 +1,9 @@
-"""The worker's JSON (orjson, with Kombu's as the fallback) reads and writes exactly the values Kombu's does."""
+"""The worker's JSON decoder (orjson, with Kombu's as the fallback) reads exactly the values Kombu's does."""
 
 from __future__ import annotations
 
 import datetime
 import decimal
-import json
 import math
 import uuid
 from typing import Any
@@ -23,18 +22,16 @@ PLAIN: list[Any] = [
 
 
 @pytest.mark.parametrize("value", PLAIN)
-def test_plain_values_decode_and_encode_as_kombu_does(value: Any) -> None:
+def test_plain_values_decode_as_kombu_does(value: Any) -> None:
     text = kombu_json.dumps(value)
     assert serialization.loads(text) == kombu_json.loads(text) == value
     assert serialization.loads(text.encode()) == value
-    assert json.loads(serialization.dumps(value)) == json.loads(text)
 
 
-def test_kombu_typed_values_keep_their_types_both_ways() -> None:
+def test_kombu_typed_values_keep_their_types() -> None:
     when = datetime.datetime(2026, 12, 1, 22, 44, 10, tzinfo=datetime.UTC)
     value = {"eta": when, "id": uuid.UUID(int=7), "amount": decimal.Decimal("1.50"), "raw": b"\x00\xff"}
-    encoded = serialization.dumps(value)
-    assert encoded == kombu_json.dumps(value)
+    encoded = kombu_json.dumps(value)
     assert serialization.loads(encoded) == kombu_json.loads(encoded) == value
 
 
@@ -43,5 +40,3 @@ def test_what_orjson_refuses_is_decided_by_kombu() -> None:
     assert serialization.loads('{"big": 123456789012345678901234567890}')["big"] == 123456789012345678901234567890
     with pytest.raises(ValueError, match="Expecting"):  # the standard library's error, naming the place
         serialization.loads('{"x": ')
-    assert serialization.dumps({"big": 2**70}) == kombu_json.dumps({"big": 2**70})
-    assert serialization.dumps({1: "non-string key"}) == kombu_json.dumps({1: "non-string key"})

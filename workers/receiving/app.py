@@ -28,8 +28,7 @@ class WorkerApp:
         self.kinds = kinds
         self.celery: Celery = make_celery(settings, "inferq-worker")
         self.celery.loader.override_backends = backend.OVERRIDES
-        serialization.install()  # messages decoded with orjson, events encoded with it
-        self.celery.conf.event_serializer = serialization.SERIALIZER
+        serialization.install()  # messages decoded with orjson
         # counts, logs and answers messages that cannot be run (undecodable, pickled, malformed)
         self.celery.conf.worker_consumer = "workers.receiving.consumer:InferqConsumer"
         # ... and list entries that are not even messages (a stray LPUSH must not stop the worker)
