@@ -31,13 +31,17 @@ RESULT_PREFIX = "celery-task-meta-"
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def process_cpu(pid: int) -> float | None:
-    """User + system CPU seconds of one live process; None once it is gone."""
+def stat_cpu(stat: Path) -> float | None:
+    """User + system CPU seconds from a /proc ``stat`` file (a process's or a thread's); None once it is gone."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        fields = stat.read_text().rsplit(")", 1)[1].split()
     except OSError:
         return None
     return (int(fields[11]) + int(fields[12])) / TICKS  # utime, stime (fields 14 and 15 of stat)
+
+
+def process_cpu(pid: int) -> float | None:
+    return stat_cpu(Path(f"/proc/{pid}/stat"))
 
 
 def descendants(roots: Iterable[int]) -> dict[int, int]:

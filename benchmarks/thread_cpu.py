@@ -22,21 +22,15 @@ from pathlib import Path
 
 import redis
 
-from benchmarks.backlog import PUSH_CHUNK, RESULT_PREFIX, TICKS, wait_for
+from benchmarks.backlog import PUSH_CHUNK, RESULT_PREFIX, stat_cpu, wait_for
 from benchmarks.protocol import task_message
 from producer.settings import Settings
 
 
 def thread_cpu(pid: int) -> dict[str, float]:
     """CPU seconds of each live thread of ``pid``, by thread id."""
-    seconds: dict[str, float] = {}
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        seconds[task.name] = (int(fields[11]) + int(fields[12])) / TICKS
-    return seconds
+    tasks = {task.name: stat_cpu(task / "stat") for task in Path(f"/proc/{pid}/task").iterdir()}
+    return {tid: cpu for tid, cpu in tasks.items() if cpu is not None}
 
 
 def thread_names(pid: int) -> dict[str, str]:
