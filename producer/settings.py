@@ -168,8 +168,13 @@ class Settings(BaseSettings):
 
     device: str = Field("auto", description="auto (cuda when present, else cpu), cpu, cuda, cuda:N")
     torch_threads: int | None = Field(None, ge=1, description="torch's CPU threads (default: torch's choice)")
-    device_process: bool = Field(False, description="run encoder forward passes in a child process of their own, "
-                                 "out of reach of the worker's GIL (experimental; see workers/device/process.py)")
+    device_process: bool = Field(False, description="a single worker runs its models in a device process of its "
+                                 "own (workers/device/process.py), out of reach of its GIL")
+    # Set by the launcher for each receiver of `inferq worker --receivers N`; or by hand, to point workers at
+    # an `inferq device-server` on the same host.
+    device_server: str | None = Field(None, description="the Unix socket of a device process that runs this "
+                                      "worker's model work; the worker then loads tokenizers only")
+    device_server_key: SecretStr | None = Field(None, description="the key that device process was started with")
     fast_path: bool = Field(True, description="run ordinary first deliveries without a task thread each and "
                             "answer them per batch (workers/receiving/fastpath.py); false: every message on "
                             "Celery's pool")

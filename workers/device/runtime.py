@@ -13,8 +13,7 @@ import os
 import resource
 import threading
 import time
-from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
@@ -33,13 +32,13 @@ from producer.contract import (
 )
 from producer.errors import InvalidInput, OutOfMemory, TaskTimeout, UnknownModel
 from producer.settings import Kind, Settings
-from workers.device.batching import BatchLimits
-from workers.device.loop import BatchKind, DeviceLoop
+from workers.device.loop import DeviceLoop, exit_on_stall
+from workers.device.passes import EncodeJob, Models, batch_kinds, load_models
 from workers.device.process import DeviceProcess
+from workers.device.remote import RemoteDevice
+from workers.errors import WorkerError
 from workers.models.base import ClassifyModel, EmbedModel, GenerateModel
-from workers.models.classify import SequenceClassifier, top_k, zero_shot
-from workers.models.embed import PooledEmbedder
-from workers.models.generate import CausalGenerator, Prepared
+from workers.models.classify import top_k, zero_shot
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +46,9 @@ Result = EmbedResult | ClassifyResult | GenerateResult
 # Zero-shot label vectors kept per (embedding model, label text): label sets repeat across requests, and a
 # cached label costs nothing on the device. Oldest entries go first once the cache is full.
 LABEL_CACHE_SIZE = 4096
+# A receiver waits this long for its device process to listen: it listens once its models are loaded,
+# which the first time on a host can include downloading them.
+DEVICE_PROCESS_WAIT_S = 900.0
 
 
 @dataclass
@@ -61,29 +63,34 @@ class Pending:
     limit: float
 
 
-@dataclass
-class EncodeJob:
-    """Token ids to run through an encoder; the result is one tensor row per input, in order."""
-
-    ids: list[list[int]]
-
-
 class Runtime:
     def __init__(self, settings: Settings, kinds: tuple[Kind, ...]) -> None:
         from workers.models.loading import pick_device
 
         self.settings = settings
         self.kinds = kinds
-        self.device = pick_device(settings.device)
-        self.embedders: dict[str, EmbedModel] = {}
-        self.classifiers: dict[str, ClassifyModel] = {}
-        self.generators: dict[str, GenerateModel] = {}
-        self.load_counts: Counter[str] = Counter()
+        # Model work runs in a device process (the launcher's, shared by receivers, or this worker's own
+        # child), or here on the device loop thread.
+        self.remote_device = settings.device_server is not None or settings.device_process
+        self.device = torch.device("cpu") if self.remote_device else pick_device(settings.device)
+        self.models = Models()
         self.loaded_at: float | None = None
-        self.loop: DeviceLoop | None = None
+        self.loop: DeviceLoop | RemoteDevice | None = None
         self.device_process: DeviceProcess | None = None
         self._label_vectors: dict[tuple[str, str], torch.Tensor] = {}
         self._label_lock = threading.Lock()
+
+    @property
+    def embedders(self) -> dict[str, EmbedModel]:
+        return self.models.embedders
+
+    @property
+    def classifiers(self) -> dict[str, ClassifyModel]:
+        return self.models.classifiers
+
+    @property
+    def generators(self) -> dict[str, GenerateModel]:
+        return self.models.generators
 
     # --- start-up -------------------------------------------------------------------------------------
 
@@ -92,111 +99,41 @@ class Runtime:
         started = time.perf_counter()
         if self.settings.torch_threads is not None:
             torch.set_num_threads(self.settings.torch_threads)
-        registry = self.settings.models
-        # With a device process the encoders run there; this process keeps a CPU copy for its tokenizers.
-        encoder_device = torch.device("cpu") if self.settings.device_process else self.device
-        remote: dict[str, tuple[str, str, Any]] = {}
-        if "embed" in self.kinds or "classify" in self.kinds:  # zero-shot classify runs on the embedders
-            for alias, entry in registry.embed.items():
-                self.embedders[alias] = PooledEmbedder.load(alias, entry, encoder_device)
-                self.load_counts[f"embed/{alias}"] += 1
-                remote[f"embed/{alias}"] = ("embed", alias, entry)
-        if "classify" in self.kinds:
-            for alias, entry in registry.classify.items():
-                self.classifiers[alias] = SequenceClassifier.load(alias, entry, encoder_device)
-                self.load_counts[f"classify/{alias}"] += 1
-                remote[f"classify/{alias}"] = ("classify", alias, entry)
-        if self.settings.device_process and remote:
-            self.device_process = DeviceProcess(remote, str(self.device), self.settings.torch_threads)
-        if "generate" in self.kinds:
-            for alias, entry in registry.generate.items():
-                self.generators[alias] = CausalGenerator.load(alias, entry, self.device)
-                self.load_counts[f"generate/{alias}"] += 1
-        self.loop = DeviceLoop(self._batch_kinds())
-        self.loop.start()
-        threading.Thread(target=self._watch_for_stalls, name="inferq-stall-watch", daemon=True).start()
+        # with a device process this process tokenises and builds results: tokenizers and configs only
+        self.models = load_models(self.settings, self.kinds, self.device, weights=not self.remote_device)
+        if self.remote_device:
+            self.loop = self._connect()
+        else:
+            self.loop = DeviceLoop(batch_kinds(self.settings, self.models, self.device))
+            self.loop.start()
+            threading.Thread(target=exit_on_stall, args=(self.loop, self.settings.time_limits.device_stall),
+                             name="inferq-stall-watch", daemon=True).start()
         loaded = time.perf_counter() - started
         warm_up = self.self_test()  # the first pass pays for kernel selection and allocator growth, not a user
         self.loaded_at = time.time()
         log.info("ready for %s on %s: models loaded in %.1f s, warm-up %.2f s, %s", ",".join(self.kinds),
                  self._device_label(), loaded, warm_up["seconds"], self._memory_label())
 
-    def _batch_kinds(self) -> dict[str, BatchKind]:
-        batching = self.settings.batching
-        encode = BatchLimits(batching.encode_max_texts, batching.encode_max_tokens, batching.max_wait_ms / 1000)
-        generate = BatchLimits(batching.generate_max_prompts, batching.generate_max_tokens,
-                               batching.generate_max_wait_ms / 1000)
-        kinds: dict[str, BatchKind] = {}
-        for alias, embedder in self.embedders.items():
-            kinds[f"embed/{alias}"] = BatchKind(self._encoder_runner(self._on_device(f"embed/{alias}",
-                                                                                     embedder.vectors)), encode)
-        for alias, classifier in self.classifiers.items():
-            kinds[f"classify/{alias}"] = BatchKind(
-                self._encoder_runner(self._on_device(f"classify/{alias}", classifier.probabilities)), encode)
-        for alias, generator in self.generators.items():
-            kinds[f"generate/{alias}"] = BatchKind(self._generate_runner(generator), generate)
-        return kinds
-
-    def _on_device(self, key: str, local: Any) -> Any:
-        """An encoder's forward pass: here, or in the device process when there is one."""
-        remote = self.device_process
-        if remote is None:
-            return local
-        return lambda ids, max_items, max_tokens: remote.run(key, ids, max_items, max_tokens)
-
-    def _encoder_runner(self, run: Any) -> Any:
-        batching = self.settings.batching
-
-        def runner(jobs: list[EncodeJob]) -> list[torch.Tensor]:
-            # every request's inputs in one set of length-sorted passes; each gets its own rows back
-            inputs = [ids for job in jobs for ids in job.ids]
-            with torch.inference_mode(), self._freeing_memory_on_oom():
-                self._simulate_oom(inputs)
-                rows = run(inputs, batching.encode_max_texts, batching.encode_max_tokens)
-            return list(torch.split(rows, [len(job.ids) for job in jobs]))
-
-        return runner
-
-    def _generate_runner(self, generator: GenerateModel) -> Any:
-        def runner(batch: list[Prepared]) -> list[Any]:
-            with torch.inference_mode(), self._freeing_memory_on_oom():
-                return list(generator.run(batch))
-
-        return runner
-
-    @contextlib.contextmanager
-    def _freeing_memory_on_oom(self) -> Iterator[None]:
-        # The device loop retries a failed batch in halves; give the halves the memory the failure held.
-        try:
-            yield
-        except torch.OutOfMemoryError:
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-            raise
-
-    def _simulate_oom(self, inputs: list[list[int]]) -> None:
-        limit = self.settings.fault_oom_above_tokens
-        if limit is None:  # the normal case: nothing to compute on the device loop's path
-            return
-        padded = max(len(ids) for ids in inputs) * len(inputs)
-        if padded > limit:
-            raise torch.OutOfMemoryError(f"simulated CUDA out of memory: {padded} padded tokens > {limit} "
-                                         "(fault_oom_above_tokens)")
-
-    def _watch_for_stalls(self) -> None:
-        limit = self.settings.time_limits.device_stall
-        while True:
-            time.sleep(min(5.0, limit / 4))
-            busy_since = self.loop.busy_since if self.loop else None
-            if busy_since is not None and time.monotonic() - busy_since > limit:
-                # A device that makes no progress cannot be recovered from inside: exit without acknowledging,
-                # so the broker hands this worker's messages to another, and the supervisor restarts us.
-                log.critical("the device made no progress for %.0f s (limit %g s); exiting", time.monotonic()
-                             - busy_since, limit)
-                os._exit(70)
-            if self.loop is not None and self.loop.died:
-                log.critical("the device loop thread died; exiting so the supervisor restarts this worker")
-                os._exit(70)
+    def _connect(self) -> RemoteDevice:
+        settings = self.settings
+        if settings.device_server is not None:
+            key = settings.device_server_key
+            if key is None:
+                raise WorkerError("device_server is set without device_server_key (INFERQ_DEVICE_SERVER_KEY), "
+                                  "the key the device process was started with")
+            remote = RemoteDevice(settings.device_server, key.get_secret_value().encode(), DEVICE_PROCESS_WAIT_S)
+        else:
+            own = self.device_process = DeviceProcess(settings, self.kinds, f"pid {os.getpid()}")
+            remote = RemoteDevice(own.address, own.authkey, DEVICE_PROCESS_WAIT_S, own.exitcode)
+        missing = sorted(set(self.models.keys()) - set(remote.hello["keys"]))
+        if missing:
+            remote.stop()
+            raise WorkerError(f"the device process at {remote.address} does not serve {', '.join(missing)} "
+                              f"(it serves {', '.join(remote.hello['keys']) or 'nothing'}): start both with the "
+                              "same kinds and models")
+        self.device = torch.device(remote.hello["device"])
+        log.info("model work goes to the device process %d on %s", remote.hello["pid"], remote.hello["device_label"])
+        return remote
 
     def self_test(self) -> dict[str, Any]:
         """One tiny request through every loaded model, by the same path as a task: the warm-up at start and
@@ -212,33 +149,37 @@ class Runtime:
                 "models": [f"{kind}/{kwargs['model']}" for kind, kwargs in requests]}
 
     def _device_label(self) -> str:
+        if isinstance(self.loop, RemoteDevice):
+            return f"{self.loop.hello['device_label']} in device process {self.loop.hello['pid']}"
         if self.device.type == "cuda":
             return f"{self.device} ({torch.cuda.get_device_name(self.device)})"
         return f"{self.device} ({torch.get_num_threads()} threads)"
 
     def _memory_label(self) -> str:
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and not self.remote_device:
             return f"{torch.cuda.memory_allocated(self.device) / 2**20:.0f} MiB GPU memory allocated"
         peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return f"peak RSS {peak_kib / 1024:.0f} MiB"
 
     def describe(self) -> dict[str, Any]:
         """What the worker serves, for `inferq_status` and health checks."""
-        models = {
-            kind: {alias: model.loaded.describe() for alias, model in group.items()}
-            for kind, group in (("embed", self.embedders), ("classify", self.classifiers),
-                                ("generate", self.generators))
-        }
+        remote = self.loop if isinstance(self.loop, RemoteDevice) else None
         defaults = {kind: self.settings.models.default_alias(kind) for kind in self.kinds}
-        status: dict[str, Any] = {"kinds": list(self.kinds), "device": str(self.device), "pid": os.getpid(),
-                                  "rss_mib": round(_rss_bytes() / 2**20, 1),
-                                  "ready": self.loaded_at is not None, "models": models, "defaults": defaults,
-                                  "load_counts": dict(self.load_counts)}
-        if self.loop is not None:
+        status: dict[str, Any] = {
+            "kinds": list(self.kinds), "device": str(self.device), "pid": os.getpid(),
+            "rss_mib": round(_rss_bytes() / 2**20, 1), "ready": self.loaded_at is not None,
+            # where the weights are: the device process's models when it holds them
+            "models": remote.hello["models"] if remote else self.models.describe(), "defaults": defaults,
+            "load_counts": remote.hello["load_counts"] if remote else dict(self.models.load_counts)}
+        if isinstance(self.loop, DeviceLoop):
             status["batch_sizes"] = {key: {str(size): n for size, n in sorted(hist.items())}
                                      for key, hist in self.loop.batch_sizes.items()}
             status["counts"] = dict(self.loop.counts)
-        if self.device.type == "cuda":
+        elif remote is not None:
+            # shared by every receiver of the device process: readers count each pid once
+            with contextlib.suppress(FutureTimeout):
+                status["device_process"] = remote.stats(timeout=2.0)
+        if self.device.type == "cuda" and not remote:
             status["gpu"] = torch.cuda.get_device_name(self.device)
             status["memory_allocated_mib"] = round(torch.cuda.memory_allocated(self.device) / 2**20, 1)
             status["max_memory_allocated_mib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**20, 1)

@@ -32,12 +32,12 @@ class SequenceClassifier:
 
     def __init__(self, loaded: LoadedModel) -> None:
         self.loaded = loaded
-        id2label = loaded.model.config.id2label
+        id2label = loaded.config.id2label
         self.labels = [str(id2label[i]) for i in range(len(id2label))]
 
     @classmethod
-    def load(cls, alias: str, entry: ModelEntry, device: torch.device) -> SequenceClassifier:
-        return cls(load_model("classify", alias, entry, AutoModelForSequenceClassification, device))
+    def load(cls, alias: str, entry: ModelEntry, device: torch.device, weights: bool = True) -> SequenceClassifier:
+        return cls(load_model("classify", alias, entry, AutoModelForSequenceClassification, device, weights))
 
     def tokenize(self, texts: list[str]) -> list[list[int]]:
         return tokenize(self.loaded, texts, "texts")

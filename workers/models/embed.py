@@ -16,12 +16,12 @@ DEFAULT_PASS = (64, 16384)
 class PooledEmbedder:
     def __init__(self, loaded: LoadedModel) -> None:
         self.loaded = loaded
-        self.dim = int(loaded.model.config.hidden_size)
+        self.dim = int(loaded.config.hidden_size)
         self._pooling = loaded.entry.pooling
 
     @classmethod
-    def load(cls, alias: str, entry: ModelEntry, device: torch.device) -> PooledEmbedder:
-        return cls(load_model("embed", alias, entry, AutoModel, device))
+    def load(cls, alias: str, entry: ModelEntry, device: torch.device, weights: bool = True) -> PooledEmbedder:
+        return cls(load_model("embed", alias, entry, AutoModel, device, weights))
 
     def tokenize(self, texts: list[str], what: str = "texts") -> list[list[int]]:
         """Thread-safe; raises InputTooLarge for a text over the model's token limit."""

@@ -39,15 +39,15 @@ class Completion:
 class CausalGenerator:
     def __init__(self, loaded: LoadedModel) -> None:
         self.loaded = loaded
-        tokenizer, config = loaded.tokenizer, loaded.model.generation_config
+        tokenizer, config = loaded.tokenizer, loaded.generation_config
         eos = config.eos_token_id if config.eos_token_id is not None else tokenizer.eos_token_id
         self._eos: set[int] = set(eos) if isinstance(eos, list) else ({eos} if eos is not None else set())
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(self._eos), 0)
         self._pad = int(pad)
 
     @classmethod
-    def load(cls, alias: str, entry: ModelEntry, device: torch.device) -> CausalGenerator:
-        return cls(load_model("generate", alias, entry, AutoModelForCausalLM, device))
+    def load(cls, alias: str, entry: ModelEntry, device: torch.device, weights: bool = True) -> CausalGenerator:
+        return cls(load_model("generate", alias, entry, AutoModelForCausalLM, device, weights))
 
     # --- task thread ----------------------------------------------------------------------------------
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 from tokenizers import Tokenizer
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
 
 from producer.settings import ModelEntry
 from workers.errors import ModelLoadError
@@ -68,7 +68,11 @@ class LoadedModel:
     # A private copy of the fast tokenizer, configured once (no padding; truncation only if the entry
     # asks): encoding with it never mutates it, so task threads can tokenise concurrently.
     encoder: Tokenizer
-    model: Any  # a transformers PreTrainedModel, in eval mode on `device`
+    # a transformers PreTrainedModel in eval mode on `device`; None in a receiving process, whose device
+    # process holds the weights (it tokenises and reads the config only)
+    model: Any
+    config: Any  # the model's PretrainedConfig (hidden size, labels)
+    generation_config: Any  # a generator's GenerationConfig (end-of-sequence and pad tokens); None for encoders
     device: torch.device
     dtype: torch.dtype
     load_seconds: float
@@ -98,8 +102,12 @@ def thread_safe_encoder(tokenizer: PreTrainedTokenizerBase, entry: ModelEntry, a
     return encoder
 
 
-def load_model(kind: str, alias: str, entry: ModelEntry, auto_class: Any, device: torch.device) -> LoadedModel:
-    """Load tokenizer and weights once; never with remote code, whatever the config says."""
+def load_model(kind: str, alias: str, entry: ModelEntry, auto_class: Any, device: torch.device,
+               weights: bool = True) -> LoadedModel:
+    """Load tokenizer and weights once; never with remote code, whatever the config says.
+
+    ``weights=False`` loads the tokenizer and config only, for a receiving process: it tokenises and builds
+    results, and its device process runs the model."""
     started = time.perf_counter()
     location = resolve_source(entry.source)
     dtype = pick_dtype(entry.dtype, device)
@@ -108,15 +116,31 @@ def load_model(kind: str, alias: str, entry: ModelEntry, auto_class: Any, device
         common["gguf_file"] = entry.gguf_file
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, **common)
-        model = auto_class.from_pretrained(location, dtype=dtype, **common)
+        if weights:
+            model = auto_class.from_pretrained(location, dtype=dtype, **common)
+            config, generation_config = model.config, getattr(model, "generation_config", None)
+        else:
+            model, config = None, AutoConfig.from_pretrained(location, **common)
+            generation_config = _generation_config(location, config, common) if kind == "generate" else None
     except (OSError, ValueError) as exc:
         where = location if os.path.exists(location) else f"hub id {location!r}"
         raise ModelLoadError(f"{kind} model {alias!r} could not be loaded from {where}: {exc}") from exc
-    model.to(device)
-    model.eval()
+    if model is not None:
+        model.to(device)
+        model.eval()
     seconds = time.perf_counter() - started
     loaded = LoadedModel(alias, entry, location, tokenizer, thread_safe_encoder(tokenizer, entry, alias), model,
-                         device, dtype, seconds)
-    log.info("loaded %s model %r from %s on %s (%s) in %.1f s", kind, alias, location, device,
+                         config, generation_config, device, dtype, seconds)
+    log.info("loaded %s model %r from %s %s (%s) in %.1f s", kind, alias, location,
+             f"on {device}" if weights else "(tokenizer and config; the device process holds the weights)",
              loaded.describe()["dtype"], seconds)
     return loaded
+
+
+def _generation_config(location: str, config: Any, common: dict[str, Any]) -> Any:
+    """What ``from_pretrained`` gives the model: the checkpoint's generation_config.json, else one made from
+    its config (a GGUF file, most encoders)."""
+    try:
+        return GenerationConfig.from_pretrained(location, **common)
+    except OSError:
+        return GenerationConfig.from_model_config(config)

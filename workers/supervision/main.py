@@ -10,9 +10,8 @@ from celery.utils.nodenames import host_format
 
 from producer.contract import queue_name
 from producer.settings import Kind, Settings, redact
+from workers import logs
 from workers.supervision.launcher import Launcher, plan_slots, visible_gpus
-
-LOG_FORMAT = "%(asctime)s %(levelname)s {node} %(name)s: %(message)s"
 
 
 def run_worker(settings: Settings, kinds: tuple[Kind, ...], concurrency: int | None = None,
@@ -20,8 +19,7 @@ def run_worker(settings: Settings, kinds: tuple[Kind, ...], concurrency: int | N
     from workers.receiving.app import WorkerApp  # torch comes in here, in the worker process only
 
     node_name = host_format(node_name or f"inferq@{socket.gethostname()}")  # expands %h, %n, %d as Celery does
-    # the node name on every line: a launcher's children share one log stream
-    logging.basicConfig(level=settings.log_level.upper(), format=LOG_FORMAT.format(node=node_name.replace("%", "%%")))
+    logs.configure(settings.log_level, node_name)
     logging.getLogger(__name__).info("broker %s, results %s", redact(settings.broker), redact(settings.backend))
     if settings.log_level.upper() != "DEBUG":
         # One "received" and one "succeeded" line per message (with a repr of the result) is noise at
@@ -45,7 +43,7 @@ def run_worker(settings: Settings, kinds: tuple[Kind, ...], concurrency: int | N
 def run_launcher(settings: Settings, kinds: tuple[Kind, ...], gpus: str, replicas: int,
                  concurrency: int | None = None) -> int:
     """Supervise one worker per GPU (or `replicas` CPU workers) until SIGTERM or Ctrl-C."""
-    logging.basicConfig(level=settings.log_level.upper(), format=LOG_FORMAT.format(node="launcher"))
+    logs.configure(settings.log_level, "launcher")
     slots = plan_slots(gpus, replicas, socket.gethostname(), visible_gpus)
     # Warm shutdown lets running tasks finish; none may run longer than its kind's limit.
     grace = settings.time_limits.longest + 10

@@ -1,0 +1,133 @@
+"""The models a worker serves, and what the device loop runs for each of them.
+
+Both sides of a worker load the same registry: the side that owns the device loads weights and builds one
+batch runner per model key (``embed/<alias>``, ``classify/<alias>``, ``generate/<alias>``); a receiving
+process whose device process holds the weights loads tokenizers and configs only. Keys are the same on
+both sides, so a request prepared in one process runs under its key in the other.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from producer.settings import Kind, Settings
+from workers.device.batching import BatchLimits
+from workers.device.loop import BatchKind, Runner
+from workers.models.base import ClassifyModel, EmbedModel, GenerateModel
+from workers.models.classify import SequenceClassifier
+from workers.models.embed import PooledEmbedder
+from workers.models.generate import CausalGenerator, Prepared
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EncodeJob:
+    """Token ids to run through an encoder; the result is one float32 row per input, in order."""
+
+    ids: list[list[int]]
+
+
+@dataclass
+class Models:
+    embedders: dict[str, EmbedModel] = field(default_factory=dict)
+    classifiers: dict[str, ClassifyModel] = field(default_factory=dict)
+    generators: dict[str, GenerateModel] = field(default_factory=dict)
+    load_counts: Counter[str] = field(default_factory=Counter)
+
+    def keys(self) -> list[str]:
+        return sorted([f"embed/{alias}" for alias in self.embedders]
+                      + [f"classify/{alias}" for alias in self.classifiers]
+                      + [f"generate/{alias}" for alias in self.generators])
+
+    def describe(self) -> dict[str, dict[str, Any]]:
+        return {kind: {alias: model.loaded.describe() for alias, model in group.items()}
+                for kind, group in (("embed", self.embedders), ("classify", self.classifiers),
+                                    ("generate", self.generators))}
+
+
+def load_models(settings: Settings, kinds: tuple[Kind, ...], device: torch.device, weights: bool) -> Models:
+    """Every model the served kinds need. Zero-shot classify runs on the embedders, so classify loads them too."""
+    registry, models = settings.models, Models()
+    if "embed" in kinds or "classify" in kinds:
+        for alias, entry in registry.embed.items():
+            models.embedders[alias] = PooledEmbedder.load(alias, entry, device, weights)
+            models.load_counts[f"embed/{alias}"] += 1
+    if "classify" in kinds:
+        for alias, entry in registry.classify.items():
+            models.classifiers[alias] = SequenceClassifier.load(alias, entry, device, weights)
+            models.load_counts[f"classify/{alias}"] += 1
+    if "generate" in kinds:
+        for alias, entry in registry.generate.items():
+            models.generators[alias] = CausalGenerator.load(alias, entry, device, weights)
+            models.load_counts[f"generate/{alias}"] += 1
+    return models
+
+
+def batch_kinds(settings: Settings, models: Models, device: torch.device) -> dict[str, BatchKind]:
+    """One batch runner per model key, under the batching settings."""
+    batching = settings.batching
+    encode = BatchLimits(batching.encode_max_texts, batching.encode_max_tokens, batching.max_wait_ms / 1000)
+    generate = BatchLimits(batching.generate_max_prompts, batching.generate_max_tokens,
+                           batching.generate_max_wait_ms / 1000)
+    passes = Passes(settings, device)
+    kinds: dict[str, BatchKind] = {}
+    for alias, embedder in models.embedders.items():
+        kinds[f"embed/{alias}"] = BatchKind(passes.encoder(embedder.vectors), encode)
+    for alias, classifier in models.classifiers.items():
+        kinds[f"classify/{alias}"] = BatchKind(passes.encoder(classifier.probabilities), encode)
+    for alias, generator in models.generators.items():
+        kinds[f"generate/{alias}"] = BatchKind(passes.generator(generator), generate)
+    return kinds
+
+
+class Passes:
+    def __init__(self, settings: Settings, device: torch.device) -> None:
+        self.settings = settings
+        self.device = device
+
+    def encoder(self, run: Any) -> Runner:
+        batching = self.settings.batching
+
+        def runner(jobs: list[EncodeJob]) -> list[torch.Tensor]:
+            # every request's inputs in one set of length-sorted passes; each gets its own rows back
+            inputs = [ids for job in jobs for ids in job.ids]
+            with torch.inference_mode(), self._freeing_memory_on_oom():
+                self._simulate_oom(inputs)
+                rows = run(inputs, batching.encode_max_texts, batching.encode_max_tokens)
+            return list(torch.split(rows, [len(job.ids) for job in jobs]))
+
+        return runner
+
+    def generator(self, generator: GenerateModel) -> Runner:
+        def runner(batch: list[Prepared]) -> list[Any]:
+            with torch.inference_mode(), self._freeing_memory_on_oom():
+                return list(generator.run(batch))
+
+        return runner
+
+    @contextlib.contextmanager
+    def _freeing_memory_on_oom(self) -> Iterator[None]:
+        # The device loop retries a failed batch in halves; give the halves the memory the failure held.
+        try:
+            yield
+        except torch.OutOfMemoryError:
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            raise
+
+    def _simulate_oom(self, inputs: list[list[int]]) -> None:
+        limit = self.settings.fault_oom_above_tokens
+        if limit is None:  # the normal case: nothing to compute on the device loop's path
+            return
+        padded = max(len(ids) for ids in inputs) * len(inputs)
+        if padded > limit:
+            raise torch.OutOfMemoryError(f"simulated CUDA out of memory: {padded} padded tokens > {limit} "
+                                         "(fault_oom_above_tokens)")

@@ -1,0 +1,154 @@
+"""A receiving process's handle on its device process: the same ``submit`` as a local device loop.
+
+Each prepared request gets a future here at once; a sender thread sends everything submitted since its
+last send in one message, and a reader thread resolves the futures from the outcomes that come back (the
+wire protocol is in workers/device/server.py). Nothing waits on a batch-mate here: the device process
+does the batching, across every receiver it serves.
+
+If the device process goes away, this process exits at once with code 70 and without acknowledging
+anything: what it held goes back to the queue after the visibility timeout, and the launcher restarts the
+device process and its receivers. Answering each held message with an error instead would lose them.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from multiprocessing.connection import Client, Connection
+from typing import Any
+
+import numpy as np
+import torch
+
+from workers.device.loop import EXIT_DEVICE_FAILED
+from workers.errors import WorkerError
+
+log = logging.getLogger(__name__)
+
+
+class DeviceProcessUnreachable(WorkerError):
+    """No device process answered at the address within the wait."""
+
+
+class RemoteDevice:
+    # what the stall watch reads on a local loop; the device process watches its own device
+    busy_since: float | None = None
+    died = False
+
+    def __init__(self, address: str, authkey: bytes, wait_s: float,
+                 exited: Callable[[], int | None] = lambda: None) -> None:
+        self.address = address
+        self._conn = _connect(address, authkey, wait_s, exited)
+        tag, self.hello = self._conn.recv()
+        if tag != "hello":
+            raise DeviceProcessUnreachable(f"the device process at {address} answered {tag!r}, not hello")
+        self._ids = itertools.count()
+        self._futures: dict[int, Future[Any]] = {}
+        self._waiting: collections.deque[tuple[Any, ...]] = collections.deque()
+        self._wake = threading.Condition()
+        self._closing = False
+        threading.Thread(target=self._send_loop, name="inferq-device-sender", daemon=True).start()
+        threading.Thread(target=self._read_loop, name="inferq-device-reader", daemon=True).start()
+
+    def submit(self, key: str, payload: Any, items: int, longest: int, timeout: float) -> Future[Any]:
+        future: Future[Any] = Future()
+        with self._wake:
+            request_id = next(self._ids)
+            self._futures[request_id] = future
+            self._waiting.append((request_id, key, payload, items, longest, timeout))
+            self._wake.notify()
+        return future
+
+    def stats(self, timeout: float = 5.0) -> dict[str, Any]:
+        """The device process's batch sizes and counters (for ``inferq_status``)."""
+        future: Future[Any] = Future()
+        with self._wake:
+            request_id = next(self._ids)
+            self._futures[request_id] = future
+            self._waiting.append(("stats", request_id))
+            self._wake.notify()
+        result: dict[str, Any] = future.result(timeout=timeout)
+        return result
+
+    def stop(self) -> None:
+        self._closing = True
+        with self._wake:
+            self._wake.notify()
+        self._conn.close()
+
+    def _send_loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._waiting and not self._closing:
+                    self._wake.wait()
+                if self._closing:
+                    return
+                waiting, self._waiting = list(self._waiting), collections.deque()
+            submits = [item for item in waiting if item[0] != "stats"]
+            try:
+                if submits:
+                    self._conn.send(("submit", submits))
+                for item in waiting:
+                    if item[0] == "stats":
+                        self._conn.send(item)
+            except (OSError, ValueError) as exc:
+                self._lost(exc)
+
+    def _read_loop(self) -> None:
+        while True:
+            try:
+                tag, body = self._conn.recv()
+            except (EOFError, OSError) as exc:
+                self._lost(exc)
+                return
+            if tag == "stats":
+                request_id, stats = body
+                self._resolve(request_id, True, stats)
+                continue
+            for request_id, ok, value in body:
+                self._resolve(request_id, ok, torch.from_numpy(value) if isinstance(value, np.ndarray) else value)
+
+    def _resolve(self, request_id: int, ok: bool, value: Any) -> None:
+        with self._wake:
+            future = self._futures.pop(request_id, None)
+        if future is None or not future.set_running_or_notify_cancel():
+            return  # its caller gave up on it (a time limit)
+        if ok:
+            future.set_result(value)
+        else:
+            future.set_exception(value)
+
+    def _lost(self, exc: BaseException) -> None:
+        if self._closing:
+            return
+        log.critical("the device process is gone (%s, %s: %s); this worker exits without acknowledging, so its "
+                     "messages are handed out again", self.address, type(exc).__name__, exc)
+        os._exit(EXIT_DEVICE_FAILED)
+
+
+def _connect(address: str, authkey: bytes, wait_s: float, exited: Callable[[], int | None]) -> Connection:
+    """Connect, waiting for a device process that is still loading its models (it listens once loaded).
+    ``exited``: the device process's exit code if this process started it and it has already ended."""
+    deadline = time.monotonic() + wait_s
+    announced = False
+    while True:
+        try:
+            return Client(address, "AF_UNIX", authkey=authkey)
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            code = exited()
+            if code is not None:
+                raise DeviceProcessUnreachable(f"the device process exited with code {code} before it listened "
+                                               f"at {address}; its log above says why") from None
+            if time.monotonic() > deadline:
+                raise DeviceProcessUnreachable(f"no device process listens at {address} after {wait_s:g} s: "
+                                               f"{exc}") from None
+            if not announced:
+                log.info("waiting for the device process at %s", address)
+                announced = True
+            time.sleep(0.2)

@@ -1,0 +1,174 @@
+"""The device process: the one process per device that holds the models' weights and runs every batch.
+
+Receiving processes (Celery workers) take messages, validate and tokenise them, and send the prepared
+requests here over a Unix socket; this process batches them across all its receivers in one device loop
+and sends each request's outcome back. CUDA is initialised here only, so no receiver pays for a CUDA
+context or contends for the device, and no receiver's GIL stands between the device and its next batch.
+
+Wire protocol (``multiprocessing.connection``, pickled tuples, authenticated with a shared key):
+- server → receiver, once on connect: ``("hello", {...})``: pid, device, the model keys served, models.
+- receiver → server: ``("submit", [(request id, key, payload, items, longest, timeout s), ...])``;
+  everything the receiver prepared since its last send, so hand-offs go per batch of requests.
+- server → receiver: ``("done", [(request id, ok, value), ...])``: every outcome finished since the last
+  send. ``value`` is a float32 numpy array for encoders, a Completion for generate, or the exception.
+- receiver → server ``("stats", request id)``; server → receiver ``("stats", (request id, {...}))``.
+Why this channel: measured in benchmarks/handoff.py and written in the README.
+
+The server keeps running while receivers come and go (a receiver that dies is restarted and reconnects);
+a receiver whose server is gone exits, leaving its messages unacknowledged for the queue to hand out again.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import logging
+import os
+import pickle
+import threading
+import time
+from concurrent.futures import Future
+from multiprocessing.connection import Connection, Listener
+from typing import Any
+
+import torch
+
+from producer.settings import Kind, Settings
+from workers.device.loop import DeviceLoop, exit_on_stall
+from workers.device.passes import batch_kinds, load_models
+from workers.models.loading import pick_device
+
+log = logging.getLogger(__name__)
+
+
+class DeviceServer:
+    def __init__(self, settings: Settings, kinds: tuple[Kind, ...], address: str, authkey: bytes) -> None:
+        self.settings = settings
+        self.kinds = kinds
+        self.address = address
+        self.authkey = authkey
+        self.loop: DeviceLoop | None = None
+        self.hello: dict[str, Any] = {}
+        self.connections = 0
+
+    def load(self) -> None:
+        started = time.perf_counter()
+        if self.settings.torch_threads is not None:
+            torch.set_num_threads(self.settings.torch_threads)
+        device = pick_device(self.settings.device)
+        models = load_models(self.settings, self.kinds, device, weights=True)
+        self.loop = DeviceLoop(batch_kinds(self.settings, models, device))
+        self.loop.start()
+        threading.Thread(target=exit_on_stall, args=(self.loop, self.settings.time_limits.device_stall),
+                         name="inferq-stall-watch", daemon=True).start()
+        label = (f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda"
+                 else f"{device} ({torch.get_num_threads()} threads)")
+        self.hello = {"pid": os.getpid(), "device": str(device), "device_label": label, "keys": models.keys(),
+                      "models": models.describe(), "load_counts": dict(models.load_counts)}
+        log.info("device process ready on %s: %s loaded in %.1f s", label, ", ".join(models.keys()),
+                 time.perf_counter() - started)
+
+    def serve(self, until_first_client_leaves: bool = False) -> None:
+        """Accept receivers until killed; ``until_first_client_leaves``: the worker-owned child, which ends
+        with its one receiver (its parent)."""
+        if os.path.exists(self.address):
+            os.unlink(self.address)  # a socket left by a device process that was killed
+        with Listener(self.address, "AF_UNIX", authkey=self.authkey) as listener:
+            log.info("device process %d listens on %s", os.getpid(), self.address)
+            while True:
+                try:
+                    conn = listener.accept()
+                except Exception as exc:  # a client with the wrong key, or one gone mid-handshake
+                    log.warning("refused a connection to the device process: %s", exc)
+                    continue
+                self.connections += 1
+                if until_first_client_leaves:
+                    self._serve_connection(conn)
+                    return
+                threading.Thread(target=self._serve_connection, args=(conn,), daemon=True,
+                                 name=f"inferq-receiver-{self.connections}").start()
+
+    def _serve_connection(self, conn: Connection) -> None:
+        assert self.loop is not None
+        outbox = _Outbox(conn)
+        try:
+            conn.send(("hello", self.hello))
+            while True:
+                tag, body = conn.recv()
+                if tag == "submit":
+                    for request_id, key, payload, items, longest, timeout in body:
+                        future = self.loop.submit(key, payload, items, longest, timeout)
+                        future.add_done_callback(functools.partial(outbox.put, request_id))
+                elif tag == "stats":
+                    outbox.put_stats(body, {"pid": os.getpid(), "batch_sizes": {
+                        key: {str(size): n for size, n in sorted(hist.items())}
+                        for key, hist in self.loop.batch_sizes.items()}, "counts": dict(self.loop.counts)})
+        except (EOFError, OSError):
+            pass  # the receiver is gone: what it had in flight runs, and its answers go nowhere
+        finally:
+            outbox.close()
+            conn.close()
+
+
+class _Outbox:
+    """Outcomes waiting to go back to one receiver, sent together by one thread."""
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+        self._done: collections.deque[tuple[int, Future[Any]]] = collections.deque()
+        self._stats: collections.deque[tuple[int, dict[str, Any]]] = collections.deque()
+        self._wake = threading.Condition()
+        self._closed = False
+        threading.Thread(target=self._run, name="inferq-outbox", daemon=True).start()
+
+    def put(self, request_id: int, future: Future[Any]) -> None:
+        with self._wake:
+            self._done.append((request_id, future))
+            self._wake.notify()
+
+    def put_stats(self, request_id: int, stats: dict[str, Any]) -> None:
+        with self._wake:
+            self._stats.append((request_id, stats))
+            self._wake.notify()
+
+    def close(self) -> None:
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not self._done and not self._stats and not self._closed:
+                    self._wake.wait()
+                if self._closed:
+                    return
+                done, self._done = list(self._done), collections.deque()
+                stats, self._stats = list(self._stats), collections.deque()
+            try:
+                if done:
+                    self._conn.send(("done", [_outcome(request_id, future) for request_id, future in done]))
+                for item in stats:
+                    self._conn.send(("stats", item))
+            except (OSError, ValueError):
+                return  # the receiver is gone
+
+
+def _outcome(request_id: int, future: Future[Any]) -> tuple[int, bool, Any]:
+    exc = future.exception()
+    if exc is None:
+        value = future.result()
+        # numpy, not a tensor: torch registers shared-memory reducers for tensors with this pickler
+        return request_id, True, value.numpy() if isinstance(value, torch.Tensor) else value
+    try:
+        pickle.dumps(exc)
+    except Exception:
+        exc = RuntimeError(f"{type(exc).__name__}: {exc}")
+    return request_id, False, exc
+
+
+def run_device_server(settings: Settings, kinds: tuple[Kind, ...], address: str, authkey: bytes,
+                      until_first_client_leaves: bool = False) -> None:
+    server = DeviceServer(settings, kinds, address, authkey)
+    server.load()
+    server.serve(until_first_client_leaves)
