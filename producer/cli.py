@@ -146,17 +146,25 @@ def generate(prompt: str | None, chat: bool, system: str | None, max_new_tokens:
 @click.option("--name", help="Celery node name, e.g. embed1@%h (default: inferq@<host>); single worker only")
 @click.option("--gpus", help="supervise one worker per GPU: all, none (CPU) or ids like 0,2")
 @click.option("--replicas", type=int, help="with --gpus none: how many CPU workers (default 1)")
-def worker(kinds: str, concurrency: int | None, name: str | None, gpus: str | None, replicas: int | None) -> None:
+@click.option("--receivers", type=click.IntRange(min=1),
+              help="with --gpus: receiving processes per device, sharing one device process (default on GPUs: "
+                   "from the cores per GPU; on --gpus none: one whole worker)")
+def worker(kinds: str, concurrency: int | None, name: str | None, gpus: str | None, replicas: int | None,
+           receivers: int | None) -> None:
     """Start workers on this machine.
 
     Without --gpus: this process is one worker on INFERQ_DEVICE (for a container or service manager that
-    supervises it). With --gpus: this process supervises one worker per GPU (gpu0@host, ...) or --replicas
-    CPU workers (cpu0@host, ...), restarts any that dies, and stops them all on SIGTERM or Ctrl-C.
+    supervises it). With --gpus: this process supervises, per GPU, a device process and its receivers
+    (gpu0@host, or gpu0-r1@host, ... with --receivers above 1), or --replicas whole CPU workers
+    (cpu0@host, ...); it restarts any that dies, and stops them all on SIGTERM or Ctrl-C.
     """
     chosen = _parse_kinds(kinds)
     if gpus is None:
         if replicas is not None:
             raise click.BadParameter("--replicas needs --gpus none", param_hint="--replicas")
+        if receivers is not None:
+            raise click.BadParameter("--receivers needs --gpus (all, none or ids): the launcher starts the device "
+                                     "process and its receivers", param_hint="--receivers")
         from workers.supervision.main import run_worker
 
         run_worker(Settings(), chosen, concurrency=concurrency, node_name=name)
@@ -168,9 +176,24 @@ def worker(kinds: str, concurrency: int | None, name: str | None, gpus: str | No
     from workers.supervision.main import run_launcher
 
     try:
-        sys.exit(run_launcher(Settings(), chosen, gpus, replicas or 1, concurrency))
+        sys.exit(run_launcher(Settings(), chosen, gpus, replicas or 1, concurrency, receivers))
     except LaunchError as exc:
-        raise click.BadParameter(str(exc), param_hint="--gpus/--replicas") from None
+        raise click.BadParameter(str(exc), param_hint="--gpus/--replicas/--receivers") from None
+
+
+@main.command("device-server")
+@click.option("--listen", required=True, help="the Unix socket path to listen on (workers: INFERQ_DEVICE_SERVER)")
+@click.option("--kinds", default=",".join(KINDS), show_default=True, help="comma-separated kinds to serve")
+@click.option("--name", default="device", show_default=True, help="the name on its log lines")
+def device_server(listen: str, kinds: str, name: str) -> None:
+    """Hold the models on INFERQ_DEVICE and run the model work of the workers that connect.
+
+    `inferq worker --gpus ... --receivers N` starts these itself. By hand: start one with
+    INFERQ_DEVICE_SERVER_KEY set, and workers with INFERQ_DEVICE_SERVER=<socket> and the same key.
+    """
+    from workers.supervision.main import run_device_server_process
+
+    run_device_server_process(Settings(), _parse_kinds(kinds), listen, name)
 
 
 @main.command()

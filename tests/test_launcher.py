@@ -19,7 +19,7 @@ import redis
 from producer.client import Client
 from producer.settings import Settings
 from tests.conftest import ARTIFACTS, REDIS_HOST, REDIS_PORT, ROOT, worker_env
-from workers.supervision.launcher import LaunchError, Slot, plan_slots
+from workers.supervision.launcher import Launcher, LaunchError, Slot, default_receivers, plan_slots, split_slots
 
 DB = 12  # the launcher's workers must not take the session worker's messages (database 13), nor it theirs
 URL = f"redis://{REDIS_HOST}:{REDIS_PORT}/{DB}"
@@ -54,6 +54,50 @@ def test_all_and_ids_pin_one_worker_to_each_gpu() -> None:
 def test_impossible_requests_say_what_is_wrong(gpus: str, replicas: int, present: list[str], message: str) -> None:
     with pytest.raises(LaunchError, match=message):
         plan_slots(gpus, replicas, "h", lambda: present)
+
+
+def test_receivers_share_one_device_process_per_device() -> None:
+    slots = plan_slots("0,1", 1, "h", lambda: ["0", "1"])
+    assert split_slots(slots, 2, "/run/x") == [
+        Slot("gpu0-device", "0", "cuda:0", listen="/run/x/gpu0.sock"),
+        # receivers never see the GPU: only the device process initialises CUDA
+        Slot("gpu0-r1@h", "", "cuda:0", device_server="/run/x/gpu0.sock"),
+        Slot("gpu0-r2@h", "", "cuda:0", device_server="/run/x/gpu0.sock"),
+        Slot("gpu1-device", "1", "cuda:0", listen="/run/x/gpu1.sock"),
+        Slot("gpu1-r1@h", "", "cuda:0", device_server="/run/x/gpu1.sock"),
+        Slot("gpu1-r2@h", "", "cuda:0", device_server="/run/x/gpu1.sock")]
+    # one receiver keeps the whole worker's node name
+    assert [s.name for s in split_slots(plan_slots("none", 1, "h", list), 1, "/d")] == ["cpu0-device", "cpu0@h"]
+    with pytest.raises(LaunchError, match="--receivers must be at least 1"):
+        split_slots(slots, 0, "/d")
+
+
+def test_default_receivers_leave_a_core_to_each_device_process() -> None:
+    assert [default_receivers(cores, 1) for cores in (1, 2, 4, 16, 64)] == [1, 1, 3, 8, 8]
+    assert default_receivers(16, 8) == 1 and default_receivers(32, 4) == 7
+
+
+def test_receivers_run_no_torch_threads_and_know_their_device_process() -> None:
+    launcher = Launcher(split_slots(plan_slots("none", 1, "h", list), 2, "/d"), ("embed",), None, 5.0,
+                        torch_threads=2, device_key="k")
+    device, receiver = launcher.children[0].slot, launcher.children[1].slot
+    assert launcher.command(device)[3:] == ["device-server", "--listen", "/d/cpu0.sock", "--kinds", "embed",
+                                            "--name", "cpu0-device"]
+    env = launcher.environment(receiver)
+    assert (env["INFERQ_DEVICE_SERVER"], env["INFERQ_DEVICE_SERVER_KEY"]) == ("/d/cpu0.sock", "k")
+    assert (env["INFERQ_TORCH_THREADS"], env["OMP_NUM_THREADS"], env["CUDA_VISIBLE_DEVICES"]) == ("1", "1", "")
+    assert launcher.environment(device)["INFERQ_DEVICE_SERVER_KEY"] == "k"
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--receivers", "2"], "--receivers needs --gpus"),
+    (["--gpus", "none", "--replicas", "2", "--receivers", "2"], "use one or the other"),
+])
+def test_the_command_line_refuses_receivers_it_cannot_plan(args: list[str], message: str) -> None:
+    done = subprocess.run([sys.executable, "-m", "producer.cli", "worker", *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=60)
+    assert done.returncode == 2
+    assert message in done.stderr
 
 
 def test_the_command_line_refuses_gpus_this_machine_lacks() -> None:

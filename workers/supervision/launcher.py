@@ -1,9 +1,14 @@
-"""Supervise one worker process per GPU (or N on a CPU host): start them, restart the ones that die, stop
-them all on SIGTERM or Ctrl-C.
+"""Supervise the worker processes of this machine: start them, restart the ones that die, stop them all
+on SIGTERM or Ctrl-C.
+
+Per device (a GPU, or the CPU) either one whole worker, or one device process that holds the models and
+N receivers (Celery workers that take, tokenise and answer messages) that send it their model work over a
+Unix socket. A device process that dies takes its receivers with it (SIGKILL: whatever they held stays
+unacknowledged and is handed out again), and all of them start again.
 
 The launcher never imports torch: it counts GPUs with ``nvidia-smi``, and each child is a fresh process
-(exec, not a fork of this one) that sees only its own GPU through ``CUDA_VISIBLE_DEVICES``. So CUDA is
-initialised only inside the children, once each, and nothing forks after it.
+(exec, not a fork of this one) that sees only its own GPU through ``CUDA_VISIBLE_DEVICES`` (receivers see
+none). So CUDA is initialised only inside the children, once each, and nothing forks after it.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import contextlib
 import ctypes
 import logging
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -38,11 +44,43 @@ class LaunchError(Exception):
 
 @dataclass(frozen=True)
 class Slot:
-    """One worker process to keep running: its node name and the device it may see."""
+    """One process to keep running: a worker (its Celery node name) or a device process, and its device."""
 
     name: str
     visible_devices: str  # CUDA_VISIBLE_DEVICES for the child; "" hides every GPU
     device: str  # the child's INFERQ_DEVICE
+    listen: str | None = None  # a device process: the socket it listens on
+    device_server: str | None = None  # a receiver: its device process's socket
+
+    @property
+    def is_device_process(self) -> bool:
+        return self.listen is not None
+
+
+MAX_DEFAULT_RECEIVERS = 8
+
+
+def default_receivers(cores: int, devices: int) -> int:
+    """Receivers per GPU when --receivers is not given: a core each, one core left to the device process."""
+    return min(MAX_DEFAULT_RECEIVERS, max(1, cores // max(1, devices) - 1))
+
+
+def split_slots(slots: list[Slot], receivers: int, folder: str) -> list[Slot]:
+    """Each worker slot as one device process and ``receivers`` receivers of it.
+
+    With one receiver it keeps the worker's node name (gpu0@host); with more they are gpu0-r1@host, ...
+    """
+    if receivers < 1:
+        raise LaunchError(f"--receivers must be at least 1; got {receivers}")
+    split: list[Slot] = []
+    for slot in slots:
+        base, _, host = slot.name.partition("@")
+        socket_path = f"{folder}/{base}.sock"
+        split.append(Slot(f"{base}-device", slot.visible_devices, slot.device, listen=socket_path))
+        names = [slot.name] if receivers == 1 else [f"{base}-r{i}@{host}" for i in range(1, receivers + 1)]
+        # receivers never touch the device: they see no GPU at all
+        split.extend(Slot(name, "", slot.device, device_server=socket_path) for name in names)
+    return split
 
 
 def plan_slots(gpus: str, replicas: int, host: str, available: Callable[[], list[str]]) -> list[Slot]:
@@ -105,31 +143,46 @@ class Child:
     restarts: int = 0
     backoff: float = BACKOFF_FIRST_S
     restart_at: float | None = None
+    taken_down: bool = False  # killed because its device process died: restart at once, no backoff
 
 
 class Launcher:
     """Keeps one process running per slot until told to stop."""
 
     def __init__(self, slots: Sequence[Slot], kinds: tuple[Kind, ...], concurrency: int | None,
-                 shutdown_grace: float, torch_threads: int | None = None) -> None:
+                 shutdown_grace: float, torch_threads: int | None = None, device_key: str | None = None) -> None:
         self.children = [Child(slot) for slot in slots]
         self.kinds = kinds
         self.concurrency = concurrency
         self.shutdown_grace = shutdown_grace
         self.torch_threads = torch_threads
+        # shared by the device processes and their receivers only (the socket is also only theirs to open)
+        self.device_key = device_key or secrets.token_hex(32)
         self._stop = threading.Event()
         self._signals = 0
 
     # --- one child ------------------------------------------------------------------------------------
 
     def command(self, slot: Slot) -> list[str]:
-        argv = [sys.executable, "-m", "producer.cli", "worker", "--name", slot.name, "--kinds", ",".join(self.kinds)]
+        kinds = ",".join(self.kinds)
+        if slot.listen is not None:
+            return [sys.executable, "-m", "producer.cli", "device-server", "--listen", slot.listen, "--kinds", kinds,
+                    "--name", slot.name]
+        argv = [sys.executable, "-m", "producer.cli", "worker", "--name", slot.name, "--kinds", kinds]
         if self.concurrency is not None:
             argv += ["--concurrency", str(self.concurrency)]
         return argv
 
     def environment(self, slot: Slot) -> dict[str, str]:
         env = dict(os.environ, CUDA_VISIBLE_DEVICES=slot.visible_devices, INFERQ_DEVICE=slot.device)
+        if slot.device_server is not None:
+            # A receiver runs no model: torch's thread pools (and OpenMP's spinning threads, measured at
+            # 540-618 us of CPU per message) would only take cores from the device process and the others.
+            env.update(INFERQ_DEVICE_SERVER=slot.device_server, INFERQ_DEVICE_SERVER_KEY=self.device_key,
+                       INFERQ_TORCH_THREADS="1", OMP_NUM_THREADS="1")
+            return env
+        if slot.listen is not None:
+            env["INFERQ_DEVICE_SERVER_KEY"] = self.device_key
         if slot.device == "cpu" and "INFERQ_TORCH_THREADS" not in os.environ and self.torch_threads:
             # N CPU workers each using every core would fight over them; share the cores out instead.
             env["INFERQ_TORCH_THREADS"] = str(self.torch_threads)
@@ -156,7 +209,9 @@ class Launcher:
         if code is None:
             return
         ran = now - child.started_at
-        if ran >= STABLE_AFTER_S:
+        if child.taken_down:
+            delay, child.taken_down = 0.0, False
+        elif ran >= STABLE_AFTER_S:
             delay, child.backoff = 0.0, BACKOFF_FIRST_S
         else:
             delay, child.backoff = child.backoff, min(child.backoff * 2, BACKOFF_MAX_S)
@@ -164,6 +219,19 @@ class Launcher:
                   child.process.pid, _describe_exit(code), ran, delay)
         child.process = None
         child.restart_at = now + delay
+        if child.slot.listen is not None:
+            self._take_down_receivers(child.slot.listen)
+
+    def _take_down_receivers(self, socket_path: str) -> None:
+        """A device process died: its receivers cannot run anything. SIGKILL, not a warm shutdown, so that
+        nothing they held is acknowledged; the queue hands it out again after the visibility timeout."""
+        for receiver in self.children:
+            if receiver.slot.device_server == socket_path and receiver.process is not None \
+                    and receiver.process.poll() is None:
+                log.warning("killing %s (pid %d): its device process is gone", receiver.slot.name,
+                            receiver.process.pid)
+                receiver.taken_down = True
+                receiver.process.kill()
 
     # --- the whole set --------------------------------------------------------------------------------
 
@@ -184,31 +252,36 @@ class Launcher:
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self._signals += 1
         if self._signals == 1:
-            log.warning("%s: warm shutdown of %d workers (running tasks finish; unstarted ones go back to the "
+            log.warning("%s: warm shutdown of %d processes (running tasks finish; unstarted ones go back to the "
                         "queue); signal again to stop at once", signal.Signals(signum).name, len(self.children))
             self._stop.set()
         else:
             log.warning("second signal: cold shutdown")
             self._send(signal.SIGQUIT)
 
-    def _send(self, sig: int) -> None:
-        for child in self.children:
+    def _send(self, sig: int, children: Sequence[Child] | None = None) -> None:
+        for child in self.children if children is None else children:
             if child.process is not None and child.process.poll() is None:
                 child.process.send_signal(sig)
 
     def _shutdown(self) -> int:
-        self._send(signal.SIGTERM)  # Celery's warm shutdown
-        deadline = time.monotonic() + self.shutdown_grace
-        for child in self.children:
-            if child.process is None:
-                continue
-            try:
-                child.process.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                # Late acknowledgement: whatever it still held is redelivered after the visibility timeout.
-                log.error("%s did not stop within %.0f s; killing it", child.slot.name, self.shutdown_grace)
-                child.process.kill()
-                child.process.wait()
+        # Workers first (Celery's warm shutdown: what they run finishes, on their device processes), then
+        # the device processes, once nothing needs them.
+        workers = [child for child in self.children if not child.slot.is_device_process]
+        devices = [child for child in self.children if child.slot.is_device_process]
+        for group in (workers, devices):
+            self._send(signal.SIGTERM, group)
+            deadline = time.monotonic() + self.shutdown_grace
+            for child in group:
+                if child.process is None:
+                    continue
+                try:
+                    child.process.wait(timeout=max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    # Late acknowledgement: whatever it still held is redelivered after the visibility timeout.
+                    log.error("%s did not stop within %.0f s; killing it", child.slot.name, self.shutdown_grace)
+                    child.process.kill()
+                    child.process.wait()
         log.info("all workers stopped")
         return 0
 

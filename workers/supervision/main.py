@@ -4,14 +4,24 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import socket
+import tempfile
 
 from celery.utils.nodenames import host_format
 
 from producer.contract import queue_name
 from producer.settings import Kind, Settings, redact
 from workers import logs
-from workers.supervision.launcher import Launcher, plan_slots, visible_gpus
+from workers.errors import WorkerError
+from workers.supervision.launcher import (
+    Launcher,
+    LaunchError,
+    default_receivers,
+    plan_slots,
+    split_slots,
+    visible_gpus,
+)
 
 
 def run_worker(settings: Settings, kinds: tuple[Kind, ...], concurrency: int | None = None,
@@ -41,14 +51,45 @@ def run_worker(settings: Settings, kinds: tuple[Kind, ...], concurrency: int | N
 
 
 def run_launcher(settings: Settings, kinds: tuple[Kind, ...], gpus: str, replicas: int,
-                 concurrency: int | None = None) -> int:
-    """Supervise one worker per GPU (or `replicas` CPU workers) until SIGTERM or Ctrl-C."""
+                 concurrency: int | None = None, receivers: int | None = None) -> int:
+    """Supervise one worker per GPU (or `replicas` CPU workers), or per device a device process and its
+    `receivers`, until SIGTERM or Ctrl-C."""
     logs.configure(settings.log_level, "launcher")
+    log = logging.getLogger("inferq.launcher")
     slots = plan_slots(gpus, replicas, socket.gethostname(), visible_gpus)
+    if receivers is not None and replicas != 1:
+        raise LaunchError("--replicas starts whole CPU workers, each with its own models; --receivers shares one "
+                          "device process between receivers: use one or the other")
+    cores = os.cpu_count() or 1
+    on_gpus = bool(slots) and slots[0].device != "cpu"
+    devices = len(slots)
+    if receivers is None and on_gpus:
+        receivers = default_receivers(cores, devices)
+        log.info("%d receivers per GPU (chosen from %d cores for %d GPUs; --receivers to choose)", receivers, cores,
+                 devices)
+    folder = None
+    if receivers is not None:
+        # the sockets live where only this user can reach them; the key keeps out any other process anyway
+        folder = tempfile.mkdtemp(prefix="inferq-")
+        slots = split_slots(slots, receivers, folder)
     # Warm shutdown lets running tasks finish; none may run longer than its kind's limit.
     grace = settings.time_limits.longest + 10
-    cores = os.cpu_count() or 1
-    launcher = Launcher(slots, kinds, concurrency, grace, torch_threads=max(1, cores // len(slots)))
-    logging.getLogger("inferq.launcher").info("supervising %s for %s", ", ".join(s.name for s in slots),
-                                              ",".join(kinds))
-    return launcher.run()
+    launcher = Launcher(slots, kinds, concurrency, grace, torch_threads=max(1, cores // devices))
+    log.info("supervising %s for %s", ", ".join(s.name for s in slots), ",".join(kinds))
+    try:
+        return launcher.run()
+    finally:
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def run_device_server_process(settings: Settings, kinds: tuple[Kind, ...], listen: str, name: str) -> None:
+    """`inferq device-server`: the device process of receivers on this host (the launcher starts one per
+    device for --receivers; or start it by hand, with the same INFERQ_DEVICE_SERVER_KEY as its workers)."""
+    from workers.device.server import run_device_server  # torch comes in here
+
+    logs.configure(settings.log_level, name)
+    key = settings.device_server_key
+    if key is None:
+        raise WorkerError("inferq device-server needs INFERQ_DEVICE_SERVER_KEY: the key its workers send")
+    run_device_server(settings, kinds, listen, key.get_secret_value().encode())
