@@ -80,9 +80,22 @@ def worker_status(client: Client) -> dict[str, Any]:
     return merged
 
 
+def device_loops(statuses: dict[str, Any]) -> dict[str, Any]:
+    """Each device loop once: a whole worker's own, or a device process that its receivers all report."""
+    loops: dict[str, Any] = {}
+    for node, status in statuses.items():
+        shared = status.get("device_process")
+        if shared is not None:
+            loops[f"device process {shared['pid']}"] = shared
+        elif "batch_sizes" in status:
+            loops[node] = status
+    return loops
+
+
 def batch_histogram(before: dict[str, Any], after: dict[str, Any]) -> dict[str, int]:
     """Batches the workers ran between two status reads: requests per batch -> how many batches."""
     histogram: dict[str, int] = {}
+    before, after = device_loops(before), device_loops(after)
     for node, status in after.items():
         for key, sizes in status.get("batch_sizes", {}).items():
             earlier = before.get(node, {}).get("batch_sizes", {}).get(key, {})
@@ -96,6 +109,7 @@ def batch_histogram(before: dict[str, Any], after: dict[str, Any]) -> dict[str, 
 def device_time(before: dict[str, Any], after: dict[str, Any], elapsed: float) -> dict[str, float]:
     """The workers' device threads between two status reads: busy fraction and milliseconds per batch."""
     busy = batches = 0
+    before, after = device_loops(before), device_loops(after)
     for node, status in after.items():
         earlier = before.get(node, {}).get("counts", {})
         for name, value in status.get("counts", {}).items():

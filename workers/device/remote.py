@@ -13,12 +13,13 @@ device process and its receivers. Answering each held message with an error inst
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from multiprocessing.connection import Client, Connection
 from typing import Any
@@ -53,6 +54,9 @@ class RemoteDevice:
         self._waiting: collections.deque[tuple[Any, ...]] = collections.deque()
         self._wake = threading.Condition()
         self._closing = False
+        self._held = threading.local()
+        # how well hand-offs batch: requests sent, and the sends that carried them (inferq_status)
+        self.sent = {"requests": 0, "sends": 0}
         threading.Thread(target=self._send_loop, name="inferq-device-sender", daemon=True).start()
         threading.Thread(target=self._read_loop, name="inferq-device-reader", daemon=True).start()
 
@@ -62,8 +66,26 @@ class RemoteDevice:
             request_id = next(self._ids)
             self._futures[request_id] = future
             self._waiting.append((request_id, key, payload, items, longest, timeout))
-            self._wake.notify()
+            if not getattr(self._held, "on", False):
+                self._wake.notify()
         return future
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """Submits from this thread inside the block wait for the next ``flush()`` instead of waking the
+        sender: the consumer prepares every message of a take, then flushes once (at its event loop's
+        next turn), so they go to the device process in one send. Without it the sender woke for each
+        message and sent 3 requests per send on average (20,000-message backlog, one receiver)."""
+        self._held.on = True
+        try:
+            yield
+        finally:
+            self._held.on = False
+
+    def flush(self) -> None:
+        with self._wake:
+            if self._waiting:
+                self._wake.notify()
 
     def stats(self, timeout: float = 5.0) -> dict[str, Any]:
         """The device process's batch sizes and counters (for ``inferq_status``)."""
@@ -94,6 +116,8 @@ class RemoteDevice:
             try:
                 if submits:
                     self._conn.send(("submit", submits))
+                    self.sent["requests"] += len(submits)
+                    self.sent["sends"] += 1
                 for item in waiting:
                     if item[0] == "stats":
                         self._conn.send(item)

@@ -177,6 +177,7 @@ class Runtime:
             status["counts"] = dict(self.loop.counts)
         elif remote is not None:
             # shared by every receiver of the device process: readers count each pid once
+            status["hand_offs"] = dict(remote.sent)
             with contextlib.suppress(FutureTimeout):
                 status["device_process"] = remote.stats(timeout=2.0)
         if self.device.type == "cuda" and not remote:
@@ -190,6 +191,15 @@ class Runtime:
             self.loop.stop()
         if self.device_process is not None:
             self.device_process.close()
+
+    def hand_off_held(self) -> contextlib.AbstractContextManager[None]:
+        """Requests begun inside are sent to the device process at the next ``flush_hand_offs()``, together;
+        with the device loop in this process, nothing to hold."""
+        return self.loop.held() if isinstance(self.loop, RemoteDevice) else contextlib.nullcontext()
+
+    def flush_hand_offs(self) -> None:
+        if isinstance(self.loop, RemoteDevice):
+            self.loop.flush()
 
     # --- serving (task threads) -----------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ expiry, a revoked id, a message that is not protocol-2 JSON, or anything this pa
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import itertools
 import logging
@@ -91,6 +92,7 @@ class FastPath:
         self._idle = threading.Condition(self._lock)
         self._order = itertools.count()
         self._thread: threading.Thread | None = None
+        self._ticking = False  # the consumer's event loop calls _flush_device every turn
 
     # --- the consumer's side ----------------------------------------------------------------------------
 
@@ -101,6 +103,10 @@ class FastPath:
         def start_strategy(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Callable[..., Any]:
             slow = default_strategy(task, app, consumer, **kwargs)
             fast._consumer = consumer
+            hub = getattr(consumer, "hub", None)
+            if hub is not None:
+                hub.on_tick.add(fast._flush_device)  # a set: one entry however many kinds
+                fast._ticking = True
             revoked = consumer.controller.state.revoked
 
             def handle(message: Any, body: Any, ack: Any, reject: Any, callbacks: Any, **options: Any) -> Any:
@@ -152,8 +158,11 @@ class FastPath:
                          or saferepr(kwargs), root_id=headers.get("root_id"), parent_id=headers.get("parent_id"),
                          retries=headers.get("retries", 0), eta=None, expires=None)
         self._send_event("task-started", uuid=task.task_id)
+        runtime = self._runtime()
         try:
-            pending = self._runtime().begin(kind, args, kwargs)
+            # held until the event loop's next turn flushes them; without an event loop, sent at once
+            with runtime.hand_off_held() if self._ticking else contextlib.nullcontext():
+                pending = runtime.begin(kind, args, kwargs)
         except Exception as exc:  # bad input: InvalidInput, UnknownModel, ...; answered at once
             task.done, task.outcome = True, exc
             self._hand_over(task)
@@ -162,6 +171,12 @@ class FastPath:
         task.deadline = time.monotonic() + pending.limit
         pending.future.add_done_callback(lambda _: self._hand_over(task))
         self._hand_over(task, deadline_only=True)
+
+    def _flush_device(self) -> None:
+        """Once per turn of the consumer's event loop: send what this turn's messages prepared."""
+        runtime = self._runtime_or_none()
+        if runtime is not None:
+            runtime.flush_hand_offs()
 
     def _hand_over(self, task: _Task, deadline_only: bool = False) -> None:
         self._ensure_finisher()

@@ -226,11 +226,12 @@ class Launcher:
         """A device process died: its receivers cannot run anything. SIGKILL, not a warm shutdown, so that
         nothing they held is acknowledged; the queue hands it out again after the visibility timeout."""
         for receiver in self.children:
-            if receiver.slot.device_server == socket_path and receiver.process is not None \
-                    and receiver.process.poll() is None:
+            if receiver.slot.device_server != socket_path or receiver.process is None:
+                continue
+            receiver.taken_down = True  # most exit by themselves (code 70) the moment the socket closes
+            if receiver.process.poll() is None:
                 log.warning("killing %s (pid %d): its device process is gone", receiver.slot.name,
                             receiver.process.pid)
-                receiver.taken_down = True
                 receiver.process.kill()
 
     # --- the whole set --------------------------------------------------------------------------------

@@ -74,7 +74,9 @@ def run_launcher(settings: Settings, kinds: tuple[Kind, ...], gpus: str, replica
         slots = split_slots(slots, receivers, folder)
     # Warm shutdown lets running tasks finish; none may run longer than its kind's limit.
     grace = settings.time_limits.longest + 10
-    launcher = Launcher(slots, kinds, concurrency, grace, torch_threads=max(1, cores // devices))
+    # CPU devices share the cores: whole workers split them; a device process leaves one to each receiver
+    torch_threads = max(1, cores // devices - (receivers or 0))
+    launcher = Launcher(slots, kinds, concurrency, grace, torch_threads=torch_threads)
     log.info("supervising %s for %s", ", ".join(s.name for s in slots), ",".join(kinds))
     try:
         return launcher.run()
