@@ -80,6 +80,7 @@ class SucceededCounter:
 
     def __init__(self, url: str) -> None:
         self.count = 0
+        self.all_events = 0  # every task event, of any type
         self._pubsub = redis.Redis.from_url(url).pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
         # "/<db>.celeryev/task.succeeded" with Celery's default fanout prefix, "celeryev/..." without one
         self._pubsub.psubscribe("*celeryev/task.*")
@@ -96,6 +97,7 @@ class SucceededCounter:
             events = orjson.loads(base64.b64decode(envelope["body"]))
             for event in events if isinstance(events, list) else [events]:
                 self.count += event.get("type") == "task-succeeded"
+                self.all_events += 1
 
     def close(self) -> None:
         self._stop.set()

@@ -128,12 +128,19 @@ def start_worker(log_path: Path, worker_args: list[str] | None = None) -> subpro
                             stdout=log, stderr=subprocess.STDOUT)
 
 
-def wait_ready(client: Client, process: subprocess.Popen[bytes] | None, timeout: float = 300) -> None:
+def wait_ready(client: Client, process: subprocess.Popen[bytes] | None, timeout: float = 300,
+               settle: float = 5.0) -> None:
+    """Until a worker is ready and no more have become ready for ``settle`` seconds: a launcher's receivers
+    come up one by one, and a measurement that started with the first would be one receiver's."""
     deadline = time.monotonic() + timeout
+    ready, since = 0, time.monotonic()
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
             raise SystemExit(f"the worker exited with {process.returncode}")
-        if any(status.get("ready") for status in worker_status(client).values()):
+        now_ready = sum(bool(status.get("ready")) for status in worker_status(client).values())
+        if now_ready != ready:
+            ready, since = now_ready, time.monotonic()
+        elif ready and time.monotonic() - since >= settle:
             return
         time.sleep(0.5)
     raise SystemExit("no worker became ready")
@@ -218,7 +225,9 @@ def run_backlog_bench(kinds: tuple[Kind, ...], count: int, start: bool, out_dir:
         wait_ready(client, worker)
         # the launcher's children (or the one worker) and everything under them: a started worker's tree, or
         # the pids the live workers report
-        pids = [worker.pid] if worker is not None else [int(s["pid"]) for s in worker_status(client).values()]
+        pids = [worker.pid] if worker is not None else sorted(
+            {int(s["pid"]) for s in worker_status(client).values()}
+            | {int(s["device_process"]["pid"]) for s in worker_status(client).values() if "device_process" in s})
         for kind in kinds:
             report["kinds"][kind] = run_backlog(settings, kind, count, pids)
     finally:

@@ -74,3 +74,13 @@ def test_results_are_plain_json_with_the_same_floats_and_odd_values_still_stored
     odd_id = str(uuid.uuid4())
     app.backend.store_result(odd_id, {"price": Decimal("1.5")}, "SUCCESS")
     assert app.AsyncResult(odd_id).get(timeout=5) == {"price": Decimal("1.5")}  # kombu's tagged form, round trip
+
+
+def test_results_are_stored_after_redis_forgot_the_store_script(app: Celery, redis_client: redis.Redis) -> None:
+    # a restarted Redis has no scripts: the batch is stored anyway, and still never over a success
+    first, second = str(uuid.uuid4()), str(uuid.uuid4())
+    app.backend.store_successes([(first, {"answer": 1})])
+    redis_client.script_flush()
+    app.backend.store_successes([(first, {"answer": "late"}), (second, {"answer": 2})])
+    assert stored(redis_client, first)["result"] == {"answer": 1}
+    assert stored(redis_client, second)["result"] == {"answer": 2}

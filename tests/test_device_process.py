@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -108,3 +109,39 @@ def test_a_worker_whose_device_process_dies_exits_and_leaves_its_messages_for_an
         other.close()
         store.flushdb()
         store.close()
+
+
+def test_a_receiver_refuses_a_device_process_without_its_models_or_its_key(tmp_path: Path,
+                                                                           tiny_models: dict[str, Path]) -> None:
+    """A receiver must never answer from a device process that serves other models (start both with the same
+    kinds and registry), and a process without the key cannot connect at all."""
+    from multiprocessing import AuthenticationError
+
+    from workers.device.remote import RemoteDevice
+    from workers.device.runtime import Runtime
+    from workers.device.server import DeviceServer
+    from workers.errors import WorkerError
+
+    tiny = {"source": str(tiny_models["classifier"]), "max_length": 64}
+    served = Settings.model_validate({"device": "cpu", "models": {"embed": {"tiny": tiny}, "classify": {},
+                                                                  "generate": {}}})
+    address, key = str(tmp_path / "device.sock"), "the-key"
+    server = DeviceServer(served, ("embed",), address, key.encode())
+    server.load()
+    threading.Thread(target=server.serve, daemon=True).start()
+    with pytest.raises(AuthenticationError):
+        RemoteDevice(address, b"another key", wait_s=30)
+    wanting = Settings.model_validate({"device_server": address, "device_server_key": key, "models": {
+        "embed": {"tiny": tiny}, "classify": {"tiny-sentiment": tiny}, "generate": {}}})
+    with pytest.raises(WorkerError, match="does not serve classify/tiny-sentiment"):
+        Runtime(wanting, ("embed", "classify")).load()
+    # the same registry and kinds: it answers, with the vectors the device process computed
+    matching = Settings.model_validate({"device_server": address, "device_server_key": key, "models": {
+        "embed": {"tiny": tiny}, "classify": {}, "generate": {}}})
+    runtime = Runtime(matching, ("embed",))
+    runtime.load()
+    try:
+        result = runtime.handle("embed", (), {"texts": ["one", "two"]})
+        assert result["dim"] == 32 and len(result["embeddings"]) == 2
+    finally:
+        runtime.close()

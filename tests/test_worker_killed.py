@@ -106,6 +106,7 @@ max_length = 64
     keys = [f"celery-task-meta-{task_id}" for task_id in ids]
     store.lpush("embed", *(entry for _, entry in messages))
     last: WorkerProcess | None = None
+    doomed: WorkerProcess | None = None
     try:
         for kill in range(6):
             doomed = WorkerProcess(env, ARTIFACTS / f"taking-{kill}.log", f"taking-{kill}-{os.getpid()}@localhost",
@@ -116,14 +117,17 @@ max_length = 64
                 assert doomed.process.poll() is None and time.monotonic() < deadline, doomed.log()[-2000:]
                 time.sleep(0.01)
             # The moment it acknowledges a batch, room frees and it takes the next messages: kill it there.
-            held = store.zcard("unacked_index")
-            while store.zcard("unacked_index") >= held:
-                held = min(held, store.zcard("unacked_index"))
+            # (The first drop in its unacknowledged count; waiting for a new lowest count instead could last
+            # until the backlog ran out, and leave nothing for the next worker to take.)
+            previous = store.zcard("unacked_index")
+            while (current := store.zcard("unacked_index")) >= previous:
+                previous = current
                 assert time.monotonic() < deadline, doomed.log()[-2000:]
             time.sleep(kill * 0.0005)
             doomed.process.send_signal(signal.SIGKILL)
             doomed.process.wait(timeout=10)
             doomed.stop()
+            assert store.llen("embed"), f"kill {kill}: the backlog ran out before the kill; nothing was tested"
             places = whereabouts(store, ids, ("embed",))
             gone = [task_id for task_id, place in places.items() if place == "gone"]
             assert not gone, f"kill {kill}: {len(gone)} messages lost: {whereabouts_report(store, ids, ('embed',))}"
@@ -140,7 +144,8 @@ max_length = 64
         # each its own answer: the same text always gets the same vector, different texts different ones
         assert len({tuple(r["result"]["embeddings"][0]) for r in results}) == len(ids)
     finally:
-        if last is not None:
-            last.stop()
+        for worker in (doomed, last):  # a failed assertion must not leave a worker on this database
+            if worker is not None:
+                worker.stop()
         store.flushdb()
         store.close()

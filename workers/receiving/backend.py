@@ -19,6 +19,7 @@ from typing import Any
 import orjson
 from celery.backends.redis import RedisBackend
 from celery.exceptions import BackendStoreError
+from redis.exceptions import NoScriptError
 
 from producer.errors import InferqError
 
@@ -90,11 +91,21 @@ class InferqRedisBackend(RedisBackend):  # type: ignore[misc]
         self.ensure(self._store_all, (items, expires))
 
     def _store_all(self, items: list[tuple[Any, Any]], expires: int) -> None:
+        # EVALSHA by hand: a script called through a pipeline makes redis-py send SCRIPT EXISTS first, an
+        # extra round trip per batch. If Redis lost its scripts (a restart), none of the batch ran: load the
+        # script and send the batch again.
         script = self._store_script()
-        with self.client.pipeline(transaction=False) as pipe:
-            for key, value in items:
-                script(keys=[key], args=[value, expires], client=pipe)
-            pipe.execute()
+        for attempt in (1, 2):
+            with self.client.pipeline(transaction=False) as pipe:
+                for key, value in items:
+                    pipe.evalsha(script.sha, 1, key, value, expires)
+                try:
+                    pipe.execute()
+                    return
+                except NoScriptError:
+                    if attempt == 2:
+                        raise
+                    self.client.script_load(_STORE_UNLESS_SUCCEEDED)
 
 
 OVERRIDES = {

@@ -13,7 +13,6 @@ whether an event holds a value orjson writes differently (a UUID) cost more (6 u
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import orjson
@@ -22,13 +21,16 @@ from kombu.utils import json as kombu_json
 
 CONTENT_TYPE = "application/json"
 _TYPED_MARKER = b'"__type__"'
-_LONG_DIGITS = re.compile(rb"\d{19}")
+# Every digit read as "0", then a search for 19 zeros: 1 us for a task envelope, where a regex for a run of
+# 19 digits took 10-13 us (twice per message: the envelope, then the body).
+_DIGITS_AS_ZERO = bytes(ord("0") if ord("0") <= byte <= ord("9") else byte for byte in range(256))
+_LONG_RUN = b"0" * 19
 
 
 def orjson_reads_exactly(raw: bytes) -> bool:
     """Whether orjson gives the values the standard library would (or refuses): no typed values, no integer
     too long for 64 bits (a false alarm only costs the slower decoder)."""
-    return _TYPED_MARKER not in raw and _LONG_DIGITS.search(raw) is None
+    return _TYPED_MARKER not in raw and _LONG_RUN not in raw.translate(_DIGITS_AS_ZERO)
 
 
 def loads(data: bytes | bytearray | memoryview | str) -> Any:
