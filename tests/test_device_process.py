@@ -141,7 +141,7 @@ def test_a_receiver_refuses_a_device_process_without_its_models_or_its_key(tmp_p
     runtime = Runtime(matching, ("embed",))
     runtime.load()
     try:
-        result = runtime.handle("embed", (), {"texts": ["one", "two"]})
+        result = runtime.handle("embed", (), {"texts": ["one", "two"], "model": "tiny"})
         assert result["dim"] == 32 and len(result["embeddings"]) == 2
     finally:
         runtime.close()
