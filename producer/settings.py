@@ -191,6 +191,12 @@ class Settings(BaseSettings):
     max_deliveries: int = Field(3, ge=1, description="deliveries of a message whose workers died each time, "
                                 "after which it fails with PoisonMessage and goes to the dead-letter list")
     task_events: bool = Field(True, description="workers send task events (Flower counts every message)")
+    # Three events per message (received, started, succeeded) is what Flower's task states and the dashboard's
+    # executing panel need; a host answering more messages a second than Flower takes in a third of can send
+    # one (`benchmarks/flower_events.py` measures the intake).
+    task_events_detail: Literal["all", "outcomes"] = Field("all", description="fast-path messages send "
+                                                           "task-received, -started and the outcome (all), or "
+                                                           "only task-succeeded/-failed (outcomes)")
     task_sent_events: bool = Field(False, description="producers send a task-sent event per message (Flower shows "
                                    "queued tasks; a second publish per message)")
     embedded_redis: Literal["auto", "never"] = "auto"

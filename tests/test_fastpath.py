@@ -75,3 +75,43 @@ def test_a_warm_shutdown_answers_what_the_fast_path_holds(tmp_path: Path) -> Non
         client.close()
         store.flushdb()
         store.close()
+
+
+def test_outcome_events_only_send_one_named_event_per_message(tmp_path: Path, tiny_models: dict[str, Path]) -> None:
+    """task_events_detail = outcomes: each fast-path message sends its task-succeeded event alone, carrying
+    the task's name (Flower names and counts the task from it), and no task-received or task-started."""
+    import base64
+    import json
+    from collections import Counter
+
+    store = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=DB)
+    store.flushdb()
+    config = tmp_path / "inferq.toml"
+    config.write_text(f'task_events_detail = "outcomes"\n[models.embed.tiny]\nsource = '
+                      f'{json.dumps(str(tiny_models["classifier"]))}\nmax_length = 64\n[models]\nclassify = {{}}\n'
+                      "generate = {}\n")
+    worker = WorkerProcess(worker_env(config, URL), ARTIFACTS / "fastpath-outcomes-worker.log",
+                           f"fastpath-outcomes-{os.getpid()}@localhost", ("--kinds", "embed"))
+    client = Client(Settings(redis_url=URL, result_timeout=60))
+    events = store.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+    try:
+        worker.wait_ready(client)
+        events.psubscribe("*celeryev/task.*")
+        handles = [client.submit_embed([f"outcome {i}"], model="tiny") for i in range(20)]
+        assert all(handle.get()["dim"] == 32 for handle in handles)
+        seen: Counter[tuple[str, str]] = Counter()
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            message = events.get_message(timeout=0.2)
+            if message is None:
+                continue
+            body = json.loads(base64.b64decode(json.loads(message["data"])["body"]))
+            for event in body if isinstance(body, list) else [body]:
+                seen[(event["type"], event.get("name", ""))] += 1
+        assert seen == Counter({("task-succeeded", "inferq.embed"): 20}), seen
+    finally:
+        events.close()
+        worker.stop()
+        client.close()
+        store.flushdb()
+        store.close()

@@ -153,12 +153,13 @@ class FastPath:
         task = _Task(headers["id"], name, message, time.monotonic(), order=next(self._order))
         with self._lock:
             self._in_flight += 1
-        self._send_event("task-received", uuid=task.task_id, name=name,
-                         args=headers.get("argsrepr") or saferepr(args), kwargs=headers.get("kwargsrepr")
-                         or saferepr(kwargs), root_id=headers.get("root_id"), parent_id=headers.get("parent_id"),
-                         retries=headers.get("retries", 0), eta=None, expires=None)
-        self._send_event("task-started", uuid=task.task_id)
         runtime = self._runtime()
+        if runtime.settings.task_events_detail == "all":
+            self._send_event("task-received", uuid=task.task_id, name=name,
+                             args=headers.get("argsrepr") or saferepr(args), kwargs=headers.get("kwargsrepr")
+                             or saferepr(kwargs), root_id=headers.get("root_id"), parent_id=headers.get("parent_id"),
+                             retries=headers.get("retries", 0), eta=None, expires=None)
+            self._send_event("task-started", uuid=task.task_id)
         try:
             # held until the event loop's next turn flushes them; without an event loop, sent at once
             with runtime.hand_off_held() if self._ticking else contextlib.nullcontext():
@@ -288,17 +289,20 @@ class FastPath:
             except Exception:
                 log.exception("could not store the failure of task %s; its message comes back later", task.task_id)
         now = time.monotonic()
+        # with outcomes only, no task-received told Flower the task's name: the outcome carries it
+        named: dict[str, str] | None = {} if self._runtime().settings.task_events_detail == "all" else None
         for task in stored:
+            extra = named if named is not None else {"name": task.name}
             if isinstance(task.outcome, BaseException):
                 exc = task.outcome
                 if isinstance(exc, InferqError):
                     log.info("Task %s[%s] raised expected: %s", task.name, task.task_id, exc)
                 else:
                     log.error("Task %s[%s] raised unexpected: %r", task.name, task.task_id, exc)
-                self._send_event("task-failed", uuid=task.task_id, exception=saferepr(exc), traceback=None)
+                self._send_event("task-failed", uuid=task.task_id, exception=saferepr(exc), traceback=None, **extra)
             else:
                 self._send_event("task-succeeded", uuid=task.task_id, runtime=now - task.started,
-                                 result=_result_repr.repr(task.outcome)[:RESULT_REPR_MAXSIZE])
+                                 result=_result_repr.repr(task.outcome)[:RESULT_REPR_MAXSIZE], **extra)
         self._acknowledge(stored)
         with self._idle:
             self._in_flight -= len(tasks)
