@@ -223,6 +223,13 @@ class Settings(BaseSettings):
                              f"({longest:g} s), or a task still running would be handed to a second worker")
         return self
 
+    @model_validator(mode="after")
+    def _device_server_has_its_key(self) -> Settings:
+        if self.device_server is not None and self.device_server_key is None:
+            raise ValueError("device_server is set without device_server_key (INFERQ_DEVICE_SERVER_KEY): the key "
+                             "its device process was started with")
+        return self
+
     @property
     def broker(self) -> str:
         return self.broker_url or self.redis_url

@@ -135,6 +135,11 @@ def test_a_receiver_refuses_a_device_process_without_its_models_or_its_key(tmp_p
         "embed": {"tiny": tiny}, "classify": {"tiny-sentiment": tiny}, "generate": {}}})
     with pytest.raises(WorkerError, match="does not serve classify/tiny-sentiment"):
         Runtime(wanting, ("embed", "classify")).load()
+    other = {**tiny, "max_length": 32}  # the same alias with another token limit is another model
+    differing = Settings.model_validate({"device_server": address, "device_server_key": key, "models": {
+        "embed": {"tiny": other}, "classify": {}, "generate": {}}})
+    with pytest.raises(WorkerError, match="does not serve embed/tiny as this worker configures it"):
+        Runtime(differing, ("embed",)).load()
     # the same registry and kinds: it answers, with the vectors the device process computed
     matching = Settings.model_validate({"device_server": address, "device_server_key": key, "models": {
         "embed": {"tiny": tiny}, "classify": {}, "generate": {}}})

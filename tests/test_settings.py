@@ -88,3 +88,9 @@ def test_importing_the_producer_imports_no_torch_or_transformers() -> None:
             "print(heavy); sys.exit(1 if heavy else 0)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_a_device_server_needs_its_key() -> None:
+    with pytest.raises(ValidationError, match="device_server is set without device_server_key"):
+        Settings(device_server="/run/inferq/gpu0.sock")
+    assert Settings(device_server="/run/inferq/gpu0.sock", device_server_key="k").device_server_key is not None

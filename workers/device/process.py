@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import multiprocessing.connection
+import os
 import secrets
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 
 from producer.settings import Kind, Settings
@@ -38,7 +41,7 @@ class DeviceProcess:
         return self._process.exitcode
 
     def close(self) -> None:
-        self._process.join(timeout=30)  # it ends once our connection is closed
+        self._process.join(timeout=10)  # it ends once our connection is shut down
         if self._process.is_alive():
             self._process.kill()
         shutil.rmtree(self._folder, ignore_errors=True)
@@ -46,4 +49,16 @@ class DeviceProcess:
 
 def _child(settings: Settings, kinds: tuple[Kind, ...], address: str, authkey: bytes, node: str) -> None:
     logs.configure(settings.log_level, f"{node} device")
+    threading.Thread(target=_exit_with_parent, args=(str(Path(address).parent),), daemon=True).start()
     run_device_server(settings, kinds, address, authkey, until_first_client_leaves=True)
+
+
+def _exit_with_parent(folder: str) -> None:
+    """A worker killed before it connected (while this loads, say) would leave this process holding the
+    weights, GPU memory included, with nobody to serve: end with it, and take the socket folder along."""
+    parent = mp.parent_process()
+    if parent is None:
+        return
+    multiprocessing.connection.wait([parent.sentinel])
+    shutil.rmtree(folder, ignore_errors=True)
+    os._exit(0)

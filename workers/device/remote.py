@@ -17,6 +17,7 @@ import contextlib
 import itertools
 import logging
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -31,6 +32,8 @@ from workers.device.loop import EXIT_DEVICE_FAILED
 from workers.errors import WorkerError
 
 log = logging.getLogger(__name__)
+# How long held submits wait for the consumer's flush at most (it normally comes within microseconds).
+HOLD_MAX_S = 0.002
 
 
 class DeviceProcessUnreachable(WorkerError):
@@ -45,13 +48,11 @@ class RemoteDevice:
     def __init__(self, address: str, authkey: bytes, wait_s: float,
                  exited: Callable[[], int | None] = lambda: None) -> None:
         self.address = address
-        self._conn = _connect(address, authkey, wait_s, exited)
-        tag, self.hello = self._conn.recv()
-        if tag != "hello":
-            raise DeviceProcessUnreachable(f"the device process at {address} answered {tag!r}, not hello")
+        self._conn, self.hello = _connect(address, authkey, wait_s, exited)
         self._ids = itertools.count()
         self._futures: dict[int, Future[Any]] = {}
         self._waiting: collections.deque[tuple[Any, ...]] = collections.deque()
+        self._send_at = 0.0  # when what is waiting must go (monotonic): now, or the end of a hold
         self._wake = threading.Condition()
         self._closing = False
         self._held = threading.local()
@@ -62,11 +63,19 @@ class RemoteDevice:
 
     def submit(self, key: str, payload: Any, items: int, longest: int, timeout: float) -> Future[Any]:
         future: Future[Any] = Future()
+        now = time.monotonic()
         with self._wake:
             request_id = next(self._ids)
             self._futures[request_id] = future
-            self._waiting.append((request_id, key, payload, items, longest, timeout))
+            # the deadline travels as the time left when sent: the device process's clock starts then
+            self._waiting.append((request_id, key, payload, items, longest, now + timeout))
             if not getattr(self._held, "on", False):
+                self._send_at = now
+                self._wake.notify()
+            elif len(self._waiting) == 1:
+                # the first of a held group: sent at the flush, or after HOLD_MAX_S if no flush comes (a
+                # consumer stopping between turns of its loop must not strand what it prepared)
+                self._send_at = now + HOLD_MAX_S
                 self._wake.notify()
         return future
 
@@ -85,6 +94,7 @@ class RemoteDevice:
     def flush(self) -> None:
         with self._wake:
             if self._waiting:
+                self._send_at = time.monotonic()
                 self._wake.notify()
 
     def stats(self, timeout: float = 5.0) -> dict[str, Any]:
@@ -94,6 +104,7 @@ class RemoteDevice:
             request_id = next(self._ids)
             self._futures[request_id] = future
             self._waiting.append(("stats", request_id))
+            self._send_at = time.monotonic()
             self._wake.notify()
         result: dict[str, Any] = future.result(timeout=timeout)
         return result
@@ -102,18 +113,26 @@ class RemoteDevice:
         self._closing = True
         with self._wake:
             self._wake.notify()
+        # Shut the socket down before closing it: closing alone does not wake the reader blocked on it, and
+        # the device process would not see its receiver leave.
+        with contextlib.suppress(OSError):
+            socket.socket(fileno=os.dup(self._conn.fileno())).shutdown(socket.SHUT_RDWR)
         self._conn.close()
 
     def _send_loop(self) -> None:
-        while True:
-            with self._wake:
-                while not self._waiting and not self._closing:
-                    self._wake.wait()
-                if self._closing:
-                    return
-                waiting, self._waiting = list(self._waiting), collections.deque()
-            submits = [item for item in waiting if item[0] != "stats"]
-            try:
+        try:
+            while True:
+                with self._wake:
+                    while not self._closing and (not self._waiting or time.monotonic() < self._send_at):
+                        self._wake.wait(timeout=max(0.0, self._send_at - time.monotonic()) if self._waiting
+                                        else None)
+                    if self._closing:
+                        return
+                    waiting, self._waiting = list(self._waiting), collections.deque()
+                now = time.monotonic()
+                submits = [(rid, key, payload, items, longest, deadline - now)
+                           for rid, key, payload, items, longest, deadline in
+                           (item for item in waiting if item[0] != "stats")]
                 if submits:
                     self._conn.send(("submit", submits))
                     self.sent["requests"] += len(submits)
@@ -121,14 +140,14 @@ class RemoteDevice:
                 for item in waiting:
                     if item[0] == "stats":
                         self._conn.send(item)
-            except (OSError, ValueError) as exc:
-                self._lost(exc)
+        except Exception as exc:  # a lost socket, or anything else: never leave requests waiting forever
+            self._lost(exc)
 
     def _read_loop(self) -> None:
         while True:
             try:
                 tag, body = self._conn.recv()
-            except (EOFError, OSError) as exc:
+            except Exception as exc:  # EOF or a reset, or an outcome that cannot be unpickled here
                 self._lost(exc)
                 return
             if tag == "stats":
@@ -156,15 +175,25 @@ class RemoteDevice:
         os._exit(EXIT_DEVICE_FAILED)
 
 
-def _connect(address: str, authkey: bytes, wait_s: float, exited: Callable[[], int | None]) -> Connection:
-    """Connect, waiting for a device process that is still loading its models (it listens once loaded).
-    ``exited``: the device process's exit code if this process started it and it has already ended."""
+def _connect(address: str, authkey: bytes, wait_s: float,
+             exited: Callable[[], int | None]) -> tuple[Connection, dict[str, Any]]:
+    """Connect and read the hello, waiting for a device process that is still loading its models (it
+    listens once loaded) or restarting. ``exited``: the device process's exit code if this process started
+    it and it has already ended."""
     deadline = time.monotonic() + wait_s
     announced = False
     while True:
         try:
-            return Client(address, "AF_UNIX", authkey=authkey)
-        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            conn = Client(address, "AF_UNIX", authkey=authkey)
+            try:
+                tag, hello = conn.recv()
+            except BaseException:
+                conn.close()
+                raise
+            if tag != "hello":
+                raise DeviceProcessUnreachable(f"the device process at {address} answered {tag!r}, not hello")
+            return conn, hello
+        except (FileNotFoundError, ConnectionError, EOFError) as exc:  # not listening yet, or gone mid-handshake
             code = exited()
             if code is not None:
                 raise DeviceProcessUnreachable(f"the device process exited with code {code} before it listened "

@@ -119,20 +119,24 @@ class Runtime:
     def _connect(self) -> RemoteDevice:
         settings = self.settings
         if settings.device_server is not None:
-            key = settings.device_server_key
-            if key is None:
-                raise WorkerError("device_server is set without device_server_key (INFERQ_DEVICE_SERVER_KEY), "
-                                  "the key the device process was started with")
-            remote = RemoteDevice(settings.device_server, key.get_secret_value().encode(), DEVICE_PROCESS_WAIT_S)
+            assert settings.device_server_key is not None  # the settings refuse one without the other
+            remote = RemoteDevice(settings.device_server, settings.device_server_key.get_secret_value().encode(),
+                                  DEVICE_PROCESS_WAIT_S)
         else:
             own = self.device_process = DeviceProcess(settings, self.kinds, f"pid {os.getpid()}")
             remote = RemoteDevice(own.address, own.authkey, DEVICE_PROCESS_WAIT_S, own.exitcode)
         missing = sorted(set(self.models.keys()) - set(remote.hello["keys"]))
-        if missing:
+        # the same alias must be the same model, tokenised for the same limit, on both sides
+        ours, theirs = self.models.describe(), remote.hello["models"]
+        different = sorted(f"{kind}/{alias}" for kind, group in ours.items() for alias, model in group.items()
+                           if f"{kind}/{alias}" not in missing
+                           and any(theirs[kind][alias][field] != model[field] for field in ("location", "max_length")))
+        if missing or different:
             remote.stop()
-            raise WorkerError(f"the device process at {remote.address} does not serve {', '.join(missing)} "
-                              f"(it serves {', '.join(remote.hello['keys']) or 'nothing'}): start both with the "
-                              "same kinds and models")
+            raise WorkerError(f"the device process at {remote.address} does not serve "
+                              f"{', '.join(missing + different)} as this worker configures it (it serves "
+                              f"{', '.join(remote.hello['keys']) or 'nothing'}): start both with the same kinds and "
+                              "models")
         self.device = torch.device(remote.hello["device"])
         log.info("model work goes to the device process %d on %s", remote.hello["pid"], remote.hello["device_label"])
         return remote

@@ -21,10 +21,12 @@ a receiver whose server is gone exits, leaving its messages unacknowledged for t
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import logging
 import os
 import pickle
+import socket
 import threading
 import time
 from concurrent.futures import Future
@@ -36,6 +38,7 @@ import torch
 from producer.settings import Kind, Settings
 from workers.device.loop import DeviceLoop, exit_on_stall
 from workers.device.passes import batch_kinds, load_models
+from workers.errors import WorkerError
 from workers.models.loading import pick_device
 
 log = logging.getLogger(__name__)
@@ -72,6 +75,9 @@ class DeviceServer:
         """Accept receivers until killed; ``until_first_client_leaves``: the worker-owned child, which ends
         with its one receiver (its parent)."""
         if os.path.exists(self.address):
+            if _answers(self.address):  # never take a live device process's socket from it
+                raise WorkerError(f"another device process listens at {self.address}; give this one another "
+                                  "--listen path")
             os.unlink(self.address)  # a socket left by a device process that was killed
         with Listener(self.address, "AF_UNIX", authkey=self.authkey) as listener:
             log.info("device process %d listens on %s", os.getpid(), self.address)
@@ -97,7 +103,11 @@ class DeviceServer:
                 tag, body = conn.recv()
                 if tag == "submit":
                     for request_id, key, payload, items, longest, timeout in body:
-                        future = self.loop.submit(key, payload, items, longest, timeout)
+                        try:
+                            future = self.loop.submit(key, payload, items, longest, timeout)
+                        except Exception as exc:  # an unknown key, a stopping loop: that request fails alone
+                            future = Future()
+                            future.set_exception(exc)
                         future.add_done_callback(functools.partial(outbox.put, request_id))
                 elif tag == "stats":
                     outbox.put_stats(body, {"pid": os.getpid(), "batch_sizes": {
@@ -150,8 +160,13 @@ class _Outbox:
                     self._conn.send(("done", [_outcome(request_id, future) for request_id, future in done]))
                 for item in stats:
                     self._conn.send(("stats", item))
-            except (OSError, ValueError):
-                return  # the receiver is gone
+            except Exception as exc:
+                # The receiver is gone, or an outcome would not go: close the connection either way, so a
+                # live receiver exits and its messages come back, rather than wait forever for these answers.
+                log.error("cannot answer a receiver (%s: %s); closing its connection", type(exc).__name__, exc)
+                with contextlib.suppress(OSError):
+                    self._conn.close()
+                return
 
 
 def _outcome(request_id: int, future: Future[Any]) -> tuple[int, bool, Any]:
@@ -161,10 +176,19 @@ def _outcome(request_id: int, future: Future[Any]) -> tuple[int, bool, Any]:
         # numpy, not a tensor: torch registers shared-memory reducers for tensors with this pickler
         return request_id, True, value.numpy() if isinstance(value, torch.Tensor) else value
     try:
-        pickle.dumps(exc)
+        pickle.loads(pickle.dumps(exc))  # both ways: an exception whose __init__ takes other arguments fails here
     except Exception:
         exc = RuntimeError(f"{type(exc).__name__}: {exc}")
     return request_id, False, exc
+
+
+def _answers(address: str) -> bool:
+    with socket.socket(socket.AF_UNIX) as probe:
+        try:
+            probe.connect(address)
+        except OSError:
+            return False
+    return True
 
 
 def run_device_server(settings: Settings, kinds: tuple[Kind, ...], address: str, authkey: bytes,

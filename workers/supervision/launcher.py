@@ -1,10 +1,10 @@
 """Supervise the worker processes of this machine: start them, restart the ones that die, stop them all
 on SIGTERM or Ctrl-C.
 
-Per device (a GPU, or the CPU) either one whole worker, or one device process that holds the models and
-N receivers (Celery workers that take, tokenise and answer messages) that send it their model work over a
-Unix socket. A device process that dies takes its receivers with it (SIGKILL: whatever they held stays
-unacknowledged and is handed out again), and all of them start again.
+Per GPU one device process that holds the models and N receivers (Celery workers that take, tokenise and
+answer messages) that send it their model work over a Unix socket; on the CPU the same with --receivers,
+or whole workers (each with its models) without. A device process that dies takes its receivers with it
+(SIGKILL: whatever they held stays unacknowledged and is handed out again), and all of them start again.
 
 The launcher never imports torch: it counts GPUs with ``nvidia-smi``, and each child is a fresh process
 (exec, not a fork of this one) that sees only its own GPU through ``CUDA_VISIBLE_DEVICES`` (receivers see
