@@ -77,12 +77,16 @@ def replay_of_an_answered_message(client: Client, store: redis.Redis) -> None:
     message["properties"]["delivery_info"]["redelivered"] = True  # as Kombu marks a restored message
     client.app.backend.store_result(parked.id, earlier, "SUCCESS")
     store.lpush("embed", json.dumps(message))
+    # Wait for the count, not for an empty queue: a message a BRPOP handed an idle worker is on neither the
+    # queue nor the unacknowledged list for one round trip, and the count would be read too early.
     deadline = time.monotonic() + 60
-    while store.llen("embed") or store.hlen("unacked"):
-        assert time.monotonic() < deadline
+    while already_answered(client) < answered_before + 1:
+        assert time.monotonic() < deadline, (store.llen("embed"), store.hlen("unacked"))
         time.sleep(0.1)
     assert client.handle(parked.id).get(timeout=10) == earlier
+    time.sleep(0.5)  # its acknowledgement follows the count
     assert already_answered(client) == answered_before + 1
+    assert store.llen("embed") == 0 and store.hlen("unacked") == 0
 
 
 def already_answered(client: Client) -> int:
