@@ -56,6 +56,14 @@ def _queue_server(inbox: Any, outbox: Any, dim: int) -> None:
         outbox.put(_answers(message, dim))
 
 
+def _timed(batches: int, round_trip: Callable[[], None]) -> tuple[float, float]:
+    """Wall time and this process's CPU for ``batches`` round trips."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    for _ in range(batches):
+        round_trip()
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
 def _socket(batches: int, batch: int, dim: int, per_request: bool) -> tuple[float, float, float]:
     address = os.path.join(tempfile.mkdtemp(prefix="handoff-"), "s.sock")
     context = mp.get_context("spawn")
@@ -65,8 +73,8 @@ def _socket(batches: int, batch: int, dim: int, per_request: bool) -> tuple[floa
     ready.wait()
     conn: Connection = Client(address, "AF_UNIX", authkey=KEY)
     requests = _requests(batch)
-    wall, cpu = time.perf_counter(), time.process_time()
-    for _ in range(batches):
+
+    def round_trip() -> None:
         if per_request:
             for request in requests:
                 conn.send(request)
@@ -75,7 +83,8 @@ def _socket(batches: int, batch: int, dim: int, per_request: bool) -> tuple[floa
         else:
             conn.send(requests)
             conn.recv()
-    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+
+    wall, cpu = _timed(batches, round_trip)
     conn.send(None)
     child_cpu = conn.recv()
     child.join()
@@ -90,11 +99,12 @@ def _queue(batches: int, batch: int, dim: int) -> tuple[float, float, float]:
     requests = _requests(batch)
     inbox.put(requests)
     outbox.get()  # the child is up
-    wall, cpu = time.perf_counter(), time.process_time()
-    for _ in range(batches):
+
+    def round_trip() -> None:
         inbox.put(requests)
         outbox.get()
-    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+
+    wall, cpu = _timed(batches, round_trip)
     inbox.put(None)
     child_cpu = outbox.get()
     child.join()

@@ -172,15 +172,11 @@ def worker(kinds: str, concurrency: int | None, name: str | None, gpus: str | No
     if name is not None:
         raise click.BadParameter("--name names one worker; with --gpus the workers are named gpu0@host, cpu0@host, "
                                  "...", param_hint="--name")
-    if replicas is not None and receivers is not None:
-        raise click.BadParameter("--replicas starts whole CPU workers, each with its own models; --receivers shares "
-                                 "one device process between receivers: use one or the other",
-                                 param_hint="--replicas/--receivers")
     from workers.supervision.launcher import LaunchError
     from workers.supervision.main import run_launcher
 
     try:
-        sys.exit(run_launcher(Settings(), chosen, gpus, replicas or 1, concurrency, receivers))
+        sys.exit(run_launcher(Settings(), chosen, gpus, replicas, concurrency, receivers))
     except LaunchError as exc:
         raise click.BadParameter(str(exc), param_hint="--gpus/--replicas/--receivers") from None
 

@@ -92,6 +92,7 @@ def test_receivers_run_no_torch_threads_and_know_their_device_process() -> None:
 @pytest.mark.parametrize(("args", "message"), [
     (["--receivers", "2"], "--receivers needs --gpus"),
     (["--gpus", "none", "--replicas", "2", "--receivers", "2"], "use one or the other"),
+    (["--gpus", "none", "--replicas", "1", "--receivers", "2"], "use one or the other"),
 ])
 def test_the_command_line_refuses_receivers_it_cannot_plan(args: list[str], message: str) -> None:
     done = subprocess.run([sys.executable, "-m", "producer.cli", "worker", *args], capture_output=True, text=True,

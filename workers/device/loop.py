@@ -72,6 +72,12 @@ class DeviceLoop:
         self._thread = threading.Thread(target=self._run, name="inferq-device", daemon=True)
         self._thread.start()
 
+    def stats(self) -> dict[str, Any]:
+        """Batch sizes per key (requests per batch -> batches) and the counters, for ``inferq_status``."""
+        return {"batch_sizes": {key: {str(size): n for size, n in sorted(hist.items())}
+                                for key, hist in self.batch_sizes.items()},
+                "counts": dict(self.counts)}
+
     @property
     def died(self) -> bool:
         """The loop thread ended without being asked to stop (a bug): nothing will run on the device again."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ import torch
 
 from producer.settings import Kind, Settings
 from workers.device.batching import BatchLimits
-from workers.device.loop import BatchKind, Runner
+from workers.device.loop import BatchKind, DeviceLoop, Runner, exit_on_stall
 from workers.models.base import ClassifyModel, EmbedModel, GenerateModel
 from workers.models.classify import SequenceClassifier
 from workers.models.embed import PooledEmbedder
@@ -69,6 +70,15 @@ def load_models(settings: Settings, kinds: tuple[Kind, ...], device: torch.devic
             models.generators[alias] = CausalGenerator.load(alias, entry, device, weights)
             models.load_counts[f"generate/{alias}"] += 1
     return models
+
+
+def start_loop(settings: Settings, models: Models, device: torch.device) -> DeviceLoop:
+    """The device loop over these models, started, with the stall watch that ends the process if it hangs."""
+    loop = DeviceLoop(batch_kinds(settings, models, device))
+    loop.start()
+    threading.Thread(target=exit_on_stall, args=(loop, settings.time_limits.device_stall), name="inferq-stall-watch",
+                     daemon=True).start()
+    return loop
 
 
 def batch_kinds(settings: Settings, models: Models, device: torch.device) -> dict[str, BatchKind]:

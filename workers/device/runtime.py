@@ -33,13 +33,14 @@ from producer.contract import (
 )
 from producer.errors import InvalidInput, OutOfMemory, TaskTimeout, UnknownModel
 from producer.settings import Kind, Settings
-from workers.device.loop import DeviceLoop, exit_on_stall
-from workers.device.passes import EncodeJob, Models, batch_kinds, load_models
+from workers.device.loop import DeviceLoop
+from workers.device.passes import EncodeJob, Models, load_models, start_loop
 from workers.device.process import DeviceProcess
 from workers.device.remote import RemoteDevice
 from workers.errors import WorkerError
 from workers.models.base import ClassifyModel, EmbedModel, GenerateModel
 from workers.models.classify import top_k, zero_shot
+from workers.models.loading import device_label, pick_device
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +68,6 @@ class Pending:
 
 class Runtime:
     def __init__(self, settings: Settings, kinds: tuple[Kind, ...]) -> None:
-        from workers.models.loading import pick_device
-
         self.settings = settings
         self.kinds = kinds
         # Model work runs in a device process (the launcher's, shared by receivers, or this worker's own
@@ -103,13 +102,7 @@ class Runtime:
             torch.set_num_threads(self.settings.torch_threads)
         # with a device process this process tokenises and builds results: tokenizers and configs only
         self.models = load_models(self.settings, self.kinds, self.device, weights=not self.remote_device)
-        if self.remote_device:
-            self.loop = self._connect()
-        else:
-            self.loop = DeviceLoop(batch_kinds(self.settings, self.models, self.device))
-            self.loop.start()
-            threading.Thread(target=exit_on_stall, args=(self.loop, self.settings.time_limits.device_stall),
-                             name="inferq-stall-watch", daemon=True).start()
+        self.loop = self._connect() if self.remote_device else start_loop(self.settings, self.models, self.device)
         loaded = time.perf_counter() - started
         warm_up = self.self_test()  # the first pass pays for kernel selection and allocator growth, not a user
         self.loaded_at = time.time()
@@ -157,9 +150,7 @@ class Runtime:
     def _device_label(self) -> str:
         if isinstance(self.loop, RemoteDevice):
             return f"{self.loop.hello['device_label']} in device process {self.loop.hello['pid']}"
-        if self.device.type == "cuda":
-            return f"{self.device} ({torch.cuda.get_device_name(self.device)})"
-        return f"{self.device} ({torch.get_num_threads()} threads)"
+        return device_label(self.device)
 
     def _memory_label(self) -> str:
         if self.device.type == "cuda" and not self.remote_device:
@@ -178,9 +169,7 @@ class Runtime:
             "models": remote.hello["models"] if remote else self.models.describe(), "defaults": defaults,
             "load_counts": remote.hello["load_counts"] if remote else dict(self.models.load_counts)}
         if isinstance(self.loop, DeviceLoop):
-            status["batch_sizes"] = {key: {str(size): n for size, n in sorted(hist.items())}
-                                     for key, hist in self.loop.batch_sizes.items()}
-            status["counts"] = dict(self.loop.counts)
+            status.update(self.loop.stats())
         elif remote is not None:
             # shared by every receiver of the device process: readers count each pid once
             status["hand_offs"] = dict(remote.sent)

@@ -36,10 +36,10 @@ from typing import Any
 import torch
 
 from producer.settings import Kind, Settings
-from workers.device.loop import DeviceLoop, exit_on_stall
-from workers.device.passes import batch_kinds, load_models
+from workers.device.loop import DeviceLoop
+from workers.device.passes import load_models, start_loop
 from workers.errors import WorkerError
-from workers.models.loading import pick_device
+from workers.models.loading import device_label, pick_device
 
 log = logging.getLogger(__name__)
 
@@ -60,12 +60,8 @@ class DeviceServer:
             torch.set_num_threads(self.settings.torch_threads)
         device = pick_device(self.settings.device)
         models = load_models(self.settings, self.kinds, device, weights=True)
-        self.loop = DeviceLoop(batch_kinds(self.settings, models, device))
-        self.loop.start()
-        threading.Thread(target=exit_on_stall, args=(self.loop, self.settings.time_limits.device_stall),
-                         name="inferq-stall-watch", daemon=True).start()
-        label = (f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda"
-                 else f"{device} ({torch.get_num_threads()} threads)")
+        self.loop = start_loop(self.settings, models, device)
+        label = device_label(device)
         self.hello = {"pid": os.getpid(), "device": str(device), "device_label": label, "keys": models.keys(),
                       "models": models.describe(), "load_counts": dict(models.load_counts)}
         log.info("device process ready on %s: %s loaded in %.1f s", label, ", ".join(models.keys()),
@@ -110,9 +106,7 @@ class DeviceServer:
                             future.set_exception(exc)
                         future.add_done_callback(functools.partial(outbox.put, request_id))
                 elif tag == "stats":
-                    outbox.put_stats(body, {"pid": os.getpid(), "batch_sizes": {
-                        key: {str(size): n for size, n in sorted(hist.items())}
-                        for key, hist in self.loop.batch_sizes.items()}, "counts": dict(self.loop.counts)})
+                    outbox.put_stats(body, {"pid": os.getpid(), **self.loop.stats()})
         except (EOFError, OSError):
             pass  # the receiver is gone: what it had in flight runs, and its answers go nowhere
         finally:

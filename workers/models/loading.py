@@ -49,6 +49,13 @@ def pick_device(setting: str) -> torch.device:
     return device
 
 
+def device_label(device: torch.device) -> str:
+    """How logs and ``inferq_status`` name a device: the GPU's name, or the CPU's torch threads."""
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return f"{device} ({torch.get_num_threads()} threads)"
+
+
 def pick_dtype(setting: str, device: torch.device) -> torch.dtype:
     if setting != "auto":
         return _DTYPES[setting]

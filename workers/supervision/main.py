@@ -50,16 +50,16 @@ def run_worker(settings: Settings, kinds: tuple[Kind, ...], concurrency: int | N
     app.celery.worker_main(argv)
 
 
-def run_launcher(settings: Settings, kinds: tuple[Kind, ...], gpus: str, replicas: int,
+def run_launcher(settings: Settings, kinds: tuple[Kind, ...], gpus: str, replicas: int | None = None,
                  concurrency: int | None = None, receivers: int | None = None) -> int:
     """Supervise one worker per GPU (or `replicas` CPU workers), or per device a device process and its
     `receivers`, until SIGTERM or Ctrl-C."""
     logs.configure(settings.log_level, "launcher")
     log = logging.getLogger("inferq.launcher")
-    slots = plan_slots(gpus, replicas, socket.gethostname(), visible_gpus)
-    if receivers is not None and replicas != 1:
+    if receivers is not None and replicas is not None:  # even --replicas 1: asked for, it cannot be had
         raise LaunchError("--replicas starts whole CPU workers, each with its own models; --receivers shares one "
                           "device process between receivers: use one or the other")
+    slots = plan_slots(gpus, replicas or 1, socket.gethostname(), visible_gpus)
     cores = os.cpu_count() or 1
     on_gpus = bool(slots) and slots[0].device != "cpu"
     devices = len(slots)
