@@ -115,8 +115,8 @@ class RemoteDevice:
             self._wake.notify()
         # Shut the socket down before closing it: closing alone does not wake the reader blocked on it, and
         # the device process would not see its receiver leave.
-        with contextlib.suppress(OSError):
-            socket.socket(fileno=os.dup(self._conn.fileno())).shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(OSError), socket.socket(fileno=os.dup(self._conn.fileno())) as duplicate:
+            duplicate.shutdown(socket.SHUT_RDWR)
         self._conn.close()
 
     def _send_loop(self) -> None:
