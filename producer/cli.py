@@ -200,7 +200,8 @@ def device_server(listen: str, kinds: str, name: str) -> None:
 @click.option("--name", "names", multiple=True, help="a worker's node name (repeatable); default: any worker")
 @click.option("--local", is_flag=True, help="only workers whose node name ends in @<this host> (a healthcheck)")
 @click.option("--expect", default=1, show_default=True, help="healthy workers needed")
-@click.option("--timeout", default=10.0, show_default=True, help="seconds to wait for answers")
+@click.option("--timeout", default=10.0, show_default=True,
+              help="seconds to wait for answers; it returns as soon as the named or expected workers answered")
 def check(names: tuple[str, ...], local: bool, expect: int, timeout: float) -> None:
     """Exit 0 only if workers answer, with their models loaded and their device running a tiny inference."""
     from producer.client import Client
@@ -208,7 +209,7 @@ def check(names: tuple[str, ...], local: bool, expect: int, timeout: float) -> N
 
     client = Client(Settings())
     try:
-        found = check_workers(client, names, local, timeout)
+        found = check_workers(client, names, local, timeout, enough=expect)
     except InferqConnectionError as exc:
         click.echo(f"unhealthy: {exc}", err=True)
         sys.exit(EXIT_FAILED)

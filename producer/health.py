@@ -6,6 +6,7 @@ ping), and its reply says whether one tiny request through each of its models su
 
 from __future__ import annotations
 
+import contextlib
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,15 +24,20 @@ class WorkerHealth:
     detail: str
 
 
-def check_workers(client: Client, nodes: Sequence[str] = (), local: bool = False,
-                  timeout: float = 10.0) -> list[WorkerHealth]:
-    """Every worker that answered within `timeout` (only `nodes` when given; only this host's with `local`)."""
-    with ConnectionErrors(f"the broker at {redact(client.settings.broker)}"):
-        replies: list[dict[str, Any]] = client.app.control.broadcast(
-            "inferq_check", reply=True, timeout=timeout, destination=list(nodes) or None)
+class _Enough(Exception):
+    """Raised from the reply callback to stop collecting: what the check waits for has answered."""
+
+
+def check_workers(client: Client, nodes: Sequence[str] = (), local: bool = False, timeout: float = 10.0,
+                  enough: int | None = None) -> list[WorkerHealth]:
+    """Every worker that answered (only `nodes` when given; only this host's with `local`).
+
+    Returns as soon as every one of `nodes` answered, or (without `nodes`) `enough` healthy workers did;
+    otherwise once no answer came for `timeout` seconds."""
     host = socket.gethostname()
     found: list[WorkerHealth] = []
-    for reply in replies:
+
+    def collect(reply: dict[str, Any]) -> None:
         for node, answer in reply.items():
             if local and node.rpartition("@")[2] != host:
                 continue
@@ -40,6 +46,14 @@ def check_workers(client: Client, nodes: Sequence[str] = (), local: bool = False
                 found.append(WorkerHealth(node, True, detail))
             else:
                 found.append(WorkerHealth(node, False, str(answer.get("error", answer))))
+        if nodes and set(nodes) <= {health.node for health in found}:
+            raise _Enough
+        if not nodes and enough is not None and sum(health.ok for health in found) >= enough:
+            raise _Enough
+
+    with ConnectionErrors(f"the broker at {redact(client.settings.broker)}"), contextlib.suppress(_Enough):
+        client.app.control.broadcast("inferq_check", reply=True, timeout=timeout,
+                                     destination=list(nodes) or None, callback=collect)
     return sorted(found, key=lambda health: health.node)
 
 

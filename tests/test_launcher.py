@@ -207,6 +207,15 @@ def test_check_is_healthy_when_every_worker_runs_a_tiny_inference(launched: Laun
         assert f"{node}: ok (embed/minilm answered in" in done.stdout
 
 
+@pytest.mark.parametrize("which", [("--local", "--expect", "2"), ("--name", NODES[0], "--name", NODES[1])])
+def test_check_returns_once_what_it_waits_for_answered(launched: Launched, which: tuple[str, ...]) -> None:
+    started = time.monotonic()
+    done = run_cli("check", *which, "--timeout", "40")
+    took = time.monotonic() - started
+    assert done.returncode == 0, done.stderr
+    assert took < 20, f"it took {took:.1f} s: it waited for more answers after both workers had answered"
+
+
 def test_check_is_unhealthy_for_a_frozen_worker_or_too_few_workers(launched: Launched) -> None:
     cpu1 = launched.status()[NODES[1]]["pid"]
     os.kill(cpu1, signal.SIGSTOP)  # alive but not answering, as a hung process would be
