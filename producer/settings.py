@@ -42,8 +42,9 @@ class Batching(BaseModel):
     max_wait_ms: float = Field(0.0, ge=0, description="how long the oldest embed/classify request waits for "
                                "batch-mates")
     # A generate batch runs for seconds, and nothing joins it once it started: a prompt that arrives just
-    # before a burst would run alone for a whole pass while the burst waits behind it. A short wait costs a
-    # lone prompt a few percent of its pass (measured in benchmarks/RESULTS.md).
+    # before a burst would decode alone while the burst decodes beside it as a second batch, each step
+    # paying two passes for what one could do. A short wait costs a lone prompt a few percent of its
+    # generation (measured in benchmarks/RESULTS.md).
     generate_max_wait_ms: float = Field(50.0, ge=0, description="how long the oldest generate request waits for "
                                         "batch-mates")
     encode_max_texts: int = Field(128, ge=1, description="texts per embed/classify batch and forward pass")
@@ -51,6 +52,10 @@ class Batching(BaseModel):
     generate_max_prompts: int = Field(64, ge=1, description="prompts per generate batch")
     generate_max_tokens: int = Field(131_072, ge=1,
                                      description="longest (prompt + max_new_tokens) x prompts per generate batch")
+    # Batches decode a step each in turn, so a new batch starts beside running ones instead of waiting for
+    # them to end; this bounds how many hold a cache at once (memory: up to this x generate_max_tokens).
+    generate_max_running: int = Field(4, ge=1, description="generate batches decoding at once on one device; "
+                                      "a further ready batch waits for one to end")
 
 
 class TimeLimits(BaseModel):

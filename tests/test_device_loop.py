@@ -13,7 +13,7 @@ import pytest
 
 from producer.errors import TaskTimeout
 from workers.device.batching import BatchLimits
-from workers.device.loop import BatchKind, DeviceLoop
+from workers.device.loop import BatchKind, DeviceLoop, SteppedKind
 
 
 class Recorder:
@@ -120,5 +120,120 @@ def test_a_runner_that_loses_an_answer_is_caught() -> None:
     try:
         with pytest.raises(RuntimeError, match="returned 0 outcomes for 1 requests"):
             loop.submit("bad", 1, items=1, longest=1, timeout=5).result(timeout=5)
+    finally:
+        loop.stop()
+
+
+class Countdown:
+    """A stepped batch of plain numbers: a request of n finishes after n steps with the answer n; -1 breaks
+    every step it is part of, as a poisonous input breaks a decoding step. Records each step's live rows."""
+
+    def __init__(self, payloads: list[int], log: list[tuple[str, tuple[int, ...]]], pace: float) -> None:
+        self.left = {index: n for index, n in enumerate(payloads)}
+        self.payloads, self.log, self.pace = payloads, log, pace
+        log.append(("start", tuple(payloads)))
+
+    @property
+    def done(self) -> bool:
+        return not self.left
+
+    def step(self) -> list[tuple[int, Any]]:
+        self.log.append(("step", tuple(self.payloads[index] for index in self.left)))
+        time.sleep(self.pace)
+        if any(self.payloads[index] == -1 for index in self.left):
+            raise ValueError("-1 breaks the step")
+        for index in self.left:
+            self.left[index] -= 1
+        finished = [index for index, n in self.left.items() if n <= 0]
+        for index in finished:
+            del self.left[index]
+        if not self.left:
+            self.log.append(("end", tuple(self.payloads)))
+        return [(index, self.payloads[index]) for index in finished]
+
+    def stop(self, index: int) -> int:
+        steps = self.payloads[index] - self.left.pop(index)
+        self.log.append(("stop", (self.payloads[index],)))
+        return steps
+
+
+def stepped_loop(max_running: int = 2, pace: float = 0.01) -> tuple[DeviceLoop, list[tuple[str, tuple[int, ...]]]]:
+    log: list[tuple[str, tuple[int, ...]]] = []
+
+    def square(payloads: list[int]) -> list[int]:
+        log.append(("square", tuple(payloads)))
+        return [p * p for p in payloads]
+
+    loop = DeviceLoop({
+        "count": SteppedKind(lambda payloads: Countdown(payloads, log, pace), BatchLimits(8, 10_000, 0.0), max_running),
+        "square": BatchKind(square, BatchLimits(8, 10_000, 0.0))})
+    loop.start()
+    return loop, log
+
+
+def test_other_work_runs_between_the_steps_of_a_long_stepped_batch() -> None:
+    loop, log = stepped_loop()
+    try:
+        long = loop.submit("count", 200, items=1, longest=1, timeout=30)  # about 2 s of steps
+        time.sleep(0.1)
+        assert loop.submit("square", 7, items=1, longest=1, timeout=30).result(timeout=5) == 49
+        assert not long.done()  # it answered while the long batch was still running, not after it
+        assert ("square", (7,)) in log
+        assert long.result(timeout=10) == 200
+        assert loop.counts["count:steps"] == 200
+    finally:
+        loop.stop()
+
+
+def test_a_request_finishes_when_its_row_does_and_a_new_batch_starts_beside_a_running_one() -> None:
+    loop, log = stepped_loop(max_running=2)
+    try:
+        first = [loop.submit("count", n, items=1, longest=1, timeout=30) for n in (3, 100)]
+        time.sleep(0.1)
+        assert first[0].result(timeout=5) == 3 and not first[1].done()  # answered at its own end
+        late = loop.submit("count", 2, items=1, longest=1, timeout=30)
+        assert late.result(timeout=5) == 2 and not first[1].done()  # a second batch, beside the first
+        third = [loop.submit("count", n, items=1, longest=1, timeout=30) for n in (50,)]
+        fourth = loop.submit("count", 1, items=1, longest=1, timeout=30)  # two already run: it waits its turn
+        assert [f.result(timeout=10) for f in (*first, *third, fourth)] == [3, 100, 50, 1]
+        steps = [rows for what, rows in log if what == "step"]
+        assert (3, 100) in steps and (100,) in steps  # the row of 3 left its batch when it finished
+        under_way = peak = 0
+        for what, _ in log:
+            under_way += {"start": 1, "end": -1}.get(what, 0)
+            peak = max(peak, under_way)
+        assert peak == 2  # never more batches at once than max_running
+    finally:
+        loop.stop()
+
+
+def test_a_row_past_its_deadline_is_stopped_and_the_others_go_on() -> None:
+    loop, log = stepped_loop(pace=0.01)
+    try:
+        doomed = loop.submit("count", 10_000, items=1, longest=1, timeout=0.3)
+        mate = loop.submit("count", 60, items=1, longest=1, timeout=30)
+        with pytest.raises(TaskTimeout, match=r"ran past its limit of 0.3 s and was stopped after \d+ steps"):
+            doomed.result(timeout=5)
+        assert mate.result(timeout=10) == 60
+        assert ("stop", (10_000,)) in log
+        assert loop.counts["count:stopped"] == 1
+        assert all(10_000 not in rows for what, rows in log[log.index(("stop", (10_000,))):] if what == "step")
+    finally:
+        loop.stop()
+
+
+def test_a_request_that_breaks_a_step_fails_alone_and_its_mates_start_again() -> None:
+    loop, _ = stepped_loop(pace=0.0)
+    try:
+        blocker = loop.submit("count", 30, items=1, longest=1, timeout=30)
+        time.sleep(0.05)
+        futures = {n: loop.submit("count", n, items=1, longest=1, timeout=30) for n in (4, 5, -1, 6, 7)}
+        assert blocker.result(timeout=5) == 30
+        for n, future in futures.items():
+            if n == -1:
+                with pytest.raises(ValueError, match="-1 breaks the step"):
+                    future.result(timeout=5)
+            else:
+                assert future.result(timeout=5) == n
     finally:
         loop.stop()

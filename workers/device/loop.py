@@ -5,6 +5,12 @@ returned future; the loop runs the oldest ready batch whenever the device is fre
 return exactly one outcome per request, in order; if the whole batch raises, it is split in halves and
 retried, so one request that breaks a batch fails alone and its batch-mates still get their answers.
 Requests that waited past their deadline fail with TaskTimeout without running.
+
+Generation runs a step at a time (a ``SteppedKind``): a started batch decodes one token per turn of the
+loop, and between its steps the loop runs whatever else is ready (an encoder batch, a step of another
+generate batch), so a long generation never holds embed, classify or a health check behind it. A row
+answers as soon as it finishes, and a row past its deadline is answered with TaskTimeout and leaves the
+batch before the next step: a request given up on stops using the device.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from producer.errors import TaskTimeout
 from workers.device.batching import BatchLimits, BatchQueue, Waiting
@@ -34,21 +40,55 @@ class BatchKind:
     limits: BatchLimits
 
 
+class Stepping(Protocol):
+    """A started batch that runs a step at a time."""
+
+    @property
+    def done(self) -> bool: ...
+
+    def step(self) -> list[tuple[int, Any]]:
+        """One step for every live request; the (index in the batch, outcome) of those that finished."""
+        ...
+
+    def stop(self, index: int) -> int:
+        """Drop one request before the next step; returns how many steps it had run."""
+        ...
+
+
+@dataclass
+class SteppedKind:
+    start: Callable[[list[Any]], Stepping]  # prepares a batch; its first step is the first device work
+    limits: BatchLimits
+    max_running: int  # batches of this key stepping at once; a further ready batch waits for one to end
+
+
 @dataclass
 class _Job:
     payload: Any
     future: Future[Any]
     timeout: float
+    deadline: float
+
+
+@dataclass
+class _Running:
+    """A stepped batch under way: its jobs by index (None once answered) and how far it got."""
+
+    key: str
+    jobs: list[_Job | None]
+    stepping: Stepping
 
 
 class DeviceLoop:
-    def __init__(self, kinds: dict[str, BatchKind], clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, kinds: dict[str, BatchKind | SteppedKind],
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._kinds = kinds
         self._queues: dict[str, BatchQueue[_Job]] = {key: BatchQueue(kind.limits) for key, kind in kinds.items()}
         self._clock = clock
         self._wake = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self._running: list[_Running] = []  # stepped batches under way; only the loop thread touches it
         self.busy_since: float | None = None  # when the running batch started; None while idle
         # batch-size histogram per key, and counters, for inferq_status and the benchmark
         self.batch_sizes: dict[str, Counter[int]] = {key: Counter() for key in kinds}
@@ -62,7 +102,8 @@ class DeviceLoop:
         with self._wake:
             if self._stopping:
                 raise RuntimeError("the device loop is stopping")
-            self._queues[key].put(_Job(payload, future, timeout), items, longest, now, deadline=now + timeout)
+            self._queues[key].put(_Job(payload, future, timeout, now + timeout), items, longest, now,
+                                  deadline=now + timeout)
             self._wake.notify()
         return future
 
@@ -96,22 +137,29 @@ class DeviceLoop:
         while True:
             with self._wake:
                 picked = self._next(self._clock())
-                while picked is None and not self._stopping:
+                while picked is None and not self._running and not self._stopping:
                     self._wake.wait(timeout=self._sleep(self._clock()))
                     picked = self._next(self._clock())
-                if picked is None:  # stopping, and nothing left to run
+                if picked is None and not self._running:  # stopping, and nothing left to run
                     return
+            # one ready batch, then one step of every batch under way: fair turns on one device
+            if picked is not None:
                 key, batch = picked
-                self.busy_since = self._clock()
                 self.counts[f"{key}:texts"] += sum(waiting.items for waiting in batch)
-            started = time.perf_counter()
-            try:
-                self._execute(key, [waiting.payload for waiting in batch])
-            finally:
-                self.busy_since = None
-                # device time per model: busy_ms / batches against the raw model's pass shows what the
-                # worker's other threads cost the device thread (the GIL), and busy_ms / wall time its load
-                self.counts[f"{key}:busy_ms"] += round((time.perf_counter() - started) * 1000)
+                self._busy(key, self._execute, key, [waiting.payload for waiting in batch])
+            for running in list(self._running):
+                self._busy(running.key, self._step, running)
+
+    def _busy(self, key: str, work: Callable[..., None], *args: Any) -> None:
+        self.busy_since = self._clock()
+        started = time.perf_counter()
+        try:
+            work(*args)
+        finally:
+            self.busy_since = None
+            # device time per model: busy_ms / batches against the raw model's pass shows what the
+            # worker's other threads cost the device thread (the GIL), and busy_ms / wall time its load
+            self.counts[f"{key}:busy_ms"] += round((time.perf_counter() - started) * 1000)
 
     def _next(self, now: float) -> tuple[str, list[Waiting[_Job]]] | None:
         """Expire late requests; then take a batch from the ready queue whose oldest request is oldest."""
@@ -124,11 +172,15 @@ class DeviceLoop:
                     job.future.set_exception(TaskTimeout(f"the request waited {now - waiting.arrived:.1f} s for "
                                                          f"the device, over its limit of {job.timeout:g} s"))
         ready = [(queue.oldest_arrival(), key) for key, queue in self._queues.items()
-                 if queue.ready(now) or (self._stopping and len(queue))]
+                 if (queue.ready(now) or (self._stopping and len(queue))) and self._may_start(key)]
         if not ready:
             return None
         _, key = min(ready, key=lambda pair: pair[0] or 0.0)
         return key, self._queues[key].take()
+
+    def _may_start(self, key: str) -> bool:
+        kind = self._kinds[key]
+        return not isinstance(kind, SteppedKind) or sum(r.key == key for r in self._running) < kind.max_running
 
     def _sleep(self, now: float) -> float | None:
         waits = [w for w in (q.seconds_until_ready(now) for q in self._queues.values()) if w is not None]
@@ -141,30 +193,87 @@ class DeviceLoop:
         self.batch_sizes[key][len(live)] += 1
         self.counts[f"{key}:batches"] += 1
         self.counts[f"{key}:requests"] += len(live)
-        self._run_isolated(key, live)
+        if isinstance(self._kinds[key], SteppedKind):
+            self._start(key, live)
+        else:
+            self._run_isolated(key, live)
+
+    # --- stepped batches ------------------------------------------------------------------------------
+
+    def _start(self, key: str, jobs: list[_Job]) -> None:
+        kind = self._kinds[key]
+        assert isinstance(kind, SteppedKind)
+        try:
+            stepping = kind.start([job.payload for job in jobs])
+        except Exception as exc:  # a step's restart from scratch: in halves, as a failed step
+            self._halve(key, jobs, exc, self._start)
+            return
+        self._running.append(_Running(key, list(jobs), stepping))
+
+    def _step(self, running: _Running) -> None:
+        now = self._clock()
+        for index, job in enumerate(running.jobs):
+            if job is not None and job.deadline <= now:
+                # its caller answers TaskTimeout at the same limit: stop spending the device on it
+                running.jobs[index] = None
+                steps = running.stepping.stop(index)
+                self.counts[f"{running.key}:stopped"] += 1
+                job.future.set_exception(TaskTimeout(f"the request ran past its limit of {job.timeout:g} s and was "
+                                                     f"stopped after {steps} steps"))
+        try:
+            finished = running.stepping.step() if not running.stepping.done else []
+            for index, outcome in finished:
+                job = running.jobs[index]
+                running.jobs[index] = None
+                if job is not None:
+                    _answer(job, outcome)
+        except Exception as exc:
+            self._running.remove(running)
+            # the rows still decoding start again from scratch (a seeded row gives the same text again)
+            self._halve(running.key, [job for job in running.jobs if job is not None], exc, self._start)
+            return
+        if running.stepping.done or all(job is None for job in running.jobs):
+            self._running.remove(running)
+            if any(job is not None for job in running.jobs):  # a batch that ended without answering them all
+                for job in running.jobs:
+                    if job is not None:
+                        job.future.set_exception(RuntimeError(f"the {running.key} batch ended without an answer "
+                                                              "for this request"))
+        self.counts[f"{running.key}:steps"] += 1
+
+    def _halve(self, key: str, jobs: list[_Job], exc: Exception, again: Callable[[str, list[_Job]], None]) -> None:
+        """A batch that raised: a lone request fails with the error; the rest run ``again`` in halves, so the
+        request that breaks the batch ends up failing alone and its neighbours are still answered."""
+        if not jobs:
+            return
+        if len(jobs) == 1:
+            jobs[0].future.set_exception(exc)
+            return
+        log.warning("batch of %d on %s failed (%s: %s); again in halves", len(jobs), key, type(exc).__name__, exc)
+        middle = len(jobs) // 2
+        again(key, jobs[:middle])
+        again(key, jobs[middle:])
 
     def _run_isolated(self, key: str, jobs: list[_Job]) -> None:
+        kind = self._kinds[key]
+        assert isinstance(kind, BatchKind)
         try:
-            outcomes = self._kinds[key].runner([job.payload for job in jobs])
+            outcomes = kind.runner([job.payload for job in jobs])
             if len(outcomes) != len(jobs):
                 raise RuntimeError(f"batch runner for {key} returned {len(outcomes)} outcomes for {len(jobs)} "
                                    "requests")
         except Exception as exc:
-            if len(jobs) == 1:
-                jobs[0].future.set_exception(exc)
-                return
-            # find the request that breaks the batch: its neighbours must still be answered
-            log.warning("batch of %d on %s failed (%s: %s); retrying in halves", len(jobs), key,
-                        type(exc).__name__, exc)
-            middle = len(jobs) // 2
-            self._run_isolated(key, jobs[:middle])
-            self._run_isolated(key, jobs[middle:])
+            self._halve(key, jobs, exc, self._run_isolated)
             return
         for job, outcome in zip(jobs, outcomes, strict=True):
-            if isinstance(outcome, BaseException):
-                job.future.set_exception(outcome)
-            else:
-                job.future.set_result(outcome)
+            _answer(job, outcome)
+
+
+def _answer(job: _Job, outcome: Any) -> None:
+    if isinstance(outcome, BaseException):
+        job.future.set_exception(outcome)
+    else:
+        job.future.set_result(outcome)
 
 
 EXIT_DEVICE_FAILED = 70  # EX_SOFTWARE: the supervisor restarts the process

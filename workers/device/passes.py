@@ -12,7 +12,7 @@ import contextlib
 import logging
 import threading
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,11 +20,11 @@ import torch
 
 from producer.settings import Kind, Settings
 from workers.device.batching import BatchLimits
-from workers.device.loop import BatchKind, DeviceLoop, Runner, exit_on_stall
+from workers.device.loop import BatchKind, DeviceLoop, Runner, SteppedKind, Stepping, exit_on_stall
 from workers.models.base import ClassifyModel, EmbedModel, GenerateModel
 from workers.models.classify import SequenceClassifier
 from workers.models.embed import PooledEmbedder
-from workers.models.generate import CausalGenerator, Prepared
+from workers.models.generate import CausalGenerator, GenerationBatch, Prepared
 
 log = logging.getLogger(__name__)
 
@@ -81,20 +81,21 @@ def start_loop(settings: Settings, models: Models, device: torch.device) -> Devi
     return loop
 
 
-def batch_kinds(settings: Settings, models: Models, device: torch.device) -> dict[str, BatchKind]:
+def batch_kinds(settings: Settings, models: Models, device: torch.device) -> dict[str, BatchKind | SteppedKind]:
     """One batch runner per model key, under the batching settings."""
     batching = settings.batching
     encode = BatchLimits(batching.encode_max_texts, batching.encode_max_tokens, batching.max_wait_ms / 1000)
     generate = BatchLimits(batching.generate_max_prompts, batching.generate_max_tokens,
                            batching.generate_max_wait_ms / 1000)
     passes = Passes(settings, device)
-    kinds: dict[str, BatchKind] = {}
+    kinds: dict[str, BatchKind | SteppedKind] = {}
     for alias, embedder in models.embedders.items():
         kinds[f"embed/{alias}"] = BatchKind(passes.encoder(embedder.vectors), encode)
     for alias, classifier in models.classifiers.items():
         kinds[f"classify/{alias}"] = BatchKind(passes.encoder(classifier.probabilities), encode)
     for alias, generator in models.generators.items():
-        kinds[f"generate/{alias}"] = BatchKind(passes.generator(generator), generate)
+        kinds[f"generate/{alias}"] = SteppedKind(passes.generator(generator), generate,
+                                                 batching.generate_max_running)
     return kinds
 
 
@@ -116,12 +117,11 @@ class Passes:
 
         return runner
 
-    def generator(self, generator: GenerateModel) -> Runner:
-        def runner(batch: list[Prepared]) -> list[Any]:
-            with torch.inference_mode(), self._freeing_memory_on_oom():
-                return list(generator.run(batch))
+    def generator(self, generator: GenerateModel) -> Callable[[list[Prepared]], Stepping]:
+        def start(batch: list[Prepared]) -> Stepping:
+            return _Guarded(generator.start(batch), self._freeing_memory_on_oom)
 
-        return runner
+        return start
 
     @contextlib.contextmanager
     def _freeing_memory_on_oom(self) -> Iterator[None]:
@@ -141,3 +141,22 @@ class Passes:
         if padded > limit:
             raise torch.OutOfMemoryError(f"simulated CUDA out of memory: {padded} padded tokens > {limit} "
                                          "(fault_oom_above_tokens)")
+
+
+class _Guarded:
+    """A generate batch whose every step runs in inference mode, and frees the device's memory if it fails."""
+
+    def __init__(self, batch: GenerationBatch, guard: Callable[[], contextlib.AbstractContextManager[None]]) -> None:
+        self._batch, self._guard = batch, guard
+
+    @property
+    def done(self) -> bool:
+        return self._batch.done
+
+    def step(self) -> list[tuple[int, Any]]:
+        with torch.inference_mode(), self._guard():
+            return list(self._batch.step())
+
+    def stop(self, index: int) -> int:
+        with torch.inference_mode():
+            return self._batch.stop(index)

@@ -1,7 +1,7 @@
 """One small protocol per kind; the runtime talks only to these.
 
 Each splits its work in two: what task threads may do concurrently (tokenise, prepare, finish) and what
-only the device loop does, for a whole batch at once (vectors, probabilities, run).
+only the device loop does, for a whole batch at once (vectors, probabilities, start or run).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Protocol
 import torch
 
 from producer.contract import GenerateRequest, GenerateResult
-from workers.models.generate import Completion, Prepared
+from workers.models.generate import Completion, GenerationBatch, Prepared
 from workers.models.loading import LoadedModel
 
 
@@ -41,6 +41,10 @@ class GenerateModel(Protocol):
     loaded: LoadedModel
 
     def prepare(self, request: GenerateRequest) -> Prepared: ...
+
+    def start(self, batch: list[Prepared]) -> GenerationBatch:
+        """The batch, to be decoded a step at a time by the device loop."""
+        ...
 
     def run(self, batch: list[Prepared]) -> list[Completion]: ...
 

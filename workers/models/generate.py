@@ -1,7 +1,7 @@
 """Text generation with any AutoModelForCausalLM: prompts or chat messages, greedy or sampled, stop strings.
 
 Preparing (chat template, tokenising, limits) and finishing (decoding, stop strings) run in the task
-threads; only ``run`` touches the device, for a whole batch of requests at once.
+threads; only the batch from ``start`` touches the device, a decoding step at a time for the whole batch.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 from producer.contract import GenerateRequest, GenerateResult
 from producer.errors import InputTooLarge, InvalidInput
 from producer.settings import ModelEntry
-from workers.models.decode import Row, decode
+from workers.models.decode import Decoding, Row
 from workers.models.loading import LoadedModel, load_model
 
 
@@ -85,11 +85,18 @@ class CausalGenerator:
 
     # --- device thread --------------------------------------------------------------------------------
 
-    def run(self, batch: list[Prepared]) -> list[Completion]:
-        """One decode loop for the whole batch; every row keeps its own settings and random generator."""
+    def start(self, batch: list[Prepared]) -> GenerationBatch:
+        """The batch, ready to decode a step at a time; every row keeps its own settings and random generator."""
         rows = [self._row(prepared) for prepared in batch]
-        decode(self.loaded.model, rows, self._eos, self._pad, self.loaded.device, self._text)
-        return [Completion(row.completion, row.ended_by_eos or row.ended_by_stop) for row in rows]
+        return GenerationBatch(Decoding(self.loaded.model, rows, self._eos, self._pad, self.loaded.device,
+                                        self._text))
+
+    def run(self, batch: list[Prepared]) -> list[Completion]:
+        """The whole batch to its end, in one call (the benchmarks' path; the device loop steps instead)."""
+        generation = self.start(batch)
+        while not generation.done:
+            generation.step()
+        return [_completion(row) for row in generation.decoding.rows]
 
     def _row(self, prepared: Prepared) -> Row:
         request = prepared.request
@@ -102,3 +109,27 @@ class CausalGenerator:
 
     def _text(self, tokens: list[int]) -> str:
         return str(self.loaded.encoder.decode(tokens, skip_special_tokens=True))
+
+
+class GenerationBatch:
+    """A generate batch on the device loop: each ``step()`` decodes one token for every live row and returns
+    the rows that finished, with their completions; ``stop(index)`` drops a row whose caller gave up."""
+
+    def __init__(self, decoding: Decoding) -> None:
+        self.decoding = decoding
+
+    @property
+    def done(self) -> bool:
+        return self.decoding.done
+
+    def step(self) -> list[tuple[int, Completion]]:
+        return [(index, _completion(self.decoding.rows[index])) for index in self.decoding.step()]
+
+    def stop(self, index: int) -> int:
+        """Drop a row; returns how many tokens it had decoded."""
+        self.decoding.stop(index)
+        return len(self.decoding.rows[index].completion)
+
+
+def _completion(row: Row) -> Completion:
+    return Completion(row.completion, row.ended_by_eos or row.ended_by_stop)
