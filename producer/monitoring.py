@@ -70,4 +70,9 @@ def run_flower(settings: Settings, port: int | None = None, address: str | None 
         # Through the environment, never argv: a password on the command line is visible to every user in `ps`.
         os.environ["FLOWER_BASIC_AUTH"] = settings.flower_basic_auth.get_secret_value()
     REGISTRY.register(QueueDepthCollector(settings.broker, settings.connect_timeout))
-    return make_celery(settings, "inferq-flower").start(flower_argv(settings, port, address))
+    app = make_celery(settings, "inferq-flower")
+    # Flower's task-result API builds AsyncResult(task_id) without an app, so it gets the default app; unless
+    # ours is that default, the default has no result backend and the API answers 503 to every request.
+    app.set_default()
+    app.set_current()
+    return app.start(flower_argv(settings, port, address))

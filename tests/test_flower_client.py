@@ -1,7 +1,9 @@
-"""Flower's REST API as a foreign client: it sends inferq tasks by name and reads their results."""
+"""Flower's REST API as a foreign client: `inferq flower`, as the README starts it, sends inferq tasks by name
+and reads their results (the README's two curl commands)."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
@@ -19,10 +21,14 @@ from tests.conftest import REDIS_URL, WorkerProcess, free_port
 pytestmark = pytest.mark.integration
 
 
+USER, PASSWORD = "admin", "s3cret"
+AUTH = "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+
+
 def call(url: str, body: dict[str, Any] | None = None) -> Any:
     data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"},
-                                     method="POST" if data is not None else "GET")
+    headers = {"Content-Type": "application/json", "Authorization": AUTH}
+    request = urllib.request.Request(url, data=data, headers=headers, method="POST" if data is not None else "GET")
     with urllib.request.urlopen(request, timeout=10) as response:
         return json.loads(response.read())
 
@@ -30,11 +36,9 @@ def call(url: str, body: dict[str, Any] | None = None) -> Any:
 @pytest.fixture(scope="module")
 def flower(worker: WorkerProcess) -> Iterator[str]:
     port = free_port()
-    env = {**os.environ, "FLOWER_UNAUTHENTICATED_API": "true"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "celery", f"--broker={REDIS_URL}", f"--result-backend={REDIS_URL}", "flower",
-         f"--port={port}", "--address=127.0.0.1"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {**os.environ, "INFERQ_REDIS_URL": REDIS_URL, "INFERQ_FLOWER_BASIC_AUTH": f"{USER}:{PASSWORD}"}
+    process = subprocess.Popen([sys.executable, "-m", "producer.cli", "flower", f"--port={port}"], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
