@@ -6,6 +6,7 @@ import pytest
 
 from producer.errors import InvalidInput, UnknownModel
 from producer.settings import ModelRegistry, Settings
+from tests.conftest import ROOT
 from workers.device.runtime import Runtime
 
 
@@ -46,3 +47,24 @@ def test_label_template_is_applied(runtime: Runtime) -> None:
                                                 "top_k": 2})
     assert result["results"][0][0]["label"] == "positive"  # type: ignore[typeddict-item]
     assert result != plain  # the template changed the label texts, hence the scores
+
+
+# The README's zero-shot examples and the two a new user found wrong; each must say what it shows.
+README_CLASSIFY = [
+    ("The striker scored twice.", ["sports", "finance", "cooking"], "sports"),
+    ("I loved it", ["positive review", "negative review"], "positive review"),
+    ("awful", ["positive review", "negative review"], "negative review"),
+    ("Terrible service, never again", ["positive review", "negative review"], "negative review"),
+]
+
+
+def test_the_readme_classify_examples_come_out_right_with_the_defaults(runtime: Runtime) -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    for shown in ('"The striker scored twice." --labels sports,finance,cooking',
+                  '"I loved it"\\n{"texts": ["awful"], "top_k": 2}\\n\' | inferq classify --file - --labels '
+                  '"positive review,negative review"',
+                  'client.classify(["I loved it"], labels=["positive review", "negative review"]'):
+        assert shown in readme  # the examples tested here are the README's own
+    for text, labels, expected in README_CLASSIFY:
+        result = runtime.handle("classify", (), {"texts": [text], "labels": labels, "top_k": 1})
+        assert result["results"][0][0]["label"] == expected, (text, result)  # type: ignore[typeddict-item]
