@@ -16,6 +16,7 @@ from typing import Any, TextIO
 from tqdm import tqdm
 
 from producer.client import Client, Handle
+from producer.contract import json_type_name
 from producer.errors import InferqConnectionError, InferqError, InvalidInput
 from producer.settings import Kind
 
@@ -30,6 +31,11 @@ class BulkReport:
 def line_kwargs(kind: Kind, raw: str, defaults: dict[str, Any]) -> dict[str, Any]:
     """The task kwargs one input line stands for; CLI options are defaults that the line may override."""
     try:
+        raw.encode("utf-8")
+    except UnicodeEncodeError as exc:  # read with surrogateescape: each undecodable byte is a lone surrogate
+        raise InvalidInput(f"not valid UTF-8 (byte 0x{ord(raw[exc.start]) - 0xDC00:02x} at column {exc.start + 1}); "
+                           "each line must be UTF-8 text") from None
+    try:
         value = json.loads(raw)
     except json.JSONDecodeError as exc:
         raise InvalidInput(f"not valid JSON ({exc.msg} at column {exc.colno}); each line must be a JSON "
@@ -38,7 +44,7 @@ def line_kwargs(kind: Kind, raw: str, defaults: dict[str, Any]) -> dict[str, Any
         return {**defaults, **({"prompt": value} if kind == "generate" else {"texts": [value]})}
     if isinstance(value, dict):
         return {**defaults, **value}
-    raise InvalidInput(f"a JSON {type(value).__name__} is not a job; each line must be a JSON string or a "
+    raise InvalidInput(f"a JSON {json_type_name(value)} is not a job; each line must be a JSON string or a "
                        "JSON object of kwargs")
 
 

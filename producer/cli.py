@@ -11,18 +11,28 @@ from pathlib import Path
 from typing import Any
 
 import click
+from pydantic import ValidationError
 
 from producer.errors import InferqConnectionError, InferqError, InputTooLarge, InvalidInput, UnknownModel
-from producer.settings import KINDS, Kind, Settings
+from producer.settings import KINDS, Kind, Settings, describe_error
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
 
 
+def _settings() -> Settings:
+    """The settings, or one line per bad setting and exit 2 (a configuration error is a usage error)."""
+    try:
+        return Settings()
+    except (ValidationError, FileNotFoundError) as exc:
+        click.echo(f"configuration error: {describe_error(exc)}", err=True)
+        sys.exit(EXIT_BAD_INPUT)
+
+
 def _client() -> Any:
     from producer.client import Client
 
-    return Client(Settings())
+    return Client(_settings())
 
 
 def _run_one(kind: Kind, kwargs: dict[str, Any]) -> None:
@@ -40,9 +50,15 @@ def _run_one(kind: Kind, kwargs: dict[str, Any]) -> None:
 def _run_file(kind: Kind, path: str, output: str | None, defaults: dict[str, Any], window: int) -> None:
     from producer.bulk import run_bulk
 
-    source = sys.stdin if path == "-" else open(path, encoding="utf-8")  # noqa: SIM115 - closed below
-    total = None if path == "-" else sum(1 for line in Path(path).read_text(encoding="utf-8").splitlines()
-                                         if line.strip())
+    # Bytes that are not UTF-8 stay in the text as surrogates, so a bad line fails alone (InvalidInput),
+    # from a file as from stdin, and every good line is still sent.
+    if path == "-":
+        sys.stdin.reconfigure(errors="surrogateescape")  # type: ignore[union-attr]
+        source, total = sys.stdin, None
+    else:
+        source = open(path, encoding="utf-8", errors="surrogateescape")  # noqa: SIM115 - closed below
+        with open(path, "rb") as counted:
+            total = sum(1 for line in counted if line.strip())
     out = sys.stdout if output in (None, "-") else open(output, "w", encoding="utf-8")  # noqa: SIM115
     try:
         report = run_bulk(_client(), kind, source, out, defaults={k: v for k, v in defaults.items()
@@ -64,9 +80,17 @@ def _run_file(kind: Kind, path: str, output: str | None, defaults: dict[str, Any
 
 
 _file_option = click.option("--file", "file_", metavar="PATH",
+                            type=click.Path(exists=True, dir_okay=False, allow_dash=True),
                             help="bulk: one job per JSONL line (a JSON string or an object of kwargs); '-' is stdin")
-_output_option = click.option("--output", "-o", metavar="PATH", help="bulk: where result lines go (default stdout)")
-_window_option = click.option("--window", default=256, show_default=True, help="bulk: tasks in flight at once")
+_output_option = click.option("--output", "-o", metavar="PATH", type=click.Path(dir_okay=False, allow_dash=True),
+                              help="bulk: where result lines go (default stdout)")
+_window_option = click.option("--window", default=256, show_default=True, type=click.IntRange(min=1),
+                              help="bulk: tasks in flight at once")
+
+
+def _texts_or_file(texts: tuple[str, ...], file_: str | None, what: str = "TEXTS") -> None:
+    if file_ and texts:
+        raise click.UsageError(f"give {what} or --file, not both: with --file every job comes from the file")
 _model_option = click.option("--model", help="a model alias from the worker's registry (default: the kind's default)")
 
 
@@ -85,6 +109,7 @@ def main() -> None:
 def embed(texts: tuple[str, ...], model: str | None, normalize: bool, file_: str | None, output: str | None,
           window: int) -> None:
     """Embed TEXTS (one task), or every line of --file."""
+    _texts_or_file(texts, file_)
     if file_:
         _run_file("embed", file_, output, {"model": model, "normalize": normalize}, window)
     else:
@@ -102,7 +127,11 @@ def embed(texts: tuple[str, ...], model: str | None, normalize: bool, file_: str
 def classify(texts: tuple[str, ...], labels: str | None, top_k: int, model: str | None, file_: str | None,
              output: str | None, window: int) -> None:
     """Classify TEXTS (one task), or every line of --file."""
-    label_list = [label.strip() for label in labels.split(",")] if labels else None
+    _texts_or_file(texts, file_)
+    if labels is not None and not labels.strip():
+        raise click.BadParameter("is empty: give comma-separated labels, or leave --labels out to use a "
+                                 "sequence-classification model's own labels", param_hint="--labels")
+    label_list = [label.strip() for label in labels.split(",")] if labels is not None else None
     options = {"labels": label_list, "top_k": top_k, "model": model}
     if file_:
         _run_file("classify", file_, output, options, window)
@@ -127,6 +156,9 @@ def generate(prompt: str | None, chat: bool, system: str | None, max_new_tokens:
              top_p: float, stop: tuple[str, ...], seed: int | None, model: str | None, file_: str | None,
              output: str | None, window: int) -> None:
     """Generate from PROMPT (one task), or from every line of --file."""
+    _texts_or_file((prompt,) if prompt else (), file_, "PROMPT")
+    if system is not None and not chat:
+        raise click.UsageError("--system needs --chat: a system message only exists in a chat")
     options: dict[str, Any] = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
                                "stop": list(stop) or None, "seed": seed, "model": model}
     if file_:
@@ -167,7 +199,7 @@ def worker(kinds: str, concurrency: int | None, name: str | None, gpus: str | No
                                      "process and its receivers", param_hint="--receivers")
         from workers.supervision.main import run_worker
 
-        run_worker(Settings(), chosen, concurrency=concurrency, node_name=name)
+        run_worker(_settings(), chosen, concurrency=concurrency, node_name=name)
         return
     if name is not None:
         raise click.BadParameter("--name names one worker; with --gpus the workers are named gpu0@host, cpu0@host, "
@@ -176,7 +208,7 @@ def worker(kinds: str, concurrency: int | None, name: str | None, gpus: str | No
     from workers.supervision.main import run_launcher
 
     try:
-        sys.exit(run_launcher(Settings(), chosen, gpus, replicas, concurrency, receivers))
+        sys.exit(run_launcher(_settings(), chosen, gpus, replicas, concurrency, receivers))
     except LaunchError as exc:
         raise click.BadParameter(str(exc), param_hint="--gpus/--replicas/--receivers") from None
 
@@ -193,7 +225,7 @@ def device_server(listen: str, kinds: str, name: str) -> None:
     """
     from workers.supervision.main import run_device_server_process
 
-    run_device_server_process(Settings(), _parse_kinds(kinds), listen, name)
+    run_device_server_process(_settings(), _parse_kinds(kinds), listen, name)
 
 
 @main.command()
@@ -207,7 +239,7 @@ def check(names: tuple[str, ...], local: bool, expect: int, timeout: float) -> N
     from producer.client import Client
     from producer.health import check_workers, verdict
 
-    client = Client(Settings())
+    client = Client(_settings())
     try:
         found = check_workers(client, names, local, timeout, enough=expect)
     except InferqConnectionError as exc:
@@ -231,7 +263,7 @@ def flower(port: int | None, address: str | None) -> None:
     """Start Flower on the same Redis as the workers; /metrics adds inferq_queue_depth per queue."""
     from producer.monitoring import run_flower
 
-    sys.exit(run_flower(Settings(), port, address))
+    sys.exit(run_flower(_settings(), port, address))
 
 
 @main.command()
@@ -240,7 +272,7 @@ def demo(timeout: float) -> None:
     """Start what is needed (Redis if none answers, a worker), run one task of each kind, stop it all."""
     from producer.demo import run_demo
 
-    sys.exit(run_demo(Settings(), timeout))
+    sys.exit(run_demo(_settings(), timeout))
 
 
 @main.command()

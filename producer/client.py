@@ -7,6 +7,7 @@ foreign client, and it checks every request before sending it so most mistakes n
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future
@@ -53,12 +54,21 @@ class Handle(Generic[T]):
     def get(self, timeout: float | None = None) -> T:
         """The result; raises the task's own error (InvalidInput, UnknownModel, ...) if it failed."""
         wait = self._default_timeout if timeout is None else timeout
+        deadline = time.monotonic() + wait
         with self._translate_errors():
-            try:
-                return cast(T, self._result.get(timeout=wait, propagate=True, interval=0.05))
-            except CeleryTimeoutError:
-                raise ResultTimeout(f"task {self.id} gave no result within {wait:g} s; it may still run, "
-                                    "and get() can be called again") from None
+            # Celery's result consumer waits in steps of one second, so its get() overshoots any fraction
+            # (0.1 s took 1.0, 2.5 took 3.0): told of the result for the whole seconds, then polling the rest.
+            whole = int(wait)
+            if whole >= 1:
+                with contextlib.suppress(CeleryTimeoutError):
+                    return cast(T, self._result.get(timeout=whole, propagate=True, interval=0.05))
+            while not self._result.ready():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise ResultTimeout(f"task {self.id} gave no result within {wait:g} s; it may still run, "
+                                        "and get() can be called again")
+                time.sleep(min(0.02, left))
+            return cast(T, self._result.get(timeout=1.0, propagate=True, interval=0.05))
 
     async def wait(self, timeout: float | None = None) -> T:
         """Like get(), without blocking the event loop: polls the result backend with a short backoff."""

@@ -194,7 +194,7 @@ def validate(kind: Kind, kwargs: Any, limits: Limits, args: Any = ()) -> Request
         raise InvalidInput(f"inferq.{kind} takes keyword arguments only; got {len(args)} positional "
                            f"argument(s). Pass them as kwargs: {_allowed_names(kind)}")
     if not isinstance(kwargs, dict):
-        raise InvalidInput(f"inferq.{kind} kwargs must be an object; got {_type_name(kwargs)}")
+        raise InvalidInput(f"inferq.{kind} kwargs must be an object; got {json_type_name(kwargs)}")
     unknown = sorted(str(key) for key in kwargs if key not in REQUEST_TYPES[kind].model_fields)
     if unknown:
         raise InvalidInput(f"unknown argument(s) {', '.join(map(repr, unknown))} for inferq.{kind}; "
@@ -240,6 +240,8 @@ def _check_texts(texts: list[str], limits: Limits) -> None:
         raise InputTooLarge(f"texts has {len(texts)} items; at most {limits.max_texts} are allowed per request")
     for i, text in enumerate(texts):
         _check_text(f"texts[{i}]", text, limits)
+        if not text.strip():  # as for labels: nothing to embed or classify but padding
+            raise InvalidInput(f"texts[{i}] has only whitespace; each text must have visible characters")
 
 
 def _check_labels(labels: list[str], limits: Limits) -> None:
@@ -308,10 +310,11 @@ def _value_summary(error: ErrorDetails) -> str:
         return str(value)
     if isinstance(value, str) and len(value) <= 40:
         return f"string {value!r}"
-    return _type_name(value)
+    return json_type_name(value)
 
 
-def _type_name(value: Any) -> str:
+def json_type_name(value: Any) -> str:
+    """What a decoded JSON value is (null, string, object, list, int, ...), for error messages."""
     names = {type(None): "null", bool: "bool", int: "int", float: "float", str: "string", list: "list",
              dict: "object", tuple: "list"}
     return names.get(type(value), type(value).__name__)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 Kind = Literal["embed", "classify", "generate"]
@@ -146,6 +146,24 @@ class ModelRegistry(BaseModel):
         return None
 
 
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+
+def describe_error(error: ValidationError | FileNotFoundError) -> str:
+    """One line per problem, naming the setting as the environment spells it (a config file's key is the same
+    name without the prefix, in lower case), what was wrong, and what was given."""
+    if isinstance(error, FileNotFoundError):
+        return str(error)
+    lines = []
+    for problem in error.errors():
+        place = [str(part) for part in problem["loc"]]
+        name = "INFERQ_" + "__".join(place).upper() if place else "the settings"
+        given = problem.get("input")
+        shown = "" if not place or isinstance(given, dict) else f" (given: {str(given)[:80]!r})"
+        lines.append(f"{name}: {problem['msg']}{shown}")
+    return "; ".join(lines)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="INFERQ_", env_nested_delimiter="__", extra="forbid", protected_namespaces=()
@@ -244,6 +262,14 @@ class Settings(BaseSettings):
     @property
     def backend(self) -> str:
         return self.result_backend or self.redis_url
+
+    @field_validator("redis_url", "broker_url", "result_backend")
+    @classmethod
+    def _redis_scheme(cls, url: str | None) -> str | None:
+        if url is not None and url.partition("://")[0] not in REDIS_SCHEMES:
+            raise ValueError(f"{redact(url)!r} is not a Redis URL: it must start with "
+                             f"{', '.join(f'{scheme}://' for scheme in REDIS_SCHEMES)}")
+        return url
 
     @field_validator("classify_label_template")
     @classmethod

@@ -82,6 +82,19 @@ def test_a_body_that_is_not_a_task_triple_fails_with_invalid_message(redis_clien
     assert client.embed(["still serving"])["dim"] == 384
 
 
+def test_an_unknown_task_name_fails_with_invalid_message_naming_the_tasks(redis_client: redis.Redis, client: Client,
+                                                                         worker: WorkerProcess) -> None:
+    before = refused(client, worker).get("unknown_task", 0)
+    sent = client.app.send_task("inferq.nope", kwargs={"texts": ["x"]}, queue="embed")
+    meta = stored(redis_client, sent.id)
+    assert meta["status"] == "FAILURE"
+    assert meta["result"]["exc_type"] == "InvalidMessage", meta
+    assert meta["result"]["exc_message"] == ("no task is named 'inferq.nope'; this worker runs inferq.embed, "
+                                             "inferq.classify, inferq.generate")
+    assert refused(client, worker)["unknown_task"] == before + 1
+    assert client.embed(["still serving"])["dim"] == 384
+
+
 def test_list_entries_that_are_not_messages_go_to_the_dead_letter_list(redis_client: redis.Redis, client: Client,
                                                                        worker: WorkerProcess) -> None:
     # Anyone who can LPUSH can put anything in a queue; plain Kombu would stop the worker on the first.

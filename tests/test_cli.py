@@ -70,7 +70,7 @@ def test_bulk_jsonl_keeps_input_order_and_reports_each_error(env: dict[str, str]
     assert len(by_line[4]["result"]["embeddings"]) == 2
     assert by_line[6]["error"]["type"] == "InvalidInput" and "not valid JSON" in by_line[6]["error"]["message"]
     assert by_line[8]["error"] == {"type": "UnknownModel", "message": by_line[8]["error"]["message"]}
-    assert "not a job" in by_line[10]["error"]["message"]
+    assert by_line[10]["error"]["message"].startswith("a JSON list is not a job")
 
 
 def test_bulk_from_stdin_applies_cli_options_as_defaults(env: dict[str, str], worker: WorkerProcess) -> None:
@@ -81,6 +81,53 @@ def test_bulk_from_stdin_applies_cli_options_as_defaults(env: dict[str, str], wo
     assert first["result"]["results"][0][0]["label"] == "sports"
     assert len(first["result"]["results"][0]) == 1
     assert [s["label"] for s in second["result"]["results"][0]] == ["cooking", "sports"]
+
+
+@pytest.mark.parametrize("source", ["file", "stdin"])
+def test_bulk_lines_that_are_not_utf8_fail_alone(env: dict[str, str], worker: WorkerProcess, tmp_path: Path,
+                                                 source: str) -> None:
+    data = b'"good one"\n"bad \xff\xfe bytes"\n"good two"\n'
+    path = tmp_path / "mixed.jsonl"
+    path.write_bytes(data)
+    args = ("embed", "--file", str(path) if source == "file" else "-")
+    done = subprocess.run([sys.executable, "-m", "producer.cli", *args], env=env, capture_output=True, timeout=180,
+                          cwd=ROOT, input=data if source == "stdin" else None)
+    assert done.returncode == 1, done.stderr
+    records = [json.loads(line) for line in done.stdout.decode().splitlines()]
+    assert [r["line"] for r in records] == [1, 2, 3]
+    assert records[0]["result"]["dim"] == 384 and records[2]["result"]["dim"] == 384
+    assert records[1]["error"] == {"type": "InvalidInput", "message": "not valid UTF-8 (byte 0xff at column 6); "
+                                                                      "each line must be UTF-8 text"}
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (("embed", "--file", "/nonexistent/in.jsonl"), "'/nonexistent/in.jsonl' does not exist"),
+    (("embed", "--file", "-", "--window", "0"), "0 is not in the range x>=1"),
+    (("embed", "x", "--file", "-"), "give TEXTS or --file, not both"),
+    (("classify", "x", "--labels", ""), "Invalid value for --labels: is empty"),
+    (("generate", "hi", "--system", "be brief"), "--system needs --chat"),
+])
+def test_bad_options_are_usage_errors(env: dict[str, str], args: tuple[str, ...], says: str) -> None:
+    done = inferq(*args, env=env, stdin="")
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    assert says in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(("variable", "value", "says"), [
+    ("INFERQ_CONNECT_TIMEOUT", "abc", "INFERQ_CONNECT_TIMEOUT: Input should be a valid number"),
+    ("INFERQ_REDIS_URL", "http://x", "INFERQ_REDIS_URL: Value error, 'http://x' is not a Redis URL: it must start "
+                                     "with redis://, rediss://, unix://"),
+    ("INFERQ_CONFIG", "/nonexistent/inferq.toml", "INFERQ_CONFIG names '/nonexistent/inferq.toml', which is not a "
+                                                  "file"),
+])
+def test_configuration_errors_are_one_line_naming_the_setting(env: dict[str, str], variable: str, value: str,
+                                                              says: str) -> None:
+    for command in (("embed", "hi"), ("check", "--timeout", "1")):
+        done = inferq(*command, env={**env, variable: value})
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.startswith("configuration error: ") and says in done.stderr, done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1, done.stderr
 
 
 def test_demo_starts_an_embedded_redis_and_a_worker_and_stops_both(tmp_path: Path) -> None:

@@ -1,5 +1,5 @@
-"""The producer without a reachable Redis: bad input is refused before sending, and a dead broker is a
-clear, bounded error rather than a hang."""
+"""The producer's bounds: bad input is refused before sending, a dead broker is a
+clear, bounded error rather than a hang, and get() gives up at its own timeout."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import time
 import pytest
 
 from producer.client import Client
-from producer.errors import InferqConnectionError, InputTooLarge, InvalidInput
+from producer.errors import InferqConnectionError, InputTooLarge, InvalidInput, ResultTimeout
 from producer.settings import Limits, Settings
-from tests.conftest import free_port
+from tests.conftest import REDIS_HOST, REDIS_PORT, free_port
 
 
 def silent_url() -> str:
@@ -37,3 +37,21 @@ def test_a_dead_broker_raises_a_connection_error_within_seconds(offline_client: 
     with pytest.raises(InferqConnectionError, match=r"could not reach the broker or result backend at redis://127\.0\.0\.1:\d+/0"):
         offline_client.embed(["hello"])
     assert time.monotonic() - started < 30  # bounded by the connect timeout and the publish retry policy
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("timeout", [0.2, 1.5])
+def test_get_gives_up_at_its_timeout_not_the_next_whole_second(timeout: float) -> None:
+    """Celery's result consumer waits in steps of one second: 0.1 s took 1.0 and 2.5 took 3.0."""
+    url = f"redis://{REDIS_HOST}:{REDIS_PORT}/11"  # no worker listens here
+    client = Client(Settings(redis_url=url))
+    try:
+        handle = client.submit_embed(["nobody takes this"])
+        started = time.monotonic()
+        with pytest.raises(ResultTimeout, match=f"gave no result within {timeout:g} s"):
+            handle.get(timeout=timeout)
+        took = time.monotonic() - started
+        assert timeout <= took < timeout + 0.4, took
+    finally:
+        client.app.backend.client.delete("embed")
+        client.close()

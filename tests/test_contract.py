@@ -38,6 +38,7 @@ def test_good_requests_pass_with_defaults() -> None:
     ({"texts": "just one"}, "texts must be a non-empty list of strings; got string 'just one'"),
     ({}, "texts is required"),
     ({"texts": ["ok", ""]}, "texts[1] is an empty string"),
+    ({"texts": ["ok", " \n\t"]}, "texts[1] has only whitespace; each text must have visible characters"),
     ({"texts": [["nested"]]}, "texts[0] must be a string; got list"),
     ({"texts": ["x"], "normalize": 1}, "normalize must be true or false; got int"),
     ({"texts": ["x"], "normalize": "yes"}, "normalize must be true or false; got string 'yes'"),

@@ -147,8 +147,11 @@ def test_unknown_model_lists_what_is_available(client: Client, worker: WorkerPro
     # a path or hub id is just an unknown alias: nothing is ever loaded from a request
     with pytest.raises(UnknownModel, match="model '/etc/passwd' is not configured for generate"):
         client.generate("x", model="/etc/passwd")
-    with pytest.raises(UnknownModel, match="available: minilm, tiny-sentiment"):
+    with pytest.raises(UnknownModel, match=r"available: minilm, tiny-sentiment \(without labels\)$"):
         client.classify(["x"], labels=["a"], model="sentence-transformers/all-mpnet-base-v2")
+    # without labels, the embedding models are listed as what they are: zero-shot, which needs labels
+    with pytest.raises(UnknownModel, match=r"available: tiny-sentiment, minilm \(zero-shot, with labels\)$"):
+        client.classify(["x"], model="nope")
 
 
 def test_async_variants_run_concurrently(client: Client, worker: WorkerProcess) -> None:

@@ -264,7 +264,7 @@ class Runtime:
                 raise InvalidInput(f"model {name!r} classifies into its own labels ({', '.join(classifier.labels)}); "
                                    "omit labels, or omit model to classify zero-shot into the labels you pass")
         elif request.labels is not None:
-            alias = self._alias("embed", name, self.embedders, also=self.classifiers)
+            alias = self._alias("embed", name, self.embedders, also=self.classifiers, also_note="without labels")
             return self._zero_shot(alias, texts, list(request.labels), request.top_k)
         elif name is not None and name in self.embedders:
             raise InvalidInput(f"model {name!r} is an embedding model: it classifies zero-shot, so pass labels")
@@ -272,7 +272,8 @@ class Runtime:
             if name is None and self.settings.models.default_alias("classify") is None:
                 raise InvalidInput("no sequence-classification model is configured on this worker: pass labels "
                                    "to classify zero-shot, or configure one under models.classify")
-            classifier = self.classifiers[self._alias("classify", name, self.classifiers, also=self.embedders)]
+            classifier = self.classifiers[self._alias("classify", name, self.classifiers, also=self.embedders,
+                                                      also_note="zero-shot, with labels")]
         alias = classifier.loaded.alias
 
         def build(probabilities: torch.Tensor) -> ClassifyResult:
@@ -309,11 +310,12 @@ class Runtime:
         return self._submit("generate", f"generate/{alias}", prepared, 1, prepared.total_tokens,
                             lambda completion: generator.finish(prepared, completion))
 
-    def _alias(self, kind: Kind, name: str | None, group: dict[str, Any],
-               also: dict[str, Any] | None = None) -> str:
+    def _alias(self, kind: Kind, name: str | None, group: dict[str, Any], also: dict[str, Any] | None = None,
+               also_note: str = "") -> str:
+        """The alias to serve; UnknownModel lists the available ones, and how the others in `also` are used."""
         alias = name if name is not None else self.settings.models.default_alias(kind)
         if alias is None or alias not in group:
-            available = sorted(group) + sorted(also or {})
+            available = sorted(group) + [f"{other} ({also_note})" for other in sorted(also or {})]
             shown = ", ".join(available) if available else "none configured"
             raise UnknownModel(f"model {name!r} is not configured for {kind} on this worker; "
                                f"available: {shown}")

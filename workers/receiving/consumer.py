@@ -15,7 +15,9 @@ from typing import Any
 from celery.worker.consumer import Consumer
 from kombu.exceptions import ContentDisallowed, DecodeError
 
+from producer.contract import task_name
 from producer.errors import InvalidMessage
+from producer.settings import KINDS
 from workers.receiving.counters import SharedCounter
 
 log = logging.getLogger(__name__)
@@ -63,6 +65,14 @@ class InferqConsumer(Consumer):  # type: ignore[misc]
 
     def on_unknown_message(self, body: Any, message: Any) -> None:
         self._refuse(message, "not_a_task", "the message is not a Celery task message (no task name in its headers)")
+        message.reject_log_error(log, self.connection_errors)
+
+    def on_unknown_task(self, body: Any, message: Any, exc: Exception) -> None:
+        # Celery stores NotRegistered, whose message is a list (["inferq.nope"]), logs a traceback, and
+        # names no task that would do; this says which ones exist, as the other refusals do.
+        name = message.headers.get("task") if isinstance(message.headers, dict) else None
+        self._refuse(message, "unknown_task", f"no task is named {name!r}; this worker runs "
+                                              f"{', '.join(task_name(kind) for kind in KINDS)}")
         message.reject_log_error(log, self.connection_errors)
 
     def on_invalid_task(self, body: Any, message: Any, exc: Exception) -> None:
