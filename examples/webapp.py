@@ -6,27 +6,54 @@
 
 POST /v1/{embed|classify|generate} waits for the result (the task's kwargs are the JSON body);
 POST /v1/{kind}/async returns 202 with a task id at once; GET /v1/tasks/{id} polls it.
-Bad input answers 422 with the typed error; a result that takes too long 504; Redis down 503.
+Every error is {"error": {"type": ..., "message": ...}}: bad input (a body that is not a JSON object of the
+kind's kwargs) 422 with the typed error, an unknown kind or a task id that is not a UUID 404, a result that
+takes too long 504, Redis down 503.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from http import HTTPStatus
 from typing import Any
+from uuid import UUID
 
 from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from producer import Client, InferqConnectionError, InferqError, ResultTimeout, Settings
+from producer import Client, InferqConnectionError, InferqError, InvalidInput, ResultTimeout, Settings
+from producer.contract import validate
 from producer.settings import KINDS, Kind
 
 app = FastAPI(title="inferq example")
 client = Client(Settings())  # one per process: it holds the broker and backend connection pools
 
 
+def _error(status: int, kind: str, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"type": kind, "message": message}}, status_code=status, headers=headers)
+
+
 @app.exception_handler(InferqError)
 async def typed_error(_: Request, exc: InferqError) -> JSONResponse:
     status = 504 if isinstance(exc, ResultTimeout) else 503 if isinstance(exc, InferqConnectionError) else 422
-    return JSONResponse({"error": {"type": type(exc).__name__, "message": str(exc)}}, status_code=status)
+    return _error(status, type(exc).__name__, str(exc))
+
+
+@app.exception_handler(StarletteHTTPException)  # the app's own 404s, and the framework's 404 and 405
+async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    return _error(exc.status_code, HTTPStatus(exc.status_code).phrase.replace(" ", ""), str(exc.detail),
+                  exc.headers)
+
+
+@app.exception_handler(RequestValidationError)  # the framework's checks of typed parameters
+async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = exc.errors()
+    message = "; ".join(f"{'.'.join(map(str, error['loc']))}: {error['msg']}" for error in errors)
+    if all(error["loc"][0] == "path" for error in errors):  # a path that names nothing, like an unknown kind
+        return _error(404, "NotFound", message)
+    return _error(422, "InvalidInput", message)
 
 
 def _kind(kind: str) -> Kind:
@@ -36,26 +63,36 @@ def _kind(kind: str) -> Kind:
     raise HTTPException(404, f"no such task kind {kind!r}; the kinds are {', '.join(KINDS)}")
 
 
-async def _kwargs(request: Request) -> dict[str, Any]:
-    body = await request.json()
+async def _kwargs(kind: Kind, request: Request) -> dict[str, Any]:
+    try:
+        body = await request.json()
+    except ValueError as exc:  # json.JSONDecodeError, or UnicodeDecodeError for bytes that are not text
+        problem = "is empty" if not await request.body() else f"is not valid JSON ({exc})"
+        raise InvalidInput(f"the body {problem}; send a JSON object of the task's kwargs") from None
     if not isinstance(body, dict):
-        raise HTTPException(422, "the body must be a JSON object of the task's kwargs")
-    return body
+        raise InvalidInput("the body must be a JSON object of the task's kwargs")
+    sent = {key: value for key, value in body.items() if value is not None}  # what submit() sends
+    validate(kind, sent, client.settings.limits)  # first: a key such as "kind" would clash with submit()'s own
+    return sent
 
 
 @app.post("/v1/{kind}")
 async def run(kind: str, request: Request) -> Any:
-    return await client.submit(_kind(kind), **await _kwargs(request)).wait()
+    known = _kind(kind)
+    return await client.submit(known, **await _kwargs(known, request)).wait()
 
 
 @app.post("/v1/{kind}/async", status_code=202)
 async def enqueue(kind: str, request: Request) -> dict[str, str]:
-    return {"id": client.submit(_kind(kind), **await _kwargs(request)).id}
+    known = _kind(kind)
+    return {"id": client.submit(known, **await _kwargs(known, request)).id}
 
 
 @app.get("/v1/tasks/{task_id}")
-async def poll(task_id: str) -> dict[str, Any]:
-    handle = client.handle(task_id)
+async def poll(task_id: UUID) -> dict[str, Any]:
+    # The result backend stores a task only once it has finished, so a well-formed id this app never issued
+    # looks just like a task still waiting in the queue: it stays {"ready": false}.
+    handle = client.handle(str(task_id))
     if not handle.ready():
-        return {"id": task_id, "ready": False}
-    return {"id": task_id, "ready": True, "result": handle.get(timeout=5)}
+        return {"id": handle.id, "ready": False}
+    return {"id": handle.id, "ready": True, "result": handle.get(timeout=5)}
