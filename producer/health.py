@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import redis
+
 from producer.client import Client
 from producer.connection import ConnectionErrors
 from producer.settings import redact
@@ -52,6 +54,11 @@ def check_workers(client: Client, nodes: Sequence[str] = (), local: bool = False
             raise _Enough
 
     with ConnectionErrors(f"the broker at {redact(client.settings.broker)}"), contextlib.suppress(_Enough):
+        # One plain round trip first, within the timeout: the broadcast's publish retries a broker that refuses
+        # for seconds (--timeout 2 against a closed port took 6.4 s).
+        wait = min(timeout, client.settings.connect_timeout)
+        with redis.Redis.from_url(client.settings.broker, socket_connect_timeout=wait, socket_timeout=wait) as probe:
+            probe.ping()
         client.app.control.broadcast("inferq_check", reply=True, timeout=timeout,
                                      destination=list(nodes) or None, callback=collect)
     return sorted(found, key=lambda health: health.node)

@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -128,6 +129,15 @@ def test_configuration_errors_are_one_line_naming_the_setting(env: dict[str, str
         assert done.returncode == 2, done.stderr
         assert done.stderr.startswith("configuration error: ") and says in done.stderr, done.stderr
         assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_check_against_a_closed_port_fails_within_its_timeout(env: dict[str, str]) -> None:
+    started = time.monotonic()
+    done = inferq("check", "--timeout", "2", env={**env, "INFERQ_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"})
+    took = time.monotonic() - started
+    assert done.returncode == 1
+    assert "unhealthy: could not reach the broker at redis://127.0.0.1:" in done.stderr
+    assert took < 2 + 3, f"{took:.1f} s: the publish retried past --timeout (it took 6.4 s)"  # 3 s: interpreter start
 
 
 def test_demo_starts_an_embedded_redis_and_a_worker_and_stops_both(tmp_path: Path) -> None:
