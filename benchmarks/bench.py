@@ -24,7 +24,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from benchmarks.load import Load, run_load
+from benchmarks.load import Load, NewTokens, run_load
 from benchmarks.raw import encode_rate, load_embedder, raw_encode, raw_generate, single_ms
 from producer.client import Client
 from producer.settings import Kind, Settings
@@ -107,8 +107,9 @@ def batch_histogram(before: dict[str, Any], after: dict[str, Any]) -> dict[str, 
 
 
 def device_time(before: dict[str, Any], after: dict[str, Any], elapsed: float) -> dict[str, float]:
-    """The workers' device threads between two status reads: busy fraction and milliseconds per batch."""
-    busy = batches = 0
+    """The workers' device threads between two status reads: busy fraction, milliseconds per batch, and for
+    stepped (generate) batches the requests one decoding step served on average (occupancy)."""
+    busy = batches = steps = step_rows = 0
     before, after = device_loops(before), device_loops(after)
     for node, status in after.items():
         earlier = before.get(node, {}).get("counts", {})
@@ -118,7 +119,12 @@ def device_time(before: dict[str, Any], after: dict[str, Any], elapsed: float) -
                 busy += grown
             elif name.endswith(":batches"):
                 batches += grown
-    return {"device_busy_fraction": busy / 1000 / max(elapsed, 1e-9), "device_ms_per_batch": busy / max(batches, 1)}
+            elif name.endswith(":steps"):
+                steps += grown
+            elif name.endswith(":step_rows"):
+                step_rows += grown
+    timing = {"device_busy_fraction": busy / 1000 / max(elapsed, 1e-9), "device_ms_per_batch": busy / max(batches, 1)}
+    return {**timing, "rows_per_step": step_rows / steps} if steps else timing
 
 
 def start_worker(log_path: Path, worker_args: list[str] | None = None) -> subprocess.Popen[bytes]:
@@ -146,7 +152,7 @@ def wait_ready(client: Client, process: subprocess.Popen[bytes] | None, timeout:
     raise SystemExit("no worker became ready")
 
 
-def run_bench(kinds: tuple[Kind, ...], levels: list[int], requests: int, processes: int, new_tokens: int,
+def run_bench(kinds: tuple[Kind, ...], levels: list[int], requests: int, processes: int, new_tokens: NewTokens,
               raw_batch: int, generate_requests: int, start: bool, out_dir: Path, client_kind: str = "plain",
               coalesce_ms: float = 2.0, worker_args: list[str] | None = None) -> dict[str, Any]:
     settings = Settings()
@@ -301,7 +307,8 @@ def _print(report: dict[str, Any]) -> None:
                   f"{r.get('raw_texts_per_s', 0):>7.0f}{r.get('ratio_to_raw', 0):>8.2f}{r['failed']:>7}"
                   f"{r.get('device_busy_fraction', 0):>8.0%}"
                   f"{r.get('device_ms_per_batch', 0):>9.1f}{r.get('client_cpu_ms_per_req', 0):>8.2f}"
-                  f"  {r['batch_sizes']}")
+                  f"  {r['batch_sizes']}"
+                  + (f"; {r['rows_per_step']:.1f} requests per decoding step" if "rows_per_step" in r else ""))
     print("raw/s: the raw loop just before the row (texts/s); client: the producer processes' own CPU in ms per "
           "request (on one machine it is the worker's loss)")
     if report.get("light_load_p50_ms"):

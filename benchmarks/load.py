@@ -17,6 +17,7 @@ as a lean client would.
 from __future__ import annotations
 
 import multiprocessing as mp
+import random
 import time
 import uuid
 from collections.abc import Callable
@@ -33,16 +34,37 @@ from producer.contract import queue_name, task_name
 from producer.settings import Kind, Settings
 
 Payload = Callable[[int], dict[str, Any]]
+# max_new_tokens of each generate request: one number, or a range (low, high) each request draws from
+NewTokens = int | tuple[int, int]
 SWEEP_SECONDS = 1.0  # how often a process reads the keys of what it still waits for
 
 
-def payload_for(kind: Kind, new_tokens: int) -> Payload:
+def new_tokens_of(spec: NewTokens, i: int) -> int:
+    """Request i's max_new_tokens: the number, or a draw from the range seeded by i (the same in every run, and
+    for the raw reference)."""
+    if isinstance(spec, int):
+        return spec
+    low, high = spec
+    return random.Random(i).randint(low, high)
+
+
+def parse_new_tokens(text: str) -> NewTokens:
+    """"64" or "8-256"."""
+    low, dash, high = text.partition("-")
+    if not dash:
+        return int(low)
+    if not 1 <= int(low) <= int(high):
+        raise ValueError(f"a range of new tokens is LOW-HIGH with 1 <= LOW <= HIGH; got {text!r}")
+    return int(low), int(high)
+
+
+def payload_for(kind: Kind, new_tokens: NewTokens) -> Payload:
     if kind == "embed":
         return lambda i: {"texts": [f"request {i}: a short sentence about queues, batching and GPUs"]}
     if kind == "classify":
         return lambda i: {"texts": [f"request {i}: the match ended in a late winner"],
                           "labels": ["sports", "finance", "cooking"]}
-    return lambda i: {"prompt": f"Story {i}: once upon a time", "max_new_tokens": new_tokens}
+    return lambda i: {"prompt": f"Story {i}: once upon a time", "max_new_tokens": new_tokens_of(new_tokens, i)}
 
 
 @dataclass
@@ -53,7 +75,7 @@ class Sample:
     tokens: int
 
 
-def _producer(settings: Settings, kind: Kind, count: int, window: int, new_tokens: int, offset: int,
+def _producer(settings: Settings, kind: Kind, count: int, window: int, new_tokens: NewTokens, offset: int,
               start_at: float, out: Any, raw: bool = False) -> None:
     app: Celery = make_celery(settings.model_copy(update={"result_backend": "disabled://"}), "bench-producer")
     app.conf.result_backend = None
@@ -117,7 +139,7 @@ def _producer(settings: Settings, kind: Kind, count: int, window: int, new_token
     out.put(("done", [(s.sent, s.done, s.ok, s.tokens) for s in samples]))
 
 
-def _inferq_producer(settings: Settings, kind: Kind, count: int, window: int, new_tokens: int, offset: int,
+def _inferq_producer(settings: Settings, kind: Kind, count: int, window: int, new_tokens: NewTokens, offset: int,
                      start_at: float, out: Any) -> None:
     """Our Python producer: ``window`` threads each making blocking calls, merged by the client's coalescing."""
     import threading
@@ -168,7 +190,7 @@ class Load:
 
 
 def run_load(settings: Settings, kind: Kind, count: int, concurrency: int, processes: int,
-             new_tokens: int, progress: Callable[[int], None] | None = None, client: str = "plain") -> Load:
+             new_tokens: NewTokens, progress: Callable[[int], None] | None = None, client: str = "plain") -> Load:
     """Send ``count`` requests with ``concurrency`` in flight over ``processes`` processes."""
     processes = max(1, min(processes, concurrency))
     context = mp.get_context("spawn")

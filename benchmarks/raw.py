@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from benchmarks.load import NewTokens, new_tokens_of
 from producer.settings import Settings
 from workers.models.embed import PooledEmbedder
 from workers.models.generate import CausalGenerator
@@ -59,8 +60,11 @@ def single_ms(embedder: PooledEmbedder) -> float:
     return statistics.median(singles) * 1000
 
 
-def raw_generate(settings: Settings, batch: int, new_tokens: int, rounds: int) -> dict[str, Any]:
-    """Generated tokens/s of Hugging Face ``generate`` (greedy, left-padded) over ``batch`` prompts."""
+def raw_generate(settings: Settings, batch: int, new_tokens: NewTokens, rounds: int) -> dict[str, Any]:
+    """Generated tokens/s of Hugging Face ``generate`` (greedy, left-padded) over ``batch`` prompts.
+
+    With a range of new tokens, prompt i asks for ``new_tokens_of(range, i)``, as through the queue: one
+    static batch runs to the longest, and only the tokens each prompt asked for are counted."""
     from transformers import GenerationConfig
 
     device = pick_device(settings.device)
@@ -71,7 +75,8 @@ def raw_generate(settings: Settings, batch: int, new_tokens: int, rounds: int) -
     tokenizer.padding_side = "left"
     prompts = [f"Story {i}: once upon a time" for i in range(batch)]
     inputs = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
-    config = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,  # type: ignore[no-untyped-call]
+    asked = [new_tokens_of(new_tokens, i) for i in range(batch)]
+    config = GenerationConfig(max_new_tokens=max(asked), min_new_tokens=max(asked), do_sample=False,  # type: ignore[no-untyped-call]
                               pad_token_id=tokenizer.pad_token_id or 0)
     with torch.inference_mode():
         model.generate(**inputs, generation_config=config)  # warm-up
@@ -81,7 +86,7 @@ def raw_generate(settings: Settings, batch: int, new_tokens: int, rounds: int) -
             _sync(device)
         elapsed = time.perf_counter() - started
     return {"model": alias, "batch": batch, "new_tokens": new_tokens,
-            "tokens_per_s": batch * new_tokens * rounds / elapsed}
+            "tokens_per_s": sum(asked) * rounds / elapsed}
 
 
 def _sync(device: torch.device) -> None:

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import json
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
 import click
 from pydantic import ValidationError
+from pydantic_settings import SettingsError
 
 from producer.errors import InferqConnectionError, InferqError, InputTooLarge, InvalidInput, UnknownModel
 from producer.settings import KINDS, Kind, Settings, describe_error
@@ -24,7 +26,7 @@ def _settings() -> Settings:
     """The settings, or one line per bad setting and exit 2 (a configuration error is a usage error)."""
     try:
         return Settings()
-    except (ValidationError, FileNotFoundError) as exc:
+    except (ValidationError, SettingsError, tomllib.TOMLDecodeError, OSError) as exc:
         click.echo(f"configuration error: {describe_error(exc)}", err=True)
         sys.exit(EXIT_BAD_INPUT)
 
@@ -53,7 +55,7 @@ def _run_file(kind: Kind, path: str, output: str | None, defaults: dict[str, Any
     # Bytes that are not UTF-8 stay in the text as surrogates, so a bad line fails alone (InvalidInput),
     # from a file as from stdin, and every good line is still sent.
     if path == "-":
-        sys.stdin.reconfigure(errors="surrogateescape")  # type: ignore[union-attr]
+        sys.stdin.reconfigure(encoding="utf-8", errors="surrogateescape")  # type: ignore[union-attr]
         source, total = sys.stdin, None
     else:
         source = open(path, encoding="utf-8", errors="surrogateescape")  # noqa: SIM115 - closed below
@@ -233,7 +235,7 @@ def device_server(listen: str, kinds: str, name: str) -> None:
 @click.option("--local", is_flag=True, help="only workers whose node name ends in @<this host> (a healthcheck)")
 @click.option("--expect", default=1, show_default=True, help="healthy workers needed")
 @click.option("--timeout", default=10.0, show_default=True,
-              help="seconds to wait for answers; it returns as soon as the named or expected workers answered")
+              help="seconds to wait for answers; with --name it returns as soon as every named worker answered")
 def check(names: tuple[str, ...], local: bool, expect: int, timeout: float) -> None:
     """Exit 0 only if workers answer, with their models loaded and their device running a tiny inference."""
     from producer.client import Client
@@ -241,7 +243,7 @@ def check(names: tuple[str, ...], local: bool, expect: int, timeout: float) -> N
 
     client = Client(_settings())
     try:
-        found = check_workers(client, names, local, timeout, enough=expect)
+        found = check_workers(client, names, local, timeout)
     except InferqConnectionError as exc:
         click.echo(f"unhealthy: {exc}", err=True)
         sys.exit(EXIT_FAILED)
@@ -282,7 +284,8 @@ def demo(timeout: float) -> None:
 @click.option("--requests", default=2000, show_default=True, help="embed/classify requests per level")
 @click.option("--generate-requests", default=64, show_default=True, help="generate requests per level")
 @click.option("--processes", default=4, show_default=True, help="producer processes sending")
-@click.option("--new-tokens", default=64, show_default=True, help="max_new_tokens of each generate request")
+@click.option("--new-tokens", default="64", show_default=True,
+              help="max_new_tokens of each generate request, or a range LOW-HIGH each request draws from")
 @click.option("--raw-batch", default=64, show_default=True, help="batch size of the raw encoder loop")
 @click.option("--no-worker", is_flag=True, help="use the workers already running instead of starting one")
 @click.option("--client", "client_kind", type=click.Choice(["plain", "raw", "inferq"]), default="plain",
@@ -293,13 +296,14 @@ def demo(timeout: float) -> None:
               "once and time the workers draining them (CPU per message of every worker process and of Redis)")
 @click.option("--worker-args", help='the started worker\'s arguments, e.g. "--gpus none --receivers 2"')
 @click.option("--out", default="benchmarks", show_default=True, type=click.Path(file_okay=False))
-def bench(kinds: str, levels: str, requests: int, generate_requests: int, processes: int, new_tokens: int,
+def bench(kinds: str, levels: str, requests: int, generate_requests: int, processes: int, new_tokens: str,
           raw_batch: int, no_worker: bool, client_kind: str, coalesce_ms: float, backlog: int | None,
           worker_args: str | None, out: str) -> None:
     """Benchmark: the raw model against the same model through the queue (a benchmark, not a test)."""
     import shlex
 
     from benchmarks.bench import run_backlog_bench, run_bench
+    from benchmarks.load import parse_new_tokens
 
     if worker_args is not None and no_worker:
         raise click.BadParameter("--worker-args is for the worker bench starts; not with --no-worker",
@@ -311,7 +315,11 @@ def bench(kinds: str, levels: str, requests: int, generate_requests: int, proces
                                      param_hint="--backlog")
         run_backlog_bench(_parse_kinds(kinds), backlog, not no_worker, Path(out), started_args)
         return
-    run_bench(_parse_kinds(kinds), [int(n) for n in levels.split(",")], requests, processes, new_tokens, raw_batch,
+    try:
+        spec = parse_new_tokens(new_tokens)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--new-tokens") from None
+    run_bench(_parse_kinds(kinds), [int(n) for n in levels.split(",")], requests, processes, spec, raw_batch,
               generate_requests, not no_worker, Path(out), client_kind, coalesce_ms, started_args)
 
 

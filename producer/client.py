@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future
@@ -58,6 +59,8 @@ class Handle(Generic[T]):
         with self._translate_errors():
             # Celery's result consumer waits in steps of one second, so its get() overshoots any fraction
             # (0.1 s took 1.0, 2.5 took 3.0): told of the result for the whole seconds, then polling the rest.
+            if not math.isfinite(wait):
+                return cast(T, self._result.get(timeout=None, propagate=True, interval=0.05))
             whole = int(wait)
             if whole >= 1:
                 with contextlib.suppress(CeleryTimeoutError):

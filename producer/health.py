@@ -30,12 +30,12 @@ class _Enough(Exception):
     """Raised from the reply callback to stop collecting: what the check waits for has answered."""
 
 
-def check_workers(client: Client, nodes: Sequence[str] = (), local: bool = False, timeout: float = 10.0,
-                  enough: int | None = None) -> list[WorkerHealth]:
+def check_workers(client: Client, nodes: Sequence[str] = (), local: bool = False,
+                  timeout: float = 10.0) -> list[WorkerHealth]:
     """Every worker that answered (only `nodes` when given; only this host's with `local`).
 
-    Returns as soon as every one of `nodes` answered, or (without `nodes`) `enough` healthy workers did;
-    otherwise once no answer came for `timeout` seconds."""
+    Returns as soon as every one of `nodes` answered; otherwise once no answer came for `timeout` seconds
+    (without names it cannot know who else will answer, and a failing worker must not be missed)."""
     host = socket.gethostname()
     found: list[WorkerHealth] = []
 
@@ -50,15 +50,19 @@ def check_workers(client: Client, nodes: Sequence[str] = (), local: bool = False
                 found.append(WorkerHealth(node, False, str(answer.get("error", answer))))
         if nodes and set(nodes) <= {health.node for health in found}:
             raise _Enough
-        if not nodes and enough is not None and sum(health.ok for health in found) >= enough:
-            raise _Enough
 
     with ConnectionErrors(f"the broker at {redact(client.settings.broker)}"), contextlib.suppress(_Enough):
         # One plain round trip first, within the timeout: the broadcast's publish retries a broker that refuses
         # for seconds (--timeout 2 against a closed port took 6.4 s).
         wait = min(timeout, client.settings.connect_timeout)
-        with redis.Redis.from_url(client.settings.broker, socket_connect_timeout=wait, socket_timeout=wait) as probe:
-            probe.ping()
+        try:
+            with redis.Redis.from_url(client.settings.broker, socket_connect_timeout=wait,
+                                      socket_timeout=wait) as probe:
+                probe.ping()
+        except (redis.ConnectionError, redis.TimeoutError):
+            raise
+        except (redis.RedisError, ValueError):
+            pass  # a URL redis-py reads otherwise than Kombu (TLS options), or no PING right: the broadcast tells
         client.app.control.broadcast("inferq_check", reply=True, timeout=timeout,
                                      destination=list(nodes) or None, callback=collect)
     return sorted(found, key=lambda health: health.node)

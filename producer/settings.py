@@ -41,11 +41,11 @@ class Batching(BaseModel):
     # load by themselves (as in text-embeddings-inference) and a lone request pays nothing.
     max_wait_ms: float = Field(0.0, ge=0, description="how long the oldest embed/classify request waits for "
                                "batch-mates")
-    # A generate batch runs for seconds, and nothing joins it once it started: a prompt that arrives just
-    # before a burst would decode alone while the burst decodes beside it as a second batch, each step
-    # paying two passes for what one could do. A short wait costs a lone prompt a few percent of its
-    # generation (measured in benchmarks/RESULTS.md).
-    generate_max_wait_ms: float = Field(50.0, ge=0, description="how long the oldest generate request waits for "
+    # With continuous batching a prompt that arrives after a batch started joins it at the next step, so
+    # nothing is gained by waiting for batch-mates. Without it (generate_continuous = false) nothing joins a
+    # started batch, and a short wait keeps a prompt that arrives just before a burst from decoding alone
+    # beside the burst's batch (50 ms measured well then: benchmarks/RESULTS.md).
+    generate_max_wait_ms: float = Field(0.0, ge=0, description="how long the oldest generate request waits for "
                                         "batch-mates")
     encode_max_texts: int = Field(128, ge=1, description="texts per embed/classify batch and forward pass")
     encode_max_tokens: int = Field(32_768, ge=1, description="padded tokens (longest x texts) per encoder pass")
@@ -56,6 +56,9 @@ class Batching(BaseModel):
     # them to end; this bounds how many hold a cache at once (memory: up to this x generate_max_tokens).
     generate_max_running: int = Field(4, ge=1, description="generate batches decoding at once on one device; "
                                       "a further ready batch waits for one to end")
+    generate_continuous: bool = Field(True, description="a new generate batch joins a running one with room "
+                                      "after its first step, so one pass a step serves both; false: batches "
+                                      "only run side by side")
 
 
 class TimeLimits(BaseModel):
@@ -146,20 +149,23 @@ class ModelRegistry(BaseModel):
         return None
 
 
-REDIS_SCHEMES = ("redis", "rediss", "unix")
+REDIS_SCHEMES = ("redis", "rediss")
+_SECRET_WORDS = ("key", "password", "auth", "secret", "token")
 
 
-def describe_error(error: ValidationError | FileNotFoundError) -> str:
+def describe_error(error: Exception) -> str:
     """One line per problem, naming the setting as the environment spells it (a config file's key is the same
-    name without the prefix, in lower case), what was wrong, and what was given."""
-    if isinstance(error, FileNotFoundError):
-        return str(error)
+    name without the prefix, in lower case), what was wrong, and what was given (never a secret's value, and
+    URLs without their password)."""
+    if not isinstance(error, ValidationError):
+        return f"{type(error).__name__}: {error}" if not isinstance(error, FileNotFoundError) else str(error)
     lines = []
     for problem in error.errors():
         place = [str(part) for part in problem["loc"]]
         name = "INFERQ_" + "__".join(place).upper() if place else "the settings"
         given = problem.get("input")
-        shown = "" if not place or isinstance(given, dict) else f" (given: {str(given)[:80]!r})"
+        secret = any(word in name.lower() for word in _SECRET_WORDS)
+        shown = "" if not place or secret or isinstance(given, dict) else f" (given: {redact(str(given))[:80]!r})"
         lines.append(f"{name}: {problem['msg']}{shown}")
     return "; ".join(lines)
 

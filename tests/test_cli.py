@@ -117,8 +117,9 @@ def test_bad_options_are_usage_errors(env: dict[str, str], args: tuple[str, ...]
 
 @pytest.mark.parametrize(("variable", "value", "says"), [
     ("INFERQ_CONNECT_TIMEOUT", "abc", "INFERQ_CONNECT_TIMEOUT: Input should be a valid number"),
-    ("INFERQ_REDIS_URL", "http://x", "INFERQ_REDIS_URL: Value error, 'http://x' is not a Redis URL: it must start "
-                                     "with redis://, rediss://, unix://"),
+    ("INFERQ_REDIS_URL", "http://:s3cret@x", "INFERQ_REDIS_URL: Value error, 'http://:***@x' is not a Redis URL: it "
+                                             "must start with redis://, rediss:// (given: 'http://:***@x')"),
+    ("INFERQ_BATCHING", "{bad json", "SettingsError: error parsing value for field \"batching\""),
     ("INFERQ_CONFIG", "/nonexistent/inferq.toml", "INFERQ_CONFIG names '/nonexistent/inferq.toml', which is not a "
                                                   "file"),
 ])
@@ -129,6 +130,7 @@ def test_configuration_errors_are_one_line_naming_the_setting(env: dict[str, str
         assert done.returncode == 2, done.stderr
         assert done.stderr.startswith("configuration error: ") and says in done.stderr, done.stderr
         assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+        assert "s3cret" not in done.stderr
 
 
 def test_check_against_a_closed_port_fails_within_its_timeout(env: dict[str, str]) -> None:

@@ -151,13 +151,28 @@ class Countdown:
             self.log.append(("end", tuple(self.payloads)))
         return [(index, self.payloads[index]) for index in finished]
 
+    refuse: str | None = None  # "none": its batches cannot be merged; "raise": merging fails (out of memory)
+
+    def absorb(self, other: Countdown) -> list[int] | None:
+        if self.refuse == "raise":
+            raise RuntimeError("out of memory while merging")
+        if self.refuse == "none":
+            return None
+        offset = len(self.payloads)
+        self.payloads = self.payloads + other.payloads
+        self.left.update({offset + index: n for index, n in other.left.items()})
+        self.log.append(("end", tuple(other.payloads)))  # it goes on inside this one
+        other.left = {}
+        return [offset + index for index in range(len(other.payloads))]
+
     def stop(self, index: int) -> int:
         steps = self.payloads[index] - self.left.pop(index)
         self.log.append(("stop", (self.payloads[index],)))
         return steps
 
 
-def stepped_loop(max_running: int = 2, pace: float = 0.01) -> tuple[DeviceLoop, list[tuple[str, tuple[int, ...]]]]:
+def stepped_loop(max_running: int = 2, pace: float = 0.01, joins: bool = False, max_items: int = 8,
+                 max_tokens: int = 10_000) -> tuple[DeviceLoop, list[tuple[str, tuple[int, ...]]]]:
     log: list[tuple[str, tuple[int, ...]]] = []
 
     def square(payloads: list[int]) -> list[int]:
@@ -165,7 +180,8 @@ def stepped_loop(max_running: int = 2, pace: float = 0.01) -> tuple[DeviceLoop, 
         return [p * p for p in payloads]
 
     loop = DeviceLoop({
-        "count": SteppedKind(lambda payloads: Countdown(payloads, log, pace), BatchLimits(8, 10_000, 0.0), max_running),
+        "count": SteppedKind(lambda payloads: Countdown(payloads, log, pace),
+                             BatchLimits(max_items, max_tokens, 0.0), max_running, joins),
         "square": BatchKind(square, BatchLimits(8, 10_000, 0.0))})
     loop.start()
     return loop, log
@@ -235,5 +251,67 @@ def test_a_request_that_breaks_a_step_fails_alone_and_its_mates_start_again() ->
                     future.result(timeout=5)
             else:
                 assert future.result(timeout=5) == n
+    finally:
+        loop.stop()
+
+
+def peak_batches(log: list[tuple[str, tuple[int, ...]]]) -> int:
+    under_way = peak = 0
+    for what, _ in log:
+        under_way += {"start": 1, "end": -1}.get(what, 0)
+        peak = max(peak, under_way)
+    return peak
+
+
+def test_with_joins_a_new_request_joins_the_running_batch_after_its_first_step() -> None:
+    loop, log = stepped_loop(joins=True, max_items=3)
+    try:
+        long = loop.submit("count", 80, items=1, longest=1, timeout=30)
+        time.sleep(0.1)
+        short = [loop.submit("count", n, items=1, longest=1, timeout=30) for n in (5, 6)]
+        assert [f.result(timeout=5) for f in short] == [5, 6] and not long.done()
+        steps = [rows for what, rows in log if what == "step"]
+        assert (80, 5, 6) in steps or (80, 5) in steps  # one pass served the long row and the joined ones
+        assert loop.counts["count:joined"] >= 1
+        # full (3 rows): a fourth request gets a batch of its own beside it, up to max_running
+        more = [loop.submit("count", 40, items=1, longest=1, timeout=30) for _ in range(3)]
+        assert [f.result(timeout=10) for f in more] == [40, 40, 40]
+        assert long.result(timeout=10) == 80
+        steps = [rows for what, rows in log if what == "step"]
+        assert max(len(rows) for rows in steps) == 3  # joined up to max_items, never beyond
+        assert peak_batches(log) <= 2
+    finally:
+        loop.stop()
+
+
+def test_a_request_that_cannot_join_holds_no_other_kind_behind_it() -> None:
+    loop, _ = stepped_loop(max_running=1, joins=True, max_items=4, max_tokens=100)
+    try:
+        long = loop.submit("count", 300, items=1, longest=60, timeout=30)
+        time.sleep(0.1)
+        waiting = loop.submit("count", 5, items=1, longest=60, timeout=30)  # 2 x 60 tokens > 100: it waits
+        time.sleep(0.1)
+        assert loop.submit("square", 9, items=1, longest=1, timeout=30).result(timeout=2) == 81
+        assert not long.done() and not waiting.done()
+        assert waiting.result(timeout=10) == 5 and long.result(timeout=10) == 300
+    finally:
+        loop.stop()
+
+
+@pytest.mark.parametrize("refuse", ["none", "raise"])
+def test_a_refused_join_runs_beside_and_the_loop_lives_on(refuse: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(Countdown, "refuse", refuse)
+    loop, log = stepped_loop(max_running=1, joins=True)
+    try:
+        long = loop.submit("count", 100, items=1, longest=1, timeout=30)
+        time.sleep(0.1)
+        first = loop.submit("count", 5, items=1, longest=1, timeout=30)
+        assert first.result(timeout=5) == 5  # beside the long one, once
+        more = [loop.submit("count", 3, items=1, longest=1, timeout=30) for _ in range(3)]
+        assert [f.result(timeout=10) for f in more] == [3, 3, 3] and long.result(timeout=10) == 100
+        assert not loop.died
+        assert loop.counts.get("count:joined", 0) == 0
+        if refuse == "none":  # the key's batches no longer try: never more than max_running + the one refused
+            assert peak_batches(log) == 2
     finally:
         loop.stop()

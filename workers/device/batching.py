@@ -9,7 +9,8 @@ Rules (after Ray Serve's _BatchQueue and text-embeddings-inference's queue):
   input times the count) or when its oldest request has waited ``max_wait`` seconds;
 - a batch takes requests oldest first, never splitting one: a request with many texts counts by its texts;
   the oldest request always goes in, even if it alone is over the budget (it runs in sub-batches);
-- requests whose deadline has passed are handed back by ``expire`` and never run.
+- requests whose deadline has passed are handed back by ``expire`` and never run;
+- a batch that is to join a running one (continuous batching) is taken within what the running one leaves.
 """
 
 from __future__ import annotations
@@ -84,16 +85,19 @@ class BatchQueue(Generic[T]):
             return 0.0
         return max(0.0, self._waiting[0].arrived + self.limits.max_wait - now)
 
-    def take(self) -> list[Waiting[T]]:
-        """The next batch, oldest first, within the item and padded-token budgets."""
+    def take(self, joining: tuple[int, int] = (0, 0)) -> list[Waiting[T]]:
+        """The next batch, oldest first, within the item and padded-token budgets.
+
+        ``joining``: the (items, longest) of a running batch the taken ones will join; they must fit beside
+        it, so this may take nothing (the oldest request goes in over budget only into a batch of its own)."""
         batch: list[Waiting[T]] = []
-        items = longest = 0
+        items, longest = joining
         while self._waiting:
             candidate = self._waiting[0]
             new_items = items + candidate.items
             new_longest = max(longest, candidate.longest)
             over = new_items > self.limits.max_items or new_items * new_longest > self.limits.max_tokens
-            if batch and over:
+            if over and (batch or joining != (0, 0)):
                 break
             batch.append(self._waiting.popleft())
             items, longest = new_items, new_longest

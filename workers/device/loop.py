@@ -54,12 +54,20 @@ class Stepping(Protocol):
         """Drop one request before the next step; returns how many steps it had run."""
         ...
 
+    def absorb(self, other: Any) -> list[int] | None:
+        """Take the live requests of ``other`` (a batch of the same kind that has run its first step) into
+        this one; their indices here, in ``other``'s order, or None if it cannot (nothing changes then)."""
+        ...
+
 
 @dataclass
 class SteppedKind:
     start: Callable[[list[Any]], Stepping]  # prepares a batch; its first step is the first device work
     limits: BatchLimits
     max_running: int  # batches of this key stepping at once; a further ready batch waits for one to end
+    # Continuous batching: a new batch, after its first step, joins a running one with room (within the
+    # limits), so one pass a step serves both; without it, batches only run side by side.
+    joins: bool = False
 
 
 @dataclass
@@ -68,15 +76,22 @@ class _Job:
     future: Future[Any]
     timeout: float
     deadline: float
+    longest: int  # tokens of its longest input (for a generate request, prompt + max_new_tokens)
 
 
-@dataclass
+@dataclass(eq=False)
 class _Running:
-    """A stepped batch under way: its jobs by index (None once answered) and how far it got."""
+    """A stepped batch under way: its unanswered jobs by their index in the batch, and how far it got."""
 
     key: str
-    jobs: list[_Job | None]
+    jobs: dict[int, _Job]
     stepping: Stepping
+    size: int  # requests it ever held: the next joined one gets this index
+    steps: int = 0
+
+    def live(self) -> tuple[int, int]:
+        """Requests still running, and the longest of them."""
+        return len(self.jobs), max((job.longest for job in self.jobs.values()), default=0)
 
 
 class DeviceLoop:
@@ -89,6 +104,7 @@ class DeviceLoop:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._running: list[_Running] = []  # stepped batches under way; only the loop thread touches it
+        self._unjoinable: set[str] = set()  # keys whose batches refused a join (their caches cannot be merged)
         self.busy_since: float | None = None  # when the running batch started; None while idle
         # batch-size histogram per key, and counters, for inferq_status and the benchmark
         self.batch_sizes: dict[str, Counter[int]] = {key: Counter() for key in kinds}
@@ -102,7 +118,7 @@ class DeviceLoop:
         with self._wake:
             if self._stopping:
                 raise RuntimeError("the device loop is stopping")
-            self._queues[key].put(_Job(payload, future, timeout, now + timeout), items, longest, now,
+            self._queues[key].put(_Job(payload, future, timeout, now + timeout, longest), items, longest, now,
                                   deadline=now + timeout)
             self._wake.notify()
         return future
@@ -144,9 +160,9 @@ class DeviceLoop:
                     return
             # one ready batch, then one step of every batch under way: fair turns on one device
             if picked is not None:
-                key, batch = picked
+                key, batch, into = picked
                 self.counts[f"{key}:texts"] += sum(waiting.items for waiting in batch)
-                self._busy(key, self._execute, key, [waiting.payload for waiting in batch])
+                self._busy(key, self._execute, key, [waiting.payload for waiting in batch], into)
             for running in list(self._running):
                 self._busy(running.key, self._step, running)
 
@@ -161,8 +177,9 @@ class DeviceLoop:
             # worker's other threads cost the device thread (the GIL), and busy_ms / wall time its load
             self.counts[f"{key}:busy_ms"] += round((time.perf_counter() - started) * 1000)
 
-    def _next(self, now: float) -> tuple[str, list[Waiting[_Job]]] | None:
-        """Expire late requests; then take a batch from the ready queue whose oldest request is oldest."""
+    def _next(self, now: float) -> tuple[str, list[Waiting[_Job]], _Running | None] | None:
+        """Expire late requests; then take a batch from the ready queue whose oldest request is oldest, with
+        the stepped batch it is to join, if any."""
         for key, queue in self._queues.items():
             for waiting in queue.expire(now):
                 job = waiting.payload
@@ -171,22 +188,55 @@ class DeviceLoop:
                 if job.future.set_running_or_notify_cancel():
                     job.future.set_exception(TaskTimeout(f"the request waited {now - waiting.arrived:.1f} s for "
                                                          f"the device, over its limit of {job.timeout:g} s"))
-        ready = [(queue.oldest_arrival(), key) for key, queue in self._queues.items()
-                 if (queue.ready(now) or (self._stopping and len(queue))) and self._may_start(key)]
-        if not ready:
-            return None
-        _, key = min(ready, key=lambda pair: pair[0] or 0.0)
-        return key, self._queues[key].take()
+        ready = [(queue.oldest_arrival() or 0.0, key) for key, queue in self._queues.items()
+                 if (queue.ready(now) or (self._stopping and len(queue))) and self._may_take(key)]
+        for _, key in sorted(ready):
+            picked = self._take(key)
+            if picked is not None:  # else its oldest does not fit beside the batches under way: the next key
+                return picked
+        return None
 
-    def _may_start(self, key: str) -> bool:
+    def _take(self, key: str) -> tuple[str, list[Waiting[_Job]], _Running | None] | None:
+        kind, queue = self._kinds[key], self._queues[key]
+        if not isinstance(kind, SteppedKind):
+            return key, queue.take(), None
+        into = self._roomiest(key)
+        if sum(r.key == key for r in self._running) < kind.max_running:
+            batch = queue.take()  # a batch of its own, unless it fits into the roomiest one (see _start)
+            return key, batch, into if into is not None and self._fits(into, batch) else None
+        assert into is not None  # _may_take: at max_running, only a batch with room lets this key take
+        batch = queue.take(joining=into.live())
+        return (key, batch, into) if batch else None
+
+    def _may_take(self, key: str) -> bool:
         kind = self._kinds[key]
-        return not isinstance(kind, SteppedKind) or sum(r.key == key for r in self._running) < kind.max_running
+        if not isinstance(kind, SteppedKind):
+            return True
+        return sum(r.key == key for r in self._running) < kind.max_running or self._roomiest(key) is not None
+
+    def _roomiest(self, key: str) -> _Running | None:
+        """The running batch of this key with the most room for more requests, if it joins and has any."""
+        kind = self._kinds[key]
+        if not isinstance(kind, SteppedKind) or not kind.joins or key in self._unjoinable:
+            return None
+        # one that has stepped: a batch joins after the first step of both
+        room = [(kind.limits.max_items - running.live()[0], index) for index, running in enumerate(self._running)
+                if running.key == key and running.steps > 0]
+        best = max(room, default=None)
+        return self._running[best[1]] if best is not None and best[0] > 0 else None
+
+    def _fits(self, into: _Running, batch: list[Waiting[_Job]]) -> bool:
+        live, longest = into.live()
+        items = live + sum(waiting.items for waiting in batch)
+        longest = max([longest, *(waiting.longest for waiting in batch)])
+        limits = self._kinds[into.key].limits
+        return items <= limits.max_items and items * longest <= limits.max_tokens
 
     def _sleep(self, now: float) -> float | None:
         waits = [w for w in (q.seconds_until_ready(now) for q in self._queues.values()) if w is not None]
         return min(waits) if waits else None
 
-    def _execute(self, key: str, jobs: list[_Job]) -> None:
+    def _execute(self, key: str, jobs: list[_Job], into: _Running | None = None) -> None:
         live = [job for job in jobs if job.future.set_running_or_notify_cancel()]
         if not live:
             return
@@ -194,13 +244,13 @@ class DeviceLoop:
         self.counts[f"{key}:batches"] += 1
         self.counts[f"{key}:requests"] += len(live)
         if isinstance(self._kinds[key], SteppedKind):
-            self._start(key, live)
+            self._start(key, live, into)
         else:
             self._run_isolated(key, live)
 
     # --- stepped batches ------------------------------------------------------------------------------
 
-    def _start(self, key: str, jobs: list[_Job]) -> None:
+    def _start(self, key: str, jobs: list[_Job], into: _Running | None = None) -> None:
         kind = self._kinds[key]
         assert isinstance(kind, SteppedKind)
         try:
@@ -208,38 +258,60 @@ class DeviceLoop:
         except Exception as exc:  # a step's restart from scratch: in halves, as a failed step
             self._halve(key, jobs, exc, self._start)
             return
-        self._running.append(_Running(key, list(jobs), stepping))
+        started = _Running(key, dict(enumerate(jobs)), stepping, len(jobs))
+        self._running.append(started)
+        if into is None or into not in self._running:
+            return
+        # Its first step (the prompts' prefill) alone, answering any request it finishes; then it joins.
+        self._step(started)
+        if started not in self._running:  # it finished, or failed and started again in halves
+            return
+        try:
+            indices = into.stepping.absorb(started.stepping)
+        except Exception:  # out of memory for the merged cache, say: both are as they were; it runs beside
+            log.warning("a %s batch could not join a running one; it runs beside it", key, exc_info=True)
+            return
+        if indices is None:
+            # the model's cache cannot be merged (a sliding window, say): from now on its batches run side by
+            # side, so a refused join never starts one past max_running again
+            log.warning("%s batches cannot join running ones; they run side by side", key)
+            self._unjoinable.add(key)
+            return
+        if indices != list(range(into.size, into.size + started.size)):
+            raise RuntimeError(f"a joined {key} batch was given indices {indices} after {into.size} requests")
+        self._running.remove(started)
+        into.jobs.update({into.size + index: job for index, job in started.jobs.items()})
+        into.size += started.size
+        self.counts[f"{key}:joined"] += len(started.jobs)
 
     def _step(self, running: _Running) -> None:
         now = self._clock()
-        for index, job in enumerate(running.jobs):
-            if job is not None and job.deadline <= now:
-                # its caller answers TaskTimeout at the same limit: stop spending the device on it
-                running.jobs[index] = None
-                steps = running.stepping.stop(index)
-                self.counts[f"{running.key}:stopped"] += 1
-                job.future.set_exception(TaskTimeout(f"the request ran past its limit of {job.timeout:g} s and was "
-                                                     f"stopped after {steps} steps"))
         try:
+            for index, job in list(running.jobs.items()):
+                if job.deadline <= now:
+                    # its caller answers TaskTimeout at the same limit: stop spending the device on it
+                    del running.jobs[index]
+                    steps = running.stepping.stop(index)
+                    self.counts[f"{running.key}:stopped"] += 1
+                    job.future.set_exception(TaskTimeout(f"the request ran past its limit of {job.timeout:g} s and "
+                                                         f"was stopped after {steps} steps"))
+            self.counts[f"{running.key}:step_rows"] += len(running.jobs)  # occupancy: rows per step
             finished = running.stepping.step() if not running.stepping.done else []
             for index, outcome in finished:
-                job = running.jobs[index]
-                running.jobs[index] = None
-                if job is not None:
-                    _answer(job, outcome)
+                if index in running.jobs:
+                    _answer(running.jobs.pop(index), outcome)
         except Exception as exc:
             self._running.remove(running)
             # the rows still decoding start again from scratch (a seeded row gives the same text again)
-            self._halve(running.key, [job for job in running.jobs if job is not None], exc, self._start)
+            self._halve(running.key, list(running.jobs.values()), exc, self._start)
             return
-        if running.stepping.done or all(job is None for job in running.jobs):
-            self._running.remove(running)
-            if any(job is not None for job in running.jobs):  # a batch that ended without answering them all
-                for job in running.jobs:
-                    if job is not None:
-                        job.future.set_exception(RuntimeError(f"the {running.key} batch ended without an answer "
-                                                              "for this request"))
+        running.steps += 1
         self.counts[f"{running.key}:steps"] += 1
+        if running.stepping.done or not running.jobs:
+            self._running.remove(running)
+            for job in running.jobs.values():  # a batch that ended without answering them all
+                job.future.set_exception(RuntimeError(f"the {running.key} batch ended without an answer for this "
+                                                      "request"))
 
     def _halve(self, key: str, jobs: list[_Job], exc: Exception, again: Callable[[str, list[_Job]], None]) -> None:
         """A batch that raised: a lone request fails with the error; the rest run ``again`` in halves, so the

@@ -95,7 +95,7 @@ def batch_kinds(settings: Settings, models: Models, device: torch.device) -> dic
         kinds[f"classify/{alias}"] = BatchKind(passes.encoder(classifier.probabilities), encode)
     for alias, generator in models.generators.items():
         kinds[f"generate/{alias}"] = SteppedKind(passes.generator(generator), generate,
-                                                 batching.generate_max_running)
+                                                 batching.generate_max_running, batching.generate_continuous)
     return kinds
 
 
@@ -158,5 +158,11 @@ class _Guarded:
             return list(self._batch.step())
 
     def stop(self, index: int) -> int:
-        with torch.inference_mode():
+        with torch.inference_mode(), self._guard():
             return self._batch.stop(index)
+
+    def absorb(self, other: Any) -> list[int] | None:
+        if not isinstance(other, _Guarded):
+            return None
+        with torch.inference_mode(), self._guard():
+            return self._batch.absorb(other._batch)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from workers.models.encoder import pad as pad_rows
 
@@ -60,7 +61,9 @@ class Decoding:
 
     def __init__(self, model: Any, rows: list[Row], eos: set[int], pad: int, device: torch.device,
                  text_of: Callable[[list[int]], str]) -> None:
-        self.rows = rows
+        # every row that ever was in the batch, by index; a finished row is released (None) once collected, so
+        # a batch that lives on as rows join and leave keeps only its live rows
+        self.rows: list[Row | None] = list(rows)
         self._model, self._eos, self._pad, self._device, self._text_of = model, eos, pad, device, text_of
         # the rows still decoding, in the order of the tensors' batch dimension
         self._live = [index for index, row in enumerate(rows) if not row.done]
@@ -79,14 +82,14 @@ class Decoding:
         if not self._live:
             return []
         output = self._model(input_ids=self._inputs, attention_mask=self._mask, position_ids=self._positions,
-                             past_key_values=self._cache, use_cache=True, logits_to_keep=1)
-        self._cache = output.past_key_values
+                             cache=self._cache, use_cache=True, logits_to_keep=1)
+        self._cache = output.cache
         logits = output.logits[:, -1, :].float()
         greedy = logits.argmax(dim=-1).tolist()  # one vectorised pass for every greedy row
         tokens: list[int] = []
         finished: list[int] = []
         for slot, index in enumerate(self._live):
-            row = self.rows[index]
+            row = self.row(index)
             token = greedy[slot] if row.temperature <= 0 else pick(logits[slot], row)
             row.completion.append(token)
             if token in self._eos:
@@ -105,6 +108,55 @@ class Decoding:
             self._keep([index for index in self._live if index not in finished])
         return finished
 
+    def join(self, other: Decoding) -> list[int] | None:
+        """Take ``other``'s live rows into this batch, between steps: continuous batching. ``other`` must have
+        run its first step (its prefill), so both sides are at the same point of a step: a cache, the next
+        input token and position per row. The shorter side is left-padded (masked) to the longer's length and
+        the two are stacked, so from the next step on one pass serves both. Returns the indices the joined
+        rows have here (``other``'s order), or None where the caches cannot be merged this way (anything but
+        plain per-layer key/value tensors, such as a sliding-window cache); nothing changes then."""
+        if (other._cache is None or not other._live or self._cache is None or not self._live
+                or not (_mergeable(self._cache) and _mergeable(other._cache))
+                or len(self._cache.layers) != len(other._cache.layers)):
+            return None
+        length = max(self._mask.shape[1], other._mask.shape[1])
+        # every new tensor first, then the swap: a failure (out of memory) leaves both batches as they were
+        merged = [(torch.cat([_left_pad(mine.keys, length - 1, 2), _left_pad(joined.keys, length - 1, 2)]),
+                   torch.cat([_left_pad(mine.values, length - 1, 2), _left_pad(joined.values, length - 1, 2)]))
+                  for mine, joined in zip(self._cache.layers, other._cache.layers, strict=True)]
+        mask = torch.cat([_left_pad(self._mask, length, 1), _left_pad(other._mask, length, 1)])
+        inputs = torch.cat([self._inputs, other._inputs])
+        positions = torch.cat([self._positions, other._positions])
+        for layer, (keys, values) in zip(self._cache.layers, merged, strict=True):
+            layer.keys, layer.values = keys, values
+        self._mask, self._inputs, self._positions = mask, inputs, positions
+        offset = len(self.rows)
+        self.rows.extend(other.rows)
+        self._live.extend(offset + index for index in other._live)
+        other._live, other._cache = [], None  # its rows live here now
+        self._trim()
+        return [offset + index for index in range(len(other.rows))]
+
+    def row(self, index: int) -> Row:
+        row = self.rows[index]
+        if row is None:
+            raise RuntimeError(f"row {index} was released")
+        return row
+
+    def release(self, index: int) -> None:
+        """Forget a row that left the batch, once its completion was collected."""
+        if index not in self._live:
+            self.rows[index] = None
+
+    @property
+    def live_rows(self) -> int:
+        return len(self._live)
+
+    @property
+    def width(self) -> int:
+        """Columns of the attention mask: the cache's length plus the next token's."""
+        return int(self._mask.shape[1])
+
     def stop(self, index: int) -> None:
         """Take a row out before the next step; what it decoded so far stays in ``rows[index]``."""
         if index in self._live:
@@ -120,6 +172,38 @@ class Decoding:
         self._inputs, self._mask, self._positions = self._inputs[chosen], self._mask[chosen], self._positions[chosen]
         if self._cache is not None:
             self._cache.batch_select_indices(chosen)
+            self._trim()
+
+    def _trim(self) -> None:
+        """Drop the leading columns no live row uses (padding for rows that left, or for a longer batch that
+        joined and left): otherwise a batch that lives on as rows come and go would attend over, and keep, a
+        cache as long as its whole life rather than as its longest live row."""
+        if self._cache is None or not _mergeable(self._cache):
+            return
+        used = self._mask.any(dim=0)
+        first = int(used.int().argmax())  # the mask's last column (the next token) is always used
+        if first == 0:
+            return
+        self._mask = self._mask[:, first:]
+        for layer in self._cache.layers:
+            layer.keys, layer.values = layer.keys[:, :, first:, :], layer.values[:, :, first:, :]
+
+
+def _mergeable(cache: Any) -> bool:
+    # plain layers hold [batch, heads, tokens, head_dim] tensors for every position; sliding-window, quantised
+    # or static layers keep other shapes or state, and are not stacked here
+    return isinstance(cache, DynamicCache) and all(type(layer) is DynamicLayer and layer.keys is not None
+                                                   for layer in cache.layers)
+
+
+def _left_pad(tensor: torch.Tensor, length: int, dim: int) -> torch.Tensor:
+    """Zeros in front along ``dim`` up to ``length``: masked positions for a mask, unused slots for a cache."""
+    missing = length - tensor.shape[dim]
+    if missing <= 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
 
 
 def decode(model: Any, rows: list[Row], eos: set[int], pad: int, device: torch.device,

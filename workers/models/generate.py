@@ -94,9 +94,10 @@ class CausalGenerator:
     def run(self, batch: list[Prepared]) -> list[Completion]:
         """The whole batch to its end, in one call (the benchmarks' path; the device loop steps instead)."""
         generation = self.start(batch)
+        finished: dict[int, Completion] = {}
         while not generation.done:
-            generation.step()
-        return [_completion(row) for row in generation.decoding.rows]
+            finished.update(generation.step())
+        return [finished[index] for index in range(len(batch))]
 
     def _row(self, prepared: Prepared) -> Row:
         request = prepared.request
@@ -123,12 +124,21 @@ class GenerationBatch:
         return self.decoding.done
 
     def step(self) -> list[tuple[int, Completion]]:
-        return [(index, _completion(self.decoding.rows[index])) for index in self.decoding.step()]
+        finished = [(index, _completion(self.decoding.row(index))) for index in self.decoding.step()]
+        for index, _ in finished:
+            self.decoding.release(index)
+        return finished
+
+    def absorb(self, other: GenerationBatch) -> list[int] | None:
+        """Take ``other``'s live rows into this batch (continuous batching); see ``Decoding.join``."""
+        return self.decoding.join(other.decoding)
 
     def stop(self, index: int) -> int:
         """Drop a row; returns how many tokens it had decoded."""
         self.decoding.stop(index)
-        return len(self.decoding.rows[index].completion)
+        decoded = len(self.decoding.row(index).completion)
+        self.decoding.release(index)
+        return decoded
 
 
 def _completion(row: Row) -> Completion:

@@ -70,9 +70,12 @@ class InferqConsumer(Consumer):  # type: ignore[misc]
     def on_unknown_task(self, body: Any, message: Any, exc: Exception) -> None:
         # Celery stores NotRegistered, whose message is a list (["inferq.nope"]), logs a traceback, and
         # names no task that would do; this says which ones exist, as the other refusals do.
-        name = message.headers.get("task") if isinstance(message.headers, dict) else None
+        headers = message.headers if isinstance(message.headers, dict) else {}
+        payload = body if isinstance(body, dict) else {}  # a protocol-1 message names it in its body
+        name = headers.get("task") or payload.get("task") or (exc.args[0] if exc.args else None)
         self._refuse(message, "unknown_task", f"no task is named {name!r}; this worker runs "
-                                              f"{', '.join(task_name(kind) for kind in KINDS)}")
+                                              f"{', '.join(task_name(kind) for kind in KINDS)}",
+                     headers.get("id") or payload.get("id"))
         message.reject_log_error(log, self.connection_errors)
 
     def on_invalid_task(self, body: Any, message: Any, exc: Exception) -> None:
@@ -84,10 +87,10 @@ class InferqConsumer(Consumer):  # type: ignore[misc]
             self._refuse(message, "invalid_task", f"the task message is malformed ({type(exc).__name__}: {exc})")
         message.reject_log_error(log, self.connection_errors)
 
-    def _refuse(self, message: Any, reason: str, text: str) -> None:
+    def _refuse(self, message: Any, reason: str, text: str, task_id: Any = None) -> None:
         count_refused(reason)
         headers = message.headers if isinstance(message.headers, dict) else {}
-        task_id = headers.get("id")
+        task_id = task_id or headers.get("id")
         log.error("refused a message (%s): %s; task id %s, task %s", reason, text, task_id, headers.get("task"))
         if isinstance(task_id, str) and task_id:
             try:

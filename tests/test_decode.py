@@ -1,0 +1,92 @@
+"""Continuous batching on a real (tiny, random-weight) causal LM: rows join a batch that is already decoding
+and leave it as they finish, and each row's text is the one it gets alone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from producer.contract import GenerateRequest
+from producer.settings import ModelEntry
+from workers.models.generate import CausalGenerator, Completion, GenerationBatch
+
+
+@pytest.fixture(scope="module")
+def generator(tiny_models: dict[str, Path]) -> CausalGenerator:
+    return CausalGenerator.load("tiny-lm", ModelEntry(source=str(tiny_models["lm"]), max_length=128),
+                                torch.device("cpu"))
+
+
+def start(generator: CausalGenerator, *requests: dict[str, Any]) -> GenerationBatch:
+    return generator.start([generator.prepare(GenerateRequest(**request)) for request in requests])
+
+
+def run(batch: GenerationBatch) -> dict[int, Completion]:
+    done: dict[int, Completion] = {}
+    while not batch.done:
+        done.update(batch.step())
+    return done
+
+
+SEEDED = {"prompt": "once upon a time there was", "max_new_tokens": 30, "temperature": 0.9, "top_p": 0.9, "seed": 7}
+GREEDY = {"prompt": "the capital of france is", "max_new_tokens": 40}
+
+
+@torch.inference_mode()
+def test_a_row_that_joins_a_changing_batch_decodes_as_it_does_alone(generator: CausalGenerator) -> None:
+    alone_seeded = run(start(generator, SEEDED))[0]
+    alone_greedy = run(start(generator, GREEDY))[0]
+    busy = start(generator, GREEDY, {"prompt": "a much longer prompt " * 4, "max_new_tokens": 5})
+    finished: dict[int, Completion] = {}
+    for _ in range(3):  # the greedy row is three tokens in when the others join
+        finished.update(busy.step())
+    joining = start(generator, SEEDED, {"prompt": "short", "max_new_tokens": 2, "temperature": 0.5, "seed": 1})
+    finished.update({index + 100: completion for index, completion in joining.step()})  # its prefill, alone
+    indices = busy.absorb(joining)
+    assert indices == [2, 3]
+    assert busy.decoding.live_rows == 4  # the two joined ones beside two mid-way; then rows leave one by one
+    finished.update(run(busy))
+    assert finished[2] == alone_seeded  # same seed, same text, whatever the batch did around it
+    assert finished[0] == alone_greedy
+    assert len(finished[1].tokens) == 5 and len(finished[3].tokens) == 2
+
+
+@torch.inference_mode()
+def test_a_stopped_row_leaves_and_the_rest_decode_unchanged(generator: CausalGenerator) -> None:
+    alone = run(start(generator, GREEDY))[0]
+    batch = start(generator, {"prompt": "never finishes", "max_new_tokens": 60}, GREEDY)
+    finished: dict[int, Completion] = {}
+    for _ in range(4):
+        finished.update(batch.step())
+    assert batch.stop(0) == 4
+    assert batch.decoding.live_rows == 1
+    finished.update(run(batch))
+    assert finished == {1: alone}
+
+
+@torch.inference_mode()
+def test_a_batch_that_lives_on_as_rows_join_and_leave_keeps_only_what_its_live_rows_need(
+        generator: CausalGenerator) -> None:
+    request = {"prompt": "short", "max_new_tokens": 15}
+    alone = run(start(generator, request))[0]
+    batch = start(generator, request)
+    finished: dict[int, Completion] = dict(batch.step())
+    joined: list[int] = []
+    widths: list[int] = []
+    for _ in range(12):  # a row joins every ten steps; each lives fifteen: the batch never empties
+        for _ in range(10):
+            finished.update(batch.step())
+            widths.append(batch.decoding.width)
+        joining = start(generator, request)
+        joining.step()
+        indices = batch.absorb(joining)
+        assert indices is not None
+        joined += indices
+    finished.update(run(batch))
+    assert all(finished[index] == alone for index in [0, *joined])  # each row as alone
+    # the mask and cache are as wide as the live rows need (prompt + 15), not as the batch's life (120 steps)
+    prompt = len(generator.prepare(GenerateRequest(**request)).prompt)
+    assert max(widths) <= prompt + 16, max(widths)
