@@ -7,9 +7,11 @@ foreign client, and it checks every request before sending it so most mistakes n
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import math
 import time
+import weakref
 from collections.abc import Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -35,12 +37,26 @@ from producer.settings import Kind, Settings, redact
 
 T = TypeVar("T")
 
+# Results still referenced when Python exits (a ResultTimeout's traceback keeps its frames, and the handle, to
+# the end): AsyncResult.__del__ then unsubscribes from the result channel after imports have stopped working
+# and prints "Exception ignored ... sys.meta_path is None". At exit, while imports still work, they let go.
+_live_results: weakref.WeakSet[AsyncResult] = weakref.WeakSet()
+
+
+@atexit.register
+def _let_go_of_results() -> None:
+    for result in list(_live_results):
+        with contextlib.suppress(Exception):  # Redis may be gone already: nothing left to unsubscribe from
+            result.backend.remove_pending_result(result)
+        result.backend = None  # so __del__, later, does nothing
+
 
 class Handle(Generic[T]):
     """One enqueued task: poll it, wait for it, or await it."""
 
     def __init__(self, result: AsyncResult, default_timeout: float, backend_url: str) -> None:
         self._result = result
+        _live_results.add(result)
         self._default_timeout = default_timeout
         self._backend_url = backend_url
 

@@ -3,14 +3,18 @@ clear, bounded error rather than a hang, and get() gives up at its own timeout."
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 
 import pytest
+import redis
 
 from producer.client import Client
 from producer.errors import InferqConnectionError, InputTooLarge, InvalidInput, ResultTimeout
 from producer.settings import Limits, Settings
-from tests.conftest import REDIS_HOST, REDIS_PORT, free_port
+from tests.conftest import REDIS_HOST, REDIS_PORT, ROOT, free_port
 
 
 def silent_url() -> str:
@@ -55,3 +59,22 @@ def test_get_gives_up_at_its_timeout_not_the_next_whole_second(timeout: float) -
     finally:
         client.app.backend.client.delete("embed")
         client.close()
+
+
+@pytest.mark.integration
+def test_a_script_that_exits_on_a_result_timeout_prints_only_its_error() -> None:
+    """The traceback keeps the handle alive until Python shuts down; its AsyncResult then tried to unsubscribe
+    with imports gone ("Exception ignored in: AsyncResult.__del__ ... sys.meta_path is None")."""
+    url = f"redis://{REDIS_HOST}:{REDIS_PORT}/11"  # no worker listens here
+    script = ("from producer.client import Client\nfrom producer.settings import Settings\n"
+              f"client = Client(Settings(redis_url={url!r}, result_timeout=1.2))\n"
+              "def main():\n    client.embed(['nobody takes this'])\nmain()\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INFERQ_")}
+    try:
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env=env,
+                              cwd=ROOT)
+    finally:
+        redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=11).delete("embed")
+    assert done.returncode == 1
+    assert "producer.errors.ResultTimeout: task" in done.stderr
+    assert "Exception ignored" not in done.stderr, done.stderr
