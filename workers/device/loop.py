@@ -321,7 +321,7 @@ class DeviceLoop:
         if len(jobs) == 1:
             jobs[0].future.set_exception(exc)
             return
-        log.warning("batch of %d on %s failed (%s: %s); again in halves", len(jobs), key, type(exc).__name__, exc)
+        log.warning("batch of %d on %s failed (%s: %s); retrying in halves", len(jobs), key, type(exc).__name__, exc)
         middle = len(jobs) // 2
         again(key, jobs[:middle])
         again(key, jobs[middle:])
