@@ -179,7 +179,7 @@ def generate(prompt: str | None, chat: bool, system: str | None, max_new_tokens:
 @click.option("--concurrency", type=int, help="task threads (default: INFERQ_WORKER_CONCURRENCY)")
 @click.option("--name", help="Celery node name, e.g. embed1@%h (default: inferq@<host>); single worker only")
 @click.option("--gpus", help="supervise one worker per GPU: all, none (CPU) or ids like 0,2")
-@click.option("--replicas", type=int, help="with --gpus none: how many CPU workers (default 1)")
+@click.option("--replicas", type=click.IntRange(min=1), help="with --gpus none: how many CPU workers (default 1)")
 @click.option("--receivers", type=click.IntRange(min=1),
               help="with --gpus: receiving processes per device, sharing one device process (default on GPUs: "
                    "from the cores per GPU; on --gpus none: one whole worker)")

@@ -107,6 +107,7 @@ def test_bulk_lines_that_are_not_utf8_fail_alone(env: dict[str, str], worker: Wo
     (("embed", "x", "--file", "-"), "give TEXTS or --file, not both"),
     (("classify", "x", "--labels", ""), "Invalid value for --labels: is empty"),
     (("generate", "hi", "--system", "be brief"), "--system needs --chat"),
+    (("worker", "--gpus", "none", "--replicas", "0"), "0 is not in the range x>=1"),  # it started one
 ])
 def test_bad_options_are_usage_errors(env: dict[str, str], args: tuple[str, ...], says: str) -> None:
     done = inferq(*args, env=env, stdin="")
