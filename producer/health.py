@@ -6,7 +6,6 @@ ping), and its reply says whether one tiny request through each of its models su
 
 from __future__ import annotations
 
-import contextlib
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,32 +25,13 @@ class WorkerHealth:
     detail: str
 
 
-class _Enough(Exception):
-    """Raised from the reply callback to stop collecting: what the check waits for has answered."""
-
-
 def check_workers(client: Client, nodes: Sequence[str] = (), local: bool = False,
                   timeout: float = 10.0) -> list[WorkerHealth]:
     """Every worker that answered (only `nodes` when given; only this host's with `local`).
 
     Returns as soon as every one of `nodes` answered; otherwise once no answer came for `timeout` seconds
     (without names it cannot know who else will answer, and a failing worker must not be missed)."""
-    host = socket.gethostname()
-    found: list[WorkerHealth] = []
-
-    def collect(reply: dict[str, Any]) -> None:
-        for node, answer in reply.items():
-            if local and node.rpartition("@")[2] != host:
-                continue
-            if answer.get("ok"):
-                detail = f"{', '.join(answer.get('models', []))} answered in {answer.get('seconds', 0) * 1000:.0f} ms"
-                found.append(WorkerHealth(node, True, detail))
-            else:
-                found.append(WorkerHealth(node, False, str(answer.get("error", answer))))
-        if nodes and set(nodes) <= {health.node for health in found}:
-            raise _Enough
-
-    with ConnectionErrors(f"the broker at {redact(client.settings.broker)}"), contextlib.suppress(_Enough):
+    with ConnectionErrors(f"the broker at {redact(client.settings.broker)}"):
         # One plain round trip first, within the timeout: the broadcast's publish retries a broker that refuses
         # for seconds (--timeout 2 against a closed port took 6.4 s).
         wait = min(timeout, client.settings.connect_timeout)
@@ -63,8 +43,21 @@ def check_workers(client: Client, nodes: Sequence[str] = (), local: bool = False
             raise
         except (redis.RedisError, ValueError):
             pass  # a URL redis-py reads otherwise than Kombu (TLS options), or no PING right: the broadcast tells
-        client.app.control.broadcast("inferq_check", reply=True, timeout=timeout,
-                                     destination=list(nodes) or None, callback=collect)
+        # named: only they answer, so the collection ends with their last answer
+        replies: list[dict[str, Any]] = client.app.control.broadcast(
+            "inferq_check", reply=True, timeout=timeout, destination=list(nodes) or None,
+            limit=len(set(nodes)) or None)
+    host = socket.gethostname()
+    found: list[WorkerHealth] = []
+    for reply in replies:
+        for node, answer in reply.items():
+            if local and node.rpartition("@")[2] != host:
+                continue
+            if answer.get("ok"):
+                detail = f"{', '.join(answer.get('models', []))} answered in {answer.get('seconds', 0) * 1000:.0f} ms"
+                found.append(WorkerHealth(node, True, detail))
+            else:
+                found.append(WorkerHealth(node, False, str(answer.get("error", answer))))
     return sorted(found, key=lambda health: health.node)
 
 

@@ -32,6 +32,10 @@ class BatchLimits:
         if self.max_items < 1 or self.max_tokens < 1 or self.max_wait < 0:
             raise ValueError(f"batch limits must be positive: {self}")
 
+    def over(self, items: int, longest: int) -> bool:
+        """Whether a batch of ``items`` whose longest input has ``longest`` tokens is past either budget."""
+        return items > self.max_items or items * longest > self.max_tokens
+
 
 @dataclass
 class Waiting(Generic[T]):
@@ -96,8 +100,7 @@ class BatchQueue(Generic[T]):
             candidate = self._waiting[0]
             new_items = items + candidate.items
             new_longest = max(longest, candidate.longest)
-            over = new_items > self.limits.max_items or new_items * new_longest > self.limits.max_tokens
-            if over and (batch or joining != (0, 0)):
+            if self.limits.over(new_items, new_longest) and (batch or joining != (0, 0)):
                 break
             batch.append(self._waiting.popleft())
             items, longest = new_items, new_longest

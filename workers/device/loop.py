@@ -201,7 +201,7 @@ class DeviceLoop:
         if not isinstance(kind, SteppedKind):
             return key, queue.take(), None
         into = self._roomiest(key)
-        if sum(r.key == key for r in self._running) < kind.max_running:
+        if self._below_max_running(key):
             batch = queue.take()  # a batch of its own, unless it fits into the roomiest one (see _start)
             return key, batch, into if into is not None and self._fits(into, batch) else None
         assert into is not None  # _may_take: at max_running, only a batch with room lets this key take
@@ -212,7 +212,12 @@ class DeviceLoop:
         kind = self._kinds[key]
         if not isinstance(kind, SteppedKind):
             return True
-        return sum(r.key == key for r in self._running) < kind.max_running or self._roomiest(key) is not None
+        return self._below_max_running(key) or self._roomiest(key) is not None
+
+    def _below_max_running(self, key: str) -> bool:
+        kind = self._kinds[key]
+        assert isinstance(kind, SteppedKind)
+        return sum(running.key == key for running in self._running) < kind.max_running
 
     def _roomiest(self, key: str) -> _Running | None:
         """The running batch of this key with the most room for more requests, if it joins and has any."""
@@ -228,9 +233,7 @@ class DeviceLoop:
     def _fits(self, into: _Running, batch: list[Waiting[_Job]]) -> bool:
         live, longest = into.live()
         items = live + sum(waiting.items for waiting in batch)
-        longest = max([longest, *(waiting.longest for waiting in batch)])
-        limits = self._kinds[into.key].limits
-        return items <= limits.max_items and items * longest <= limits.max_tokens
+        return not self._kinds[into.key].limits.over(items, max([longest, *(waiting.longest for waiting in batch)]))
 
     def _sleep(self, now: float) -> float | None:
         waits = [w for w in (q.seconds_until_ready(now) for q in self._queues.values()) if w is not None]

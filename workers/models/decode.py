@@ -205,10 +205,3 @@ def _left_pad(tensor: torch.Tensor, length: int, dim: int) -> torch.Tensor:
     shape[dim] = missing
     return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
 
-
-def decode(model: Any, rows: list[Row], eos: set[int], pad: int, device: torch.device,
-           text_of: Callable[[list[int]], str]) -> None:
-    """Fill each row's completion in place, stepping until every row is done."""
-    decoding = Decoding(model, rows, eos, pad, device, text_of)
-    while not decoding.done:
-        decoding.step()
