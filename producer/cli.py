@@ -5,9 +5,11 @@ Heavy imports (torch, transformers) happen only inside the commands that need th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import tomllib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,15 +39,19 @@ def _client() -> Any:
     return Client(_settings())
 
 
-def _run_one(kind: Kind, kwargs: dict[str, Any]) -> None:
+@contextlib.contextmanager
+def _task_errors(after_output: bool = False) -> Iterator[None]:
+    """A task's error as one line on stderr, and the exit code: 2 for bad input, 1 for any other failure."""
     try:
-        result = _client().submit(kind, **kwargs).get()
-    except (InvalidInput, InputTooLarge, UnknownModel) as exc:
-        click.echo(f"{type(exc).__name__}: {exc}", err=True)
-        sys.exit(EXIT_BAD_INPUT)
+        yield
     except InferqError as exc:
-        click.echo(f"{type(exc).__name__}: {exc}", err=True)
-        sys.exit(EXIT_FAILED)
+        click.echo(("\n" if after_output else "") + f"{type(exc).__name__}: {exc}", err=True)
+        sys.exit(EXIT_BAD_INPUT if isinstance(exc, InvalidInput | InputTooLarge | UnknownModel) else EXIT_FAILED)
+
+
+def _run_one(kind: Kind, kwargs: dict[str, Any]) -> None:
+    with _task_errors():
+        result = _client().submit(kind, **kwargs).get()
     click.echo(json.dumps(result, indent=2))
 
 
@@ -150,17 +156,20 @@ def classify(texts: tuple[str, ...], labels: str | None, top_k: int, model: str 
 @click.option("--top-p", default=1.0, show_default=True)
 @click.option("--stop", multiple=True, help="stop string (repeatable); the text ends before it")
 @click.option("--seed", type=int)
+@click.option("--stream", is_flag=True, help="print the text as it is decoded (Ctrl-C cancels the generation)")
 @_model_option
 @_file_option
 @_output_option
 @_window_option
 def generate(prompt: str | None, chat: bool, system: str | None, max_new_tokens: int, temperature: float,
-             top_p: float, stop: tuple[str, ...], seed: int | None, model: str | None, file_: str | None,
-             output: str | None, window: int) -> None:
+             top_p: float, stop: tuple[str, ...], seed: int | None, stream: bool, model: str | None,
+             file_: str | None, output: str | None, window: int) -> None:
     """Generate from PROMPT (one task), or from every line of --file."""
     _texts_or_file((prompt,) if prompt else (), file_, "PROMPT")
     if system is not None and not chat:
         raise click.UsageError("--system needs --chat: a system message only exists in a chat")
+    if stream and file_:
+        raise click.UsageError("--stream prints one generation as it comes; --file runs many: use one of them")
     options: dict[str, Any] = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
                                "stop": list(stop) or None, "seed": seed, "model": model}
     if file_:
@@ -169,9 +178,32 @@ def generate(prompt: str | None, chat: bool, system: str | None, max_new_tokens:
     if chat:
         messages = ([{"role": "system", "content": system}] if system else []) + \
                    [{"role": "user", "content": prompt or ""}]
-        _run_one("generate", {"messages": messages, **options})
+        request: dict[str, Any] = {"messages": messages, **options}
     else:
-        _run_one("generate", {"prompt": prompt, **options})
+        request = {"prompt": prompt, **options}
+    if stream:
+        _stream_one(request)
+    else:
+        _run_one("generate", request)
+
+
+def _stream_one(kwargs: dict[str, Any]) -> None:
+    """The text on stdout as it comes; then, on stderr, how it ended. Ctrl-C cancels the task."""
+    client = _client()
+    with _task_errors():
+        generation = client.stream_generate(**kwargs)
+    try:
+        with _task_errors(after_output=True):
+            for piece in generation:
+                click.echo(piece, nl=False)
+                sys.stdout.flush()
+    except KeyboardInterrupt:
+        client.cancel(generation.id)
+        click.echo(f"\ncancelled task {generation.id}", err=True)
+        sys.exit(130)
+    click.echo()
+    click.echo(f"finish_reason={generation.finish_reason} prompt_tokens={generation.prompt_tokens} "
+               f"completion_tokens={generation.completion_tokens} model={generation.model}", err=True)
 
 
 @main.command()

@@ -34,6 +34,7 @@ from producer.contract import (
 )
 from producer.errors import ResultTimeout
 from producer.settings import Kind, Settings, redact
+from producer.streaming import GenerationStream, request_cancel
 
 T = TypeVar("T")
 
@@ -166,6 +167,13 @@ class Client:
         """A handle for a task sent earlier (by this or any other process)."""
         return Handle(AsyncResult(task_id, app=self.app), self.settings.result_timeout, self.settings.backend)
 
+    def cancel(self, task_id: str) -> None:
+        """Cancel a generate task: a worker running it stops it before its next decoding step, and one that
+        takes it later does not run it; it fails with Cancelled (its stream ends so too). Embed and
+        classify tasks are not cancelled (they take milliseconds)."""
+        with ConnectionErrors(f"the result backend at {redact(self.settings.backend)}"):
+            request_cancel(self.app.backend.client, task_id, self.settings.stream_ttl)
+
     def close(self) -> None:
         if self._coalescer is not None:
             self._coalescer.close()
@@ -212,15 +220,25 @@ class Client:
     def submit_generate(self, prompt: str | None = None, *, messages: Sequence[dict[str, str]] | None = None,
                         max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
                         stop: Sequence[str] | None = None, seed: int | None = None,
-                        model: str | None = None) -> Handle[GenerateResult]:
+                        model: str | None = None, stream: bool = False) -> Handle[GenerateResult]:
         return self.submit("generate", prompt=prompt,
                            messages=[dict(m) for m in messages] if messages is not None else None,
                            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                           stop=_as_list(stop) if stop is not None else None, seed=seed, model=model)
+                           stop=_as_list(stop) if stop is not None else None, seed=seed, model=model,
+                           stream=True if stream else None)
 
     def generate(self, prompt: str | None = None, *, timeout: float | None = None,
                  **options: Any) -> GenerateResult:
         return self.submit_generate(prompt, **options).get(timeout)
+
+    def stream_generate(self, prompt: str | None = None, *, timeout: float | None = None,
+                        **options: Any) -> GenerationStream:
+        """Generate with the text streamed as it is decoded: iterate over the returned stream for pieces of
+        text (joined, they are the result's text); it raises the task's error if it fails."""
+        handle = self.submit_generate(prompt, stream=True, **options)
+        return GenerationStream(handle, self.app.backend.client,
+                                self.settings.result_timeout if timeout is None else timeout, self.settings.backend,
+                                self.cancel)
 
     async def agenerate(self, prompt: str | None = None, *, timeout: float | None = None,
                         **options: Any) -> GenerateResult:

@@ -31,6 +31,21 @@ def queue_name(kind: Kind) -> str:
     return kind
 
 
+STREAM_PREFIX = "inferq:stream:"
+CANCEL_PREFIX = "inferq:cancel:"
+CANCEL_CHANNEL = "inferq:cancel"
+
+
+def stream_key(task_id: str) -> str:
+    """The Redis Stream (on the result backend's Redis) a ``stream: true`` generate task publishes its text to."""
+    return STREAM_PREFIX + task_id
+
+
+def cancel_key(task_id: str) -> str:
+    """Set (with a TTL) to cancel a generate task: a worker that takes it later refuses to run it."""
+    return CANCEL_PREFIX + task_id
+
+
 # --- requests -------------------------------------------------------------------------------------------
 
 
@@ -93,6 +108,7 @@ class GenerateRequest(_Request):
     top_p: float = 1.0
     stop: list[str] | None = None
     seed: int | None = None
+    stream: bool = False  # publish the text as it is decoded to the task's Redis Stream (stream_key)
 
     @model_validator(mode="after")
     def _check_limits(self, info: ValidationInfo) -> GenerateRequest:
@@ -153,6 +169,7 @@ ALLOWED: dict[str, str] = {
     "top_p": "top_p must be a number in (0, 1]",
     "stop": "stop must be a list of strings, or omitted",
     "seed": "seed must be an integer from 0 to 2**63-1, or omitted",
+    "stream": "stream must be true or false",
 }
 
 

@@ -41,6 +41,10 @@ class OutOfMemory(InferqError):
     """The input cannot fit in device memory even on its own."""
 
 
+class Cancelled(InferqError):
+    """The caller cancelled the task (``Client.cancel``) before it finished; the device stopped working on it."""
+
+
 class InvalidMessage(InferqError):
     """The task message itself could not be decoded."""
 
@@ -61,8 +65,14 @@ class ResultTimeout(InferqError):
     """
 
 
+class StreamRestarted(InferqError):
+    """A streamed generation's worker died and the next delivery decoded a different text: what was read of
+    the stream is void (raised by the Python client; the stream itself holds a ``restart`` entry)."""
+
+
 # Names a foreign client may see in ``exc_type``; used to rebuild the right class from a stored failure.
 TASK_ERRORS: dict[str, type[InferqError]] = {
     cls.__name__: cls
-    for cls in (InvalidInput, UnknownModel, InputTooLarge, TaskTimeout, OutOfMemory, InvalidMessage, PoisonMessage)
+    for cls in (InvalidInput, UnknownModel, InputTooLarge, TaskTimeout, OutOfMemory, Cancelled, InvalidMessage,
+                PoisonMessage)
 }

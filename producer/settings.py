@@ -184,6 +184,10 @@ class Settings(BaseSettings):
     result_timeout: float = Field(300.0, gt=0, description="seconds a blocking producer call waits for a result")
     coalesce_ms: float = Field(0.0, ge=0, description="producer: merge concurrent embed/classify calls made within "
                                "this window into one message (0: off)")
+    # A generate task sent with stream: true publishes its text to a Redis Stream on the result backend's Redis
+    # (contract.stream_key), which any Redis client can XREAD; Client.cancel leaves a cancel key as long.
+    stream_ttl: int = Field(3600, ge=10, description="seconds a generate task's stream, and a cancel request, "
+                            "are kept from when they are written")
 
     limits: Limits = Field(default_factory=Limits)
     models: ModelRegistry = Field(default_factory=ModelRegistry)

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -169,6 +170,36 @@ class WorkerProcess:
                 self.process.kill()
                 self.process.wait()
         self._log.close()
+
+
+@contextmanager
+def flushed_db(db: int) -> Iterator[redis.Redis]:
+    """A client of one test database, emptied before and after."""
+    client = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=db)
+    client.flushdb()
+    try:
+        yield client
+    finally:
+        client.flushdb()
+        client.close()
+
+
+@contextmanager
+def serving(worker: WorkerProcess, client: Client) -> Iterator[tuple[Client, WorkerProcess]]:
+    """A started worker once it is ready, with the client that waited for it; both stopped after."""
+    try:
+        worker.wait_ready(client)
+        yield client, worker
+    finally:
+        worker.stop()
+        client.close()
+
+
+def device_counts(client: Client, worker: WorkerProcess) -> dict[str, int]:
+    """The device loop's counters (``generate/<alias>:steps``, ...), from the worker or its device process."""
+    replies = client.app.control.broadcast("inferq_status", reply=True, timeout=5, destination=[worker.node])
+    status: dict[str, Any] = next(reply[worker.node] for reply in replies if worker.node in reply)
+    return dict(status.get("device_process", status).get("counts", {}))
 
 
 def worker_env(config: Path, redis_url: str = REDIS_URL, **extra: str) -> dict[str, str]:

@@ -39,6 +39,11 @@ def test_one_job_prints_the_result(env: dict[str, str], worker: WorkerProcess) -
     generated = inferq("generate", "What is 2+2?", "--chat", "--max-new-tokens", "16", env=env)
     assert generated.returncode == 0, generated.stderr
     assert json.loads(generated.stdout)["model"] == "smollm2"
+    # --stream prints the text itself (the same, greedy), then how it ended on stderr
+    streamed = inferq("generate", "What is 2+2?", "--chat", "--max-new-tokens", "16", "--stream", env=env)
+    assert streamed.returncode == 0, streamed.stderr
+    assert streamed.stdout == json.loads(generated.stdout)["text"] + "\n"
+    assert "finish_reason=" in streamed.stderr and "model=smollm2" in streamed.stderr
 
 
 def test_bad_input_exits_2_with_the_typed_message(env: dict[str, str], worker: WorkerProcess) -> None:
@@ -107,6 +112,7 @@ def test_bulk_lines_that_are_not_utf8_fail_alone(env: dict[str, str], worker: Wo
     (("embed", "x", "--file", "-"), "give TEXTS or --file, not both"),
     (("classify", "x", "--labels", ""), "Invalid value for --labels: is empty"),
     (("generate", "hi", "--system", "be brief"), "--system needs --chat"),
+    (("generate", "--stream", "--file", "-"), "--stream prints one generation as it comes"),
     (("worker", "--gpus", "none", "--replicas", "0"), "0 is not in the range x>=1"),  # it started one
 ])
 def test_bad_options_are_usage_errors(env: dict[str, str], args: tuple[str, ...], says: str) -> None:

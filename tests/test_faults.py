@@ -16,7 +16,7 @@ import redis
 from producer.client import Client
 from producer.errors import InferqError, OutOfMemory, TaskTimeout
 from producer.settings import Limits, Settings
-from tests.conftest import ARTIFACTS, REDIS_HOST, REDIS_PORT, WorkerProcess, worker_env
+from tests.conftest import ARTIFACTS, REDIS_HOST, REDIS_PORT, WorkerProcess, serving, worker_env
 
 pytestmark = pytest.mark.integration
 DB = 10
@@ -38,11 +38,9 @@ def drill(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Client, Wo
     # the default limits, not those of the session's test config (INFERQ_CONFIG in this process)
     client = Client(Settings(redis_url=URL, result_timeout=120, limits=Limits()))
     try:
-        worker.wait_ready(client)
-        yield client, worker
+        with serving(worker, client) as started:
+            yield started
     finally:
-        worker.stop()
-        client.close()
         store.flushdb()
         store.close()
 

@@ -13,7 +13,6 @@ import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -21,7 +20,16 @@ from producer.client import Client
 from producer.errors import TaskTimeout
 from producer.health import check_workers
 from producer.settings import Limits, Settings
-from tests.conftest import ARTIFACTS, REDIS_HOST, REDIS_PORT, WorkerProcess, worker_env
+from tests.conftest import (
+    ARTIFACTS,
+    REDIS_HOST,
+    REDIS_PORT,
+    WorkerProcess,
+    device_counts,
+    flushed_db,
+    serving,
+    worker_env,
+)
 
 pytestmark = pytest.mark.integration
 DB = 10  # test_faults's database too: its workers and these never run at once, and each module flushes it
@@ -55,29 +63,18 @@ def sharing(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Cl
     extra = {"INFERQ_DEVICE_PROCESS": "true"} if request.param == "device-process" else {}
     env = worker_env(config(tmp_path / "inferq.toml"), url, **extra)
     client = Client(Settings(redis_url=url, result_timeout=60, limits=Limits(max_new_tokens=1024)))
-    client.app.backend.client.flushdb()
-    worker = WorkerProcess(env, ARTIFACTS / f"sharing-{request.param}.log", f"sharing-{os.getpid()}@localhost",
-                           ("--kinds", "embed,generate"))
-    try:
-        worker.wait_ready(client)
-        yield client, worker
-    finally:
-        worker.stop()
-        client.app.backend.client.flushdb()
-        client.close()
-
-
-def counts(client: Client, worker: WorkerProcess) -> dict[str, int]:
-    replies = client.app.control.broadcast("inferq_status", reply=True, timeout=5, destination=[worker.node])
-    status: dict[str, Any] = next(reply[worker.node] for reply in replies if worker.node in reply)
-    return dict(status.get("device_process", status).get("counts", {}))
+    with flushed_db(DB):  # empty before the worker starts (its broadcast bindings live there), and after it
+        worker = WorkerProcess(env, ARTIFACTS / f"sharing-{request.param}.log", f"sharing-{os.getpid()}@localhost",
+                               ("--kinds", "embed,generate"))
+        with serving(worker, client) as started:
+            yield started
 
 
 def test_a_long_generation_shares_the_device_and_stops_at_its_limit(sharing: tuple[Client, WorkerProcess]) -> None:
     client, worker = sharing
     generation = client.submit_generate("1, 2, 3, 4, 5, 6,", max_new_tokens=1024)
     deadline = time.monotonic() + 30
-    while counts(client, worker).get("generate/smollm2:steps", 0) < 10:  # it is decoding
+    while device_counts(client, worker).get("generate/smollm2:steps", 0) < 10:  # it is decoding
         assert time.monotonic() < deadline, worker.log()[-2000:]
         time.sleep(0.1)
     for i in range(5):  # each within embed's 3 s limit, while the generation goes on
@@ -89,8 +86,8 @@ def test_a_long_generation_shares_the_device_and_stops_at_its_limit(sharing: tup
         generation.get()
     # it stopped: no more steps spent on it, and the device is free for the others
     time.sleep(1.0)
-    stopped = counts(client, worker)
+    stopped = device_counts(client, worker)
     assert stopped.get("generate/smollm2:stopped") == 1
     time.sleep(1.0)
-    assert counts(client, worker)["generate/smollm2:steps"] == stopped["generate/smollm2:steps"]
+    assert device_counts(client, worker)["generate/smollm2:steps"] == stopped["generate/smollm2:steps"]
     assert client.embed(["after it stopped"])["dim"] == 384

@@ -15,7 +15,7 @@ import redis
 from kombu import Connection, Consumer, Producer
 from kombu import Queue as KombuQueue
 
-from tests.conftest import REDIS_HOST, REDIS_PORT
+from tests.conftest import REDIS_HOST, REDIS_PORT, flushed_db
 from workers.receiving.dead_letter import DEAD_LETTER_KEY
 from workers.receiving.transport import Transport
 
@@ -26,11 +26,8 @@ URL = f"redis://{REDIS_HOST}:{REDIS_PORT}/{DB}"
 
 @pytest.fixture
 def store() -> Iterator[redis.Redis]:
-    client = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=DB)
-    client.flushdb()
-    yield client
-    client.flushdb()
-    client.close()
+    with flushed_db(DB) as client:
+        yield client
 
 
 @contextmanager

@@ -10,7 +10,9 @@ Generation runs a step at a time (a ``SteppedKind``): a started batch decodes on
 loop, and between its steps the loop runs whatever else is ready (an encoder batch, a step of another
 generate batch), so a long generation never holds embed, classify or a health check behind it. A row
 answers as soon as it finishes, and a row past its deadline is answered with TaskTimeout and leaves the
-batch before the next step: a request given up on stops using the device.
+batch before the next step: a request given up on stops using the device. So does a request cancelled by
+its caller (``cancel``), answered with Cancelled. A request submitted with a ``progress`` callback is told
+after every step what it produced in it (a streamed generation's new tokens).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from producer.errors import TaskTimeout
+from producer.errors import Cancelled, TaskTimeout
 from workers.device.batching import BatchLimits, BatchQueue, Waiting
 
 log = logging.getLogger(__name__)
@@ -48,6 +50,10 @@ class Stepping(Protocol):
 
     def step(self) -> list[tuple[int, Any]]:
         """One step for every live request; the (index in the batch, outcome) of those that finished."""
+        ...
+
+    def produced(self, index: int) -> list[Any]:
+        """What a live request has produced so far, in order (a generation's tokens)."""
         ...
 
     def stop(self, index: int) -> int:
@@ -77,6 +83,8 @@ class _Job:
     timeout: float
     deadline: float
     longest: int  # tokens of its longest input (for a generate request, prompt + max_new_tokens)
+    progress: Callable[[list[Any]], None] | None = None  # told what a stepped request produced, step by step
+    reported: int = 0  # how much of what it produced progress was told of
 
 
 @dataclass(eq=False)
@@ -105,6 +113,7 @@ class DeviceLoop:
         self._thread: threading.Thread | None = None
         self._running: list[_Running] = []  # stepped batches under way; only the loop thread touches it
         self._unjoinable: set[str] = set()  # keys whose batches refused a join (their caches cannot be merged)
+        self._cancelled: set[Future[Any]] = set()  # running requests to stop before their next step
         self.busy_since: float | None = None  # when the running batch started; None while idle
         # batch-size histogram per key, and counters, for inferq_status and the benchmark
         self.batch_sizes: dict[str, Counter[int]] = {key: Counter() for key in kinds}
@@ -112,16 +121,26 @@ class DeviceLoop:
 
     # --- task threads ---------------------------------------------------------------------------------
 
-    def submit(self, key: str, payload: Any, items: int, longest: int, timeout: float) -> Future[Any]:
+    def submit(self, key: str, payload: Any, items: int, longest: int, timeout: float,
+               progress: Callable[[list[Any]], None] | None = None) -> Future[Any]:
         future: Future[Any] = Future()
         now = self._clock()
         with self._wake:
             if self._stopping:
                 raise RuntimeError("the device loop is stopping")
-            self._queues[key].put(_Job(payload, future, timeout, now + timeout, longest), items, longest, now,
-                                  deadline=now + timeout)
+            self._queues[key].put(_Job(payload, future, timeout, now + timeout, longest, progress), items, longest,
+                                  now, deadline=now + timeout)
             self._wake.notify()
         return future
+
+    def cancel(self, future: Future[Any]) -> None:
+        """Give up on a submitted request: one still waiting is cancelled (never run); a running stepped one
+        leaves its batch before the next step and fails with Cancelled; one that finished stays finished."""
+        if future.done() or future.cancel():
+            return
+        with self._wake:
+            self._cancelled.add(future)
+            self._wake.notify()
 
     # --- lifecycle ------------------------------------------------------------------------------------
 
@@ -158,6 +177,8 @@ class DeviceLoop:
                     picked = self._next(self._clock())
                 if picked is None and not self._running:  # stopping, and nothing left to run
                     return
+                if self._cancelled:  # forget cancels of requests that finished first (or never step)
+                    self._cancelled = {future for future in self._cancelled if not future.done()}
             # one ready batch, then one step of every batch under way: fair turns on one device
             if picked is not None:
                 key, batch, into = picked
@@ -293,16 +314,23 @@ class DeviceLoop:
             for index, job in list(running.jobs.items()):
                 if job.deadline <= now:
                     # its caller answers TaskTimeout at the same limit: stop spending the device on it
-                    del running.jobs[index]
-                    steps = running.stepping.stop(index)
-                    self.counts[f"{running.key}:stopped"] += 1
+                    steps = self._stop(running, index, "stopped")
                     job.future.set_exception(TaskTimeout(f"the request ran past its limit of {job.timeout:g} s and "
                                                          f"was stopped after {steps} steps"))
+                elif job.future in self._cancelled:
+                    with self._wake:
+                        self._cancelled.discard(job.future)
+                    steps = self._stop(running, index, "cancelled")
+                    job.future.set_exception(Cancelled(f"the request was cancelled by its caller after {steps} "
+                                                       "steps"))
             self.counts[f"{running.key}:step_rows"] += len(running.jobs)  # occupancy: rows per step
             finished = running.stepping.step() if not running.stepping.done else []
             for index, outcome in finished:
                 if index in running.jobs:
                     _answer(running.jobs.pop(index), outcome)
+            for index, job in running.jobs.items():
+                if job.progress is not None:
+                    self._report(running, index, job)
         except Exception as exc:
             self._running.remove(running)
             # the rows still decoding start again from scratch (a seeded row gives the same text again)
@@ -315,6 +343,22 @@ class DeviceLoop:
             for job in running.jobs.values():  # a batch that ended without answering them all
                 job.future.set_exception(RuntimeError(f"the {running.key} batch ended without an answer for this "
                                                       "request"))
+
+    def _stop(self, running: _Running, index: int, counted: str) -> int:
+        del running.jobs[index]
+        self.counts[f"{running.key}:{counted}"] += 1
+        return running.stepping.stop(index)
+
+    def _report(self, running: _Running, index: int, job: _Job) -> None:
+        assert job.progress is not None
+        produced = running.stepping.produced(index)
+        if len(produced) <= job.reported:
+            return
+        new, job.reported = produced[job.reported:], len(produced)
+        try:
+            job.progress(new)
+        except Exception:  # the listener's fault, not the batch's: the request still gets its answer
+            log.exception("a %s request's progress listener failed", running.key)
 
     def _halve(self, key: str, jobs: list[_Job], exc: Exception, again: Callable[[str, list[_Job]], None]) -> None:
         """A batch that raised: a lone request fails with the error; the rest run ``again`` in halves, so the

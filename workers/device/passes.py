@@ -157,6 +157,9 @@ class _Guarded:
         with torch.inference_mode(), self._guard():
             return list(self._batch.step())
 
+    def produced(self, index: int) -> list[int]:
+        return self._batch.produced(index)
+
     def stop(self, index: int) -> int:
         with torch.inference_mode(), self._guard():
             return self._batch.stop(index)

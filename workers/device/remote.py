@@ -51,6 +51,8 @@ class RemoteDevice:
         self._conn, self.hello = _connect(address, authkey, wait_s, exited)
         self._ids = itertools.count()
         self._futures: dict[int, Future[Any]] = {}
+        self._ids_of: dict[Future[Any], int] = {}  # for cancel
+        self._progress: dict[int, Callable[[list[Any]], None]] = {}
         self._waiting: collections.deque[tuple[Any, ...]] = collections.deque()
         self._send_at = 0.0  # when what is waiting must go (monotonic): now, or the end of a hold
         self._wake = threading.Condition()
@@ -61,14 +63,18 @@ class RemoteDevice:
         threading.Thread(target=self._send_loop, name="inferq-device-sender", daemon=True).start()
         threading.Thread(target=self._read_loop, name="inferq-device-reader", daemon=True).start()
 
-    def submit(self, key: str, payload: Any, items: int, longest: int, timeout: float) -> Future[Any]:
+    def submit(self, key: str, payload: Any, items: int, longest: int, timeout: float,
+               progress: Callable[[list[Any]], None] | None = None) -> Future[Any]:
         future: Future[Any] = Future()
         now = time.monotonic()
         with self._wake:
             request_id = next(self._ids)
             self._futures[request_id] = future
+            self._ids_of[future] = request_id
+            if progress is not None:
+                self._progress[request_id] = progress
             # the deadline travels as the time left when sent: the device process's clock starts then
-            self._waiting.append((request_id, key, payload, items, longest, now + timeout))
+            self._waiting.append((request_id, key, payload, items, longest, now + timeout, progress is not None))
             if not getattr(self._held, "on", False):
                 self._send_at = now
                 self._wake.notify()
@@ -96,6 +102,17 @@ class RemoteDevice:
             if self._waiting:
                 self._send_at = time.monotonic()
                 self._wake.notify()
+
+    def cancel(self, future: Future[Any]) -> None:
+        """Ask the device process to give up on a request (``DeviceLoop.cancel``); its answer comes back as
+        any other, a Cancelled failure unless it had finished."""
+        with self._wake:
+            request_id = self._ids_of.get(future)
+            if request_id is None:
+                return  # answered already
+            self._waiting.append(("cancel", request_id))  # after its submit, if that is still waiting
+            self._send_at = time.monotonic()
+            self._wake.notify()
 
     def stats(self, timeout: float = 5.0) -> dict[str, Any]:
         """The device process's batch sizes and counters (for ``inferq_status``)."""
@@ -130,15 +147,15 @@ class RemoteDevice:
                         return
                     waiting, self._waiting = list(self._waiting), collections.deque()
                 now = time.monotonic()
-                submits = [(rid, key, payload, items, longest, deadline - now)
-                           for rid, key, payload, items, longest, deadline in
-                           (item for item in waiting if item[0] != "stats")]
+                submits = [(rid, key, payload, items, longest, deadline - now, progress)
+                           for rid, key, payload, items, longest, deadline, progress in
+                           (item for item in waiting if not isinstance(item[0], str))]
                 if submits:
                     self._conn.send(("submit", submits))
                     self.sent["requests"] += len(submits)
                     self.sent["sends"] += 1
                 for item in waiting:
-                    if item[0] == "stats":
+                    if isinstance(item[0], str):  # ("stats", id), ("cancel", id): after the submits
                         self._conn.send(item)
         except Exception as exc:  # a lost socket, or anything else: never leave requests waiting forever
             self._lost(exc)
@@ -154,12 +171,24 @@ class RemoteDevice:
                 request_id, stats = body
                 self._resolve(request_id, True, stats)
                 continue
+            if tag == "progress":
+                for request_id, produced in body:
+                    listener = self._progress.get(request_id)
+                    if listener is not None:
+                        try:
+                            listener(produced)
+                        except Exception:  # the listener's fault: the request still gets its answer
+                            log.exception("a progress listener failed")
+                continue
             for request_id, ok, value in body:
                 self._resolve(request_id, ok, torch.from_numpy(value) if isinstance(value, np.ndarray) else value)
 
     def _resolve(self, request_id: int, ok: bool, value: Any) -> None:
         with self._wake:
             future = self._futures.pop(request_id, None)
+            self._progress.pop(request_id, None)
+            if future is not None:
+                self._ids_of.pop(future, None)
         if future is None or not future.set_running_or_notify_cancel():
             return  # its caller gave up on it (a time limit)
         if ok:

@@ -14,10 +14,10 @@ import resource
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -31,7 +31,7 @@ from producer.contract import (
     GenerateResult,
     validate,
 )
-from producer.errors import InvalidInput, OutOfMemory, TaskTimeout, UnknownModel
+from producer.errors import Cancelled, InferqError, InvalidInput, OutOfMemory, TaskTimeout, UnknownModel
 from producer.settings import Kind, Settings
 from workers.device.loop import DeviceLoop
 from workers.device.passes import EncodeJob, Models, load_models, start_loop
@@ -41,6 +41,10 @@ from workers.errors import WorkerError
 from workers.models.base import ClassifyModel, EmbedModel, GenerateModel
 from workers.models.classify import top_k, zero_shot
 from workers.models.loading import device_label, pick_device
+
+if TYPE_CHECKING:
+    from workers.receiving.cancels import CancelWatch
+    from workers.receiving.streams import StreamPublisher
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +68,7 @@ class Pending:
     items: int
     longest: int
     limit: float
+    cancelled: bool = False  # by its caller (Client.cancel), not by a time limit
 
 
 class Runtime:
@@ -80,6 +85,11 @@ class Runtime:
         self.device_process: DeviceProcess | None = None
         self._label_vectors: dict[tuple[str, str], torch.Tensor] = {}
         self._label_lock = threading.Lock()
+        # Streams and cancels need the result backend's Redis: the receiving side sets them (WorkerApp).
+        self.streams: StreamPublisher | None = None
+        self.cancels: CancelWatch | None = None
+        self._generating: dict[str, Pending] = {}  # generate requests under way, by task id: what cancel finds
+        self._generating_lock = threading.Lock()
 
     @property
     def embedders(self) -> dict[str, EmbedModel]:
@@ -198,21 +208,36 @@ class Runtime:
 
     # --- serving (task threads) -----------------------------------------------------------------------
 
-    def handle(self, kind: Kind, args: Any, kwargs: Any) -> Result:
+    def handle(self, kind: Kind, args: Any, kwargs: Any, task_id: str | None = None) -> Result:
         """Validate and tokenise here, run on the device loop, build the result here (a task thread's path)."""
-        pending = self.begin(kind, args, kwargs)
+        try:
+            result = self._handle(kind, args, kwargs, task_id)
+        except BaseException as exc:
+            if kind == "generate" and task_id is not None:
+                self.settle(task_id, stream_requested(kwargs), exc)
+            raise
+        if kind == "generate" and task_id is not None:
+            self.settle(task_id, stream_requested(kwargs), result)
+        return result
+
+    def _handle(self, kind: Kind, args: Any, kwargs: Any, task_id: str | None) -> Result:
+        pending = self.begin(kind, args, kwargs, task_id)
         try:
             outcome = pending.future.result(timeout=pending.limit)
         except FutureTimeout:
             pending.future.cancel()
             raise self.timed_out(pending) from None
+        except CancelledError:
+            raise self.cancelled(pending) from None
         except torch.OutOfMemoryError as exc:
             raise self.out_of_memory(pending, exc) from None
         return pending.build(outcome)
 
-    def begin(self, kind: Kind, args: Any, kwargs: Any) -> Pending:
+    def begin(self, kind: Kind, args: Any, kwargs: Any, task_id: str | None = None) -> Pending:
         """Validate and tokenise a request and hand it to the device loop; raises InferqError for bad input.
-        The caller waits on the future (or is called back), then builds the result with `build`."""
+        The caller waits on the future (or is called back), then builds the result with `build`; a generate
+        request with a ``task_id`` is then ``settle``d with its outcome (its stream's end, and no longer
+        cancellable)."""
         request = validate(kind, kwargs, self.settings.limits, args)
         crash = self.settings.fault_crash_on_text
         if crash is not None and crash in repr(kwargs):
@@ -222,10 +247,35 @@ class Runtime:
             return self._embed(request)
         if isinstance(request, ClassifyRequest):
             return self._classify(request)
-        return self._generate(request)
+        return self._generate(request, task_id)
+
+    def settle(self, task_id: str, stream: bool, outcome: Any) -> None:
+        """A generate task's outcome (its result, or the exception it fails with), before it is stored;
+        ``stream``: its message asked for a stream (``stream_requested``)."""
+        with self._generating_lock:
+            self._generating.pop(task_id, None)
+        if self.streams is not None:
+            self.streams.end(task_id, outcome, stream)
+
+    def cancel(self, task_id: str) -> bool:
+        """Stop the generate request of this task if it is under way here (its caller cancelled it)."""
+        with self._generating_lock:
+            pending = self._generating.get(task_id)
+        if pending is None or self.loop is None:
+            return False
+        log.info("cancelling generate task %s at its caller's request", task_id)
+        pending.cancelled = True
+        self.loop.cancel(pending.future)
+        return True
 
     def timed_out(self, pending: Pending) -> TaskTimeout:
         return TaskTimeout(f"the {pending.kind} request ran past its limit of {pending.limit:g} s")
+
+    def cancelled(self, pending: Pending) -> InferqError:
+        """What a request whose future was cancelled fails with: Cancelled, or TaskTimeout if a limit did it."""
+        if pending.cancelled:
+            return Cancelled(f"the {pending.kind} request was cancelled by its caller before it ran")
+        return self.timed_out(pending)
 
     def out_of_memory(self, pending: Pending, exc: BaseException) -> OutOfMemory:
         # The device loop already retried it in ever smaller batches; it failed alone.
@@ -234,11 +284,12 @@ class Runtime:
                            f"inputs, or fewer new tokens; {exc}")
 
     def _submit(self, kind: Kind, key: str, payload: Any, items: int, longest: int,
-                build: Callable[[Any], Result]) -> Pending:
+                build: Callable[[Any], Result], progress: Callable[[list[Any]], None] | None = None) -> Pending:
         if self.loop is None:
             raise RuntimeError("the runtime is not loaded")
         limit = getattr(self.settings.time_limits, kind)
-        return Pending(kind, self.loop.submit(key, payload, items, longest, limit), build, items, longest, limit)
+        return Pending(kind, self.loop.submit(key, payload, items, longest, limit, progress), build, items, longest,
+                       limit)
 
     def _encode(self, kind: Kind, key: str, ids: list[list[int]], build: Callable[[torch.Tensor], Result]) -> Pending:
         return self._submit(kind, key, EncodeJob(ids), len(ids), max(len(row) for row in ids), build)
@@ -303,12 +354,20 @@ class Runtime:
 
         return self._encode("classify", f"embed/{alias}", ids, build)
 
-    def _generate(self, request: GenerateRequest) -> Pending:
+    def _generate(self, request: GenerateRequest, task_id: str | None) -> Pending:
         alias = self._alias("generate", request.model, self.generators)
         generator = self.generators[alias]
-        prepared = generator.prepare(request)
-        return self._submit("generate", f"generate/{alias}", prepared, 1, prepared.total_tokens,
-                            lambda completion: generator.finish(prepared, completion))
+        prepared = generator.prepare(request, task_id)
+        progress = None
+        if request.stream and task_id is not None and self.streams is not None:
+            progress = self.streams.open(task_id, lambda tokens: generator.settled(prepared, tokens))
+        pending = self._submit("generate", f"generate/{alias}", prepared, 1, prepared.total_tokens,
+                               lambda completion: generator.finish(prepared, completion), progress)
+        if task_id is not None and self.cancels is not None:
+            with self._generating_lock:
+                self._generating[task_id] = pending
+            self.cancels.check(task_id)  # after it can be found: a cancel is seen by one of the two
+        return pending
 
     def _alias(self, kind: Kind, name: str | None, group: dict[str, Any], also: dict[str, Any] | None = None,
                also_note: str = "") -> str:
@@ -320,6 +379,11 @@ class Runtime:
             raise UnknownModel(f"model {name!r} is not configured for {kind} on this worker; "
                                f"available: {shown}")
         return alias
+
+
+def stream_requested(kwargs: Any) -> bool:
+    """Whether a generate message asked for a stream, valid or not (a bad one gets its error entry)."""
+    return isinstance(kwargs, dict) and kwargs.get("stream") is True
 
 
 def _rss_bytes() -> int:

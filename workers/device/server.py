@@ -7,10 +7,14 @@ context or contends for the device, and no receiver's GIL stands between the dev
 
 Wire protocol (``multiprocessing.connection``, pickled tuples, authenticated with a shared key):
 - server → receiver, once on connect: ``("hello", {...})``: pid, device, the model keys served, models.
-- receiver → server: ``("submit", [(request id, key, payload, items, longest, timeout s), ...])``;
+- receiver → server: ``("submit", [(request id, key, payload, items, longest, timeout s, progress), ...])``;
   everything the receiver prepared since its last send, so hand-offs go per batch of requests.
-- server → receiver: ``("done", [(request id, ok, value), ...])``: every outcome finished since the last
-  send. ``value`` is a float32 numpy array for encoders, a Completion for generate, or the exception.
+  ``progress``: send this request's progress (a streamed generation).
+- receiver → server: ``("cancel", request id)``: stop that request (see ``DeviceLoop.cancel``).
+- server → receiver: ``("progress", [(request id, [new token, ...]), ...])`` then ``("done", [(request id,
+  ok, value), ...])``: what was produced, and every outcome finished, since the last send (a request's
+  progress always arrives before its outcome). ``value`` is a float32 numpy array for encoders, a
+  Completion for generate, or the exception.
 - receiver → server ``("stats", request id)``; server → receiver ``("stats", (request id, {...}))``.
 Why this channel: measured in benchmarks/handoff.py and written in the README.
 
@@ -35,6 +39,7 @@ from typing import Any
 
 import torch
 
+from producer.errors import Cancelled
 from producer.settings import Kind, Settings
 from workers.device.loop import DeviceLoop
 from workers.device.passes import load_models, start_loop
@@ -93,18 +98,31 @@ class DeviceServer:
     def _serve_connection(self, conn: Connection) -> None:
         assert self.loop is not None
         outbox = _Outbox(conn)
+        running: dict[int, Future[Any]] = {}  # this receiver's requests not answered yet, for its cancels
+
+        def answered(request_id: int, future: Future[Any]) -> None:
+            running.pop(request_id, None)
+            outbox.put(request_id, future)
+
         try:
             conn.send(("hello", self.hello))
             while True:
                 tag, body = conn.recv()
                 if tag == "submit":
-                    for request_id, key, payload, items, longest, timeout in body:
+                    for request_id, key, payload, items, longest, timeout, progress in body:
                         try:
-                            future = self.loop.submit(key, payload, items, longest, timeout)
+                            future = self.loop.submit(key, payload, items, longest, timeout,
+                                                      functools.partial(outbox.put_progress, request_id)
+                                                      if progress else None)
                         except Exception as exc:  # an unknown key, a stopping loop: that request fails alone
                             future = Future()
                             future.set_exception(exc)
-                        future.add_done_callback(functools.partial(outbox.put, request_id))
+                        running[request_id] = future
+                        future.add_done_callback(functools.partial(answered, request_id))
+                elif tag == "cancel":
+                    cancelled = running.get(body)
+                    if cancelled is not None:
+                        self.loop.cancel(cancelled)
                 elif tag == "stats":
                     outbox.put_stats(body, {"pid": os.getpid(), **self.loop.stats()})
         except (EOFError, OSError):
@@ -120,6 +138,7 @@ class _Outbox:
     def __init__(self, conn: Connection) -> None:
         self._conn = conn
         self._done: collections.deque[tuple[int, Future[Any]]] = collections.deque()
+        self._progress: collections.deque[tuple[int, list[Any]]] = collections.deque()
         self._stats: collections.deque[tuple[int, dict[str, Any]]] = collections.deque()
         self._wake = threading.Condition()
         self._closed = False
@@ -128,6 +147,11 @@ class _Outbox:
     def put(self, request_id: int, future: Future[Any]) -> None:
         with self._wake:
             self._done.append((request_id, future))
+            self._wake.notify()
+
+    def put_progress(self, request_id: int, produced: list[Any]) -> None:
+        with self._wake:
+            self._progress.append((request_id, produced))
             self._wake.notify()
 
     def put_stats(self, request_id: int, stats: dict[str, Any]) -> None:
@@ -143,13 +167,17 @@ class _Outbox:
     def _run(self) -> None:
         while True:
             with self._wake:
-                while not self._done and not self._stats and not self._closed:
+                while not self._done and not self._progress and not self._stats and not self._closed:
                     self._wake.wait()
                 if self._closed:
                     return
                 done, self._done = list(self._done), collections.deque()
+                progress, self._progress = list(self._progress), collections.deque()
                 stats, self._stats = list(self._stats), collections.deque()
             try:
+                # progress first: all of a request's progress was put before its outcome
+                if progress:
+                    self._conn.send(("progress", progress))
                 if done:
                     self._conn.send(("done", [_outcome(request_id, future) for request_id, future in done]))
                 for item in stats:
@@ -164,6 +192,8 @@ class _Outbox:
 
 
 def _outcome(request_id: int, future: Future[Any]) -> tuple[int, bool, Any]:
+    if future.cancelled():  # cancelled by its receiver while it still waited for the device
+        return request_id, False, Cancelled("the request was cancelled by its caller before it ran")
     exc = future.exception()
     if exc is None:
         value = future.result()

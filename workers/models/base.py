@@ -40,7 +40,7 @@ class ClassifyModel(Protocol):
 class GenerateModel(Protocol):
     loaded: LoadedModel
 
-    def prepare(self, request: GenerateRequest) -> Prepared: ...
+    def prepare(self, request: GenerateRequest, task_id: str | None = None) -> Prepared: ...
 
     def start(self, batch: list[Prepared]) -> GenerationBatch:
         """The batch, to be decoded a step at a time by the device loop."""
@@ -49,3 +49,7 @@ class GenerateModel(Protocol):
     def run(self, batch: list[Prepared]) -> list[Completion]: ...
 
     def finish(self, prepared: Prepared, completion: Completion) -> GenerateResult: ...
+
+    def settled(self, prepared: Prepared, tokens: list[int]) -> str:
+        """The text of a completion under way that the final text is sure to start with."""
+        ...

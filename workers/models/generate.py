@@ -6,7 +6,9 @@ threads; only the batch from ``start`` touches the device, a decoding step at a 
 
 from __future__ import annotations
 
+import hashlib
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -24,6 +26,9 @@ from workers.models.loading import LoadedModel, load_model
 class Prepared:
     request: GenerateRequest
     prompt: list[int]
+    # An unseeded sampled request draws its seed from its task id where it has one: a message delivered again
+    # (its worker died) samples the same text again, so its stream resumes where it stopped.
+    task_id: str | None = None
 
     @property
     def total_tokens(self) -> int:
@@ -51,7 +56,7 @@ class CausalGenerator:
 
     # --- task thread ----------------------------------------------------------------------------------
 
-    def prepare(self, request: GenerateRequest) -> Prepared:
+    def prepare(self, request: GenerateRequest, task_id: str | None = None) -> Prepared:
         """Render and tokenise the prompt and check it fits. Thread-safe."""
         tokenizer, encoder = self.loaded.tokenizer, self.loaded.encoder
         if request.messages is None:
@@ -70,18 +75,22 @@ class CausalGenerator:
                 f"the prompt is {len(prompt)} tokens and max_new_tokens is {request.max_new_tokens}; model "
                 f"{self.loaded.alias!r} accepts at most {limit} tokens in all"
             )
-        return Prepared(request, prompt)
+        return Prepared(request, prompt, task_id)
 
     def finish(self, prepared: Prepared, completion: Completion) -> GenerateResult:
         """Decode the completion and cut it before the first stop string. Thread-safe."""
         text = self._text(completion.tokens)
-        stops = prepared.request.stop or []
-        cut = min((i for i in (text.find(stop) for stop in stops) if i >= 0), default=-1)
+        cut = _first_stop(text, prepared.request.stop or ())
         if cut >= 0:
             text = text[:cut]
         finish: Literal["stop", "length"] = "stop" if completion.ended or cut >= 0 else "length"
         return GenerateResult(model=self.loaded.alias, text=text, finish_reason=finish,
                               prompt_tokens=len(prepared.prompt), completion_tokens=len(completion.tokens))
+
+    def settled(self, prepared: Prepared, tokens: list[int]) -> str:
+        """The text of a completion under way that can be shown now: what the final text will start with
+        (see ``settled_text``). Thread-safe."""
+        return settled_text(self._text(tokens), prepared.request.stop or ())
 
     # --- device thread --------------------------------------------------------------------------------
 
@@ -104,7 +113,7 @@ class CausalGenerator:
         generator = None
         if request.temperature > 0:
             generator = torch.Generator(device=self.loaded.device)
-            generator.manual_seed(request.seed if request.seed is not None else secrets.randbits(63))
+            generator.manual_seed(request.seed if request.seed is not None else _seed_of(prepared.task_id))
         return Row(prompt=prepared.prompt, max_new_tokens=request.max_new_tokens, temperature=request.temperature,
                    top_p=request.top_p, generator=generator, stop=tuple(request.stop or ()))
 
@@ -133,12 +142,39 @@ class GenerationBatch:
         """Take ``other``'s live rows into this batch (continuous batching); see ``Decoding.join``."""
         return self.decoding.join(other.decoding)
 
+    def produced(self, index: int) -> list[int]:
+        """The tokens a live row has decoded so far (what a streamed request publishes as they come)."""
+        return self.decoding.row(index).completion
+
     def stop(self, index: int) -> int:
         """Drop a row; returns how many tokens it had decoded."""
         self.decoding.stop(index)
         decoded = len(self.decoding.row(index).completion)
         self.decoding.release(index)
         return decoded
+
+
+def settled_text(text: str, stops: Sequence[str]) -> str:
+    """What of a completion's text so far is final: cut before the first stop string, as ``finish`` cuts;
+    without a trailing replacement character (the first bytes of a multi-byte character whose other bytes
+    are still to come); and without any ending that could still grow into a stop string."""
+    cut = _first_stop(text, stops)
+    if cut >= 0:
+        return text[:cut]
+    text = text.rstrip("\ufffd")
+    held = max((size for stop in stops for size in range(1, min(len(stop) - 1, len(text)) + 1)
+                if text.endswith(stop[:size])), default=0)
+    return text[:len(text) - held]
+
+
+def _first_stop(text: str, stops: Sequence[str]) -> int:
+    return min((i for i in (text.find(stop) for stop in stops) if i >= 0), default=-1)
+
+
+def _seed_of(task_id: str | None) -> int:
+    if task_id is None:
+        return secrets.randbits(63)
+    return int.from_bytes(hashlib.blake2b(task_id.encode(), digest_size=8).digest(), "big") >> 1
 
 
 def _completion(row: Row) -> Completion:

@@ -13,8 +13,10 @@ from producer.settings import Kind, Settings
 from workers.device.runtime import Runtime
 from workers.errors import WorkerError
 from workers.receiving import backend, control, serialization
+from workers.receiving.cancels import CancelWatch
 from workers.receiving.events import ThreadSafeTaskEvents
 from workers.receiving.fastpath import DrainFastPath, FastPath
+from workers.receiving.streams import StreamPublisher
 from workers.receiving.tasks import register_tasks
 
 log = logging.getLogger(__name__)
@@ -62,6 +64,12 @@ class WorkerApp:
             # Forking after CUDA (or even torch's thread pools) is initialised breaks the children.
             raise WorkerError("inferq workers load their models once and never fork: use -P threads or -P solo")
         runtime = Runtime(self.settings, self.kinds)
+        if "generate" in self.kinds:
+            settings, client = self.settings, self.celery.backend.client  # type: ignore[union-attr]
+            # one text entry per token at most, plus a restart and the end, for each delivery of the message
+            bound = (settings.limits.max_new_tokens + 2) * settings.max_deliveries
+            runtime.streams = StreamPublisher(client, settings.stream_ttl, bound)
+            runtime.cancels = CancelWatch(client, runtime.cancel)
         runtime.load()
         self._runtime = runtime
         control.publish(runtime)

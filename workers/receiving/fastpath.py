@@ -38,7 +38,7 @@ from celery.worker.strategy import default as default_strategy
 
 from producer.errors import InferqError
 from producer.settings import Kind
-from workers.device.runtime import Pending, Runtime
+from workers.device.runtime import Pending, Runtime, stream_requested
 from workers.receiving.counters import SharedCounter
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,7 @@ def path_counts() -> dict[str, int]:
 class _Task:
     task_id: str
     name: str
+    kind: Kind
     message: Any
     started: float
     pending: Pending | None = None
@@ -69,6 +70,7 @@ class _Task:
     done: bool = False
     outcome: Any = None  # a Result, or the exception it failed with
     order: int = 0  # a tie-breaker in the deadline heap
+    stream: bool = False  # a generate message that asked for a stream
 
 
 @dataclass
@@ -150,7 +152,8 @@ class FastPath:
 
     def _take(self, kind: Kind, name: str, message: Any, args: Any, kwargs: dict[str, Any]) -> None:
         headers = message.headers
-        task = _Task(headers["id"], name, message, time.monotonic(), order=next(self._order))
+        task = _Task(headers["id"], name, kind, message, time.monotonic(), order=next(self._order),
+                     stream=kind == "generate" and stream_requested(kwargs))
         with self._lock:
             self._in_flight += 1
         runtime = self._runtime()
@@ -163,7 +166,7 @@ class FastPath:
         try:
             # held until the event loop's next turn flushes them; without an event loop, sent at once
             with runtime.hand_off_held() if self._ticking else contextlib.nullcontext():
-                pending = runtime.begin(kind, args, kwargs)
+                pending = runtime.begin(kind, args, kwargs, task.task_id)
         except Exception as exc:  # bad input: InvalidInput, UnknownModel, ...; answered at once
             task.done, task.outcome = True, exc
             self._hand_over(task)
@@ -260,8 +263,8 @@ class FastPath:
         runtime = self._runtime()
         try:
             return pending.build(pending.future.result(timeout=0))
-        except CancelledError:
-            return runtime.timed_out(pending)
+        except CancelledError:  # by the finisher at its time limit, or by its caller
+            return runtime.cancelled(pending)
         except torch.OutOfMemoryError as exc:
             return runtime.out_of_memory(pending, exc)
         except Exception as exc:
@@ -270,6 +273,10 @@ class FastPath:
     def _answer(self, tasks: list[_Task]) -> None:
         """Store every result (successes in one round trip), send the events, then acknowledge them all."""
         backend = self._app.backend
+        runtime = self._runtime()
+        for task in tasks:
+            if task.kind == "generate":
+                runtime.settle(task.task_id, task.stream, task.outcome)
         succeeded = [task for task in tasks if not isinstance(task.outcome, BaseException)]
         failed = [task for task in tasks if isinstance(task.outcome, BaseException)]
         stored: list[_Task] = []
@@ -290,7 +297,7 @@ class FastPath:
                 log.exception("could not store the failure of task %s; its message comes back later", task.task_id)
         now = time.monotonic()
         # with outcomes only, no task-received told Flower the task's name: the outcome carries it
-        named: dict[str, str] | None = {} if self._runtime().settings.task_events_detail == "all" else None
+        named: dict[str, str] | None = {} if runtime.settings.task_events_detail == "all" else None
         for task in stored:
             extra = named if named is not None else {"name": task.name}
             if isinstance(task.outcome, BaseException):

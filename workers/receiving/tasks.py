@@ -8,9 +8,9 @@ from typing import Any
 from celery import Celery
 
 from producer.contract import task_name
-from producer.errors import InferqError
+from producer.errors import InferqError, PoisonMessage
 from producer.settings import KINDS, Kind, Settings
-from workers.device.runtime import Result, Runtime
+from workers.device.runtime import Result, Runtime, stream_requested
 from workers.receiving.deliveries import quarantined
 from workers.receiving.fastpath import FastPath
 
@@ -31,8 +31,13 @@ def _register(app: Celery, kind: Kind, runtime: Callable[[], Runtime], settings:
     wait = getattr(settings.time_limits, kind)
 
     def run(task: Any, *args: Any, **kwargs: Any) -> Result:
-        with quarantined(app, task.request, settings.max_deliveries, keep, wait) as earlier:
-            return earlier if earlier is not None else runtime().handle(kind, args, kwargs)
+        try:
+            with quarantined(app, task.request, settings.max_deliveries, keep, wait) as earlier:
+                return earlier if earlier is not None else runtime().handle(kind, args, kwargs, task.request.id)
+        except PoisonMessage as exc:  # it never ran here: its stream, if it asked for one, gets its end
+            if kind == "generate":
+                runtime().settle(task.request.id, stream_requested(kwargs), exc)
+            raise
 
     run.__name__ = run.__qualname__ = kind
     # throws: expected request errors are stored and logged in one line, without a traceback.

