@@ -10,6 +10,7 @@ Cancelled, whether it was running or not yet taken.
 from __future__ import annotations
 
 import os
+import signal
 import time
 import uuid
 from collections.abc import Iterator
@@ -22,7 +23,7 @@ import torch
 
 from producer.client import Client
 from producer.contract import queue_name, stream_key, task_name
-from producer.errors import Cancelled, InvalidInput
+from producer.errors import Cancelled, InvalidInput, StreamRestarted
 from producer.settings import Limits, Settings
 from tests.conftest import (
     ARTIFACTS,
@@ -210,3 +211,101 @@ def test_a_generation_cancelled_before_a_worker_takes_it_never_runs(streaming: t
     message = str(failed.value)
     assert "before it ran" in message or int(message.split(" after ")[1].split()[0]) < 50, message
     assert device_counts(client, worker).get("generate/smollm2:requests", 0) - before <= 1
+
+
+def test_a_stream_whose_worker_is_killed_resumes_on_another_without_a_seam(tmp_path: Path) -> None:
+    """SIGKILL of the worker mid-stream: the message comes back after the visibility timeout, another worker
+    decodes the same (greedy) text and writes only what the stream does not hold yet."""
+    db = 14  # the kill drills' database: no worker of this module's fixture may take the message
+    config_path = config(tmp_path / "inferq.toml",
+                         "visibility_timeout = 8\n[time_limits]\nembed = 5\nclassify = 5\ngenerate = 6")
+    env = worker_env(config_path, f"redis://{REDIS_HOST}:{REDIS_PORT}/{db}")
+    with flushed_db(db) as store:
+        client = Client(Settings(redis_url=f"redis://{REDIS_HOST}:{REDIS_PORT}/{db}", result_timeout=120,
+                                 limits=Limits(max_new_tokens=1024)))
+        doomed = WorkerProcess(env, ARTIFACTS / "stream-killed.log", f"doomed-{os.getpid()}@localhost",
+                               ("--kinds", "generate"))
+        rescuer: WorkerProcess | None = None
+        try:
+            doomed.wait_ready(client)
+            handle = client.submit_generate(COUNTING, max_new_tokens=60, stream=True)
+            deadline = time.monotonic() + 60
+            while store.xlen(stream_key(handle.id)) < 12:  # a dozen pieces written: mid-stream
+                assert time.monotonic() < deadline, doomed.log()[-2000:]
+                time.sleep(0.02)
+            doomed.process.send_signal(signal.SIGKILL)
+            doomed.process.wait(timeout=10)
+            written_before = store.xlen(stream_key(handle.id))
+            assert not handle.ready(), "it finished before the kill: nothing was tested"
+            rescuer = WorkerProcess(env, ARTIFACTS / "stream-rescuer.log", f"rescuer-{os.getpid()}@localhost",
+                                    ("--kinds", "generate"))
+            rescuer.wait_ready(client)
+            entries = read_stream(store, handle.id, timeout=90)
+            result = handle.get(timeout=30)
+        finally:
+            for worker in (doomed, rescuer):
+                if worker is not None:
+                    worker.stop()
+            client.close()
+    events = [entry["event"] for entry in entries]
+    assert "restart" not in events, events
+    assert len(entries) > written_before + 1, "the rescuer wrote nothing of its own"
+    assert "".join(entry["text"] for entry in entries if entry["event"] == "text") == result["text"]
+    assert result["completion_tokens"] == 60 and result["finish_reason"] == "length"
+
+
+def _published(store: redis.Redis, earlier: list[dict[str, str]], pieces: list[str], text: str) -> list[dict[str, str]]:
+    """A stream an earlier delivery wrote ``earlier`` to, then this delivery's publisher given ``pieces``
+    one step at a time (a token's text each) and the result ``text``: the entries the stream ends with."""
+    from workers.receiving.streams import StreamPublisher
+
+    task_id = str(uuid.uuid4())
+    for fields in earlier:
+        store.xadd(stream_key(task_id), fields)  # type: ignore[arg-type]
+    publisher = StreamPublisher(store, ttl=600, max_entries=100)
+    step = publisher.open(task_id, lambda tokens: "".join(pieces[token] for token in tokens))
+    for token in range(len(pieces)):
+        step([token])
+    publisher.end(task_id, {"text": text, "finish_reason": "length", "model": "m", "prompt_tokens": 3,
+                            "completion_tokens": len(pieces)}, requested=True)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        entries = [{name.decode(): value.decode() for name, value in fields.items()}
+                   for _, fields in store.xrange(stream_key(task_id))]
+        if entries and entries[-1]["event"] in ("end", "error") and len(entries) > len(earlier):
+            return entries
+        time.sleep(0.02)
+    raise AssertionError(f"the publisher wrote no last entry: {store.xrange(stream_key(task_id))}")
+
+
+def test_a_redelivery_that_decodes_the_same_text_writes_only_what_the_stream_lacks(store: redis.Redis) -> None:
+    earlier = [{"event": "text", "text": "Hello"}, {"event": "text", "text": " wor"}]
+    entries = _published(store, earlier, ["Hello", " world", "!"], "Hello world!")
+    texts = [entry["text"] for entry in entries if entry["event"] == "text"]
+    # (steps that came while a write was under way go out together: "ld" and "!" may be one entry)
+    assert texts[:2] == ["Hello", " wor"] and "".join(texts[2:]) == "ld!", texts
+    assert "restart" not in [entry["event"] for entry in entries]
+
+
+def test_a_redelivery_that_decodes_another_text_marks_a_restart_and_writes_it_whole(store: redis.Redis) -> None:
+    earlier = [{"event": "text", "text": "Hello"}, {"event": "text", "text": " wor"}]
+    entries = _published(store, earlier, ["Hello", " there"], "Hello there")
+    events = [entry["event"] for entry in entries]
+    restart = events.index("restart")
+    assert restart == 2 and events[-1] == "end", events
+    assert "".join(entry["text"] for entry in entries[restart:] if entry["event"] == "text") == "Hello there"
+    # our reader says so with a typed error instead of joining two attempts' text
+    client = Client(Settings(redis_url=URL, result_timeout=5))
+    try:
+        task_id = str(uuid.uuid4())
+        for fields in entries:
+            store.xadd(stream_key(task_id), fields)  # type: ignore[arg-type]
+        from producer.streaming import GenerationStream
+
+        stream = GenerationStream(client.handle(task_id), store, 5.0, URL, client.cancel)
+        read: list[str] = []
+        with pytest.raises(StreamRestarted, match="9 characters read are void"):
+            read.extend(stream)
+        assert read == ["Hello", " wor"]
+    finally:
+        client.close()
