@@ -233,12 +233,13 @@ class Client:
 
     def stream_generate(self, prompt: str | None = None, *, timeout: float | None = None,
                         **options: Any) -> GenerationStream:
-        """Generate with the text streamed as it is decoded: iterate over the returned stream for pieces of
-        text (joined, they are the result's text); it raises the task's error if it fails."""
+        """Generate with the text streamed as it is decoded: iterate over the returned stream (``for``, or
+        ``async for``) for pieces of text (joined, they are the result's text); it raises the task's error if
+        it fails."""
         handle = self.submit_generate(prompt, stream=True, **options)
         return GenerationStream(handle, self.app.backend.client,
                                 self.settings.result_timeout if timeout is None else timeout, self.settings.backend,
-                                self.cancel)
+                                self.cancel, self.settings.connect_timeout)
 
     async def agenerate(self, prompt: str | None = None, *, timeout: float | None = None,
                         **options: Any) -> GenerateResult:

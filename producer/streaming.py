@@ -8,10 +8,12 @@ entry (a message refused before it reached a worker's generate path) is caught b
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
+import redis.asyncio
 from redis import Redis
 
 from producer.connection import ConnectionErrors
@@ -24,16 +26,19 @@ COUNT = 512
 
 
 class GenerationStream:
-    """A streamed generate task: iterate over it for its text as it comes. After the iteration,
-    ``finish_reason``, ``prompt_tokens`` and ``completion_tokens`` are set as in its result."""
+    """A streamed generate task: iterate over it (``for``, or ``async for`` in an event loop) for its text
+    as it comes. After the iteration, ``finish_reason``, ``prompt_tokens`` and ``completion_tokens`` are set
+    as in its result."""
 
     def __init__(self, handle: Any, client: Redis, timeout: float, backend_url: str,
-                 cancel: Callable[[str], None]) -> None:
+                 cancel: Callable[[str], None], connect_timeout: float = 5.0) -> None:
         self._handle = handle
         self._cancel = cancel
         self._client = client
         self._timeout = timeout
         self._backend_url = backend_url
+        self._connect_timeout = connect_timeout
+        self._last: Any = b"0-0"  # the id of the last entry read
         self.text = ""  # what has been read so far
         self.finish_reason: str | None = None
         self.model: str | None = None
@@ -56,27 +61,70 @@ class GenerationStream:
         result: GenerateResult = self._handle.get(timeout)
         return result
 
+    async def aresult(self, timeout: float | None = None) -> GenerateResult:
+        """result(), without blocking the event loop."""
+        if self.finish_reason is None:
+            async for _ in self:
+                pass
+        result: GenerateResult = await self._handle.wait(timeout)
+        return result
+
     def __iter__(self) -> Iterator[str]:
-        key, last = stream_key(self.id), b"0-0"
-        reply: Any
         deadline = time.monotonic() + self._timeout
         while self.finish_reason is None:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise ResultTimeout(f"the stream of task {self.id} did not end within {self._timeout:g} s; the task "
-                                    "may still run")
-            with ConnectionErrors(f"the result backend at {redact(self._backend_url)}"):
-                reply = self._client.xread({key: last}, count=COUNT, block=max(1, int(min(left, BLOCK_S) * 1000)))
+            with self._errors():
+                reply = self._client.xread({self._key: self._last}, count=COUNT, block=self._block_ms(deadline))
                 if not reply and self._handle.ready():
-                    reply = self._client.xread({key: last}, count=COUNT)  # its last entries, if written meanwhile
+                    reply = self._client.xread({self._key: self._last}, count=COUNT)  # its last entries, if written
                     if not reply:
                         yield from self._from_result()
                         return
-            for entry_id, fields in reply[0][1] if reply else ():
-                last = entry_id
-                piece = self._apply({_str(name): _str(value) for name, value in fields.items()})
+            for piece in self._pieces(reply):
                 if piece:
                     yield piece
+
+    async def __aiter__(self) -> AsyncIterator[str]:
+        # A connection of its own for the iteration: an asyncio client belongs to one event loop, and a
+        # blocking XREAD holds its connection, so streams read side by side cannot share one anyway.
+        client = redis.asyncio.from_url(self._backend_url, socket_connect_timeout=self._connect_timeout)
+        deadline = time.monotonic() + self._timeout
+        try:
+            while self.finish_reason is None:
+                with self._errors():
+                    reply = await client.xread({self._key: self._last}, count=COUNT, block=self._block_ms(deadline))
+                    if not reply and await asyncio.to_thread(self._handle.ready):
+                        reply = await client.xread({self._key: self._last}, count=COUNT)
+                        if not reply:
+                            for piece in await asyncio.to_thread(lambda: list(self._from_result())):
+                                yield piece
+                            return
+                for piece in self._pieces(reply):
+                    if piece:
+                        yield piece
+        finally:
+            await client.aclose()
+
+    @property
+    def _key(self) -> str:
+        return stream_key(self.id)
+
+    def _errors(self) -> ConnectionErrors:
+        return ConnectionErrors(f"the result backend at {redact(self._backend_url)}")
+
+    def _block_ms(self, deadline: float) -> int:
+        """How long the next XREAD may block; ResultTimeout once the stream's time is up."""
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise ResultTimeout(f"the stream of task {self.id} did not end within {self._timeout:g} s; the task "
+                                "may still run")
+        return max(1, int(min(left, BLOCK_S) * 1000))
+
+    def _pieces(self, reply: Any) -> Iterator[str]:
+        """The text each entry of an XREAD reply adds (raises for an error or restart entry), moving the
+        stream's place past it."""
+        for entry_id, fields in reply[0][1] if reply else ():
+            self._last = entry_id
+            yield self._apply({_str(name): _str(value) for name, value in fields.items()})
 
     def _apply(self, fields: dict[str, str]) -> str:
         event = fields.get("event")

@@ -9,6 +9,7 @@ Cancelled, whether it was running or not yet taken.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import time
@@ -22,9 +23,10 @@ import redis
 import torch
 
 from producer.client import Client
-from producer.contract import queue_name, stream_key, task_name
+from producer.contract import GenerateResult, queue_name, stream_key, task_name
 from producer.errors import Cancelled, InvalidInput, StreamRestarted
 from producer.settings import Limits, Settings
+from producer.streaming import GenerationStream
 from tests.conftest import (
     ARTIFACTS,
     REDIS_HOST,
@@ -144,6 +146,22 @@ def test_a_streamed_generation_comes_in_pieces_that_join_to_its_result(
     pieces = list(stream)
     assert len(pieces) > 1 and "".join(pieces) == stream.result()["text"] == result["text"][:len("".join(pieces))]
     assert stream.finish_reason == "length" and stream.completion_tokens == 24
+
+
+def test_streams_read_side_by_side_in_one_event_loop(streaming: tuple[Client, WorkerProcess]) -> None:
+    client, _ = streaming
+
+    async def read(stream: GenerationStream) -> tuple[list[str], GenerateResult]:
+        pieces = [piece async for piece in stream]
+        return pieces, await stream.aresult(timeout=10)
+
+    async def both() -> list[tuple[list[str], GenerateResult]]:
+        streams = [client.stream_generate(COUNTING, max_new_tokens=tokens) for tokens in (20, 40)]
+        return list(await asyncio.gather(*(read(stream) for stream in streams)))
+
+    for (pieces, result), tokens in zip(asyncio.run(both()), (20, 40), strict=True):
+        assert len(pieces) > 1 and "".join(pieces) == result["text"], (pieces, result)
+        assert result["completion_tokens"] == tokens
 
 
 def test_nothing_a_stop_string_cuts_is_ever_streamed(streaming: tuple[Client, WorkerProcess],
@@ -300,8 +318,6 @@ def test_a_redelivery_that_decodes_another_text_marks_a_restart_and_writes_it_wh
         task_id = str(uuid.uuid4())
         for fields in entries:
             store.xadd(stream_key(task_id), fields)  # type: ignore[arg-type]
-        from producer.streaming import GenerationStream
-
         stream = GenerationStream(client.handle(task_id), store, 5.0, URL, client.cancel)
         read: list[str] = []
         with pytest.raises(StreamRestarted, match="9 characters read are void"):
