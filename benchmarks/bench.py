@@ -19,13 +19,14 @@ import socket
 import subprocess
 import sys
 import time
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
-from benchmarks.load import Load, NewTokens, run_load
-from benchmarks.raw import encode_rate, load_embedder, raw_encode, raw_generate, single_ms
+from benchmarks.load import Load, NewTokens, Sample, run_load
+from benchmarks.raw import encode_rate, first_token_ms, load_embedder, raw_encode, raw_generate, single_ms
 from producer.client import Client
 from producer.settings import Kind, Settings
 
@@ -70,7 +71,24 @@ def summarize(load: Load) -> dict[str, Any]:
         "p99_ms": percentile(latencies, 99),
         # the producers' own CPU per request: on a small machine it comes out of the worker's share
         "client_cpu_ms_per_req": load.client_cpu_s * 1000 / len(samples),
+        **streamed(samples),
     }
+
+
+def streamed(samples: list[Sample]) -> dict[str, float]:
+    """Streamed requests' latency as a chat user sees it: time to the first piece of final text, time per
+    output token after it (each request's mean, as vLLM's TPOT), and the gaps between pieces as they arrive."""
+    firsts = [(s.pieces[0] - s.sent) * 1000 for s in samples if s.pieces]
+    if not firsts:
+        return {}
+    per_token = [(s.pieces[-1] - s.pieces[0]) * 1000 / (s.tokens - 1) for s in samples if s.pieces and s.tokens > 1]
+    gaps = [(later - earlier) * 1000 for s in samples for earlier, later in pairwise(s.pieces)]
+    figures = {"first_text_p50_ms": percentile(firsts, 50), "first_text_p95_ms": percentile(firsts, 95)}
+    if per_token:
+        figures |= {"per_token_p50_ms": percentile(per_token, 50), "per_token_p95_ms": percentile(per_token, 95)}
+    if gaps:
+        figures |= {"piece_gap_p50_ms": percentile(gaps, 50), "piece_gap_p95_ms": percentile(gaps, 95)}
+    return figures
 
 
 def worker_status(client: Client) -> dict[str, Any]:
@@ -154,13 +172,14 @@ def wait_ready(client: Client, process: subprocess.Popen[bytes] | None, timeout:
 
 def run_bench(kinds: tuple[Kind, ...], levels: list[int], requests: int, processes: int, new_tokens: NewTokens,
               raw_batch: int, generate_requests: int, start: bool, out_dir: Path, client_kind: str = "plain",
-              coalesce_ms: float = 2.0, worker_args: list[str] | None = None) -> dict[str, Any]:
+              coalesce_ms: float = 2.0, worker_args: list[str] | None = None, stream: bool = False) -> dict[str, Any]:
     settings = Settings()
     load_settings = settings.model_copy(update={"coalesce_ms": coalesce_ms}) if client_kind == "inferq" else settings
     client = Client(settings)
     out_dir.mkdir(parents=True, exist_ok=True)
     worker = start_worker(out_dir / "bench-worker.log", worker_args) if start else None
     report: dict[str, Any] = {"machine": machine(), "host": socket.gethostname(), "client": client_kind,
+                              "stream": stream,
                               "coalesce_ms": coalesce_ms if client_kind == "inferq" else None,
                               "date": time.strftime("%Y-%m-%d %H:%M:%S"), "kinds": {}}
     try:
@@ -172,6 +191,8 @@ def run_bench(kinds: tuple[Kind, ...], levels: list[int], requests: int, process
             raw["encode"] = raw_encode(settings, raw_batch, seconds=5.0, embedder=embedder)
         if "generate" in kinds:
             raw["generate"] = raw_generate(settings, max(levels), new_tokens, rounds=1)
+            if stream:
+                raw["generate"] |= first_token_ms(settings)
         report["raw"] = raw
         total = sum((generate_requests if kind == "generate" else requests) * len(levels) for kind in kinds)
         with tqdm(total=total, unit="req", desc="through the queue", dynamic_ncols=True) as bar:
@@ -184,7 +205,7 @@ def run_bench(kinds: tuple[Kind, ...], levels: list[int], requests: int, process
                     raw_now = encode_rate(embedder, raw_batch, seconds=3.0) if embedder and kind != "generate" else None
                     before = worker_status(client)
                     load = run_load(load_settings, kind, count, level, processes, new_tokens, progress=bar.update,
-                                    client=client_kind)
+                                    client=client_kind, stream=stream)
                     after = worker_status(client)
                     summary = summarize(load)
                     elapsed = summary["requests"] / max(summary["requests_per_s"], 1e-9)
@@ -197,6 +218,10 @@ def run_bench(kinds: tuple[Kind, ...], levels: list[int], requests: int, process
         light = {}
         for kind in kinds:
             if kind == "generate":
+                if stream:  # one streamed prompt at a time: its first text against one raw prefill and step
+                    alone = summarize(run_load(load_settings, kind, 10, 1, 1, new_tokens, client=client_kind,
+                                               stream=True))
+                    light["generate_first_text"] = alone["first_text_p50_ms"]
                 continue
             light[kind] = summarize(run_load(load_settings, kind, 50, 1, 1, new_tokens, client=client_kind))["p50_ms"]
         if embedder is not None:  # measured again now, for the same drift reason as each row's raw loop
@@ -309,11 +334,22 @@ def _print(report: dict[str, Any]) -> None:
                   f"{r.get('device_ms_per_batch', 0):>9.1f}{r.get('client_cpu_ms_per_req', 0):>8.2f}"
                   f"  {r['batch_sizes']}"
                   + (f"; {r['rows_per_step']:.1f} requests per decoding step" if "rows_per_step" in r else ""))
+            if "first_text_p50_ms" in r:
+                print(f"{'':<9}streamed: first text p50/p95 "
+                      f"{r['first_text_p50_ms']:.0f}/{r['first_text_p95_ms']:.0f} ms"
+                      + (f", per token after it {r['per_token_p50_ms']:.1f}/{r['per_token_p95_ms']:.1f} ms"
+                         if "per_token_p50_ms" in r else "")
+                      + (f", gaps between pieces {r['piece_gap_p50_ms']:.1f}/{r['piece_gap_p95_ms']:.1f} ms"
+                         if "piece_gap_p50_ms" in r else ""))
     print("raw/s: the raw loop just before the row (texts/s); client: the producer processes' own CPU in ms per "
           "request (on one machine it is the worker's loss)")
     if report.get("light_load_p50_ms"):
         encode = report.get("raw", {}).get("encode", {})
         single = encode.get("single_ms_p50_at_light_load", encode.get("single_ms_p50"))
+        raw_generate = report.get("raw", {}).get("generate", {})
+        if "prefill_ms_p50" in raw_generate:
+            print(f"raw generate, one prompt alone (p50): prefill {raw_generate['prefill_ms_p50']:.1f} ms, then one "
+                  f"decoding step {raw_generate['step_ms_p50']:.1f} ms")
         print("light load p50 (one request at a time): " +
               ", ".join(f"{k} {v:.1f} ms" for k, v in report["light_load_p50_ms"].items()) +
               (f"; raw single text (tokenise + forward) {single:.1f} ms" if single else ""))

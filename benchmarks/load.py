@@ -12,6 +12,10 @@ under load (every 5 ms) and 4 ms per request at light load (every millisecond). 
 also reads the keys of what it still waits for, so a result published before its subscription took effect
 is not missed. Results are decoded with orjson (12 us for an embedding, against 100 us for the json module),
 as a lean client would.
+
+With ``stream``, generate requests ask for a streamed text and are read as a foreign streaming client reads
+them: one XREAD over every stream the process waits on, noting when each piece arrives; the stream's last
+entry (end or error) is the answer, so nothing subscribes to result channels.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from celery import Celery
 
 from benchmarks.protocol import task_message
 from producer.app import make_celery
-from producer.contract import queue_name, task_name
+from producer.contract import queue_name, stream_key, task_name
 from producer.settings import Kind, Settings
 
 Payload = Callable[[int], dict[str, Any]]
@@ -58,13 +62,15 @@ def parse_new_tokens(text: str) -> NewTokens:
     return int(low), int(high)
 
 
-def payload_for(kind: Kind, new_tokens: NewTokens) -> Payload:
+def payload_for(kind: Kind, new_tokens: NewTokens, stream: bool = False) -> Payload:
     if kind == "embed":
         return lambda i: {"texts": [f"request {i}: a short sentence about queues, batching and GPUs"]}
     if kind == "classify":
         return lambda i: {"texts": [f"request {i}: the match ended in a late winner"],
                           "labels": ["sports", "finance", "cooking"]}
-    return lambda i: {"prompt": f"Story {i}: once upon a time", "max_new_tokens": new_tokens_of(new_tokens, i)}
+    extra = {"stream": True} if stream else {}
+    return lambda i: {"prompt": f"Story {i}: once upon a time", "max_new_tokens": new_tokens_of(new_tokens, i),
+                      **extra}
 
 
 @dataclass
@@ -73,19 +79,29 @@ class Sample:
     done: float  # time.time() when the result was seen
     ok: bool
     tokens: int
+    pieces: tuple[float, ...] = ()  # a streamed request: time.time() when each piece of its text arrived
 
 
 def _producer(settings: Settings, kind: Kind, count: int, window: int, new_tokens: NewTokens, offset: int,
-              start_at: float, out: Any, raw: bool = False) -> None:
+              start_at: float, out: Any, raw: bool = False, stream: bool = False) -> None:
     app: Celery = make_celery(settings.model_copy(update={"result_backend": "disabled://"}), "bench-producer")
     app.conf.result_backend = None
     store = redis.Redis.from_url(settings.backend)
     broker = redis.Redis.from_url(settings.broker) if raw else None
-    payload = payload_for(kind, new_tokens)
+    stream = stream and kind == "generate"
+    payload = payload_for(kind, new_tokens, stream)
     name, queue = task_name(kind), queue_name(kind)
     inflight: dict[str, float] = {}  # result key -> when its request was sent
+    pieces: dict[str, list[float]] = {}  # result key -> when each piece of its streamed text arrived
+    read_up_to: dict[str, bytes] = {}  # stream key -> the last entry id read
     samples: list[Sample] = []
     sent = 0
+
+    def finished(key: str, ok: bool, tokens: int) -> None:
+        samples.append(Sample(inflight.pop(key), time.time(), ok, tokens, tuple(pieces.pop(key, ()))))
+        read_up_to.pop(stream_key(key.removeprefix("celery-task-meta-")), None)
+        if len(samples) % 50 == 0:
+            out.put(("tick", 50))
 
     def landed(key: str, raw: bytes | str) -> bool:
         """Records a final result; whether its channel can be left (answered now or before)."""
@@ -95,11 +111,22 @@ def _producer(settings: Settings, kind: Kind, count: int, window: int, new_token
         if meta.get("status") not in ("SUCCESS", "FAILURE"):
             return False
         ok = meta["status"] == "SUCCESS"
-        tokens = int(meta["result"].get("completion_tokens", 0)) if ok else 0
-        samples.append(Sample(inflight.pop(key), time.time(), ok, tokens))
-        if len(samples) % 50 == 0:
-            out.put(("tick", 50))
+        finished(key, ok, int(meta["result"].get("completion_tokens", 0)) if ok else 0)
         return True
+
+    def read_streams() -> None:
+        """One XREAD over every stream still open: pieces timed as they arrive, a last entry is the answer."""
+        reply: Any = store.xread(read_up_to, count=256, block=100)  # type: ignore[arg-type]
+        now = time.time()
+        for name_of_stream, entries in reply or ():
+            key = "celery-task-meta-" + name_of_stream.decode().removeprefix(stream_key(""))
+            read_up_to[name_of_stream.decode()] = entries[-1][0]
+            for _, fields in entries:
+                event = fields[b"event"]
+                if event == b"text":
+                    pieces.setdefault(key, []).append(now)
+                elif event in (b"end", b"error") and key in inflight:
+                    finished(key, event == b"end", int(fields.get(b"completion_tokens", 0)))
 
     while time.time() < start_at:
         time.sleep(0.001)
@@ -109,7 +136,10 @@ def _producer(settings: Settings, kind: Kind, count: int, window: int, new_token
         while sent < count or inflight:
             fresh = [str(uuid.uuid4()) for _ in range(min(count - sent, window - len(inflight)))]
             if fresh:
-                results.subscribe(*(f"celery-task-meta-{task_id}" for task_id in fresh))
+                if stream:
+                    read_up_to.update((stream_key(task_id), b"0-0") for task_id in fresh)
+                else:
+                    results.subscribe(*(f"celery-task-meta-{task_id}" for task_id in fresh))
                 if broker is not None:  # one LPUSH for the whole refill
                     broker.lpush(queue, *(task_message(name, queue, payload(offset + sent + i), task_id)[1]
                                           for i, task_id in enumerate(fresh)))
@@ -121,7 +151,11 @@ def _producer(settings: Settings, kind: Kind, count: int, window: int, new_token
                 inflight.update((f"celery-task-meta-{task_id}", now) for task_id in fresh)
                 sent += len(fresh)
             left: list[str] = []
-            message = results.get_message(timeout=0.1)
+            message = None
+            if stream:
+                read_streams()
+            else:
+                message = results.get_message(timeout=0.1)
             while message is not None:
                 key = message["channel"].decode()
                 if landed(key, message["data"]):
@@ -132,11 +166,11 @@ def _producer(settings: Settings, kind: Kind, count: int, window: int, new_token
                 keys = list(inflight)
                 left += [key for key, raw in zip(keys, store.mget(keys), strict=True)
                          if raw is not None and landed(key, raw)]
-            if left:
+            if left and not stream:
                 results.unsubscribe(*left)
     out.put(("tick", len(samples) % 50))
     out.put(("cpu", time.process_time() - cpu_at_start))
-    out.put(("done", [(s.sent, s.done, s.ok, s.tokens) for s in samples]))
+    out.put(("done", [(s.sent, s.done, s.ok, s.tokens, s.pieces) for s in samples]))
 
 
 def _inferq_producer(settings: Settings, kind: Kind, count: int, window: int, new_tokens: NewTokens, offset: int,
@@ -190,8 +224,10 @@ class Load:
 
 
 def run_load(settings: Settings, kind: Kind, count: int, concurrency: int, processes: int,
-             new_tokens: NewTokens, progress: Callable[[int], None] | None = None, client: str = "plain") -> Load:
-    """Send ``count`` requests with ``concurrency`` in flight over ``processes`` processes."""
+             new_tokens: NewTokens, progress: Callable[[int], None] | None = None, client: str = "plain",
+             stream: bool = False) -> Load:
+    """Send ``count`` requests with ``concurrency`` in flight over ``processes`` processes (generate requests
+    streamed, with ``stream``: plain and raw clients only)."""
     processes = max(1, min(processes, concurrency))
     context = mp.get_context("spawn")
     out = context.Queue()
@@ -199,7 +235,7 @@ def run_load(settings: Settings, kind: Kind, count: int, concurrency: int, proce
     shares = [count // processes + (1 if p < count % processes else 0) for p in range(processes)]
     windows = [concurrency // processes + (1 if p < concurrency % processes else 0) for p in range(processes)]
     target = _inferq_producer if client == "inferq" else _producer
-    extra = (True,) if client == "raw" else ()
+    extra = () if client == "inferq" else (client == "raw", stream)
     workers = [context.Process(target=target, args=(settings, kind, share, window, new_tokens,
                                                        sum(shares[:p]), start_at, out, *extra))
                for p, (share, window) in enumerate(zip(shares, windows, strict=True))]

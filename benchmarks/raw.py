@@ -89,6 +89,33 @@ def raw_generate(settings: Settings, batch: int, new_tokens: NewTokens, rounds: 
             "tokens_per_s": sum(asked) * rounds / elapsed}
 
 
+def first_token_ms(settings: Settings, prompt: str = "Story 0: once upon a time",
+                   rounds: int = 20) -> dict[str, float]:
+    """Median milliseconds of one prompt's prefill (its first token comes from it) and of one decoding step
+    after it, run by hand on the model with its cache (no generate() around them): what a streamed request's
+    first text needs at the least."""
+    device = pick_device(settings.device)
+    alias = settings.models.default_alias("generate")
+    assert alias is not None
+    generator = CausalGenerator.load(alias, settings.models.generate[alias], device)
+    model, tokenizer = generator.loaded.model, generator.loaded.tokenizer
+    ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
+    prefills, steps = [], []
+    with torch.inference_mode():
+        for _ in range(rounds + 1):  # the first is a warm-up
+            started = time.perf_counter()
+            prefill = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+            first = prefill.logits[:, -1:].argmax(-1)
+            _sync(device)
+            prefilled = time.perf_counter()
+            model(input_ids=first, cache=prefill.cache, use_cache=True, logits_to_keep=1).logits[:, -1].argmax(-1)
+            _sync(device)
+            prefills.append(prefilled - started)
+            steps.append(time.perf_counter() - prefilled)
+    return {"prefill_ms_p50": statistics.median(prefills[1:]) * 1000,
+            "step_ms_p50": statistics.median(steps[1:]) * 1000}
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

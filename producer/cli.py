@@ -327,10 +327,12 @@ def demo(timeout: float) -> None:
 @click.option("--backlog", type=click.IntRange(min=1), help="with --client raw: push this many messages per kind at "
               "once and time the workers draining them (CPU per message of every worker process and of Redis)")
 @click.option("--worker-args", help='the started worker\'s arguments, e.g. "--gpus none --receivers 2"')
+@click.option("--stream", is_flag=True, help="generate requests stream their text: time to the first text, per "
+              "token and between pieces (plain and raw clients)")
 @click.option("--out", default="benchmarks", show_default=True, type=click.Path(file_okay=False))
 def bench(kinds: str, levels: str, requests: int, generate_requests: int, processes: int, new_tokens: str,
           raw_batch: int, no_worker: bool, client_kind: str, coalesce_ms: float, backlog: int | None,
-          worker_args: str | None, out: str) -> None:
+          worker_args: str | None, stream: bool, out: str) -> None:
     """Benchmark: the raw model against the same model through the queue (a benchmark, not a test)."""
     import shlex
 
@@ -341,6 +343,9 @@ def bench(kinds: str, levels: str, requests: int, generate_requests: int, proces
         raise click.BadParameter("--worker-args is for the worker bench starts; not with --no-worker",
                                  param_hint="--worker-args")
     started_args = shlex.split(worker_args) if worker_args else None
+    if stream and (client_kind == "inferq" or backlog is not None):
+        raise click.BadParameter("streamed requests are read by the plain and raw clients, without --backlog",
+                                 param_hint="--stream")
     if backlog is not None:
         if client_kind != "raw":
             raise click.BadParameter("--backlog needs --client raw (plain clients cannot push fast enough)",
@@ -352,7 +357,7 @@ def bench(kinds: str, levels: str, requests: int, generate_requests: int, proces
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--new-tokens") from None
     run_bench(_parse_kinds(kinds), [int(n) for n in levels.split(",")], requests, processes, spec, raw_batch,
-              generate_requests, not no_worker, Path(out), client_kind, coalesce_ms, started_args)
+              generate_requests, not no_worker, Path(out), client_kind, coalesce_ms, started_args, stream)
 
 
 def _parse_kinds(text: str) -> tuple[Kind, ...]:
