@@ -263,10 +263,17 @@ class Runtime:
             pending = self._generating.get(task_id)
         if pending is None or self.loop is None:
             return False
+        if pending.cancelled:  # asked again (the key is read again while the request is under way)
+            return True
         log.info("cancelling generate task %s at its caller's request", task_id)
         pending.cancelled = True
         self.loop.cancel(pending.future)
         return True
+
+    def generating(self) -> list[str]:
+        """The task ids of the generate requests under way in this process."""
+        with self._generating_lock:
+            return list(self._generating)
 
     def timed_out(self, pending: Pending) -> TaskTimeout:
         return TaskTimeout(f"the {pending.kind} request ran past its limit of {pending.limit:g} s")

@@ -69,7 +69,7 @@ class WorkerApp:
             # one text entry per token at most, plus a restart and the end, for each delivery of the message
             bound = (settings.limits.max_new_tokens + 2) * settings.max_deliveries
             runtime.streams = StreamPublisher(client, settings.stream_ttl, bound)
-            runtime.cancels = CancelWatch(client, runtime.cancel)
+            runtime.cancels = CancelWatch(client, runtime.cancel, runtime.generating)
         runtime.load()
         self._runtime = runtime
         control.publish(runtime)

@@ -4,8 +4,11 @@
 id on the ``inferq:cancel`` channel, both on the result backend's Redis. Every receiving process listens
 on the channel, and checks the key of each generate request as it begins. Because the key is set before
 the publish, and a request is registered before its key is checked, a cancel is never missed: either the
-check sees the key, or the request was registered when the publish arrived. A request still waiting for
-the device never runs; a running one leaves its batch before its next step. Either fails with Cancelled.
+check sees the key, or the request was registered when the publish arrived. A publish that arrives while
+the listener is away from Redis (a reconnect) is lost, so the keys of every request under way are read
+again after each (re)subscription and once a second: such a cancel comes at most a second late. A
+request still waiting for the device never runs; a running one leaves its batch before its next step.
+Either fails with Cancelled.
 
 Embed and classify requests are not cancelled: they take milliseconds, and their batches run to the end.
 """
@@ -26,13 +29,16 @@ from producer.contract import CANCEL_CHANNEL, cancel_key
 
 log = logging.getLogger(__name__)
 POLL_S = 0.05  # how long the thread waits for a published cancel before it checks the keys of new requests
+RECHECK_S = 1.0  # how often the keys of every request under way are read (publishes missed in a reconnect)
 RETRY_S = 1.0
 
 
 class CancelWatch:
-    def __init__(self, client: Redis, cancel: Callable[[str], object]) -> None:
+    def __init__(self, client: Redis, cancel: Callable[[str], object],
+                 under_way: Callable[[], list[str]]) -> None:
         self._client = client
         self._cancel = cancel
+        self._under_way = under_way  # the task ids of the generate requests this process runs now
         self._new: queue.SimpleQueue[str] = queue.SimpleQueue()
         # subscribed before the first request can begin, where Redis answers (else the thread keeps trying)
         self._pubsub: PubSub | None = None
@@ -57,11 +63,15 @@ class CancelWatch:
             try:
                 if pubsub is None:
                     pubsub = self._subscribe()
+                rechecked = 0.0  # at once after a (re)subscription
                 while True:
                     message = pubsub.get_message(timeout=POLL_S)
                     if message is not None and message.get("type") == "message":
                         self._cancel(_text(message["data"]))
                     self._check_new()
+                    if time.monotonic() - rechecked >= RECHECK_S:
+                        self._check(self._under_way())
+                        rechecked = time.monotonic()
             except Exception as exc:  # Redis away: subscribe again; the keys of new requests are checked then
                 log.warning("the cancel listener lost Redis (%s: %s); listening again in %g s", type(exc).__name__,
                             exc, RETRY_S)
@@ -77,14 +87,18 @@ class CancelWatch:
                 ids.append(self._new.get_nowait())
             except queue.Empty:
                 break
-        if not ids:
-            return
         try:
-            found = self._client.mget([cancel_key(task_id) for task_id in ids])
+            self._check(ids)
         except Exception:
             for task_id in ids:  # checked again once Redis answers: a cancel must not be missed
                 self._new.put(task_id)
             raise
+
+    def _check(self, ids: list[str]) -> None:
+        """Cancel those of these requests whose cancel key is set."""
+        if not ids:
+            return
+        found = self._client.mget([cancel_key(task_id) for task_id in ids])
         for task_id, value in zip(ids, found, strict=True):
             if value is not None:
                 self._cancel(task_id)

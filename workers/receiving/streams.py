@@ -19,14 +19,15 @@ Entries (every field a string; any Redis client reads them with XREAD or XRANGE)
   same text (greedy, seeded, or sampled with the seed taken from its task id, as it is without a seed);
   only if its text differs (a device whose numbers changed with the batch) does it restart.
 
-The stream expires ``stream_ttl`` seconds after this delivery's first entry, and holds at most one text
-entry per token of each delivery (so ``(max_new_tokens + 2) x max_deliveries`` entries): XADD trims to
-that bound. If Redis cannot be written to, the stream misses those entries and a warning is logged; the
-result itself is stored as always, by the path every task takes.
+The stream expires ``stream_ttl`` seconds after its last entry (every write sets it again), and holds at
+most one text entry per token of each delivery (so ``(max_new_tokens + 2) x max_deliveries`` entries):
+XADD trims to that bound. If Redis cannot be written to, the writes are tried again every second, and
+what a failed write may have left there is read back first, so the stream still gets every piece once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -41,6 +42,7 @@ from producer.contract import stream_key
 
 log = logging.getLogger(__name__)
 WARN_EVERY_S = 30.0
+RETRY_S = 1.0  # how soon writes that failed are tried again
 
 
 @dataclass(eq=False)
@@ -48,9 +50,9 @@ class _Stream:
     task_id: str
     settled: Callable[[list[int]], str] | None  # tokens -> the text that is final so far; None: never decoded
     tokens: list[int] = field(default_factory=list)
-    shown: str = ""  # the text the stream holds (after a resume: what an earlier delivery wrote)
-    closed: bool = False  # an earlier delivery wrote the last entry: nothing more to write
-    started: bool = False  # this delivery wrote its first entry (and set the expiry)
+    shown: str = ""  # the text the stream holds in Redis (after a resume: what an earlier delivery wrote)
+    closed: bool = False  # the stream's last entry is written: nothing more to write
+    synced: bool = False  # ``shown`` and ``closed`` are known to be what Redis holds (read by _resume)
     outcome: Any = None  # the GenerateResult or the exception, once the request ended
     ended: bool = False
 
@@ -63,6 +65,7 @@ class StreamPublisher:
         self._queue: queue.SimpleQueue[tuple[str, _Stream, Any]] = queue.SimpleQueue()
         self._open: dict[str, _Stream] = {}
         self._lock = threading.Lock()
+        self._dirty: dict[_Stream, None] = {}  # streams with news not written yet, in the order they came
         self._warned_at = 0.0
         threading.Thread(target=self._run, name="inferq-streams", daemon=True).start()
 
@@ -84,51 +87,63 @@ class StreamPublisher:
             if not requested or not isinstance(outcome, BaseException):
                 return
             stream = _Stream(task_id, None)
-            self._queue.put(("open", stream, None))
         self._queue.put(("end", stream, outcome))
 
     # --- the publishing thread -------------------------------------------------------------------------
 
     def _run(self) -> None:
         while True:
-            items = [self._queue.get()]
+            items: list[tuple[str, _Stream, Any]] = []
+            with contextlib.suppress(queue.Empty):  # news, or (writes owed after a failure) a retry in RETRY_S
+                items.append(self._queue.get(timeout=RETRY_S if self._dirty else None))
             while True:
                 try:
                     items.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
+            for tag, stream, value in items:
+                if tag == "tokens":
+                    stream.tokens.extend(value)
+                elif tag == "end":
+                    stream.outcome, stream.ended = value, True
+                self._dirty[stream] = None
             try:
-                self._publish(items)
-            except Exception as exc:  # Redis away: those entries are lost to their streams, not the results
+                self._publish(list(self._dirty))
+            except Exception as exc:  # Redis away: written once it answers (what it took is read back first)
                 now = time.monotonic()
                 if now - self._warned_at > WARN_EVERY_S:
                     self._warned_at = now
-                    log.warning("could not write to generation streams (%s: %s); their results are stored as "
-                                "always", type(exc).__name__, exc)
+                    log.warning("could not write to generation streams (%s: %s); retrying (their results are "
+                                "stored as always)", type(exc).__name__, exc)
 
-    def _publish(self, items: list[tuple[str, _Stream, Any]]) -> None:
-        opened = [stream for tag, stream, _ in items if tag == "open"]
-        if opened:
-            self._resume(opened)
-        touched: dict[_Stream, None] = {}  # in the order they were first touched
-        for tag, stream, value in items:
-            if tag == "tokens":
-                stream.tokens.extend(value)
-            elif tag == "end":
-                stream.outcome, stream.ended = value, True
-            touched[stream] = None
+    def _publish(self, streams: list[_Stream]) -> None:
+        """Write what each stream lacks. Nothing here is taken as written until Redis said so: after a
+        failure (even a pipeline half applied) a stream is read back from Redis before its next write."""
+        self._resume([stream for stream in streams if not stream.synced])
+        writes: list[tuple[_Stream, str, bool]] = []  # each stream's text and closed state once written
         with self._client.pipeline(transaction=False) as pipe:
-            for stream in touched:
-                self._write(pipe, stream)
-            pipe.execute()
+            for stream in streams:
+                writes.append((stream, *self._write(pipe, stream)))
+            try:
+                pipe.execute()
+            except Exception:
+                for stream in streams:
+                    stream.synced = False
+                raise
+        for stream, shown, closed in writes:
+            stream.shown, stream.closed = shown, closed
+            del self._dirty[stream]
 
     def _resume(self, streams: list[_Stream]) -> None:
-        """What earlier deliveries of these tasks already wrote (none, for a first delivery)."""
+        """What Redis holds of these streams: what earlier deliveries (or failed writes) left there."""
+        if not streams:
+            return
         with self._client.pipeline(transaction=False) as pipe:
             for stream in streams:
                 pipe.xrange(stream_key(stream.task_id))
             written = pipe.execute()
         for stream, entries in zip(streams, written, strict=True):
+            stream.shown, stream.closed, stream.synced = "", False, True
             for _, fields in entries:
                 event = fields.get(b"event")
                 if event == b"text":
@@ -138,35 +153,38 @@ class StreamPublisher:
                 elif event in (b"end", b"error"):
                     stream.closed = True
 
-    def _write(self, pipe: Any, stream: _Stream) -> None:
+    def _write(self, pipe: Any, stream: _Stream) -> tuple[str, bool]:
+        """Queue on ``pipe`` the entries the stream lacks; returns the text it holds, and whether it is
+        closed, once they are written."""
         if stream.closed:
-            return
+            return stream.shown, True
+        entries: list[dict[str, Any]] = []
+        shown = stream.shown
         if stream.ended:
             outcome = stream.outcome
             if isinstance(outcome, BaseException):
-                self._add(pipe, stream, {"event": "error", "type": type(outcome).__name__, "message": str(outcome)})
+                entries.append({"event": "error", "type": type(outcome).__name__, "message": str(outcome)})
             else:
-                self._text(pipe, stream, str(outcome["text"]))
-                self._add(pipe, stream, {"event": "end", "finish_reason": outcome["finish_reason"],
-                                         "model": outcome["model"], "prompt_tokens": outcome["prompt_tokens"],
-                                         "completion_tokens": outcome["completion_tokens"]})
-            stream.closed = True
+                shown = self._text(entries, shown, str(outcome["text"]))
+                entries.append({"event": "end", "finish_reason": outcome["finish_reason"], "model": outcome["model"],
+                                "prompt_tokens": outcome["prompt_tokens"],
+                                "completion_tokens": outcome["completion_tokens"]})
         elif stream.settled is not None and stream.tokens:
-            self._text(pipe, stream, stream.settled(stream.tokens))
+            shown = self._text(entries, shown, stream.settled(stream.tokens))
+        if entries:
+            key = stream_key(stream.task_id)
+            for fields in entries:
+                pipe.xadd(key, fields, maxlen=self._max_entries, approximate=True)
+            pipe.expire(key, self._ttl)  # with every write: the TTL counts from the stream's last entry
+        return shown, stream.ended
 
-    def _text(self, pipe: Any, stream: _Stream, text: str) -> None:
-        if text.startswith(stream.shown):
-            if len(text) > len(stream.shown):
-                self._add(pipe, stream, {"event": "text", "text": text[len(stream.shown):]})
-                stream.shown = text
-        elif not stream.shown.startswith(text):  # not catching up with an earlier delivery's text: it differs
-            self._add(pipe, stream, {"event": "restart"})
-            stream.shown = ""
-            self._text(pipe, stream, text)
-
-    def _add(self, pipe: Any, stream: _Stream, fields: dict[str, Any]) -> None:
-        key = stream_key(stream.task_id)
-        pipe.xadd(key, fields, maxlen=self._max_entries, approximate=True)
-        if not stream.started:
-            stream.started = True
-            pipe.expire(key, self._ttl)
+    def _text(self, entries: list[dict[str, Any]], shown: str, text: str) -> str:
+        """Entries that take a stream holding ``shown`` to ``text``; returns what it then holds."""
+        if text.startswith(shown):
+            if len(text) > len(shown):
+                entries.append({"event": "text", "text": text[len(shown):]})
+            return text
+        if shown.startswith(text):  # still catching up with an earlier delivery's text
+            return shown
+        entries.append({"event": "restart"})  # it differs from what an earlier delivery wrote
+        return self._text(entries, "", text)
