@@ -41,6 +41,7 @@ Payload = Callable[[int], dict[str, Any]]
 # max_new_tokens of each generate request: one number, or a range (low, high) each request draws from
 NewTokens = int | tuple[int, int]
 SWEEP_SECONDS = 1.0  # how often a process reads the keys of what it still waits for
+STREAM_QUIET_S = 10.0  # a streamed request silent this long is looked for in the stored results
 
 
 def new_tokens_of(spec: NewTokens, i: int) -> int:
@@ -163,8 +164,12 @@ def _producer(settings: Settings, kind: Kind, count: int, window: int, new_token
                 message = results.get_message(timeout=0.0)
             if time.monotonic() - last_sweep > SWEEP_SECONDS and inflight:
                 last_sweep = time.monotonic()
-                keys = list(inflight)
-                left += [key for key, raw in zip(keys, store.mget(keys), strict=True)
+                # a streamed request ends with its stream's last entry, which may come after its result is
+                # stored: its result is read only once its stream has said nothing for a while
+                quiet = time.time() - STREAM_QUIET_S
+                keys = [key for key, sent_at in inflight.items()
+                        if not stream or max(pieces.get(key, [sent_at])[-1], sent_at) < quiet]
+                left += [key for key, raw in zip(keys, store.mget(keys) if keys else [], strict=True)
                          if raw is not None and landed(key, raw)]
             if left and not stream:
                 results.unsubscribe(*left)

@@ -34,7 +34,9 @@ from tests.conftest import (
     WorkerProcess,
     device_counts,
     flushed_db,
+    free_port,
     serving,
+    start_redis_server,
     worker_env,
 )
 
@@ -325,3 +327,33 @@ def test_a_redelivery_that_decodes_another_text_marks_a_restart_and_writes_it_wh
         assert read == ["Hello", " wor"]
     finally:
         client.close()
+
+
+def test_stream_writes_made_while_redis_is_away_are_written_once_when_it_answers(tmp_path: Path) -> None:
+    from workers.receiving.streams import StreamPublisher
+
+    port = free_port()
+    away = redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=0.2, socket_timeout=1)
+    publisher = StreamPublisher(away, ttl=600, max_entries=100)
+    task_id = str(uuid.uuid4())
+    pieces = ["Hello", " world", "!"]
+    step = publisher.open(task_id, lambda tokens: "".join(pieces[token] for token in tokens))
+    step([0])
+    step([1])
+    time.sleep(0.5)  # those writes failed: nothing listens on the port yet
+    server = start_redis_server(tmp_path, ["--port", str(port)], away)
+    try:
+        step([2])
+        publisher.end(task_id, {"text": "Hello world!", "finish_reason": "length", "model": "m",
+                                "prompt_tokens": 1, "completion_tokens": 3}, requested=True)
+        deadline = time.monotonic() + 10
+        while not (entries := away.xrange(stream_key(task_id))) or entries[-1][1][b"event"] != b"end":
+            assert time.monotonic() < deadline, entries
+            time.sleep(0.05)
+        texts = [fields[b"text"].decode() for _, fields in entries if fields[b"event"] == b"text"]
+        assert "".join(texts) == "Hello world!" and len(entries) == len(texts) + 1, entries
+        assert 0 < away.ttl(stream_key(task_id)) <= 600
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+        away.close()
