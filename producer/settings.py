@@ -57,8 +57,19 @@ class Batching(BaseModel):
     generate_max_running: int = Field(4, ge=1, description="generate batches decoding at once on one device; "
                                       "a further ready batch waits for one to end")
     generate_continuous: bool = Field(True, description="a new generate batch joins a running one with room "
-                                      "after its first step, so one pass a step serves both; false: batches "
+                                      "after its prefill, so one pass a step serves both; false: batches "
                                       "only run side by side")
+    # A prefill longer than this runs in chunks, with a decoding step of every batch under way between them:
+    # a long prompt then delays the rows already decoding by one chunk's pass a step, not by its whole
+    # prefill. Measured in benchmarks/RESULTS.md, "Chunked prefill".
+    generate_prefill_chunk: int = Field(512, ge=0, description="padded prompt tokens (prompts x columns) one "
+                                        "prefill pass runs; 0: whole prompts in one pass")
+    # Memory for generation is bounded by this, not by a share of the machine: each running batch reserves
+    # its rows x its longest (prompt + max_new_tokens) tokens of cache, and a request that does not fit
+    # waits for rows to finish (one that alone is over the budget runs when nothing else generates).
+    generate_cache_mb: int | None = Field(None, ge=1, description="MiB of KV cache all generate batches on "
+                                          "one device may reserve; unset: half the device memory free once the "
+                                          "models are loaded (CUDA), 4096 on a CPU")
 
 
 class TimeLimits(BaseModel):

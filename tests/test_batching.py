@@ -72,6 +72,19 @@ def test_the_oldest_request_goes_in_even_when_alone_over_budget() -> None:
     assert [w.payload for w in q.take()] == ["small"]
 
 
+def test_a_batch_takes_only_what_the_cache_has_room_for_and_waits_when_nothing_fits() -> None:
+    q = queue(max_items=8, max_tokens=10_000)
+    for name, longest in (("a", 100), ("b", 100), ("c", 300)):
+        q.put(name, items=1, longest=longest, now=1.0)
+    assert [w.payload for w in q.take(room=250, alone=False)] == ["a", "b"]  # c: 3 x 300 > 250
+    assert q.take(room=250, alone=False) == []  # c alone is 300: it waits while others run
+    assert [w.payload for w in q.take(room=250, alone=True)] == ["c"]  # nothing else runs: it goes in anyway
+    q.put("d", items=1, longest=100, now=2.0)
+    # joining a running batch of 2 rows x 200 tokens: the merged batch is 3 x 200 = 600
+    assert q.take(joining=(2, 200), room=599, alone=True) == []  # a join never goes over, alone or not
+    assert [w.payload for w in q.take(joining=(2, 200), room=600, alone=False)] == ["d"]
+
+
 def test_expired_requests_are_removed_and_never_taken() -> None:
     q = queue(max_wait=1.0)
     q.put("late", items=1, longest=1, now=1.0, deadline=1.5)

@@ -11,6 +11,7 @@ import torch
 
 from producer.contract import GenerateRequest
 from producer.settings import ModelEntry
+from workers.models.decode import MIN_CHUNK_COLUMNS
 from workers.models.generate import CausalGenerator, Completion, GenerationBatch
 
 
@@ -90,3 +91,40 @@ def test_a_batch_that_lives_on_as_rows_join_and_leave_keeps_only_what_its_live_r
     # the mask and cache are as wide as the live rows need (prompt + 15), not as the batch's life (120 steps)
     prompt = len(generator.prepare(GenerateRequest(**request)).prompt)
     assert max(widths) <= prompt + 16, max(widths)
+
+
+@torch.inference_mode()
+def test_a_prefill_run_in_chunks_decodes_what_a_whole_one_does(generator: CausalGenerator) -> None:
+    requests = [{"prompt": "a long prompt that takes several chunks to prefill " * 6, "max_new_tokens": 12},
+                {"prompt": "short", "max_new_tokens": 12}, SEEDED]
+    whole = run(start(generator, *requests))
+    chunked = generator.start([generator.prepare(GenerateRequest(**request)) for request in requests], 12)
+    finished: dict[int, Completion] = {}
+    prefill_steps = 0
+    while chunked.prefilling:
+        assert all(chunked.produced(index) == [] for index in range(3))  # a chunk before the last decodes nothing
+        finished.update(chunked.step())
+        prefill_steps += 1
+    longest = max(len(generator.prepare(GenerateRequest(**request)).prompt) for request in requests)
+    # 12 tokens over 3 rows would be 4 prompt columns a chunk: at least MIN_CHUNK_COLUMNS
+    assert prefill_steps == -(-longest // MIN_CHUNK_COLUMNS) > 2
+    finished.update(run(chunked))
+    assert finished == whole
+    # with nothing else waiting for the device, the rest of the prefill runs in one pass
+    alone = generator.start([generator.prepare(GenerateRequest(**request)) for request in requests], 12)
+    alone.step()
+    assert alone.prefilling
+    first = dict(alone.step(alone=True))
+    assert not alone.prefilling
+    assert {**first, **run(alone)} == whole
+
+
+@torch.inference_mode()
+def test_the_cache_bytes_per_token_are_what_a_real_cache_holds(generator: CausalGenerator) -> None:
+    batch = start(generator, GREEDY, {"prompt": "another prompt, longer than the first one", "max_new_tokens": 3})
+    batch.step()
+    cache = batch.decoding._cache
+    held = sum(layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+               for layer in cache.layers)
+    rows, _, tokens, _ = cache.layers[0].keys.shape
+    assert held == rows * tokens * generator.cache_bytes_per_token

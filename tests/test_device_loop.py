@@ -128,16 +128,27 @@ class Countdown:
     """A stepped batch of plain numbers: a request of n finishes after n steps with the answer n; -1 breaks
     every step it is part of, as a poisonous input breaks a decoding step. Records each step's live rows."""
 
-    def __init__(self, payloads: list[int], log: list[tuple[str, tuple[int, ...]]], pace: float) -> None:
+    def __init__(self, payloads: list[int], log: list[tuple[str, tuple[int, ...]]], pace: float,
+                 prefill_steps: int = 0) -> None:
         self.left = {index: n for index, n in enumerate(payloads)}
         self.payloads, self.log, self.pace = payloads, log, pace
+        self.prefill_left = prefill_steps  # steps that count nothing down first, as a chunked prefill's
         log.append(("start", tuple(payloads)))
 
     @property
     def done(self) -> bool:
         return not self.left
 
-    def step(self) -> list[tuple[int, Any]]:
+    @property
+    def prefilling(self) -> bool:
+        return self.prefill_left > 0
+
+    def step(self, alone: bool = False) -> list[tuple[int, Any]]:
+        if self.prefill_left > 0:
+            self.prefill_left -= 1
+            self.log.append(("prefill", tuple(self.payloads[index] for index in self.left)))
+            time.sleep(self.pace)
+            return []
         self.log.append(("step", tuple(self.payloads[index] for index in self.left)))
         time.sleep(self.pace)
         if any(self.payloads[index] == -1 for index in self.left):
@@ -172,7 +183,8 @@ class Countdown:
 
 
 def stepped_loop(max_running: int = 2, pace: float = 0.01, joins: bool = False, max_items: int = 8,
-                 max_tokens: int = 10_000) -> tuple[DeviceLoop, list[tuple[str, tuple[int, ...]]]]:
+                 max_tokens: int = 10_000, prefill_steps: int = 0, cache_budget: int | None = None,
+                 ) -> tuple[DeviceLoop, list[tuple[str, tuple[int, ...]]]]:
     log: list[tuple[str, tuple[int, ...]]] = []
 
     def square(payloads: list[int]) -> list[int]:
@@ -180,9 +192,9 @@ def stepped_loop(max_running: int = 2, pace: float = 0.01, joins: bool = False, 
         return [p * p for p in payloads]
 
     loop = DeviceLoop({
-        "count": SteppedKind(lambda payloads: Countdown(payloads, log, pace),
-                             BatchLimits(max_items, max_tokens, 0.0), max_running, joins),
-        "square": BatchKind(square, BatchLimits(8, 10_000, 0.0))})
+        "count": SteppedKind(lambda payloads: Countdown(payloads, log, pace, prefill_steps),
+                             BatchLimits(max_items, max_tokens, 0.0), max_running, joins, cache_bytes_per_token=2),
+        "square": BatchKind(square, BatchLimits(8, 10_000, 0.0))}, cache_budget=cache_budget)
     loop.start()
     return loop, log
 
@@ -313,5 +325,52 @@ def test_a_refused_join_runs_beside_and_the_loop_lives_on(refuse: str, monkeypat
         assert loop.counts.get("count:joined", 0) == 0
         if refuse == "none":  # the key's batches no longer try: never more than max_running + the one refused
             assert peak_batches(log) == 2
+    finally:
+        loop.stop()
+
+
+def test_a_new_batch_runs_its_prefill_beside_the_running_one_and_joins_after_it() -> None:
+    loop, log = stepped_loop(joins=True, prefill_steps=3)
+    try:
+        long = loop.submit("count", 60, items=1, longest=1, timeout=30)
+        time.sleep(0.1)
+        short = loop.submit("count", 5, items=1, longest=1, timeout=30)
+        assert short.result(timeout=5) == 5 and long.result(timeout=10) == 60
+        prefills = [index for index, (what, rows) in enumerate(log) if what == "prefill" and rows == (5,)]
+        assert len(prefills) == 3
+        # the long row went on decoding between the new batch's prefill chunks
+        assert any(log[index + 1] == ("step", (60,)) for index in prefills[:-1]), log
+        assert ("step", (60, 5)) in log and loop.counts["count:joined"] == 1
+    finally:
+        loop.stop()
+
+
+def test_stepped_batches_wait_for_room_in_the_cache_budget() -> None:
+    # 2 bytes a token, 400 bytes: 200 tokens; each request reserves its longest (60) tokens
+    loop, log = stepped_loop(max_running=4, cache_budget=400)
+    try:
+        first = [loop.submit("count", 30, items=1, longest=60, timeout=30) for _ in range(3)]
+        time.sleep(0.05)
+        late = loop.submit("count", 5, items=1, longest=60, timeout=30)  # a fourth: 4 x 60 > 200, it waits
+        assert [f.result(timeout=10) for f in first] == [30, 30, 30]
+        assert late.result(timeout=10) == 5
+        first_end = min(index for index, (what, _) in enumerate(log) if what == "end")
+        assert log.index(("start", (5,))) > first_end, "it started before there was room"
+        assert loop.stats()["cache_mb"]["reserved"] == 0
+        # one request alone over the whole budget still runs when nothing else does
+        assert loop.submit("count", 2, items=1, longest=500, timeout=30).result(timeout=5) == 2
+    finally:
+        loop.stop()
+
+
+def test_while_a_batch_is_on_its_way_in_no_further_one_starts_past_max_running() -> None:
+    loop, log = stepped_loop(max_running=1, joins=True, max_items=2, prefill_steps=3)
+    try:
+        long = loop.submit("count", 40, items=1, longest=1, timeout=30)
+        time.sleep(0.1)
+        shorts = [loop.submit("count", 4, items=1, longest=1, timeout=30) for _ in range(4)]
+        assert [f.result(timeout=10) for f in shorts] == [4, 4, 4, 4] and long.result(timeout=10) == 40
+        # the running one, and one new batch in its prefill on its way in: never more
+        assert peak_batches(log) <= 2, log
     finally:
         loop.stop()

@@ -10,7 +10,8 @@ Rules (after Ray Serve's _BatchQueue and text-embeddings-inference's queue):
 - a batch takes requests oldest first, never splitting one: a request with many texts counts by its texts;
   the oldest request always goes in, even if it alone is over the budget (it runs in sub-batches);
 - requests whose deadline has passed are handed back by ``expire`` and never run;
-- a batch that is to join a running one (continuous batching) is taken within what the running one leaves.
+- a batch that is to join a running one (continuous batching) is taken within what the running one leaves;
+- a batch is taken within the room the device's cache has left (``room``), and waits when nothing fits.
 """
 
 from __future__ import annotations
@@ -89,18 +90,24 @@ class BatchQueue(Generic[T]):
             return 0.0
         return max(0.0, self._waiting[0].arrived + self.limits.max_wait - now)
 
-    def take(self, joining: tuple[int, int] = (0, 0)) -> list[Waiting[T]]:
+    def take(self, joining: tuple[int, int] = (0, 0), room: int | None = None, alone: bool = True) -> list[Waiting[T]]:
         """The next batch, oldest first, within the item and padded-token budgets.
 
         ``joining``: the (items, longest) of a running batch the taken ones will join; they must fit beside
-        it, so this may take nothing (the oldest request goes in over budget only into a batch of its own)."""
+        it, so this may take nothing (the oldest request goes in over budget only into a batch of its own).
+        ``room``: padded tokens (items x longest, ``joining`` counted) the device's cache has left for the
+        batch; what does not fit waits, so this may take nothing, unless the batch would be ``alone`` on the
+        device: then the oldest goes in whatever its size (waiting would not make room)."""
         batch: list[Waiting[T]] = []
         items, longest = joining
         while self._waiting:
             candidate = self._waiting[0]
             new_items = items + candidate.items
             new_longest = max(longest, candidate.longest)
-            if self.limits.over(new_items, new_longest) and (batch or joining != (0, 0)):
+            first_alone = not batch and joining == (0, 0)
+            if self.limits.over(new_items, new_longest) and not first_alone:
+                break
+            if room is not None and new_items * new_longest > room and not (first_alone and alone):
                 break
             batch.append(self._waiting.popleft())
             items, longest = new_items, new_longest

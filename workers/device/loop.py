@@ -13,6 +13,12 @@ answers as soon as it finishes, and a row past its deadline is answered with Tas
 batch before the next step: a request given up on stops using the device. So does a request cancelled by
 its caller (``cancel``), answered with Cancelled. A request submitted with a ``progress`` callback is told
 after every step what it produced in it (a streamed generation's new tokens).
+
+A new stepped batch that is to join a running one (continuous batching) runs its prefill as steps of its
+own, beside it (a long prompt's prefill in chunks, each one turn of the loop), and joins once the prefill
+is done. The device's cache budget (``cache_budget``, bytes) bounds the stepped batches under way: each
+reserves its requests x its longest input x its kind's cache bytes per token, and a batch that does not
+fit waits for room, unless nothing else runs.
 """
 
 from __future__ import annotations
@@ -48,8 +54,14 @@ class Stepping(Protocol):
     @property
     def done(self) -> bool: ...
 
-    def step(self) -> list[tuple[int, Any]]:
-        """One step for every live request; the (index in the batch, outcome) of those that finished."""
+    @property
+    def prefilling(self) -> bool:
+        """Its first steps are still preparing (a generation's prefill chunks): it cannot join or be joined."""
+        ...
+
+    def step(self, alone: bool = False) -> list[tuple[int, Any]]:
+        """One step for every live request; the (index in the batch, outcome) of those that finished.
+        ``alone``: nothing else waits for the device (a prefill need not make way, so it runs whole)."""
         ...
 
     def produced(self, index: int) -> list[Any]:
@@ -71,9 +83,10 @@ class SteppedKind:
     start: Callable[[list[Any]], Stepping]  # prepares a batch; its first step is the first device work
     limits: BatchLimits
     max_running: int  # batches of this key stepping at once; a further ready batch waits for one to end
-    # Continuous batching: a new batch, after its first step, joins a running one with room (within the
+    # Continuous batching: a new batch, after its prefill, joins a running one with room (within the
     # limits), so one pass a step serves both; without it, batches only run side by side.
     joins: bool = False
+    cache_bytes_per_token: int = 0  # what one token of one request holds on the device (0: not counted)
 
 
 @dataclass
@@ -96,16 +109,24 @@ class _Running:
     stepping: Stepping
     size: int  # requests it ever held: the next joined one gets this index
     steps: int = 0
+    target: _Running | None = None  # the running batch it joins once its prefill is done
 
     def live(self) -> tuple[int, int]:
         """Requests still running, and the longest of them."""
         return len(self.jobs), max((job.longest for job in self.jobs.values()), default=0)
 
+    def tokens(self) -> int:
+        """The padded tokens it may come to hold: requests x the longest."""
+        live, longest = self.live()
+        return live * longest
+
 
 class DeviceLoop:
     def __init__(self, kinds: dict[str, BatchKind | SteppedKind],
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, cache_budget: int | None = None) -> None:
         self._kinds = kinds
+        self._cache_budget = cache_budget  # bytes the stepped batches under way may reserve; None: unbounded
+        self._cache_reserved = 0  # what they reserved at the end of the last turn (read by stats())
         self._queues: dict[str, BatchQueue[_Job]] = {key: BatchQueue(kind.limits) for key, kind in kinds.items()}
         self._clock = clock
         self._wake = threading.Condition()
@@ -150,9 +171,13 @@ class DeviceLoop:
 
     def stats(self) -> dict[str, Any]:
         """Batch sizes per key (requests per batch -> batches) and the counters, for ``inferq_status``."""
-        return {"batch_sizes": {key: {str(size): n for size, n in sorted(hist.items())}
-                                for key, hist in self.batch_sizes.items()},
-                "counts": dict(self.counts)}
+        stats: dict[str, Any] = {"batch_sizes": {key: {str(size): n for size, n in sorted(hist.items())}
+                                                 for key, hist in self.batch_sizes.items()},
+                                 "counts": dict(self.counts)}
+        if self._cache_budget is not None:
+            stats["cache_mb"] = {"budget": round(self._cache_budget / 2**20),
+                                 "reserved": round(self._cache_reserved / 2**20)}
+        return stats
 
     @property
     def died(self) -> bool:
@@ -184,8 +209,12 @@ class DeviceLoop:
                 key, batch, into = picked
                 self.counts[f"{key}:texts"] += sum(waiting.items for waiting in batch)
                 self._busy(key, self._execute, key, [waiting.payload for waiting in batch], into)
+            # a stepped batch alone on an idle device has no one to make way for: no prefill chunks then
+            alone = len(self._running) == 1 and not any(len(queue) for queue in self._queues.values())
             for running in list(self._running):
-                self._busy(running.key, self._step, running)
+                self._busy(running.key, self._step, running, alone)
+            if self._cache_budget is not None:
+                self._cache_reserved = self._reserved(self._running)
 
     def _busy(self, key: str, work: Callable[..., None], *args: Any) -> None:
         self.busy_since = self._clock()
@@ -222,11 +251,15 @@ class DeviceLoop:
         if not isinstance(kind, SteppedKind):
             return key, queue.take(), None
         into = self._roomiest(key)
+        room = self._cache_room(key)
         if self._below_max_running(key):
-            batch = queue.take()  # a batch of its own, unless it fits into the roomiest one (see _start)
+            # a batch of its own, unless it fits into the roomiest one (see _start)
+            batch = queue.take(room=room, alone=not self._running)
+            if not batch:  # no room in the cache for its oldest request: it waits for rows to finish
+                return None
             return key, batch, into if into is not None and self._fits(into, batch) else None
         assert into is not None  # _may_take: at max_running, only a batch with room lets this key take
-        batch = queue.take(joining=into.live())
+        batch = queue.take(joining=into.live(), room=None if room is None else room + into.tokens(), alone=False)
         return (key, batch, into) if batch else None
 
     def _may_take(self, key: str) -> bool:
@@ -245,9 +278,11 @@ class DeviceLoop:
         kind = self._kinds[key]
         if not isinstance(kind, SteppedKind) or not kind.joins or key in self._unjoinable:
             return None
-        # one that has stepped: a batch joins after the first step of both
+        # one that has run its prefill (a batch joins after the prefill of both), is not itself joining another,
+        # and has no new batch on its way in already: each of those counts against max_running until it joins
         room = [(kind.limits.max_items - running.live()[0], index) for index, running in enumerate(self._running)
-                if running.key == key and running.steps > 0]
+                if running.key == key and running.steps > 0 and not running.stepping.prefilling
+                and running.target is None and not any(other.target is running for other in self._running)]
         best = max(room, default=None)
         return self._running[best[1]] if best is not None and best[0] > 0 else None
 
@@ -255,6 +290,19 @@ class DeviceLoop:
         live, longest = into.live()
         items = live + sum(waiting.items for waiting in batch)
         return not self._kinds[into.key].limits.over(items, max([longest, *(waiting.longest for waiting in batch)]))
+
+    def _cache_room(self, key: str) -> int | None:
+        """Padded tokens of this key's requests the cache budget has left room for; None: no budget applies."""
+        kind = self._kinds[key]
+        if self._cache_budget is None or not isinstance(kind, SteppedKind) or kind.cache_bytes_per_token <= 0:
+            return None
+        return max(0, self._cache_budget - self._reserved(self._running)) // kind.cache_bytes_per_token
+
+    def _reserved(self, running: list[_Running]) -> int:
+        """Bytes of cache these batches may come to hold."""
+        per_token = {key: kind.cache_bytes_per_token for key, kind in self._kinds.items()
+                     if isinstance(kind, SteppedKind)}
+        return sum(batch.tokens() * per_token[batch.key] for batch in running)
 
     def _sleep(self, now: float) -> float | None:
         waits = [w for w in (q.seconds_until_ready(now) for q in self._queues.values()) if w is not None]
@@ -282,13 +330,23 @@ class DeviceLoop:
         except Exception as exc:  # a step's restart from scratch: in halves, as a failed step
             self._halve(key, jobs, exc, self._start)
             return
-        started = _Running(key, dict(enumerate(jobs)), stepping, len(jobs))
-        self._running.append(started)
-        if into is None or into not in self._running:
+        # Its prefill runs as steps of its own (the loop's next turns), answering any request it finishes;
+        # then it joins ``into`` (see _step).
+        self._running.append(_Running(key, dict(enumerate(jobs)), stepping, len(jobs), target=into))
+
+    def _join(self, started: _Running) -> None:
+        """A new batch whose prefill is done joins the running batch it was taken for, if that still runs
+        and still has room (in its limits and in the cache budget); else it goes on beside it."""
+        into, key = started.target, started.key
+        started.target = None
+        if into is None or into not in self._running or into.stepping.prefilling or not started.jobs:
             return
-        # Its first step (the prompts' prefill) alone, answering any request it finishes; then it joins.
-        self._step(started)
-        if started not in self._running:  # it finished, or failed and started again in halves
+        live, longest = into.live()
+        items, its_longest = started.live()
+        merged_items, merged_longest = live + items, max(longest, its_longest)
+        room = self._cache_room(key)
+        if self._kinds[key].limits.over(merged_items, merged_longest) or (
+                room is not None and merged_items * merged_longest > room + into.tokens() + started.tokens()):
             return
         try:
             indices = into.stepping.absorb(started.stepping)
@@ -308,7 +366,7 @@ class DeviceLoop:
         into.size += started.size
         self.counts[f"{key}:joined"] += len(started.jobs)
 
-    def _step(self, running: _Running) -> None:
+    def _step(self, running: _Running, alone: bool = False) -> None:
         now = self._clock()
         try:
             for index, job in list(running.jobs.items()):
@@ -323,8 +381,10 @@ class DeviceLoop:
                     steps = self._stop(running, index, "cancelled")
                     job.future.set_exception(Cancelled(f"the request was cancelled by its caller after {steps} "
                                                        "steps"))
-            self.counts[f"{running.key}:step_rows"] += len(running.jobs)  # occupancy: rows per step
-            finished = running.stepping.step() if not running.stepping.done else []
+            prefill = running.stepping.prefilling
+            if not prefill:
+                self.counts[f"{running.key}:step_rows"] += len(running.jobs)  # occupancy: rows per step
+            finished = running.stepping.step(alone) if not running.stepping.done else []
             for index, outcome in finished:
                 if index in running.jobs:
                     _answer(running.jobs.pop(index), outcome)
@@ -337,12 +397,14 @@ class DeviceLoop:
             self._halve(running.key, list(running.jobs.values()), exc, self._start)
             return
         running.steps += 1
-        self.counts[f"{running.key}:steps"] += 1
+        self.counts[f"{running.key}:{'prefill_passes' if prefill else 'steps'}"] += 1
         if running.stepping.done or not running.jobs:
             self._running.remove(running)
             for job in running.jobs.values():  # a batch that ended without answering them all
                 job.future.set_exception(RuntimeError(f"the {running.key} batch ended without an answer for this "
                                                       "request"))
+        elif running.target is not None and not running.stepping.prefilling:
+            self._join(running)
 
     def _stop(self, running: _Running, index: int, counted: str) -> int:
         del running.jobs[index]

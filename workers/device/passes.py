@@ -74,11 +74,31 @@ def load_models(settings: Settings, kinds: tuple[Kind, ...], device: torch.devic
 
 def start_loop(settings: Settings, models: Models, device: torch.device) -> DeviceLoop:
     """The device loop over these models, started, with the stall watch that ends the process if it hangs."""
-    loop = DeviceLoop(batch_kinds(settings, models, device))
+    budget = cache_budget(settings, device) if models.generators else None
+    if budget is not None:
+        source = ("INFERQ_BATCHING__GENERATE_CACHE_MB" if settings.batching.generate_cache_mb is not None
+                  else "half the memory free after loading" if device.type == "cuda" else "the CPU default")
+        log.info("generate cache budget on %s: %d MiB (%s)", device, budget // 2**20, source)
+    loop = DeviceLoop(batch_kinds(settings, models, device), cache_budget=budget)
     loop.start()
     threading.Thread(target=exit_on_stall, args=(loop, settings.time_limits.device_stall), name="inferq-stall-watch",
                      daemon=True).start()
     return loop
+
+
+CPU_CACHE_MB = 4096  # a CPU's default cache budget: a fixed size, never a share of the machine's memory
+
+
+def cache_budget(settings: Settings, device: torch.device) -> int:
+    """Bytes of KV cache the generate batches on this device may reserve: the setting, or on CUDA half the
+    memory free once the models are loaded (the other half is for activations, encoder batches and the
+    allocator's slack), or a fixed size on a CPU."""
+    if settings.batching.generate_cache_mb is not None:
+        return settings.batching.generate_cache_mb * 2**20
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free) // 2
+    return CPU_CACHE_MB * 2**20
 
 
 def batch_kinds(settings: Settings, models: Models, device: torch.device) -> dict[str, BatchKind | SteppedKind]:
@@ -95,7 +115,8 @@ def batch_kinds(settings: Settings, models: Models, device: torch.device) -> dic
         kinds[f"classify/{alias}"] = BatchKind(passes.encoder(classifier.probabilities), encode)
     for alias, generator in models.generators.items():
         kinds[f"generate/{alias}"] = SteppedKind(passes.generator(generator), generate,
-                                                 batching.generate_max_running, batching.generate_continuous)
+                                                 batching.generate_max_running, batching.generate_continuous,
+                                                 generator.cache_bytes_per_token)
     return kinds
 
 
@@ -118,8 +139,10 @@ class Passes:
         return runner
 
     def generator(self, generator: GenerateModel) -> Callable[[list[Prepared]], Stepping]:
+        chunk = self.settings.batching.generate_prefill_chunk
+
         def start(batch: list[Prepared]) -> Stepping:
-            return _Guarded(generator.start(batch), self._freeing_memory_on_oom)
+            return _Guarded(generator.start(batch, chunk), self._freeing_memory_on_oom)
 
         return start
 
@@ -153,9 +176,13 @@ class _Guarded:
     def done(self) -> bool:
         return self._batch.done
 
-    def step(self) -> list[tuple[int, Any]]:
+    @property
+    def prefilling(self) -> bool:
+        return self._batch.prefilling
+
+    def step(self, alone: bool = False) -> list[tuple[int, Any]]:
         with torch.inference_mode(), self._guard():
-            return list(self._batch.step())
+            return list(self._batch.step(alone))
 
     def produced(self, index: int) -> list[int]:
         return self._batch.produced(index)

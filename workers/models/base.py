@@ -42,8 +42,14 @@ class GenerateModel(Protocol):
 
     def prepare(self, request: GenerateRequest, task_id: str | None = None) -> Prepared: ...
 
-    def start(self, batch: list[Prepared]) -> GenerationBatch:
-        """The batch, to be decoded a step at a time by the device loop."""
+    @property
+    def cache_bytes_per_token(self) -> int:
+        """Bytes of KV cache one token of one row holds (for the device's cache budget)."""
+        ...
+
+    def start(self, batch: list[Prepared], prefill_chunk: int = 0) -> GenerationBatch:
+        """The batch, to be decoded a step at a time by the device loop; its prefill in chunks of at most
+        ``prefill_chunk`` padded tokens (0: whole)."""
         ...
 
     def run(self, batch: list[Prepared]) -> list[Completion]: ...

@@ -9,7 +9,10 @@ the longest row is done, and the rows left compute no more for it. A row can als
 between steps (its caller gave up): it leaves the same way.
 
 Stepping, rather than one loop to the end, lets the device loop run other work between steps: an encoder
-batch, or another decoding batch's step, never waits for a long generation to finish.
+batch, or another decoding batch's step, never waits for a long generation to finish. For the same reason a
+long prefill runs in chunks (``prefill_chunk`` padded prompt tokens a pass): each chunk is a step that
+decodes nothing, and between chunks the device loop steps the batches already decoding, so a long prompt
+does not hold every decoding row for the whole of its prefill.
 """
 
 from __future__ import annotations
@@ -22,6 +25,10 @@ import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from workers.models.encoder import pad as pad_rows
+
+# A chunk of a batched prefill covers at least this many prompt columns, however many rows share it: fewer
+# would take a pass per handful of tokens, and a long prompt's prefill would cost more passes than it saves.
+MIN_CHUNK_COLUMNS = 16
 
 
 @dataclass
@@ -60,7 +67,7 @@ class Decoding:
     """Rows decoding together. ``step()`` runs one forward pass; rows leave as they finish or are stopped."""
 
     def __init__(self, model: Any, rows: list[Row], eos: set[int], pad: int, device: torch.device,
-                 text_of: Callable[[list[int]], str]) -> None:
+                 text_of: Callable[[list[int]], str], prefill_chunk: int = 0) -> None:
         # every row that ever was in the batch, by index; a finished row is released (None) once collected, so
         # a batch that lives on as rows join and leave keeps only its live rows
         self.rows: list[Row | None] = list(rows)
@@ -71,19 +78,40 @@ class Decoding:
         self._inputs, self._mask = input_ids, mask
         self._positions = (mask.cumsum(-1) - 1).clamp(min=0)
         self._cache: Any = None
+        # Prompt columns already run through the model; while fewer than all, steps are prefill chunks of
+        # ``_chunk_columns`` columns each (the whole prompt at once without a chunk size).
+        self._prefilled, self._prompt_columns = 0, int(mask.shape[1])
+        rows_now = max(1, len(self._live))
+        self._chunk_columns = (max(MIN_CHUNK_COLUMNS, prefill_chunk // rows_now) if prefill_chunk > 0
+                               else self._prompt_columns)
 
     @property
     def done(self) -> bool:
         return not self._live
 
-    def step(self) -> list[int]:
-        """One forward pass for every live row (the prompts' prefill, the first time); returns the indices of
-        the rows that finished with it."""
+    @property
+    def prefilling(self) -> bool:
+        """Whether the prompts are still being run through the model (no token decoded yet)."""
+        return self._live != [] and self._prefilled < self._prompt_columns
+
+    def step(self, alone: bool = False) -> list[int]:
+        """One forward pass for every live row: the next chunk of the prompts' prefill (the last chunk also
+        picks every row's first token; ``alone``, with nothing else waiting for the device, the chunk is the
+        rest of the prompts), or one token; returns the indices of the rows that finished with it."""
         if not self._live:
             return []
-        output = self._model(input_ids=self._inputs, attention_mask=self._mask, position_ids=self._positions,
-                             cache=self._cache, use_cache=True, logits_to_keep=1)
+        inputs, mask, positions = self._inputs, self._mask, self._positions
+        if self.prefilling:  # the next chunk of prompt columns, attending to every column before it
+            start = self._prefilled
+            end = self._prompt_columns if alone else min(self._prompt_columns, start + self._chunk_columns)
+            inputs, mask, positions = inputs[:, start:end], mask[:, :end], positions[:, start:end]
+            self._prefilled = end
+        output = self._model(input_ids=inputs, attention_mask=mask, position_ids=positions, cache=self._cache,
+                             use_cache=True, logits_to_keep=1)
         self._cache = output.cache
+        if self.prefilling:
+            return []
+        self._trim()  # columns only rows stopped during the prefill used
         logits = output.logits[:, -1, :].float()
         greedy = logits.argmax(dim=-1).tolist()  # one vectorised pass for every greedy row
         tokens: list[int] = []
@@ -115,6 +143,8 @@ class Decoding:
         the two are stacked, so from the next step on one pass serves both. Returns the indices the joined
         rows have here (``other``'s order), or None where the caches cannot be merged this way (anything but
         plain per-layer key/value tensors, such as a sliding-window cache); nothing changes then."""
+        if self.prefilling or other.prefilling:
+            raise RuntimeError("a batch joins another only once both have run their prompts' prefill")
         if (other._cache is None or not other._live or self._cache is None or not self._live
                 or not (_mergeable(self._cache) and _mergeable(other._cache))
                 or len(self._cache.layers) != len(other._cache.layers)):
@@ -177,8 +207,9 @@ class Decoding:
     def _trim(self) -> None:
         """Drop the leading columns no live row uses (padding for rows that left, or for a longer batch that
         joined and left): otherwise a batch that lives on as rows come and go would attend over, and keep, a
-        cache as long as its whole life rather than as its longest live row."""
-        if self._cache is None or not _mergeable(self._cache):
+        cache as long as its whole life rather than as its longest live row. Not while the prefill runs: its
+        chunks are counted in prompt columns."""
+        if self._cache is None or not _mergeable(self._cache) or self.prefilling:
             return
         used = self._mask.any(dim=0)
         first = int(used.int().argmax())  # the mask's last column (the next token) is always used

@@ -94,11 +94,23 @@ class CausalGenerator:
 
     # --- device thread --------------------------------------------------------------------------------
 
-    def start(self, batch: list[Prepared]) -> GenerationBatch:
-        """The batch, ready to decode a step at a time; every row keeps its own settings and random generator."""
+    @property
+    def cache_bytes_per_token(self) -> int:
+        """Bytes of KV cache one token of one row holds: keys and values of every layer, in the model's dtype."""
+        config = self.loaded.model.config
+        config = getattr(config, "text_config", None) or config
+        heads = config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        element = torch.finfo(self.loaded.model.dtype).bits // 8
+        return int(2 * config.num_hidden_layers * kv_heads * head_dim * element)
+
+    def start(self, batch: list[Prepared], prefill_chunk: int = 0) -> GenerationBatch:
+        """The batch, ready to decode a step at a time; every row keeps its own settings and random generator.
+        ``prefill_chunk``: padded prompt tokens a prefill pass may run (0: the whole prompts in one)."""
         rows = [self._row(prepared) for prepared in batch]
         return GenerationBatch(Decoding(self.loaded.model, rows, self._eos, self._pad, self.loaded.device,
-                                        self._text))
+                                        self._text, prefill_chunk))
 
     def run(self, batch: list[Prepared]) -> list[Completion]:
         """The whole batch to its end, in one call (the benchmarks' path; the device loop steps instead)."""
@@ -122,8 +134,9 @@ class CausalGenerator:
 
 
 class GenerationBatch:
-    """A generate batch on the device loop: each ``step()`` decodes one token for every live row and returns
-    the rows that finished, with their completions; ``stop(index)`` drops a row whose caller gave up."""
+    """A generate batch on the device loop: each ``step()`` runs a chunk of the prompts' prefill or decodes one
+    token for every live row, and returns the rows that finished, with their completions; ``stop(index)``
+    drops a row whose caller gave up."""
 
     def __init__(self, decoding: Decoding) -> None:
         self.decoding = decoding
@@ -132,8 +145,13 @@ class GenerationBatch:
     def done(self) -> bool:
         return self.decoding.done
 
-    def step(self) -> list[tuple[int, Completion]]:
-        finished = [(index, _completion(self.decoding.row(index))) for index in self.decoding.step()]
+    @property
+    def prefilling(self) -> bool:
+        return self.decoding.prefilling
+
+    def step(self, alone: bool = False) -> list[tuple[int, Completion]]:
+        """``alone``: nothing else waits for the device: the rest of a chunked prefill runs in one pass."""
+        finished = [(index, _completion(self.decoding.row(index))) for index in self.decoding.step(alone)]
         for index, _ in finished:
             self.decoding.release(index)
         return finished
