@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from producer.errors import TaskTimeout
+from producer.errors import Cancelled, TaskTimeout
 from workers.device.batching import BatchLimits
 from workers.device.loop import BatchKind, DeviceLoop, SteppedKind
 
@@ -372,5 +372,22 @@ def test_while_a_batch_is_on_its_way_in_no_further_one_starts_past_max_running()
         assert [f.result(timeout=10) for f in shorts] == [4, 4, 4, 4] and long.result(timeout=10) == 40
         # the running one, and one new batch in its prefill on its way in: never more
         assert peak_batches(log) <= 2, log
+    finally:
+        loop.stop()
+
+
+def test_a_cancelled_row_frees_its_slot_for_a_waiting_request() -> None:
+    loop, log = stepped_loop(max_running=1, joins=True, max_items=1)
+    try:
+        running = loop.submit("count", 10_000, items=1, longest=1, timeout=30)
+        time.sleep(0.1)
+        waiting = loop.submit("count", 3, items=1, longest=1, timeout=30)  # no room: one row, one batch
+        time.sleep(0.1)
+        assert ("start", (3,)) not in log
+        loop.cancel(running)
+        assert waiting.result(timeout=5) == 3  # it took the slot the cancelled row left
+        with pytest.raises(Cancelled, match="cancelled by its caller after"):
+            running.result(timeout=5)
+        assert loop.counts["count:cancelled"] == 1
     finally:
         loop.stop()
