@@ -68,9 +68,11 @@ def split_result(kind: Kind, result: dict[str, Any], sizes: list[int]) -> list[d
     rows = result[rows_key]
     if len(rows) != sum(sizes):
         raise RuntimeError(f"merged {kind} result has {len(rows)} rows for {sum(sizes)} texts")
+    # the merged message's token count is every caller's texts together: no caller's own, so none gets it
+    shared = {key: value for key, value in result.items() if key != "prompt_tokens"}
     parts, start = [], 0
     for size in sizes:
-        parts.append({**result, rows_key: rows[start:start + size]})
+        parts.append({**shared, rows_key: rows[start:start + size]})
         start += size
     return parts
 

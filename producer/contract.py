@@ -8,7 +8,7 @@ can import it without torch.
 from __future__ import annotations
 
 import math
-from typing import Any, Literal, TypedDict
+from typing import Any, Literal, NotRequired, TypedDict
 
 from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, model_validator
 from pydantic_core import ErrorDetails
@@ -180,6 +180,9 @@ class EmbedResult(TypedDict):
     model: str
     dim: int
     embeddings: list[list[float]]
+    # tokens of all the texts, special tokens included (what the model ran); absent from a coalesced call's
+    # result, whose message carried other callers' texts too
+    prompt_tokens: NotRequired[int]
 
 
 class LabelScore(TypedDict):
