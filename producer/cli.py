@@ -301,6 +301,31 @@ def flower(port: int | None, address: str | None) -> None:
 
 
 @main.command()
+@click.option("--host", help="default: INFERQ_GATEWAY__HOST (127.0.0.1)")
+@click.option("--port", type=int, help="default: INFERQ_GATEWAY__PORT (8080)")
+@click.option("--open", "open_access", is_flag=True, help="run without API keys (loopback only)")
+def gateway(host: str | None, port: int | None, open_access: bool) -> None:
+    """The OpenAI HTTP API (embeddings, chat completions, completions, models) in front of the queue."""
+    import ipaddress
+
+    import uvicorn
+
+    from producer.gateway.app import create_app
+
+    settings = _settings()
+    host = host or settings.gateway.host
+    port = port or settings.gateway.port
+    if not settings.gateway.api_keys:
+        if not open_access:
+            raise click.UsageError("no API keys are set (INFERQ_GATEWAY__API_KEYS='{\"name\": \"key\"}'); set "
+                                   "some, or pass --open to run without them on loopback")
+        if host != "localhost" and not ipaddress.ip_address(host).is_loopback:
+            raise click.UsageError(f"--open runs without API keys, so only on loopback; not on {host}")
+    uvicorn.run(create_app(settings, open_access=not settings.gateway.api_keys), host=host, port=port,
+                log_level="warning", access_log=False)
+
+
+@main.command()
 @click.option("--timeout", default=600.0, show_default=True, help="seconds to wait for the three results")
 def demo(timeout: float) -> None:
     """Start what is needed (Redis if none answers, a worker), run one task of each kind, stop it all."""

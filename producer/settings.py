@@ -72,6 +72,19 @@ class Batching(BaseModel):
                                           "models are loaded (CUDA), 4096 on a CPU")
 
 
+class Gateway(BaseModel):
+    """`inferq gateway`: the OpenAI HTTP API in front of the queue."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=1, le=65535)
+    # name -> key; the name (never the key) is what logs show. Without keys the gateway runs only when told
+    # to run open, and only on loopback.
+    api_keys: dict[str, SecretStr] = Field(default_factory=dict, description="API keys by name, for "
+                                           "Authorization: Bearer <key>")
+
+
 class TimeLimits(BaseModel):
     """Seconds a request may wait and run, per kind; past it the task fails with TaskTimeout."""
 
@@ -204,6 +217,7 @@ class Settings(BaseSettings):
     models: ModelRegistry = Field(default_factory=ModelRegistry)
     batching: Batching = Field(default_factory=Batching)
     time_limits: TimeLimits = Field(default_factory=TimeLimits)
+    gateway: Gateway = Field(default_factory=Gateway)
 
     # Zero-shot classification: softmax(cosine / temperature) over the label texts. On a labelled set of 176
     # texts (sentiment, topics, emotion, intent), "This text is {}." was the best generic template (81% against

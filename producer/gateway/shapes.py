@@ -1,0 +1,176 @@
+"""OpenAI request bodies to inferq task kwargs, and inferq results to OpenAI responses.
+
+Only what inferq can honour is accepted: a field it cannot keep (``n`` > 1, token-id inputs, ``dimensions``,
+tools, log probabilities) is refused with InvalidInput naming it, never silently dropped. Fields that change
+nothing about the answer (``user``, ``stream_options`` other than ``include_usage``) are accepted.
+"""
+
+from __future__ import annotations
+
+import base64
+import sys
+import time
+from array import array
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from producer.contract import EmbedResult, GenerateResult
+from producer.errors import InvalidInput
+
+# Fields of the OpenAI API that inferq cannot honour: refused with their name rather than ignored.
+UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "logprobs", "top_logprobs", "logit_bias",
+               "response_format", "presence_penalty", "frequency_penalty", "best_of", "echo", "suffix",
+               "audio", "modalities", "prediction")
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="allow")  # checked by _refuse_unsupported, then ignored
+
+    model: str | None = None
+    user: str | None = None
+
+
+class EmbeddingsBody(_Body):
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+
+
+class _GenerateBody(_Body):
+    # OpenAI's defaults: sampled at temperature 1 unless asked otherwise
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    n: int = 1
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+
+
+class ChatBody(_GenerateBody):
+    messages: list[dict[str, Any]]
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+
+
+class CompletionBody(_GenerateBody):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int = 16  # the completions API's own default
+
+
+def parse(shape: type[_Body], body: Any) -> Any:
+    """The body as ``shape``, or InvalidInput naming every field that is wrong."""
+    if not isinstance(body, dict):
+        raise InvalidInput("the body must be a JSON object")
+    try:
+        parsed = shape.model_validate(body)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, error['loc'])) or 'body'}: {error['msg']}" for error in exc.errors())
+        raise InvalidInput(problems) from None
+    refused = [name for name in UNSUPPORTED if body.get(name) not in (None, False, [], {})]
+    if refused:
+        raise InvalidInput(f"{', '.join(refused)}: not supported by inferq")
+    return parsed
+
+
+def embed_kwargs(body: EmbeddingsBody) -> dict[str, Any]:
+    if body.dimensions is not None:
+        raise InvalidInput("dimensions: not supported (the models give their own dimension)")
+    texts = [body.input] if isinstance(body.input, str) else body.input
+    if any(not isinstance(text, str) for text in texts):
+        raise InvalidInput("input: token ids are not accepted; send a string or a list of strings")
+    return {"texts": texts, "model": body.model}
+
+
+def embeddings_response(result: EmbedResult, encoding: str) -> dict[str, Any]:
+    data = []
+    for index, vector in enumerate(result["embeddings"]):
+        embedding: Any = vector
+        if encoding == "base64":  # little-endian float32, as the OpenAI SDK decodes it
+            packed = array("f", vector)
+            if sys.byteorder == "big":
+                packed.byteswap()
+            embedding = base64.b64encode(packed.tobytes()).decode()
+        data.append({"object": "embedding", "index": index, "embedding": embedding})
+    tokens = result.get("prompt_tokens", 0)
+    return {"object": "list", "data": data, "model": result["model"],
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+
+def _sampling(body: _GenerateBody) -> dict[str, Any]:
+    if body.n != 1:
+        raise InvalidInput(f"n: only 1 completion per request is supported; got {body.n}")
+    stop = [body.stop] if isinstance(body.stop, str) else body.stop
+    return {"temperature": body.temperature, "top_p": body.top_p, "stop": stop or None, "seed": body.seed,
+            "model": body.model}
+
+
+def chat_kwargs(body: ChatBody) -> dict[str, Any]:
+    messages = []
+    for index, message in enumerate(body.messages):
+        content = message.get("content")
+        if isinstance(content, list):  # content parts: only text ones
+            if any(not isinstance(part, dict) or part.get("type") != "text" for part in content):
+                raise InvalidInput(f"messages[{index}].content: only text parts are supported")
+            content = "".join(str(part.get("text", "")) for part in content)
+        role = message.get("role")
+        if role == "developer":  # OpenAI's newer name for the system role
+            role = "system"
+        messages.append({"role": role, "content": content})
+    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    return {"messages": messages, **({"max_new_tokens": max_tokens} if max_tokens is not None else {}),
+            **_sampling(body)}
+
+
+def completion_kwargs(body: CompletionBody) -> dict[str, Any]:
+    prompt = body.prompt
+    if isinstance(prompt, list):
+        if len(prompt) != 1 or not isinstance(prompt[0], str):
+            raise InvalidInput("prompt: send one string (token ids and several prompts are not supported)")
+        prompt = prompt[0]
+    return {"prompt": prompt, "max_new_tokens": body.max_tokens, **_sampling(body)}
+
+
+def usage(result: GenerateResult) -> dict[str, int]:
+    return {"prompt_tokens": result["prompt_tokens"], "completion_tokens": result["completion_tokens"],
+            "total_tokens": result["prompt_tokens"] + result["completion_tokens"]}
+
+
+class Generation(BaseModel):
+    """What a chat or completion response is made of, whichever of the two it is."""
+
+    id: str
+    chat: bool
+    created: int = Field(default_factory=lambda: int(time.time()))
+
+    @property
+    def object(self) -> str:
+        return "chat.completion" if self.chat else "text_completion"
+
+    def response(self, result: GenerateResult) -> dict[str, Any]:
+        if self.chat:
+            choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": result["text"]},
+                                      "finish_reason": result["finish_reason"], "logprobs": None}
+        else:
+            choice = {"index": 0, "text": result["text"], "finish_reason": result["finish_reason"], "logprobs": None}
+        return {"id": self.id, "object": self.object, "created": self.created, "model": result["model"],
+                "choices": [choice], "usage": usage(result)}
+
+    def chunk(self, model: str, piece: str | None = None, finish_reason: str | None = None,
+              first: bool = False, usage: dict[str, int] | None = None) -> dict[str, Any]:
+        """One server-sent event's payload of a streamed response."""
+        choices: list[dict[str, Any]] = []
+        if usage is None:
+            if self.chat:
+                delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
+                if piece:
+                    delta["content"] = piece
+                choices = [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]
+            else:
+                choices = [{"index": 0, "text": piece or "", "finish_reason": finish_reason, "logprobs": None}]
+        payload: dict[str, Any] = {"id": self.id, "object": f"{self.object}.chunk" if self.chat else self.object,
+                                   "created": self.created, "model": model, "choices": choices}
+        if usage is not None:
+            payload["usage"] = usage
+        return payload

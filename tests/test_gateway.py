@@ -1,0 +1,171 @@
+"""The OpenAI gateway, used as its users use it: the official `openai` SDK (and raw HTTP for the event
+stream) against a real `inferq gateway` process, in front of the session's real worker and Redis."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from producer.client import Client
+from tests.conftest import ARTIFACTS, ROOT, WorkerProcess, device_counts, free_port, worker_env
+
+pytestmark = pytest.mark.integration
+KEY = "sk-test-0123456789"
+CHAT = [{"role": "user", "content": "Count from one to ten."}]
+
+
+class Gateway:
+    def __init__(self, config: Path, log: Path, *args: str, **env: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._log = log.open("wb")
+        self.process = subprocess.Popen([sys.executable, "-m", "producer.cli", "gateway", "--port", str(self.port),
+                                         *args], env={**worker_env(config), **env}, cwd=ROOT, stdout=self._log,
+                                        stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while True:
+            assert self.process.poll() is None, log.read_text()
+            try:
+                httpx.get(f"{self.url}/v1/nothing", timeout=1)
+                return
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "the gateway did not start"
+                time.sleep(0.1)
+
+    def sdk(self, key: str = "none") -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0, timeout=120)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=20)
+        self._log.close()
+
+
+@pytest.fixture(scope="module")
+def gateway(config_path: Path, worker: WorkerProcess) -> Iterator[Gateway]:
+    started = Gateway(config_path, ARTIFACTS / "gateway-open.log", "--open")
+    yield started
+    started.stop()
+
+
+def test_embeddings_are_the_vectors_the_queue_gives(gateway: Gateway, client: Client) -> None:
+    texts = ["the gateway speaks OpenAI", "and puts every request on the queue"]
+    direct = client.embed(texts)["embeddings"]
+    sdk = gateway.sdk()
+    for response in (sdk.embeddings.create(model="minilm", input=texts),  # the SDK asks for base64
+                     sdk.embeddings.create(model="minilm", input=texts, encoding_format="float")):
+        assert [item.index for item in response.data] == [0, 1]
+        for item, vector in zip(response.data, direct, strict=True):
+            assert len(item.embedding) == len(vector) == 384
+            assert max(abs(a - b) for a, b in zip(item.embedding, vector, strict=True)) < 1e-5
+        assert response.model == "minilm" and response.usage.prompt_tokens > len(texts)
+    single = sdk.embeddings.create(model="minilm", input="one text", encoding_format="float")
+    assert len(single.data) == 1
+
+
+def test_chat_completions_give_the_queues_greedy_text_streamed_or_not(gateway: Gateway, client: Client) -> None:
+    direct = client.generate(messages=CHAT, max_new_tokens=24)
+    sdk = gateway.sdk()
+    response = sdk.chat.completions.create(model="smollm2", messages=CHAT, max_tokens=24, temperature=0)
+    choice = response.choices[0]
+    assert choice.message.role == "assistant" and choice.message.content == direct["text"]
+    assert choice.finish_reason == direct["finish_reason"]
+    assert response.usage is not None and response.usage.completion_tokens == direct["completion_tokens"]
+    assert response.id.startswith("chatcmpl-") and response.object == "chat.completion"
+    chunks = list(sdk.chat.completions.create(model="smollm2", messages=CHAT, max_tokens=24, temperature=0,
+                                              stream=True, stream_options={"include_usage": True}))
+    pieces = [chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices]
+    assert len([piece for piece in pieces if piece]) > 1, "the text came in one piece"
+    assert "".join(pieces) == direct["text"]
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [chunk.choices[0].finish_reason for chunk in chunks if chunk.choices][-1] == direct["finish_reason"]
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == direct["completion_tokens"]
+
+
+def test_completions_take_a_plain_prompt(gateway: Gateway, client: Client) -> None:
+    direct = client.generate("1, 2, 3, 4,", max_new_tokens=12)
+    sdk = gateway.sdk()
+    response = sdk.completions.create(model="smollm2", prompt="1, 2, 3, 4,", max_tokens=12, temperature=0)
+    assert response.choices[0].text == direct["text"] and response.object == "text_completion"
+    streamed = sdk.completions.create(model="smollm2", prompt="1, 2, 3, 4,", max_tokens=12, temperature=0,
+                                      stream=True)
+    assert "".join(chunk.choices[0].text for chunk in streamed) == direct["text"]
+
+
+def test_models_lists_the_aliases_the_workers_serve(gateway: Gateway) -> None:
+    listed = {model.id for model in gateway.sdk().models.list()}
+    assert {"minilm", "smollm2", "tiny-lm", "tiny-sentiment"} <= listed
+
+
+def test_bad_input_and_unknown_models_are_openai_errors_with_our_message(gateway: Gateway) -> None:
+    sdk = gateway.sdk()
+    with pytest.raises(openai.BadRequestError, match="n: only 1 completion"):
+        sdk.chat.completions.create(model="smollm2", messages=CHAT, n=2)
+    with pytest.raises(openai.BadRequestError, match="messages must"):
+        sdk.chat.completions.create(model="smollm2", messages=[])
+    with pytest.raises(openai.BadRequestError, match="token ids are not accepted"):
+        sdk.embeddings.create(model="minilm", input=[[1, 2, 3]])
+    with pytest.raises(openai.BadRequestError, match="tools: not supported"):
+        sdk.chat.completions.create(model="smollm2", messages=CHAT,
+                                    tools=[{"type": "function", "function": {"name": "f"}}])
+    with pytest.raises(openai.NotFoundError, match="nope") as missing:
+        sdk.embeddings.create(model="nope", input="x")
+    assert missing.value.code == "model_not_found"
+    raw = httpx.post(f"{gateway.url}/v1/embeddings", content=b"{not json", timeout=10)
+    assert raw.status_code == 400 and raw.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_the_event_stream_as_raw_bytes(gateway: Gateway) -> None:
+    body = {"model": "smollm2", "messages": CHAT, "max_tokens": 8, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{gateway.url}/v1/chat/completions", json=body, timeout=60) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        raw = b"".join(response.iter_bytes())
+    events = [event for event in raw.split(b"\n\n") if event]
+    assert all(event.startswith(b"data: ") for event in events), raw[:500]
+    assert events[-1] == b"data: [DONE]"
+    payloads = [json.loads(event[len(b"data: "):]) for event in events[:-1]]
+    assert {payload["object"] for payload in payloads} == {"chat.completion.chunk"}
+    assert payloads[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_a_client_that_goes_away_mid_stream_cancels_its_generation(gateway: Gateway, client: Client,
+                                                                   worker: WorkerProcess) -> None:
+    before = device_counts(client, worker).get("generate/smollm2:cancelled", 0)
+    body = {"model": "smollm2", "prompt": "1, 2, 3, 4,", "max_tokens": 256, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{gateway.url}/v1/completions", json=body, timeout=60) as response:
+        lines = response.iter_lines()
+        received = [line for line, _ in zip((line for line in lines if line.startswith("data: ")), range(3),
+                                            strict=False)]
+    assert len(received) == 3  # then the connection closed, mid-stream
+    deadline = time.monotonic() + 20
+    while device_counts(client, worker).get("generate/smollm2:cancelled", 0) == before:
+        assert time.monotonic() < deadline, "the generation was not cancelled"
+        time.sleep(0.2)
+
+
+def test_api_keys_are_required_when_set_and_the_gateway_never_runs_open_without_being_told(
+        config_path: Path, worker: WorkerProcess) -> None:
+    keyed = Gateway(config_path, ARTIFACTS / "gateway-keyed.log",
+                    INFERQ_GATEWAY__API_KEYS=json.dumps({"webapp": KEY}))
+    try:
+        with pytest.raises(openai.AuthenticationError):
+            keyed.sdk("sk-wrong").models.list()
+        assert {model.id for model in keyed.sdk(KEY).models.list()} >= {"minilm"}
+    finally:
+        keyed.stop()
+    assert KEY not in (ARTIFACTS / "gateway-keyed.log").read_text()
+    refused = subprocess.run([sys.executable, "-m", "producer.cli", "gateway", "--port", str(free_port())],
+                             env=worker_env(config_path), cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "no API keys are set" in refused.stderr
+    exposed = subprocess.run([sys.executable, "-m", "producer.cli", "gateway", "--open", "--host", "0.0.0.0"],
+                             env=worker_env(config_path), cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert exposed.returncode == 2 and "only on loopback" in exposed.stderr
