@@ -319,8 +319,13 @@ def gateway(host: str | None, port: int | None, open_access: bool) -> None:
         if not open_access:
             raise click.UsageError("no API keys are set (INFERQ_GATEWAY__API_KEYS='{\"name\": \"key\"}'); set "
                                    "some, or pass --open to run without them on loopback")
-        if host != "localhost" and not ipaddress.ip_address(host).is_loopback:
-            raise click.UsageError(f"--open runs without API keys, so only on loopback; not on {host}")
+        try:
+            loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+        except ValueError:  # a host name: it may resolve anywhere
+            loopback = False
+        if not loopback:
+            raise click.UsageError(f"--open runs without API keys, so only on loopback (127.0.0.1, ::1, "
+                                   f"localhost); not on {host}")
     uvicorn.run(create_app(settings, open_access=not settings.gateway.api_keys), host=host, port=port,
                 log_level="warning", access_log=False)
 

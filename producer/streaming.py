@@ -86,7 +86,8 @@ class GenerationStream:
     async def __aiter__(self) -> AsyncIterator[str]:
         # A connection of its own for the iteration: an asyncio client belongs to one event loop, and a
         # blocking XREAD holds its connection, so streams read side by side cannot share one anyway.
-        client = redis.asyncio.from_url(self._backend_url, socket_connect_timeout=self._connect_timeout)
+        client = redis.asyncio.from_url(self._backend_url, socket_connect_timeout=self._connect_timeout,
+                                        socket_timeout=BLOCK_S + self._connect_timeout)  # a read never hangs
         deadline = time.monotonic() + self._timeout
         try:
             while self.finish_reason is None:

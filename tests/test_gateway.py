@@ -15,6 +15,8 @@ import openai
 import pytest
 
 from producer.client import Client
+from producer.errors import Cancelled, InferqConnectionError, OutOfMemory, PoisonMessage, ResultTimeout, TaskTimeout
+from producer.gateway.app import from_task_error
 from tests.conftest import ARTIFACTS, ROOT, WorkerProcess, device_counts, free_port, worker_env
 
 pytestmark = pytest.mark.integration
@@ -88,6 +90,12 @@ def test_chat_completions_give_the_queues_greedy_text_streamed_or_not(gateway: G
     assert chunks[0].choices[0].delta.role == "assistant"
     assert [chunk.choices[0].finish_reason for chunk in chunks if chunk.choices][-1] == direct["finish_reason"]
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == direct["completion_tokens"]
+    assert {chunk.model for chunk in chunks} == {"smollm2"}
+    # fields given as null mean their defaults, and the no-op values of refused fields pass
+    nulls = sdk.chat.completions.create(model="smollm2", messages=CHAT, max_tokens=24, temperature=0, top_p=None,
+                                        n=None, stream=None, tool_choice="none",
+                                        response_format={"type": "text"})
+    assert nulls.choices[0].message.content == direct["text"]
 
 
 def test_completions_take_a_plain_prompt(gateway: Gateway, client: Client) -> None:
@@ -119,8 +127,19 @@ def test_bad_input_and_unknown_models_are_openai_errors_with_our_message(gateway
     with pytest.raises(openai.NotFoundError, match="nope") as missing:
         sdk.embeddings.create(model="nope", input="x")
     assert missing.value.code == "model_not_found"
-    raw = httpx.post(f"{gateway.url}/v1/embeddings", content=b"{not json", timeout=10)
+    raw = httpx.post(f"{gateway.url}/v1/embeddings", content=b"{not json", timeout=10,
+                     headers={"content-type": "application/json"})
     assert raw.status_code == 400 and raw.json()["error"]["type"] == "invalid_request_error"
+    # open on loopback: what a cross-site page could send (a form post, a rebound host name) is refused
+    form = httpx.post(f"{gateway.url}/v1/embeddings", content=b'{"input": "x", "model": "minilm"}', timeout=10,
+                      headers={"content-type": "text/plain"})
+    assert form.status_code == 415
+    rebound = httpx.post(f"{gateway.url}/v1/embeddings", json={"input": "x", "model": "minilm"}, timeout=10,
+                         headers={"host": "attacker.example"})
+    assert rebound.status_code == 400
+    # an error before the first token of a stream still gets its own status
+    with pytest.raises(openai.NotFoundError):
+        list(sdk.chat.completions.create(model="nope", messages=CHAT, stream=True))
 
 
 def test_the_event_stream_as_raw_bytes(gateway: Gateway) -> None:
@@ -169,3 +188,13 @@ def test_api_keys_are_required_when_set_and_the_gateway_never_runs_open_without_
     exposed = subprocess.run([sys.executable, "-m", "producer.cli", "gateway", "--open", "--host", "0.0.0.0"],
                              env=worker_env(config_path), cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert exposed.returncode == 2 and "only on loopback" in exposed.stderr
+
+
+def test_errors_a_retry_cannot_mend_tell_the_sdk_not_to_retry() -> None:
+    for error, status in ((TaskTimeout("late"), 504), (ResultTimeout("late"), 504), (Cancelled("gone"), 409),
+                          (PoisonMessage("poison"), 500)):
+        response = from_task_error(error).response()
+        assert response.status_code == status and response.headers["x-should-retry"] == "false", error
+    assert from_task_error(OutOfMemory("too big")).status == 400  # too big even alone: bad input for this device
+    away = from_task_error(InferqConnectionError("redis away")).response()  # a retry may well succeed
+    assert away.status_code == 503 and "x-should-retry" not in away.headers

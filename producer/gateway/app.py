@@ -6,6 +6,10 @@ request is validated as the task contract says before it is sent, so bad input n
 A streamed request whose client goes away is cancelled (``Client.cancel``): its generation stops.
 
 Stateless: every gateway process holds only its Redis connections, so several run behind a load balancer.
+Calls that wait on Redis (sending a task, the workers' status) run in threads, never on the event loop.
+Errors a retry cannot mend (a timeout whose task still runs, a poison message, a request too large for the
+device, a cancel) carry ``x-should-retry: false``, which the OpenAI SDKs obey: their default retries of
+5xx statuses would otherwise send the same work again behind the first.
 """
 
 from __future__ import annotations
@@ -13,43 +17,53 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-from collections.abc import AsyncIterator, Callable
+import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from producer.client import Client
+from producer.connection import ConnectionErrors
 from producer.errors import (
     Cancelled,
     InferqConnectionError,
     InferqError,
     InputTooLarge,
     InvalidInput,
+    OutOfMemory,
+    PoisonMessage,
     ResultTimeout,
     TaskTimeout,
     UnknownModel,
 )
 from producer.gateway import shapes
-from producer.settings import Settings
+from producer.settings import Settings, redact
 
 log = logging.getLogger(__name__)
 MODELS_TIMEOUT_S = 1.0  # how long GET /v1/models waits for the workers' replies
+MODELS_CACHE_S = 5.0  # and how long it answers from the last replies before asking again
+LOOPBACK_HOSTS = ["localhost", "127.0.0.1", "::1", "[::1]"]
 
 
 class GatewayError(Exception):
     """An error answered in OpenAI's shape, with its HTTP status."""
 
     def __init__(self, status: int, message: str, kind: str, code: str | None = None,
-                 param: str | None = None) -> None:
+                 param: str | None = None, retry: bool = True) -> None:
         super().__init__(message)
-        self.status, self.kind, self.code, self.param = status, kind, code, param
+        self.status, self.kind, self.code, self.param, self.retry = status, kind, code, param, retry
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": str(self), "type": self.kind, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
-        return JSONResponse({"error": {"message": str(self), "type": self.kind, "param": self.param,
-                                       "code": self.code}}, status_code=self.status)
+        headers = None if self.retry else {"x-should-retry": "false"}
+        return JSONResponse(self.body(), status_code=self.status, headers=headers)
 
 
 def from_task_error(exc: InferqError) -> GatewayError:
@@ -57,15 +71,15 @@ def from_task_error(exc: InferqError) -> GatewayError:
     name = type(exc).__name__
     if isinstance(exc, UnknownModel):
         return GatewayError(404, str(exc), "invalid_request_error", "model_not_found", "model")
-    if isinstance(exc, InvalidInput | InputTooLarge):
+    if isinstance(exc, InvalidInput | InputTooLarge | OutOfMemory):  # OutOfMemory: too large even alone
         return GatewayError(400, str(exc), "invalid_request_error", name)
     if isinstance(exc, ResultTimeout | TaskTimeout):
-        return GatewayError(504, str(exc), "timeout", name)
+        return GatewayError(504, str(exc), "timeout", name, retry=False)
     if isinstance(exc, InferqConnectionError):
         return GatewayError(503, str(exc), "service_unavailable", name)
     if isinstance(exc, Cancelled):
-        return GatewayError(409, str(exc), "cancelled", name)
-    return GatewayError(500, str(exc), "server_error", name)
+        return GatewayError(409, str(exc), "cancelled", name, retry=False)
+    return GatewayError(500, str(exc), "server_error", name, retry=not isinstance(exc, PoisonMessage))
 
 
 def create_app(settings: Settings, open_access: bool = False, client: Client | None = None) -> FastAPI:
@@ -75,7 +89,13 @@ def create_app(settings: Settings, open_access: bool = False, client: Client | N
         raise ValueError("the gateway has no API keys (INFERQ_GATEWAY__API_KEYS); set some, or run it open on "
                          "loopback")
     queue = client or Client(settings)
-    app = FastAPI(title="inferq gateway", docs_url=None, redoc_url=None)
+    app = FastAPI(title="inferq gateway", docs_url=None, redoc_url=None, openapi_url=None)
+    default_model = settings.models.default_alias("generate") or "default"  # what a chunk names without one
+    listed: dict[str, Any] = {"at": -MODELS_CACHE_S, "data": None}
+    if not keys:
+        # Open on loopback: a web page in the user's browser must not reach it. A cross-site form post is
+        # never application/json, and a DNS-rebound name is not a loopback host.
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=LOOPBACK_HOSTS)
 
     def caller(request: Request) -> str:
         """The name of the key the request carries ("open" without keys); GatewayError 401 otherwise."""
@@ -90,6 +110,8 @@ def create_app(settings: Settings, open_access: bool = False, client: Client | N
 
     async def body_of(request: Request) -> Any:
         caller(request)
+        if not keys and not request.headers.get("content-type", "").startswith("application/json"):
+            raise GatewayError(415, "send the body as application/json", "invalid_request_error")
         try:
             return orjson.loads(await request.body())
         except orjson.JSONDecodeError as exc:
@@ -108,30 +130,49 @@ def create_app(settings: Settings, open_access: bool = False, client: Client | N
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return GatewayError(exc.status_code, str(exc.detail), kind).response()
 
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("the gateway failed on a request")
+        return GatewayError(500, f"the gateway failed: {type(exc).__name__}", "server_error").response()
+
     @app.post("/v1/embeddings")
     async def embeddings(request: Request) -> Any:
         body = shapes.parse(shapes.EmbeddingsBody, await body_of(request))
-        result = await queue.submit("embed", **shapes.embed_kwargs(body)).wait()
-        return Response(orjson.dumps(shapes.embeddings_response(result, body.encoding_format)),
+        handle = await asyncio.to_thread(queue.submit, "embed", **shapes.embed_kwargs(body))
+        result = await handle.wait()
+        return Response(orjson.dumps(shapes.embeddings_response(result, body.encoding_format or "float")),
                         media_type="application/json")
 
     async def generate(request: Request, chat: bool) -> Any:
         raw = await body_of(request)
         if chat:
             body: Any = shapes.parse(shapes.ChatBody, raw)
-            kwargs = shapes.chat_kwargs(body)
+            kwargs = shapes.chat_kwargs(body, settings.limits.max_new_tokens)
         else:
             body = shapes.parse(shapes.CompletionBody, raw)
             kwargs = shapes.completion_kwargs(body)
+        prefix = "chatcmpl-" if chat else "cmpl-"
         if not body.stream:
-            handle = queue.submit("generate", **kwargs)
-            prefix = "chatcmpl-" if chat else "cmpl-"
-            result = await handle.wait()
+            handle = await asyncio.to_thread(queue.submit, "generate", **kwargs)
+            try:
+                result = await handle.wait()
+            except (ResultTimeout, asyncio.CancelledError):  # nobody will read it: stop the generation
+                _cancel_soon(queue, handle.id)
+                raise
             return shapes.Generation(id=prefix + handle.id, chat=chat).response(result)
-        stream = queue.stream_generate(**{key: value for key, value in kwargs.items() if value is not None})
-        include_usage = bool((body.stream_options or {}).get("include_usage"))
-        events = _events(stream, shapes.Generation(id=("chatcmpl-" if chat else "cmpl-") + stream.id, chat=chat),
-                         include_usage, queue.cancel)
+        stream = await asyncio.to_thread(queue.stream_generate, **kwargs)
+        generation = shapes.Generation(id=prefix + stream.id, chat=chat)
+        pieces = aiter(stream)
+        try:  # the first piece before the response starts: an error before it still gets its own status
+            first: str | None = await anext(pieces)
+        except StopAsyncIteration:
+            first = None
+        except BaseException:
+            _cancel_soon(queue, stream.id)
+            raise
+        model = body.model or default_model
+        events = _events(stream, pieces, first, generation, model, bool((body.stream_options or {}).get(
+            "include_usage")), queue)
         return StreamingResponse(events, media_type="text/event-stream",
                                  headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
 
@@ -146,8 +187,11 @@ def create_app(settings: Settings, open_access: bool = False, client: Client | N
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:
         caller(request)
-        replies = await asyncio.to_thread(queue.app.control.broadcast, "inferq_status", reply=True,
-                                          timeout=MODELS_TIMEOUT_S)
+        now = time.monotonic()
+        if now - listed["at"] >= MODELS_CACHE_S:
+            listed["data"] = await asyncio.to_thread(statuses, queue)
+            listed["at"] = now
+        replies: list[dict[str, Any]] = listed["data"]
         aliases: dict[str, set[str]] = {}
         for reply in replies:
             for status in reply.values():
@@ -161,36 +205,51 @@ def create_app(settings: Settings, open_access: bool = False, client: Client | N
     return app
 
 
+def statuses(queue: Client) -> list[dict[str, Any]]:
+    """The live workers' ``inferq_status`` replies."""
+    with ConnectionErrors(f"the broker at {redact(queue.settings.broker)}"):
+        replies: list[dict[str, Any]] = queue.app.control.broadcast("inferq_status", reply=True,
+                                                                    timeout=MODELS_TIMEOUT_S)
+    return replies
+
+
+def _cancel_soon(queue: Client, task_id: str) -> None:
+    """Cancel a generation from a thread, not waiting for it: this runs where its caller is being cancelled,
+    and any await there would be cancelled again."""
+
+    def cancel() -> None:
+        try:
+            queue.cancel(task_id)
+        except InferqError as exc:
+            log.warning("could not cancel %s (%s)", task_id, exc)
+
+    asyncio.get_running_loop().run_in_executor(None, cancel)
+
+
 def _sse(payload: Any) -> bytes:
     return b"data: " + (payload if isinstance(payload, bytes) else orjson.dumps(payload)) + b"\n\n"
 
 
-async def _events(stream: Any, generation: shapes.Generation, include_usage: bool,
-                  cancel: Callable[[str], None]) -> AsyncIterator[bytes]:
-    """A streamed generation as OpenAI's server-sent events; the generation is cancelled if the client goes."""
+async def _events(stream: Any, pieces: AsyncIterator[str], first: str | None, generation: shapes.Generation,
+                  model: str, include_usage: bool, queue: Client) -> AsyncIterator[bytes]:
+    """A streamed generation as OpenAI's server-sent events, from its first piece (read before the response
+    started) on; the generation is cancelled if the client goes away."""
     finished = False
     try:
-        model = "pending"
-        first = True
-        async for piece in stream:
-            model = stream.model or model
-            yield _sse(generation.chunk(model, piece, first=first))
-            first = False
-        model = stream.model or model
-        if first:  # not a single piece of text (an empty completion): the role still comes first
-            yield _sse(generation.chunk(model, first=True))
-        yield _sse(generation.chunk(model, finish_reason=stream.finish_reason))
+        yield _sse(generation.chunk(model, first, first=True))
+        async for piece in pieces:
+            yield _sse(generation.chunk(model, piece))
+        yield _sse(generation.chunk(stream.model or model, finish_reason=stream.finish_reason))
         if include_usage:
             result = {"prompt_tokens": stream.prompt_tokens or 0, "completion_tokens": stream.completion_tokens or 0}
             yield _sse(generation.chunk(model, usage={**result, "total_tokens": sum(result.values())}))
         finished = True
         yield _sse(b"[DONE]")
     except InferqError as exc:  # mid-stream the status is sent already: the error is the last event
-        finished = True
-        error = from_task_error(exc)
-        yield _sse({"error": {"message": str(error), "type": error.kind, "param": error.param, "code": error.code}})
+        finished = not isinstance(exc, ResultTimeout)  # a timeout leaves the generation running: cancel it
+        yield _sse(from_task_error(exc).body())
         yield _sse(b"[DONE]")
     finally:
-        if not finished:  # the client went away (the response was cancelled): stop its generation
-            log.info("the client of %s went away; cancelling it", stream.id)
-            cancel(stream.id)
+        if not finished:  # the client went away (the response was cancelled), or gave up: stop its generation
+            log.info("the client of %s is gone; cancelling it", stream.id)
+            _cancel_soon(queue, stream.id)

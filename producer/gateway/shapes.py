@@ -1,8 +1,10 @@
 """OpenAI request bodies to inferq task kwargs, and inferq results to OpenAI responses.
 
 Only what inferq can honour is accepted: a field it cannot keep (``n`` > 1, token-id inputs, ``dimensions``,
-tools, log probabilities) is refused with InvalidInput naming it, never silently dropped. Fields that change
-nothing about the answer (``user``, ``stream_options`` other than ``include_usage``) are accepted.
+tools, log probabilities) is refused with InvalidInput naming it. A field given as null means its default,
+as OpenAI reads it; the no-op values of refused fields (``tool_choice: "none"``, ``response_format`` of
+type text) pass, and other fields that change nothing about the answer (``user``, ``metadata``, ``store``,
+...) are ignored.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from producer.errors import InvalidInput
 UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "logprobs", "top_logprobs", "logit_bias",
                "response_format", "presence_penalty", "frequency_penalty", "best_of", "echo", "suffix",
                "audio", "modalities", "prediction")
+NO_OPS: dict[str, Any] = {"tool_choice": "none", "response_format": {"type": "text"}, "presence_penalty": 0,
+                          "frequency_penalty": 0, "best_of": 1}
 
 
 class _Body(BaseModel):
@@ -33,18 +37,18 @@ class _Body(BaseModel):
 
 class EmbeddingsBody(_Body):
     input: str | list[str] | list[int] | list[list[int]]
-    encoding_format: Literal["float", "base64"] = "float"
+    encoding_format: Literal["float", "base64"] | None = None
     dimensions: int | None = None
 
 
 class _GenerateBody(_Body):
-    # OpenAI's defaults: sampled at temperature 1 unless asked otherwise
-    temperature: float = 1.0
-    top_p: float = 1.0
+    # None is each field's OpenAI default: sampled at temperature 1, top_p 1, one choice, not streamed
+    temperature: float | None = None
+    top_p: float | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
-    n: int = 1
-    stream: bool = False
+    n: int | None = None
+    stream: bool | None = None
     stream_options: dict[str, Any] | None = None
 
 
@@ -56,7 +60,7 @@ class ChatBody(_GenerateBody):
 
 class CompletionBody(_GenerateBody):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int = 16  # the completions API's own default
+    max_tokens: int | None = None  # None: 16, the completions API's own default
 
 
 def parse(shape: type[_Body], body: Any) -> Any:
@@ -68,7 +72,8 @@ def parse(shape: type[_Body], body: Any) -> Any:
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, error['loc'])) or 'body'}: {error['msg']}" for error in exc.errors())
         raise InvalidInput(problems) from None
-    refused = [name for name in UNSUPPORTED if body.get(name) not in (None, False, [], {})]
+    refused = [name for name in UNSUPPORTED
+               if body.get(name) not in (None, False, [], {}) and body.get(name) != NO_OPS.get(name)]
     if refused:
         raise InvalidInput(f"{', '.join(refused)}: not supported by inferq")
     return parsed
@@ -99,14 +104,17 @@ def embeddings_response(result: EmbedResult, encoding: str) -> dict[str, Any]:
 
 
 def _sampling(body: _GenerateBody) -> dict[str, Any]:
-    if body.n != 1:
+    if body.n not in (None, 1):
         raise InvalidInput(f"n: only 1 completion per request is supported; got {body.n}")
     stop = [body.stop] if isinstance(body.stop, str) else body.stop
-    return {"temperature": body.temperature, "top_p": body.top_p, "stop": stop or None, "seed": body.seed,
+    return {"temperature": 1.0 if body.temperature is None else body.temperature,
+            "top_p": 1.0 if body.top_p is None else body.top_p, "stop": stop or None, "seed": body.seed,
             "model": body.model}
 
 
-def chat_kwargs(body: ChatBody) -> dict[str, Any]:
+def chat_kwargs(body: ChatBody, default_max_tokens: int) -> dict[str, Any]:
+    """``default_max_tokens``: what a chat without max_tokens may generate (OpenAI's: up to the model's
+    limit; here the worker's ``max_new_tokens`` limit)."""
     messages = []
     for index, message in enumerate(body.messages):
         content = message.get("content")
@@ -119,7 +127,7 @@ def chat_kwargs(body: ChatBody) -> dict[str, Any]:
             role = "system"
         messages.append({"role": role, "content": content})
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    return {"messages": messages, **({"max_new_tokens": max_tokens} if max_tokens is not None else {}),
+    return {"messages": messages, "max_new_tokens": default_max_tokens if max_tokens is None else max_tokens,
             **_sampling(body)}
 
 
@@ -129,7 +137,8 @@ def completion_kwargs(body: CompletionBody) -> dict[str, Any]:
         if len(prompt) != 1 or not isinstance(prompt[0], str):
             raise InvalidInput("prompt: send one string (token ids and several prompts are not supported)")
         prompt = prompt[0]
-    return {"prompt": prompt, "max_new_tokens": body.max_tokens, **_sampling(body)}
+    return {"prompt": prompt, "max_new_tokens": 16 if body.max_tokens is None else body.max_tokens,
+            **_sampling(body)}
 
 
 def usage(result: GenerateResult) -> dict[str, int]:
