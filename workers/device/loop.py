@@ -126,6 +126,8 @@ class DeviceLoop:
                  clock: Callable[[], float] = time.monotonic, cache_budget: int | None = None) -> None:
         self._kinds = kinds
         self._cache_budget = cache_budget  # bytes the stepped batches under way may reserve; None: unbounded
+        self._cache_per_token = {key: kind.cache_bytes_per_token for key, kind in kinds.items()
+                                 if isinstance(kind, SteppedKind)}
         self._cache_reserved = 0  # what they reserved at the end of the last turn (read by stats())
         self._queues: dict[str, BatchQueue[_Job]] = {key: BatchQueue(kind.limits) for key, kind in kinds.items()}
         self._clock = clock
@@ -257,7 +259,9 @@ class DeviceLoop:
             batch = queue.take(room=room, alone=not self._running)
             if not batch:  # no room in the cache for its oldest request: it waits for rows to finish
                 return None
-            return key, batch, into if into is not None and self._fits(into, batch) else None
+            fits = into is not None and self._fits(into, sum(waiting.items for waiting in batch),
+                                                   max(waiting.longest for waiting in batch))
+            return key, batch, into if fits else None
         assert into is not None  # _may_take: at max_running, only a batch with room lets this key take
         batch = queue.take(joining=into.live(), room=None if room is None else room + into.tokens(), alone=False)
         return (key, batch, into) if batch else None
@@ -286,23 +290,21 @@ class DeviceLoop:
         best = max(room, default=None)
         return self._running[best[1]] if best is not None and best[0] > 0 else None
 
-    def _fits(self, into: _Running, batch: list[Waiting[_Job]]) -> bool:
-        live, longest = into.live()
-        items = live + sum(waiting.items for waiting in batch)
-        return not self._kinds[into.key].limits.over(items, max([longest, *(waiting.longest for waiting in batch)]))
+    def _fits(self, into: _Running, items: int, longest: int) -> bool:
+        """Whether ``items`` more requests, the longest of ``longest`` tokens, fit into ``into``'s limits."""
+        live, its_longest = into.live()
+        return not self._kinds[into.key].limits.over(live + items, max(its_longest, longest))
 
     def _cache_room(self, key: str) -> int | None:
         """Padded tokens of this key's requests the cache budget has left room for; None: no budget applies."""
-        kind = self._kinds[key]
-        if self._cache_budget is None or not isinstance(kind, SteppedKind) or kind.cache_bytes_per_token <= 0:
+        per_token = self._cache_per_token.get(key, 0)
+        if self._cache_budget is None or per_token <= 0:
             return None
-        return max(0, self._cache_budget - self._reserved(self._running)) // kind.cache_bytes_per_token
+        return max(0, self._cache_budget - self._reserved(self._running)) // per_token
 
     def _reserved(self, running: list[_Running]) -> int:
         """Bytes of cache these batches may come to hold."""
-        per_token = {key: kind.cache_bytes_per_token for key, kind in self._kinds.items()
-                     if isinstance(kind, SteppedKind)}
-        return sum(batch.tokens() * per_token[batch.key] for batch in running)
+        return sum(batch.tokens() * self._cache_per_token[batch.key] for batch in running)
 
     def _sleep(self, now: float) -> float | None:
         waits = [w for w in (q.seconds_until_ready(now) for q in self._queues.values()) if w is not None]
@@ -341,12 +343,13 @@ class DeviceLoop:
         started.target = None
         if into is None or into not in self._running or into.stepping.prefilling or not started.jobs:
             return
-        live, longest = into.live()
-        items, its_longest = started.live()
-        merged_items, merged_longest = live + items, max(longest, its_longest)
+        items, longest = started.live()
+        if not self._fits(into, items, longest):
+            return
+        # the merged batch reserves (all its rows) x (the longest of them); the two it replaces give theirs back
+        live, its_longest = into.live()
         room = self._cache_room(key)
-        if self._kinds[key].limits.over(merged_items, merged_longest) or (
-                room is not None and merged_items * merged_longest > room + into.tokens() + started.tokens()):
+        if room is not None and (live + items) * max(its_longest, longest) > room + into.tokens() + started.tokens():
             return
         try:
             indices = into.stepping.absorb(started.stepping)
