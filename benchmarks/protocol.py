@@ -21,8 +21,10 @@ _EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
 _ORIGIN = f"gen{os.getpid()}@{socket.gethostname()}"
 
 
-def task_message(task: str, queue: str, kwargs: dict[str, Any], task_id: str | None = None) -> tuple[str, bytes]:
-    """(task id, the list entry to LPUSH onto ``queue``) for one ``task`` call with ``kwargs``."""
+def task_message(task: str, queue: str, kwargs: dict[str, Any], task_id: str | None = None,
+                 priority: int = 0) -> tuple[str, bytes]:
+    """(task id, the list entry to LPUSH onto ``queue``'s list for ``priority``, ``queue_keys``) for one
+    ``task`` call with ``kwargs``."""
     task_id = task_id or str(uuid.uuid4())
     body = base64.b64encode(orjson.dumps([[], kwargs, _EMBED])).decode()
     headers: dict[str, Any] = {
@@ -33,7 +35,7 @@ def task_message(task: str, queue: str, kwargs: dict[str, Any], task_id: str | N
     }
     properties: dict[str, Any] = {
         "correlation_id": task_id, "reply_to": str(uuid.uuid4()), "delivery_mode": 2,
-        "delivery_info": {"exchange": "", "routing_key": queue}, "priority": 0, "body_encoding": "base64",
+        "delivery_info": {"exchange": "", "routing_key": queue}, "priority": priority, "body_encoding": "base64",
         "delivery_tag": str(uuid.uuid4()),
     }
     envelope = {"body": body, "content-encoding": "utf-8", "content-type": "application/json",

@@ -25,14 +25,17 @@ from producer.app import make_celery
 from producer.coalesce import Coalescer
 from producer.connection import ConnectionErrors
 from producer.contract import (
+    LANE_PRIORITY,
+    LANES,
     ClassifyResult,
     EmbedResult,
     GenerateResult,
+    Lane,
     queue_name,
     task_name,
     validate,
 )
-from producer.errors import ResultTimeout
+from producer.errors import InvalidInput, ResultTimeout
 from producer.settings import Kind, Settings, redact
 from producer.streaming import GenerationStream, request_cancel
 
@@ -148,19 +151,25 @@ class Client:
 
     # --- generic --------------------------------------------------------------------------------------
 
-    def submit(self, kind: Kind, **kwargs: Any) -> Handle[Any]:
-        """Validate kwargs against the contract and enqueue them; None values are left out."""
+    def submit(self, kind: Kind, *, priority: Lane = "interactive", **kwargs: Any) -> Handle[Any]:
+        """Validate kwargs against the contract and enqueue them; None values are left out.
+
+        ``priority``: ``"bulk"`` work waits behind every interactive message of its queue, in Redis and on
+        the device (for jobs nobody is waiting on: files, backfills); interactive is the default."""
+        if priority not in LANE_PRIORITY:
+            raise InvalidInput(f"priority must be one of {', '.join(LANES)}, not {priority!r}")
         sent = {key: value for key, value in kwargs.items() if value is not None}
         validate(kind, sent, self.settings.limits)
         if self._coalescer is not None and kind != "generate":
             options = {key: value for key, value in sent.items() if key != "texts"}
-            future = self._coalescer.submit(kind, sent["texts"], options)
+            future = self._coalescer.submit(kind, sent["texts"], options, LANE_PRIORITY[priority])
             return FutureHandle(future, self.settings.result_timeout)
-        return self._send(kind, sent)
+        return self._send(kind, sent, LANE_PRIORITY[priority])
 
-    def _send(self, kind: Kind, kwargs: dict[str, Any]) -> Handle[Any]:
+    def _send(self, kind: Kind, kwargs: dict[str, Any], priority: int = 0) -> Handle[Any]:
         with ConnectionErrors(f"the broker or result backend at {_both(self.settings)}"):
-            result = self.app.send_task(task_name(kind), kwargs=kwargs, queue=queue_name(kind))
+            result = self.app.send_task(task_name(kind), kwargs=kwargs, queue=queue_name(kind),
+                                        priority=priority or None)  # none: what any Celery client sends
         return Handle(result, self.settings.result_timeout, self.settings.backend)
 
     def handle(self, task_id: str) -> Handle[Any]:
@@ -188,40 +197,44 @@ class Client:
 
     # --- embed ----------------------------------------------------------------------------------------
 
-    def submit_embed(self, texts: Sequence[str], *, model: str | None = None,
-                     normalize: bool = True) -> Handle[EmbedResult]:
-        return self.submit("embed", texts=_as_list(texts), model=model, normalize=normalize)
+    def submit_embed(self, texts: Sequence[str], *, model: str | None = None, normalize: bool = True,
+                     priority: Lane = "interactive") -> Handle[EmbedResult]:
+        return self.submit("embed", priority=priority, texts=_as_list(texts), model=model, normalize=normalize)
 
     def embed(self, texts: Sequence[str], *, model: str | None = None, normalize: bool = True,
-              timeout: float | None = None) -> EmbedResult:
-        return self.submit_embed(texts, model=model, normalize=normalize).get(timeout)
+              timeout: float | None = None, priority: Lane = "interactive") -> EmbedResult:
+        return self.submit_embed(texts, model=model, normalize=normalize, priority=priority).get(timeout)
 
     async def aembed(self, texts: Sequence[str], *, model: str | None = None, normalize: bool = True,
-                     timeout: float | None = None) -> EmbedResult:
-        return await self.submit_embed(texts, model=model, normalize=normalize).wait(timeout)
+                     timeout: float | None = None, priority: Lane = "interactive") -> EmbedResult:
+        return await self.submit_embed(texts, model=model, normalize=normalize, priority=priority).wait(timeout)
 
     # --- classify -------------------------------------------------------------------------------------
 
     def submit_classify(self, texts: Sequence[str], *, labels: Sequence[str] | None = None, top_k: int = 1,
-                        model: str | None = None) -> Handle[ClassifyResult]:
-        return self.submit("classify", texts=_as_list(texts),
+                        model: str | None = None, priority: Lane = "interactive") -> Handle[ClassifyResult]:
+        return self.submit("classify", priority=priority, texts=_as_list(texts),
                            labels=_as_list(labels) if labels is not None else None, top_k=top_k, model=model)
 
     def classify(self, texts: Sequence[str], *, labels: Sequence[str] | None = None, top_k: int = 1,
-                 model: str | None = None, timeout: float | None = None) -> ClassifyResult:
-        return self.submit_classify(texts, labels=labels, top_k=top_k, model=model).get(timeout)
+                 model: str | None = None, timeout: float | None = None,
+                 priority: Lane = "interactive") -> ClassifyResult:
+        return self.submit_classify(texts, labels=labels, top_k=top_k, model=model, priority=priority).get(timeout)
 
     async def aclassify(self, texts: Sequence[str], *, labels: Sequence[str] | None = None, top_k: int = 1,
-                        model: str | None = None, timeout: float | None = None) -> ClassifyResult:
-        return await self.submit_classify(texts, labels=labels, top_k=top_k, model=model).wait(timeout)
+                        model: str | None = None, timeout: float | None = None,
+                        priority: Lane = "interactive") -> ClassifyResult:
+        return await self.submit_classify(texts, labels=labels, top_k=top_k, model=model,
+                                          priority=priority).wait(timeout)
 
     # --- generate -------------------------------------------------------------------------------------
 
     def submit_generate(self, prompt: str | None = None, *, messages: Sequence[dict[str, str]] | None = None,
                         max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
                         stop: Sequence[str] | None = None, seed: int | None = None,
-                        model: str | None = None, stream: bool = False) -> Handle[GenerateResult]:
-        return self.submit("generate", prompt=prompt,
+                        model: str | None = None, stream: bool = False,
+                        priority: Lane = "interactive") -> Handle[GenerateResult]:
+        return self.submit("generate", priority=priority, prompt=prompt,
                            messages=[dict(m) for m in messages] if messages is not None else None,
                            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                            stop=_as_list(stop) if stop is not None else None, seed=seed, model=model,

@@ -54,6 +54,7 @@ class _Call:
 class _Group:
     kind: Kind
     options: dict[str, Any]
+    priority: int
     opened: float
     calls: list[_Call] = field(default_factory=list)
 
@@ -79,7 +80,7 @@ def split_result(kind: Kind, result: dict[str, Any], sizes: list[int]) -> list[d
 
 class Coalescer:
     def __init__(self, app: Celery, window: float, max_texts: int,
-                 send_alone: Callable[[Kind, dict[str, Any]], Any]) -> None:
+                 send_alone: Callable[[Kind, dict[str, Any], int], Any]) -> None:
         self._app = app
         self._window = window
         self._max_texts = max_texts
@@ -94,9 +95,9 @@ class Coalescer:
         self._thread = threading.Thread(target=self._run, name="inferq-coalescer", daemon=True)
         self._thread.start()
 
-    def submit(self, kind: Kind, texts: list[str], options: dict[str, Any]) -> Future[Any]:
+    def submit(self, kind: Kind, texts: list[str], options: dict[str, Any], priority: int = 0) -> Future[Any]:
         future: Future[Any] = Future()
-        key = (kind, tuple(sorted((k, _hashable(v)) for k, v in options.items())))
+        key = (kind, priority, tuple(sorted((k, _hashable(v)) for k, v in options.items())))
         with self._lock:
             if self._closed:
                 raise RuntimeError("the client is closed")
@@ -105,7 +106,7 @@ class Coalescer:
                 self._full.append(self._open.pop(key))
                 group = None
             if group is None:
-                group = self._open[key] = _Group(kind, options, time.monotonic())
+                group = self._open[key] = _Group(kind, options, priority, time.monotonic())
             group.calls.append(_Call(list(texts), future))
             self._lock.notify()
         return future
@@ -159,7 +160,7 @@ class Coalescer:
         try:
             with ConnectionErrors(self._broker):
                 self._app.send_task(task_name(group.kind), kwargs={**group.options, "texts": texts},
-                                    queue=queue_name(group.kind), task_id=task_id)
+                                    queue=queue_name(group.kind), task_id=task_id, priority=group.priority or None)
         except Exception as exc:  # each caller gets the error a call of its own would have raised
             for call in group.calls:
                 call.future.set_exception(exc)
@@ -236,7 +237,8 @@ class Coalescer:
         handles = []
         for call in group.calls:
             try:
-                handles.append((call, self._send_alone(group.kind, {**group.options, "texts": call.texts})))
+                handles.append((call, self._send_alone(group.kind, {**group.options, "texts": call.texts},
+                                                       group.priority)))
             except InferqError as exc:
                 call.future.set_exception(exc)
         for call, handle in handles:

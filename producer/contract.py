@@ -31,6 +31,30 @@ def queue_name(kind: Kind) -> str:
     return kind
 
 
+# Two lanes, as the message's priority property: Kombu's Redis transport keeps a queue's messages of each
+# priority step (0, 3, 6, 9) in lists of their own and a worker takes from step 0's first, so bulk work waits
+# behind interactive work in Redis; the device takes lower priorities first among what a worker holds.
+# A message without a priority (every ordinary Celery client's) is interactive.
+Lane = Literal["interactive", "bulk"]
+LANES: tuple[Lane, ...] = ("interactive", "bulk")
+LANE_PRIORITY: dict[Lane, int] = {"interactive": 0, "bulk": 9}
+PRIORITY_STEPS = (0, 3, 6, 9)  # Kombu's default steps, which both sides use
+PRIORITY_SEP = "\x06\x16"  # Kombu's separator between a queue's name and its step
+
+
+def queue_keys(queue: str) -> list[str]:
+    """The Redis lists of a queue, one per priority step, in the order a worker takes from them."""
+    return [queue if step == 0 else f"{queue}{PRIORITY_SEP}{step}" for step in PRIORITY_STEPS]
+
+
+def message_priority(value: Any) -> int:
+    """A message's priority property as the device orders it: 0 (first) to 9, anything unreadable 0,
+    as Kombu files it."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return 0
+    return max(0, min(9, int(value)))
+
+
 STREAM_PREFIX = "inferq:stream:"
 CANCEL_PREFIX = "inferq:cancel:"
 CANCEL_CHANNEL = "inferq:cancel"

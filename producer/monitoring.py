@@ -16,16 +16,8 @@ from prometheus_client.core import REGISTRY, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from producer.app import make_celery
-from producer.contract import queue_name
+from producer.contract import PRIORITY_STEPS, queue_keys, queue_name
 from producer.settings import KINDS, Settings
-
-# Kombu's Redis transport keeps a queue's messages of priority p > 0 in a list named queue + SEP + p.
-PRIORITY_SEP = "\x06\x16"
-PRIORITY_STEPS = (0, 3, 6, 9)
-
-
-def queue_keys(queue: str) -> list[str]:
-    return [queue if step == 0 else f"{queue}{PRIORITY_SEP}{step}" for step in PRIORITY_STEPS]
 
 
 class QueueDepthCollector(Collector):

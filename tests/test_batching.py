@@ -111,3 +111,36 @@ def test_chunks_sort_by_length_and_respect_both_budgets() -> None:
     assert sorted(i for chunk in chunks for i in chunk) == list(range(len(lengths)))
     assert plan_chunks([], max_items=3, max_tokens=10) == []
     assert plan_chunks([500], max_items=3, max_tokens=10) == [[0]]  # alone over budget still runs
+
+
+def test_lower_priorities_go_first_and_age_orders_within_a_priority() -> None:
+    q = queue(max_items=3)
+    q.put("bulk-old", items=1, longest=5, now=1.000, priority=9)
+    q.put("bulk-new", items=1, longest=5, now=1.001, priority=9)
+    q.put("interactive", items=1, longest=5, now=1.002)
+    q.put("middle", items=1, longest=5, now=1.003, priority=3)
+    assert len(q) == 4
+    assert q.oldest_arrival() == 1.000
+    assert [w.payload for w in q.take()] == ["interactive", "middle", "bulk-old"]
+    assert [w.payload for w in q.take()] == ["bulk-new"]
+    assert len(q) == 0 and q.oldest_arrival() is None
+
+
+def test_a_waiting_bulk_request_still_makes_a_batch_ready() -> None:
+    q = queue(max_items=8, max_wait=0.010)
+    q.put("bulk", items=1, longest=5, now=1.000, priority=9)
+    q.put("interactive", items=1, longest=5, now=1.008)
+    assert not q.ready(1.009)
+    assert q.seconds_until_ready(1.009) == pytest.approx(0.001)
+    assert q.ready(1.010)
+    assert [w.payload for w in q.take()] == ["interactive", "bulk"]
+
+
+def test_expire_reaches_every_priority() -> None:
+    q = queue()
+    q.put("interactive", items=1, longest=5, now=1.0, deadline=2.0)
+    q.put("bulk", items=1, longest=5, now=1.0, deadline=2.0, priority=9)
+    q.put("bulk-later", items=1, longest=5, now=1.0, deadline=5.0, priority=9)
+    assert sorted(w.payload for w in q.expire(3.0)) == ["bulk", "interactive"]
+    assert len(q) == 1
+    assert [w.payload for w in q.take()] == ["bulk-later"]

@@ -24,7 +24,8 @@ import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from producer.client import Client
-from producer.monitoring import PRIORITY_SEP, QueueDepthCollector
+from producer.contract import PRIORITY_SEP
+from producer.monitoring import QueueDepthCollector
 from tests.conftest import ARTIFACTS, REDIS_HOST, REDIS_PORT, REDIS_URL, ROOT, WorkerProcess, free_port
 
 pytestmark = pytest.mark.integration

@@ -9,6 +9,9 @@ Rules (after Ray Serve's _BatchQueue and text-embeddings-inference's queue):
   input times the count) or when its oldest request has waited ``max_wait`` seconds;
 - a batch takes requests oldest first, never splitting one: a request with many texts counts by its texts;
   the oldest request always goes in, even if it alone is over the budget (it runs in sub-batches);
+- priority before age: requests of a lower ``priority`` number (the interactive lane, 0) go in before any
+  of a higher one (bulk, 9), so bulk work a receiver already holds never makes an interactive request wait
+  for more than the batch already running;
 - requests whose deadline has passed are handed back by ``expire`` and never run;
 - a batch that is to join a running one (continuous batching) is taken within what the running one leaves;
 - a batch is taken within the room the device's cache has left (``room``), and waits when nothing fits.
@@ -17,6 +20,7 @@ Rules (after Ray Serve's _BatchQueue and text-embeddings-inference's queue):
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -48,34 +52,52 @@ class Waiting(Generic[T]):
     arrived: float
     deadline: float | None = None
     sequence: int = field(default=0, compare=False)
+    priority: int = 0  # lower goes first: 0 interactive, 9 bulk (the message's priority)
 
 
 class BatchQueue(Generic[T]):
     def __init__(self, limits: BatchLimits) -> None:
         self.limits = limits
-        self._waiting: deque[Waiting[T]] = deque()
+        self._lanes: dict[int, deque[Waiting[T]]] = {}  # priority -> its requests, oldest first
         self._sequence = 0
+        self._count = 0
 
     def __len__(self) -> int:
-        return len(self._waiting)
+        return self._count
 
-    def put(self, payload: T, items: int, longest: int, now: float, deadline: float | None = None) -> None:
+    def put(self, payload: T, items: int, longest: int, now: float, deadline: float | None = None,
+            priority: int = 0) -> None:
         if items < 1:
             raise ValueError("a request carries at least one item")
         self._sequence += 1
-        self._waiting.append(Waiting(payload, items, max(longest, 1), now, deadline, self._sequence))
+        if priority not in self._lanes:
+            self._lanes = dict(sorted({**self._lanes, priority: deque()}.items()))  # kept in priority order
+        self._lanes[priority].append(Waiting(payload, items, max(longest, 1), now, deadline, self._sequence,
+                                             priority))
+        self._count += 1
+
+    def _in_order(self) -> Iterator[Waiting[T]]:
+        """The waiting requests in the order a batch takes them: by priority, then oldest first."""
+        for lane in self._lanes.values():
+            yield from lane
+
+    def _head(self) -> deque[Waiting[T]] | None:
+        """The lane whose first request a batch takes next."""
+        return next((lane for lane in self._lanes.values() if lane), None)
 
     def oldest_arrival(self) -> float | None:
-        return self._waiting[0].arrived if self._waiting else None
+        heads = [lane[0].arrived for lane in self._lanes.values() if lane]
+        return min(heads) if heads else None
 
     def ready(self, now: float) -> bool:
         """Whether a batch should run now: full, or its oldest request has waited long enough."""
-        if not self._waiting:
+        oldest = self.oldest_arrival()
+        if oldest is None:
             return False
-        if now - self._waiting[0].arrived >= self.limits.max_wait:
+        if now - oldest >= self.limits.max_wait:
             return True
         items = longest = 0
-        for waiting in self._waiting:
+        for waiting in self._in_order():
             items += waiting.items
             longest = max(longest, waiting.longest)
             if items >= self.limits.max_items or items * longest >= self.limits.max_tokens:
@@ -84,11 +106,12 @@ class BatchQueue(Generic[T]):
 
     def seconds_until_ready(self, now: float) -> float | None:
         """How long until the oldest request's wait runs out (0 if ready); None when empty."""
-        if not self._waiting:
+        oldest = self.oldest_arrival()
+        if oldest is None:
             return None
         if self.ready(now):
             return 0.0
-        return max(0.0, self._waiting[0].arrived + self.limits.max_wait - now)
+        return max(0.0, oldest + self.limits.max_wait - now)
 
     def take(self, joining: tuple[int, int] = (0, 0), room: int | None = None, alone: bool = True) -> list[Waiting[T]]:
         """The next batch, oldest first, within the item and padded-token budgets.
@@ -100,8 +123,8 @@ class BatchQueue(Generic[T]):
         device: then the oldest goes in whatever its size (waiting would not make room)."""
         batch: list[Waiting[T]] = []
         items, longest = joining
-        while self._waiting:
-            candidate = self._waiting[0]
+        while (lane := self._head()) is not None:
+            candidate = lane[0]
             new_items = items + candidate.items
             new_longest = max(longest, candidate.longest)
             first_alone = not batch and joining == (0, 0)
@@ -109,16 +132,19 @@ class BatchQueue(Generic[T]):
                 break
             if room is not None and new_items * new_longest > room and not (first_alone and alone):
                 break
-            batch.append(self._waiting.popleft())
+            batch.append(lane.popleft())
+            self._count -= 1
             items, longest = new_items, new_longest
         return batch
 
     def expire(self, now: float) -> list[Waiting[T]]:
         """Remove and return the requests whose deadline has passed; they must not run."""
-        if not any(w.deadline is not None and w.deadline <= now for w in self._waiting):
+        if not any(w.deadline is not None and w.deadline <= now for w in self._in_order()):
             return []
-        expired = [w for w in self._waiting if w.deadline is not None and w.deadline <= now]
-        self._waiting = deque(w for w in self._waiting if w.deadline is None or w.deadline > now)
+        expired = [w for w in self._in_order() if w.deadline is not None and w.deadline <= now]
+        for priority, lane in self._lanes.items():
+            self._lanes[priority] = deque(w for w in lane if w.deadline is None or w.deadline > now)
+        self._count -= len(expired)
         return expired
 
 

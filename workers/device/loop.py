@@ -145,14 +145,15 @@ class DeviceLoop:
     # --- task threads ---------------------------------------------------------------------------------
 
     def submit(self, key: str, payload: Any, items: int, longest: int, timeout: float,
-               progress: Callable[[list[Any]], None] | None = None) -> Future[Any]:
+               progress: Callable[[list[Any]], None] | None = None, priority: int = 0) -> Future[Any]:
+        """Queue a request; ``priority`` is its message's (lower runs first: 0 interactive, 9 bulk)."""
         future: Future[Any] = Future()
         now = self._clock()
         with self._wake:
             if self._stopping:
                 raise RuntimeError("the device loop is stopping")
             self._queues[key].put(_Job(payload, future, timeout, now + timeout, longest, progress), items, longest,
-                                  now, deadline=now + timeout)
+                                  now, deadline=now + timeout, priority=priority)
             self._wake.notify()
         return future
 

@@ -64,7 +64,7 @@ class RemoteDevice:
         threading.Thread(target=self._read_loop, name="inferq-device-reader", daemon=True).start()
 
     def submit(self, key: str, payload: Any, items: int, longest: int, timeout: float,
-               progress: Callable[[list[Any]], None] | None = None) -> Future[Any]:
+               progress: Callable[[list[Any]], None] | None = None, priority: int = 0) -> Future[Any]:
         future: Future[Any] = Future()
         now = time.monotonic()
         with self._wake:
@@ -74,7 +74,8 @@ class RemoteDevice:
             if progress is not None:
                 self._progress[request_id] = progress
             # the deadline travels as the time left when sent: the device process's clock starts then
-            self._waiting.append((request_id, key, payload, items, longest, now + timeout, progress is not None))
+            self._waiting.append((request_id, key, payload, items, longest, now + timeout, progress is not None,
+                                  priority))
             if not getattr(self._held, "on", False):
                 self._send_at = now
                 self._wake.notify()
@@ -147,8 +148,8 @@ class RemoteDevice:
                         return
                     waiting, self._waiting = list(self._waiting), collections.deque()
                 now = time.monotonic()
-                submits = [(rid, key, payload, items, longest, deadline - now, progress)
-                           for rid, key, payload, items, longest, deadline, progress in
+                submits = [(rid, key, payload, items, longest, deadline - now, progress, priority)
+                           for rid, key, payload, items, longest, deadline, progress, priority in
                            (item for item in waiting if not isinstance(item[0], str))]
                 if submits:
                     self._conn.send(("submit", submits))

@@ -208,10 +208,10 @@ class Runtime:
 
     # --- serving (task threads) -----------------------------------------------------------------------
 
-    def handle(self, kind: Kind, args: Any, kwargs: Any, task_id: str | None = None) -> Result:
+    def handle(self, kind: Kind, args: Any, kwargs: Any, task_id: str | None = None, priority: int = 0) -> Result:
         """Validate and tokenise here, run on the device loop, build the result here (a task thread's path)."""
         try:
-            result = self._handle(kind, args, kwargs, task_id)
+            result = self._handle(kind, args, kwargs, task_id, priority)
         except BaseException as exc:
             if kind == "generate" and task_id is not None:
                 self.settle(task_id, stream_requested(kwargs), exc)
@@ -220,8 +220,8 @@ class Runtime:
             self.settle(task_id, stream_requested(kwargs), result)
         return result
 
-    def _handle(self, kind: Kind, args: Any, kwargs: Any, task_id: str | None) -> Result:
-        pending = self.begin(kind, args, kwargs, task_id)
+    def _handle(self, kind: Kind, args: Any, kwargs: Any, task_id: str | None, priority: int) -> Result:
+        pending = self.begin(kind, args, kwargs, task_id, priority)
         try:
             outcome = pending.future.result(timeout=pending.limit)
         except FutureTimeout:
@@ -233,8 +233,9 @@ class Runtime:
             raise self.out_of_memory(pending, exc) from None
         return pending.build(outcome)
 
-    def begin(self, kind: Kind, args: Any, kwargs: Any, task_id: str | None = None) -> Pending:
+    def begin(self, kind: Kind, args: Any, kwargs: Any, task_id: str | None = None, priority: int = 0) -> Pending:
         """Validate and tokenise a request and hand it to the device loop; raises InferqError for bad input.
+        ``priority`` is its message's: the device takes lower first (0 interactive, 9 bulk).
         The caller waits on the future (or is called back), then builds the result with `build`; a generate
         request with a ``task_id`` is then ``settle``d with its outcome (its stream's end, and no longer
         cancellable)."""
@@ -244,10 +245,10 @@ class Runtime:
             log.critical("fault_crash_on_text matched a %s request: exiting as a crash would", kind)
             os._exit(86)
         if isinstance(request, EmbedRequest):
-            return self._embed(request)
+            return self._embed(request, priority)
         if isinstance(request, ClassifyRequest):
-            return self._classify(request)
-        return self._generate(request, task_id)
+            return self._classify(request, priority)
+        return self._generate(request, task_id, priority)
 
     def settle(self, task_id: str, stream: bool, outcome: Any) -> None:
         """A generate task's outcome (its result, or the exception it fails with), before it is stored;
@@ -290,18 +291,19 @@ class Runtime:
                            f"({pending.items} input(s), longest {pending.longest} tokens): send fewer or shorter "
                            f"inputs, or fewer new tokens; {exc}")
 
-    def _submit(self, kind: Kind, key: str, payload: Any, items: int, longest: int,
+    def _submit(self, kind: Kind, key: str, payload: Any, items: int, longest: int, priority: int,
                 build: Callable[[Any], Result], progress: Callable[[list[Any]], None] | None = None) -> Pending:
         if self.loop is None:
             raise RuntimeError("the runtime is not loaded")
         limit = getattr(self.settings.time_limits, kind)
-        return Pending(kind, self.loop.submit(key, payload, items, longest, limit, progress), build, items, longest,
-                       limit)
+        return Pending(kind, self.loop.submit(key, payload, items, longest, limit, progress, priority), build, items,
+                       longest, limit)
 
-    def _encode(self, kind: Kind, key: str, ids: list[list[int]], build: Callable[[torch.Tensor], Result]) -> Pending:
-        return self._submit(kind, key, EncodeJob(ids), len(ids), max(len(row) for row in ids), build)
+    def _encode(self, kind: Kind, key: str, ids: list[list[int]], priority: int,
+                build: Callable[[torch.Tensor], Result]) -> Pending:
+        return self._submit(kind, key, EncodeJob(ids), len(ids), max(len(row) for row in ids), priority, build)
 
-    def _embed(self, request: EmbedRequest) -> Pending:
+    def _embed(self, request: EmbedRequest, priority: int) -> Pending:
         alias = self._alias("embed", request.model, self.embedders)
         embedder = self.embedders[alias]
 
@@ -315,9 +317,9 @@ class Runtime:
                 rows = rows / np.maximum(np.linalg.norm(rows, axis=-1, keepdims=True), NORM_EPS)
             return EmbedResult(model=alias, dim=embedder.dim, embeddings=rows.tolist(), prompt_tokens=tokens)
 
-        return self._encode("embed", f"embed/{alias}", ids, build)
+        return self._encode("embed", f"embed/{alias}", ids, priority, build)
 
-    def _classify(self, request: ClassifyRequest) -> Pending:
+    def _classify(self, request: ClassifyRequest, priority: int) -> Pending:
         name, texts = request.model, list(request.texts)
         if name is not None and name in self.classifiers:
             classifier = self.classifiers[name]
@@ -326,7 +328,7 @@ class Runtime:
                                    "omit labels, or omit model to classify zero-shot into the labels you pass")
         elif request.labels is not None:
             alias = self._alias("embed", name, self.embedders, also=self.classifiers, also_note="without labels")
-            return self._zero_shot(alias, texts, list(request.labels), request.top_k)
+            return self._zero_shot(alias, texts, list(request.labels), request.top_k, priority)
         elif name is not None and name in self.embedders:
             raise InvalidInput(f"model {name!r} is an embedding model: it classifies zero-shot, so pass labels")
         else:
@@ -340,9 +342,9 @@ class Runtime:
         def build(probabilities: torch.Tensor) -> ClassifyResult:
             return ClassifyResult(model=alias, results=top_k(probabilities, classifier.labels, request.top_k))
 
-        return self._encode("classify", f"classify/{alias}", classifier.tokenize(texts), build)
+        return self._encode("classify", f"classify/{alias}", classifier.tokenize(texts), priority, build)
 
-    def _zero_shot(self, alias: str, texts: list[str], labels: list[str], k: int) -> Pending:
+    def _zero_shot(self, alias: str, texts: list[str], labels: list[str], k: int, priority: int) -> Pending:
         """Text vectors, and label vectors from the cache or computed in the same batch as the texts."""
         embedder = self.embedders[alias]
         label_texts = [self.settings.classify_label_template.format(label) for label in labels]
@@ -362,16 +364,16 @@ class Runtime:
             scores = zero_shot(rows[: len(texts)], label_rows, self.settings.classify_temperature)
             return ClassifyResult(model=alias, results=top_k(scores, labels, k))
 
-        return self._encode("classify", f"embed/{alias}", ids, build)
+        return self._encode("classify", f"embed/{alias}", ids, priority, build)
 
-    def _generate(self, request: GenerateRequest, task_id: str | None) -> Pending:
+    def _generate(self, request: GenerateRequest, task_id: str | None, priority: int) -> Pending:
         alias = self._alias("generate", request.model, self.generators)
         generator = self.generators[alias]
         prepared = generator.prepare(request, task_id)
         progress = None
         if request.stream and task_id is not None and self.streams is not None:
             progress = self.streams.open(task_id, lambda tokens: generator.settled(prepared, tokens))
-        pending = self._submit("generate", f"generate/{alias}", prepared, 1, prepared.total_tokens,
+        pending = self._submit("generate", f"generate/{alias}", prepared, 1, prepared.total_tokens, priority,
                                lambda completion: generator.finish(prepared, completion), progress)
         if task_id is not None and self.cancels is not None:
             with self._generating_lock:

@@ -109,11 +109,11 @@ class DeviceServer:
             while True:
                 tag, body = conn.recv()
                 if tag == "submit":
-                    for request_id, key, payload, items, longest, timeout, progress in body:
+                    for request_id, key, payload, items, longest, timeout, progress, priority in body:
                         try:
                             future = self.loop.submit(key, payload, items, longest, timeout,
                                                       functools.partial(outbox.put_progress, request_id)
-                                                      if progress else None)
+                                                      if progress else None, priority)
                         except Exception as exc:  # an unknown key, a stopping loop: that request fails alone
                             future = Future()
                             future.set_exception(exc)

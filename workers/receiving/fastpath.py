@@ -36,6 +36,7 @@ from celery import Celery, bootsteps
 from celery.utils.saferepr import saferepr
 from celery.worker.strategy import default as default_strategy
 
+from producer.contract import message_priority
 from producer.errors import InferqError
 from producer.settings import Kind
 from workers.device.runtime import Pending, Runtime, stream_requested
@@ -166,7 +167,8 @@ class FastPath:
         try:
             # held until the event loop's next turn flushes them; without an event loop, sent at once
             with runtime.hand_off_held() if self._ticking else contextlib.nullcontext():
-                pending = runtime.begin(kind, args, kwargs, task.task_id)
+                pending = runtime.begin(kind, args, kwargs, task.task_id,
+                                        message_priority((message.properties or {}).get("priority")))
         except Exception as exc:  # bad input: InvalidInput, UnknownModel, ...; answered at once
             task.done, task.outcome = True, exc
             self._hand_over(task)

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from celery import Celery
 
-from producer.contract import task_name
+from producer.contract import message_priority, task_name
 from producer.errors import InferqError, PoisonMessage
 from producer.settings import KINDS, Kind, Settings
 from workers.device.runtime import Result, Runtime, stream_requested
@@ -33,7 +33,10 @@ def _register(app: Celery, kind: Kind, runtime: Callable[[], Runtime], settings:
     def run(task: Any, *args: Any, **kwargs: Any) -> Result:
         try:
             with quarantined(app, task.request, settings.max_deliveries, keep, wait) as earlier:
-                return earlier if earlier is not None else runtime().handle(kind, args, kwargs, task.request.id)
+                if earlier is not None:
+                    return cast(Result, earlier)
+                priority = message_priority((task.request.delivery_info or {}).get("priority"))
+                return runtime().handle(kind, args, kwargs, task.request.id, priority)
         except PoisonMessage as exc:  # it never ran here: its stream, if it asked for one, gets its end
             if kind == "generate":
                 runtime().settle(task.request.id, stream_requested(kwargs), exc)

@@ -1,0 +1,69 @@
+"""Two lanes: bulk messages (priority 9) wait in Redis behind interactive ones (the device's own ordering of
+what a worker holds is tested on the batching core, tests/test_batching.py)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import redis
+
+from benchmarks.protocol import task_message
+from producer.client import Client
+from producer.contract import LANE_PRIORITY, queue_keys
+from producer.errors import InvalidInput
+from producer.settings import Settings
+from tests.conftest import REDIS_HOST, WorkerProcess, free_port, start_redis_server
+
+pytestmark = pytest.mark.integration
+BULK = 600  # single-text messages: about a second and a half of this worker's device time on two cores
+
+
+def test_the_client_files_bulk_work_in_the_queues_last_list(tmp_path: Path) -> None:
+    port = free_port()
+    store = redis.Redis(host=REDIS_HOST, port=port)
+    server = start_redis_server(tmp_path, ["--port", str(port)], store)  # no worker reads it
+    client = Client(Settings(redis_url=f"redis://{REDIS_HOST}:{port}/0"))
+    coalescing = Client(Settings(redis_url=f"redis://{REDIS_HOST}:{port}/0", coalesce_ms=1))
+    try:
+        client.submit_embed(["now"])
+        client.submit_embed(["later"], priority="bulk")
+        client.submit_generate("later", priority="bulk")
+        coalescing.submit_classify(["later"], labels=["a", "b"], priority="bulk")
+        deadline = time.monotonic() + 5
+        while store.llen(queue_keys("classify")[-1]) == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)  # the coalescer sends from its own thread
+        lengths = {kind: [store.llen(key) for key in queue_keys(kind)] for kind in ("embed", "classify", "generate")}
+        assert lengths == {"embed": [1, 0, 0, 1], "classify": [0, 0, 0, 1], "generate": [0, 0, 0, 1]}
+        with pytest.raises(InvalidInput, match="priority must be one of interactive, bulk"):
+            client.submit_embed(["x"], priority="urgent")  # type: ignore[arg-type]
+    finally:
+        coalescing.close()
+        client.close()
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def test_an_interactive_request_overtakes_queued_bulk_work(client: Client, worker: WorkerProcess) -> None:
+    store = redis.Redis.from_url(client.settings.broker)
+    backend = redis.Redis.from_url(client.settings.backend)
+    bulk = [task_message("inferq.embed", "embed", {"texts": [f"bulk sentence number {i} about lanes"]},
+                         priority=LANE_PRIORITY["bulk"]) for i in range(BULK)]
+    keys = [f"celery-task-meta-{task_id}" for task_id, _ in bulk]
+    try:
+        store.lpush(queue_keys("embed")[-1], *(entry for _, entry in bulk))
+        time.sleep(0.2)  # the worker is busy with them
+        interactive = client.submit_embed(["an interactive request"])
+        vector = interactive.get(timeout=60)["embeddings"][0]
+        answered_before = sum(value is not None for value in backend.mget(keys))
+        # In arrival order it would have come after all of them; it ran within about a batch of bulk work.
+        assert answered_before < BULK / 2, f"{answered_before} of {BULK} bulk messages were answered first"
+        assert len(vector) == 384
+        deadline = time.monotonic() + 120
+        while sum(value is not None for value in backend.mget(keys)) < BULK:  # none of the bulk work is lost
+            assert time.monotonic() < deadline, "the bulk messages were not all answered"
+            time.sleep(0.1)
+        assert all(b'"SUCCESS"' in value for value in backend.mget(keys))
+    finally:
+        backend.delete(*keys)
