@@ -16,7 +16,7 @@ from typing import Any, TextIO
 from tqdm import tqdm
 
 from producer.client import Client, Handle
-from producer.contract import json_type_name
+from producer.contract import Lane, json_type_name
 from producer.errors import InferqConnectionError, InferqError, InvalidInput
 from producer.settings import Kind
 
@@ -43,6 +43,8 @@ def line_kwargs(kind: Kind, raw: str, defaults: dict[str, Any]) -> dict[str, Any
     if isinstance(value, str):
         return {**defaults, **({"prompt": value} if kind == "generate" else {"texts": [value]})}
     if isinstance(value, dict):
+        if "priority" in value:  # the lane is the run's (--priority), not a task argument
+            raise InvalidInput("'priority' is not a task argument; the whole file's lane is set with --priority")
         return {**defaults, **value}
     raise InvalidInput(f"a JSON {json_type_name(value)} is not a job; each line must be a JSON string or a "
                        "JSON object of kwargs")
@@ -50,8 +52,9 @@ def line_kwargs(kind: Kind, raw: str, defaults: dict[str, Any]) -> dict[str, Any
 
 def run_bulk(client: Client, kind: Kind, lines: Iterable[str], out: TextIO, *,
              defaults: dict[str, Any] | None = None, window: int = 256, total: int | None = None,
-             progress: bool = True) -> BulkReport:
-    """Send every line, keeping at most ``window`` tasks in flight, and write results in input order."""
+             progress: bool = True, priority: Lane = "bulk") -> BulkReport:
+    """Send every line, keeping at most ``window`` tasks in flight, and write results in input order; in the
+    bulk lane by default, so a file never makes interactive callers of the same workers wait."""
     report = BulkReport()
     pending: deque[tuple[int, Handle[Any] | InferqError]] = deque()
     bar = tqdm(total=total, unit="job", disable=not progress, dynamic_ncols=True)
@@ -77,7 +80,8 @@ def run_bulk(client: Client, kind: Kind, lines: Iterable[str], out: TextIO, *,
             if not raw.strip():
                 continue
             try:
-                pending.append((number, client.submit(kind, **line_kwargs(kind, raw, defaults or {}))))
+                pending.append((number, client.submit(kind, priority=priority,
+                                                      **line_kwargs(kind, raw, defaults or {}))))
             except InferqConnectionError:
                 raise  # no point going on: every other line would fail the same way
             except InferqError as exc:  # rejected before sending: same output shape as a worker's error

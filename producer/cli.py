@@ -17,6 +17,7 @@ import click
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
+from producer.contract import LANES, Lane
 from producer.errors import InferqConnectionError, InferqError, InputTooLarge, InvalidInput, UnknownModel
 from producer.settings import KINDS, Kind, Settings, describe_error
 
@@ -55,7 +56,8 @@ def _run_one(kind: Kind, kwargs: dict[str, Any]) -> None:
     click.echo(json.dumps(result, indent=2))
 
 
-def _run_file(kind: Kind, path: str, output: str | None, defaults: dict[str, Any], window: int) -> None:
+def _run_file(kind: Kind, path: str, output: str | None, defaults: dict[str, Any], window: int,
+              priority: Lane) -> None:
     from producer.bulk import run_bulk
 
     # Bytes that are not UTF-8 stay in the text as surrogates, so a bad line fails alone (InvalidInput),
@@ -71,7 +73,8 @@ def _run_file(kind: Kind, path: str, output: str | None, defaults: dict[str, Any
     try:
         report = run_bulk(_client(), kind, source, out, defaults={k: v for k, v in defaults.items()
                                                                    if v is not None},
-                          window=window, total=total, progress=sys.stderr.isatty() or output not in (None, "-"))
+                          window=window, total=total, progress=sys.stderr.isatty() or output not in (None, "-"),
+                          priority=priority)
     except InferqConnectionError as exc:
         click.echo(f"InferqConnectionError: {exc}", err=True)
         sys.exit(EXIT_FAILED)
@@ -94,6 +97,8 @@ _output_option = click.option("--output", "-o", metavar="PATH", type=click.Path(
                               help="bulk: where result lines go (default stdout)")
 _window_option = click.option("--window", default=256, show_default=True, type=click.IntRange(min=1),
                               help="bulk: tasks in flight at once")
+_priority_option = click.option("--priority", default="bulk", show_default=True, type=click.Choice(LANES),
+                                help="with --file: the lane its tasks take (bulk waits behind interactive work)")
 
 
 def _texts_or_file(texts: tuple[str, ...], file_: str | None, what: str = "TEXTS") -> None:
@@ -114,12 +119,13 @@ def main() -> None:
 @_file_option
 @_output_option
 @_window_option
+@_priority_option
 def embed(texts: tuple[str, ...], model: str | None, normalize: bool, file_: str | None, output: str | None,
-          window: int) -> None:
+          window: int, priority: Lane) -> None:
     """Embed TEXTS (one task), or every line of --file."""
     _texts_or_file(texts, file_)
     if file_:
-        _run_file("embed", file_, output, {"model": model, "normalize": normalize}, window)
+        _run_file("embed", file_, output, {"model": model, "normalize": normalize}, window, priority)
     else:
         _run_one("embed", {"texts": list(texts), "model": model, "normalize": normalize})
 
@@ -132,8 +138,9 @@ def embed(texts: tuple[str, ...], model: str | None, normalize: bool, file_: str
 @_file_option
 @_output_option
 @_window_option
+@_priority_option
 def classify(texts: tuple[str, ...], labels: str | None, top_k: int, model: str | None, file_: str | None,
-             output: str | None, window: int) -> None:
+             output: str | None, window: int, priority: Lane) -> None:
     """Classify TEXTS (one task), or every line of --file."""
     _texts_or_file(texts, file_)
     if labels is not None and not labels.strip():
@@ -142,7 +149,7 @@ def classify(texts: tuple[str, ...], labels: str | None, top_k: int, model: str 
     label_list = [label.strip() for label in labels.split(",")] if labels is not None else None
     options = {"labels": label_list, "top_k": top_k, "model": model}
     if file_:
-        _run_file("classify", file_, output, options, window)
+        _run_file("classify", file_, output, options, window, priority)
     else:
         _run_one("classify", {"texts": list(texts), **options})
 
@@ -161,9 +168,10 @@ def classify(texts: tuple[str, ...], labels: str | None, top_k: int, model: str 
 @_file_option
 @_output_option
 @_window_option
+@_priority_option
 def generate(prompt: str | None, chat: bool, system: str | None, max_new_tokens: int, temperature: float,
              top_p: float, stop: tuple[str, ...], seed: int | None, stream: bool, model: str | None,
-             file_: str | None, output: str | None, window: int) -> None:
+             file_: str | None, output: str | None, window: int, priority: Lane) -> None:
     """Generate from PROMPT (one task), or from every line of --file."""
     _texts_or_file((prompt,) if prompt else (), file_, "PROMPT")
     if system is not None and not chat:
@@ -173,7 +181,7 @@ def generate(prompt: str | None, chat: bool, system: str | None, max_new_tokens:
     options: dict[str, Any] = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
                                "stop": list(stop) or None, "seed": seed, "model": model}
     if file_:
-        _run_file("generate", file_, output, options, window)
+        _run_file("generate", file_, output, options, window, priority)
         return
     if chat:
         messages = ([{"role": "system", "content": system}] if system else []) + \
@@ -359,10 +367,12 @@ def demo(timeout: float) -> None:
 @click.option("--worker-args", help='the started worker\'s arguments, e.g. "--gpus none --receivers 2"')
 @click.option("--stream", is_flag=True, help="generate requests stream their text: time to the first text, per "
               "token and between pieces (plain and raw clients)")
+@click.option("--bulk", type=click.IntRange(min=1), help="queue this many bulk single-text embeds and time "
+              "interactive ones sent meanwhile against their unloaded latency (benchmarks/lanes.py)")
 @click.option("--out", default="benchmarks", show_default=True, type=click.Path(file_okay=False))
 def bench(kinds: str, levels: str, requests: int, generate_requests: int, processes: int, new_tokens: str,
           raw_batch: int, no_worker: bool, client_kind: str, coalesce_ms: float, backlog: int | None,
-          worker_args: str | None, stream: bool, out: str) -> None:
+          worker_args: str | None, stream: bool, bulk: int | None, out: str) -> None:
     """Benchmark: the raw model against the same model through the queue (a benchmark, not a test)."""
     import shlex
 
@@ -376,6 +386,11 @@ def bench(kinds: str, levels: str, requests: int, generate_requests: int, proces
     if stream and (client_kind == "inferq" or backlog is not None):
         raise click.BadParameter("streamed requests are read by the plain and raw clients, without --backlog",
                                  param_hint="--stream")
+    if bulk is not None:
+        from benchmarks.lanes import run_lanes_bench
+
+        run_lanes_bench(bulk, 30, not no_worker, Path(out), started_args)
+        return
     if backlog is not None:
         if client_kind != "raw":
             raise click.BadParameter("--backlog needs --client raw (plain clients cannot push fast enough)",
