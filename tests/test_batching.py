@@ -113,7 +113,7 @@ def test_chunks_sort_by_length_and_respect_both_budgets() -> None:
     assert plan_chunks([500], max_items=3, max_tokens=10) == [[0]]  # alone over budget still runs
 
 
-def test_lower_priorities_go_first_and_age_orders_within_a_priority() -> None:
+def test_lower_priorities_go_first_in_batches_of_their_own_and_age_orders_within_one() -> None:
     q = queue(max_items=3)
     q.put("bulk-old", items=1, longest=5, now=1.000, priority=9)
     q.put("bulk-new", items=1, longest=5, now=1.001, priority=9)
@@ -121,8 +121,10 @@ def test_lower_priorities_go_first_and_age_orders_within_a_priority() -> None:
     q.put("middle", items=1, longest=5, now=1.003, priority=3)
     assert len(q) == 4
     assert q.oldest_arrival() == 1.000
-    assert [w.payload for w in q.take()] == ["interactive", "middle", "bulk-old"]
-    assert [w.payload for w in q.take()] == ["bulk-new"]
+    assert not q.ready(1.005)  # 4 waiting, but the head priority's batch is not full
+    assert [w.payload for w in q.take()] == ["interactive"]
+    assert [w.payload for w in q.take()] == ["middle"]
+    assert [w.payload for w in q.take()] == ["bulk-old", "bulk-new"]
     assert len(q) == 0 and q.oldest_arrival() is None
 
 
@@ -133,7 +135,8 @@ def test_a_waiting_bulk_request_still_makes_a_batch_ready() -> None:
     assert not q.ready(1.009)
     assert q.seconds_until_ready(1.009) == pytest.approx(0.001)
     assert q.ready(1.010)
-    assert [w.payload for w in q.take()] == ["interactive", "bulk"]
+    assert [w.payload for w in q.take()] == ["interactive"]
+    assert [w.payload for w in q.take()] == ["bulk"]
 
 
 def test_expire_reaches_every_priority() -> None:

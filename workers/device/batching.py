@@ -9,9 +9,10 @@ Rules (after Ray Serve's _BatchQueue and text-embeddings-inference's queue):
   input times the count) or when its oldest request has waited ``max_wait`` seconds;
 - a batch takes requests oldest first, never splitting one: a request with many texts counts by its texts;
   the oldest request always goes in, even if it alone is over the budget (it runs in sub-batches);
-- priority before age: requests of a lower ``priority`` number (the interactive lane, 0) go in before any
-  of a higher one (bulk, 9), so bulk work a receiver already holds never makes an interactive request wait
-  for more than the batch already running;
+- priority before age, and one priority per batch: while requests of a lower ``priority`` number (the
+  interactive lane, 0) wait, the next batch takes only them, none of a higher one (bulk, 9); so bulk work a
+  worker already holds makes an interactive request wait for no more than the batch already running, and
+  its own batch is not filled up with bulk work (a full bulk batch took 224 ms against 12 ms for one text);
 - requests whose deadline has passed are handed back by ``expire`` and never run;
 - a batch that is to join a running one (continuous batching) is taken within what the running one leaves;
 - a batch is taken within the room the device's cache has left (``room``), and waits when nothing fits.
@@ -97,7 +98,7 @@ class BatchQueue(Generic[T]):
         if now - oldest >= self.limits.max_wait:
             return True
         items = longest = 0
-        for waiting in self._in_order():
+        for waiting in self._head() or ():
             items += waiting.items
             longest = max(longest, waiting.longest)
             if items >= self.limits.max_items or items * longest >= self.limits.max_tokens:
@@ -114,7 +115,7 @@ class BatchQueue(Generic[T]):
         return max(0.0, oldest + self.limits.max_wait - now)
 
     def take(self, joining: tuple[int, int] = (0, 0), room: int | None = None, alone: bool = True) -> list[Waiting[T]]:
-        """The next batch, oldest first, within the item and padded-token budgets.
+        """The next batch: the lowest priority waiting, oldest first, within the item and padded-token budgets.
 
         ``joining``: the (items, longest) of a running batch the taken ones will join; they must fit beside
         it, so this may take nothing (the oldest request goes in over budget only into a batch of its own).
@@ -123,7 +124,8 @@ class BatchQueue(Generic[T]):
         device: then the oldest goes in whatever its size (waiting would not make room)."""
         batch: list[Waiting[T]] = []
         items, longest = joining
-        while (lane := self._head()) is not None:
+        lane = self._head()
+        while lane:
             candidate = lane[0]
             new_items = items + candidate.items
             new_longest = max(longest, candidate.longest)
