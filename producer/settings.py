@@ -83,6 +83,12 @@ class Gateway(BaseModel):
     # to run open, and only on loopback.
     api_keys: dict[str, SecretStr] = Field(default_factory=dict, description="API keys by name, for "
                                            "Authorization: Bearer <key>")
+    # Admission control (producer/gateway/admission.py): refuse with 429 rather than queue what would time out.
+    max_queue_depth: int | None = Field(None, ge=0, description="refuse a request (429, Retry-After) while its "
+                                        "kind's interactive queue holds more messages than this (unset: never)")
+    queue_depth_cache_ms: float = Field(50.0, ge=0, description="how long one read of a queue's depth serves "
+                                        "every request of its kind")
+    retry_after_s: int = Field(1, ge=1, description="the Retry-After a refused request is given")
 
 
 class TimeLimits(BaseModel):

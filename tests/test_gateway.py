@@ -3,6 +3,7 @@ stream) against a real `inferq gateway` process, in front of the session's real 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -13,11 +14,23 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+import redis
 
 from producer.client import Client
+from producer.contract import queue_keys
 from producer.errors import Cancelled, InferqConnectionError, OutOfMemory, PoisonMessage, ResultTimeout, TaskTimeout
+from producer.gateway.admission import Admission, QueueFull
 from producer.gateway.app import from_task_error
-from tests.conftest import ARTIFACTS, ROOT, WorkerProcess, device_counts, free_port, worker_env
+from tests.conftest import (
+    ARTIFACTS,
+    REDIS_HOST,
+    ROOT,
+    WorkerProcess,
+    device_counts,
+    free_port,
+    start_redis_server,
+    worker_env,
+)
 
 pytestmark = pytest.mark.integration
 KEY = "sk-test-0123456789"
@@ -179,6 +192,13 @@ def test_api_keys_are_required_when_set_and_the_gateway_never_runs_open_without_
         with pytest.raises(openai.AuthenticationError):
             keyed.sdk("sk-wrong").models.list()
         assert {model.id for model in keyed.sdk(KEY).models.list()} >= {"minilm"}
+        assert httpx.get(f"{keyed.url}/metrics", timeout=10).status_code == 401
+        page = httpx.get(f"{keyed.url}/metrics", headers={"authorization": f"Bearer {KEY}"}, timeout=10).text
+        assert 'inferq_gateway_requests_total{key="webapp",route="/v1/models",status="200"} 1.0' in page
+        assert 'inferq_gateway_requests_total{key="none",route="/v1/models",status="401"} 1.0' in page
+        assert 'inferq_gateway_errors_total{route="/v1/models",type="invalid_api_key"} 1.0' in page
+        assert KEY not in page
+        assert httpx.get(f"{keyed.url}/health", timeout=10).status_code == 200  # a load balancer needs no key
     finally:
         keyed.stop()
     assert KEY not in (ARTIFACTS / "gateway-keyed.log").read_text()
@@ -198,3 +218,84 @@ def test_errors_a_retry_cannot_mend_tell_the_sdk_not_to_retry() -> None:
     assert from_task_error(OutOfMemory("too big")).status == 400  # too big even alone: bad input for this device
     away = from_task_error(InferqConnectionError("redis away")).response()  # a retry may well succeed
     assert away.status_code == 503 and "x-should-retry" not in away.headers
+
+
+def test_classify_health_and_metrics(gateway: Gateway, client: Client, worker: WorkerProcess) -> None:
+    texts = ["what a wonderful day", "the match ended in a draw"]
+    direct = client.classify(texts, labels=["weather", "sports"], top_k=2)
+    answer = httpx.post(f"{gateway.url}/v1/classify", json={"input": texts, "labels": ["weather", "sports"],
+                                                           "top_k": 2}, timeout=60).json()
+    assert answer["object"] == "list" and answer["model"] == direct["model"]
+    assert [row["index"] for row in answer["data"]] == [0, 1]
+    for row, labels in zip(answer["data"], direct["results"], strict=True):
+        assert [x["label"] for x in row["labels"]] == [x["label"] for x in labels]
+        assert max(abs(a["score"] - b["score"]) for a, b in zip(row["labels"], labels, strict=True)) < 1e-5
+    own = httpx.post(f"{gateway.url}/v1/classify", json={"input": "great", "model": "tiny-sentiment"},
+                     timeout=60).json()
+    assert own["model"] == "tiny-sentiment" and len(own["data"]) == 1
+    bad = httpx.post(f"{gateway.url}/v1/classify", json={"input": ["x"], "labels": []}, timeout=60)
+    assert bad.status_code == 400 and "labels" in bad.json()["error"]["message"]
+    health = httpx.get(f"{gateway.url}/health", timeout=30)
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+    assert any(w["node"] == worker.node and w["ok"] for w in health.json()["workers"])
+    page = httpx.get(f"{gateway.url}/metrics", timeout=10).text
+    assert 'inferq_gateway_requests_total{key="open",route="/v1/classify",status="200"} 2.0' in page
+    assert 'inferq_gateway_errors_total{route="/v1/classify",type="InvalidInput"} 1.0' in page
+    assert 'inferq_gateway_request_seconds_count{route="/v1/classify"} 3.0' in page
+    assert 'inferq_gateway_in_flight{route="/metrics"} 1.0' in page  # this request itself
+
+
+def test_a_full_queue_is_refused_with_429_and_nothing_is_sent(tmp_path: Path, config_path: Path) -> None:
+    port = free_port()
+    store = redis.Redis(host=REDIS_HOST, port=port)
+    server = start_redis_server(tmp_path, ["--port", str(port)], store)  # no worker reads this one
+    url = f"redis://{REDIS_HOST}:{port}/0"
+    full = None
+    try:
+        store.lpush("embed", *[b"{}"] * 3)  # three interactive messages waiting: one over the limit
+        store.lpush(queue_keys("generate")[-1], *[b"{}"] * 50)  # bulk work: it makes nobody wait, and counts not
+        full = Gateway(config_path, tmp_path / "gateway.log", "--open", INFERQ_REDIS_URL=url,
+                       INFERQ_GATEWAY__MAX_QUEUE_DEPTH="2", INFERQ_GATEWAY__RETRY_AFTER_S="3")
+        with pytest.raises(openai.RateLimitError, match="the embed queue holds 3 messages waiting") as refused:
+            full.sdk().embeddings.create(model="minilm", input="hello")
+        assert refused.value.response.headers["retry-after"] == "3"
+        assert store.llen("embed") == 3  # refused before sending: a retry leaves no duplicate behind
+        page = httpx.get(f"{full.url}/metrics", timeout=10).text
+        assert 'inferq_gateway_admission_refused_total{kind="embed"} 1.0' in page
+    finally:
+        if full is not None:
+            full.stop()
+        server.terminate()
+        server.wait(timeout=10)
+
+
+async def _admit_all(admission: Admission, kinds: list[str]) -> list[str]:
+    outcomes = []
+    for kind in kinds:
+        try:
+            await admission.admit(kind)  # type: ignore[arg-type]
+            outcomes.append("admitted")
+        except QueueFull:
+            outcomes.append("full")
+    await admission.close()
+    return outcomes
+
+
+def test_admission_counts_the_interactive_list_and_reads_it_once_per_window(tmp_path: Path) -> None:
+    port = free_port()
+    store = redis.Redis(host=REDIS_HOST, port=port)
+    server = start_redis_server(tmp_path, ["--port", str(port)], store)
+    url = f"redis://{REDIS_HOST}:{port}/0"
+    try:
+        store.lpush(queue_keys("embed")[-1], *[b"{}"] * 10)  # bulk
+        store.lpush("classify", *[b"{}"] * 2)
+        admission = Admission(url, limit=1, cache_s=60.0, retry_after=1, connect_timeout=2.0)
+        before = store.info("commandstats").get("cmdstat_llen", {}).get("calls", 0)
+        assert asyncio.run(_admit_all(admission, ["embed", "classify", "embed", "classify"])) == [
+            "admitted", "full", "admitted", "full"]
+        assert store.info("commandstats")["cmdstat_llen"]["calls"] - before == 2  # one read per kind
+        assert asyncio.run(_admit_all(Admission(url, limit=None, cache_s=0, retry_after=1, connect_timeout=2.0),
+                                      ["classify"])) == ["admitted"]
+    finally:
+        server.terminate()
+        server.wait(timeout=10)

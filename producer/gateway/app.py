@@ -1,8 +1,10 @@
 """The gateway's ASGI app: OpenAI routes over inferq tasks, API keys, and errors in OpenAI's shape.
 
 Routes: ``POST /v1/embeddings``, ``POST /v1/chat/completions``, ``POST /v1/completions`` (both streamed as
-server-sent events with ``stream: true``), ``GET /v1/models`` (the aliases the live workers serve). Every
-request is validated as the task contract says before it is sent, so bad input never reaches a worker.
+server-sent events with ``stream: true``), ``GET /v1/models`` (the aliases the live workers serve), and
+inferq's own ``POST /v1/classify``, ``GET /health`` and ``GET /metrics``. Every request is validated as the
+task contract says before it is sent, so bad input never reaches a worker; a request whose queue is over
+``gateway.max_queue_depth`` is refused with 429 before anything is sent (``admission.py``).
 A streamed request whose client goes away is cancelled (``Client.cancel``): its generation stops.
 
 Stateless: every gateway process holds only its Redis connections, so several run behind a load balancer.
@@ -15,6 +17,7 @@ device, a cancel) carry ``x-should-retry: false``, which the OpenAI SDKs obey: t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 import time
@@ -24,10 +27,11 @@ from typing import Any
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
-from producer.client import Client
+from producer.client import Client, Handle
 from producer.connection import ConnectionErrors
 from producer.errors import (
     Cancelled,
@@ -42,11 +46,16 @@ from producer.errors import (
     UnknownModel,
 )
 from producer.gateway import shapes
-from producer.settings import Settings, redact
+from producer.gateway.admission import Admission, QueueFull
+from producer.gateway.metrics import GatewayMetrics, MetricsMiddleware
+from producer.health import check_workers, verdict
+from producer.settings import Kind, Settings, redact
 
 log = logging.getLogger(__name__)
 MODELS_TIMEOUT_S = 1.0  # how long GET /v1/models waits for the workers' replies
 MODELS_CACHE_S = 5.0  # and how long it answers from the last replies before asking again
+HEALTH_TIMEOUT_S = 1.0  # how long GET /health waits for the workers' check replies
+HEALTH_CACHE_S = 5.0  # a load balancer probing every second costs the workers one check per 5 s
 LOOPBACK_HOSTS = ["localhost", "127.0.0.1", "::1", "[::1]"]
 
 
@@ -61,8 +70,10 @@ class GatewayError(Exception):
     def body(self) -> dict[str, Any]:
         return {"error": {"message": str(self), "type": self.kind, "param": self.param, "code": self.code}}
 
-    def response(self) -> JSONResponse:
-        headers = None if self.retry else {"x-should-retry": "false"}
+    def response(self, headers: dict[str, str] | None = None) -> JSONResponse:
+        headers = dict(headers or {})
+        if not self.retry:
+            headers["x-should-retry"] = "false"
         return JSONResponse(self.body(), status_code=self.status, headers=headers)
 
 
@@ -89,21 +100,34 @@ def create_app(settings: Settings, open_access: bool = False, client: Client | N
         raise ValueError("the gateway has no API keys (INFERQ_GATEWAY__API_KEYS); set some, or run it open on "
                          "loopback")
     queue = client or Client(settings)
-    app = FastAPI(title="inferq gateway", docs_url=None, redoc_url=None, openapi_url=None)
+    gate = Admission(settings.broker, settings.gateway.max_queue_depth, settings.gateway.queue_depth_cache_ms / 1000,
+                     settings.gateway.retry_after_s, settings.connect_timeout)
+    metrics = GatewayMetrics()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        await gate.close()
+
+    app = FastAPI(title="inferq gateway", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     default_model = settings.models.default_alias("generate") or "default"  # what a chunk names without one
     listed: dict[str, Any] = {"at": -MODELS_CACHE_S, "data": None}
+    checked: dict[str, Any] = {"at": -HEALTH_CACHE_S, "data": None}
     if not keys:
         # Open on loopback: a web page in the user's browser must not reach it. A cross-site form post is
         # never application/json, and a DNS-rebound name is not a loopback host.
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=LOOPBACK_HOSTS)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: it counts what the host check refuses
 
     def caller(request: Request) -> str:
         """The name of the key the request carries ("open" without keys); GatewayError 401 otherwise."""
         if not keys:
+            request.state.key_name = "open"
             return "open"
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
         for name, key in keys.items():
             if scheme.lower() == "bearer" and hmac.compare_digest(given.encode(), key.encode()):
+                request.state.key_name = name
                 return name
         raise GatewayError(401, "a valid API key is needed: Authorization: Bearer <key>", "invalid_request_error",
                            "invalid_api_key")
@@ -117,31 +141,53 @@ def create_app(settings: Settings, open_access: bool = False, client: Client | N
         except orjson.JSONDecodeError as exc:
             raise GatewayError(400, f"the body is not valid JSON ({exc})", "invalid_request_error") from None
 
+    def answer(request: Request, error: GatewayError, headers: dict[str, str] | None = None) -> JSONResponse:
+        request.state.error_type = error.code or error.kind
+        return error.response(headers)
+
     @app.exception_handler(GatewayError)
-    async def gateway_error(_: Request, exc: GatewayError) -> JSONResponse:
-        return exc.response()
+    async def gateway_error(request: Request, exc: GatewayError) -> JSONResponse:
+        return answer(request, exc)
 
     @app.exception_handler(InferqError)
-    async def task_error(_: Request, exc: InferqError) -> JSONResponse:
-        return from_task_error(exc).response()
+    async def task_error(request: Request, exc: InferqError) -> JSONResponse:
+        return answer(request, from_task_error(exc))
+
+    @app.exception_handler(QueueFull)
+    async def queue_full(request: Request, exc: QueueFull) -> JSONResponse:
+        metrics.refused.labels(exc.kind).inc()
+        return answer(request, GatewayError(429, str(exc), "rate_limit_error", "queue_full"),
+                      {"retry-after": str(exc.retry_after)})
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return GatewayError(exc.status_code, str(exc.detail), kind).response()
+        return answer(request, GatewayError(exc.status_code, str(exc.detail), kind))
 
     @app.exception_handler(Exception)
-    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("the gateway failed on a request")
-        return GatewayError(500, f"the gateway failed: {type(exc).__name__}", "server_error").response()
+        return answer(request, GatewayError(500, f"the gateway failed: {type(exc).__name__}", "server_error"))
+
+    async def send(kind: Kind, kwargs: dict[str, Any]) -> Handle[Any]:
+        """Admit the request, then enqueue it (in a thread: a send waits on Redis)."""
+        await gate.admit(kind)
+        return await asyncio.to_thread(queue.submit, kind, **kwargs)
 
     @app.post("/v1/embeddings")
     async def embeddings(request: Request) -> Any:
         body = shapes.parse(shapes.EmbeddingsBody, await body_of(request))
-        handle = await asyncio.to_thread(queue.submit, "embed", **shapes.embed_kwargs(body))
+        handle = await send("embed", shapes.embed_kwargs(body))
         result = await handle.wait()
         return Response(orjson.dumps(shapes.embeddings_response(result, body.encoding_format or "float")),
                         media_type="application/json")
+
+    @app.post("/v1/classify")
+    async def classify(request: Request) -> Any:
+        """inferq's classify task over HTTP (not an OpenAI route): labels and scores per input text."""
+        body = shapes.parse(shapes.ClassifyBody, await body_of(request))
+        handle = await send("classify", shapes.classify_kwargs(body))
+        return Response(orjson.dumps(shapes.classify_response(await handle.wait())), media_type="application/json")
 
     async def generate(request: Request, chat: bool) -> Any:
         raw = await body_of(request)
@@ -153,13 +199,14 @@ def create_app(settings: Settings, open_access: bool = False, client: Client | N
             kwargs = shapes.completion_kwargs(body)
         prefix = "chatcmpl-" if chat else "cmpl-"
         if not body.stream:
-            handle = await asyncio.to_thread(queue.submit, "generate", **kwargs)
+            handle = await send("generate", kwargs)
             try:
                 result = await handle.wait()
             except (ResultTimeout, asyncio.CancelledError):  # nobody will read it: stop the generation
                 _cancel_soon(queue, handle.id)
                 raise
             return shapes.Generation(id=prefix + handle.id, chat=chat).response(result)
+        await gate.admit("generate")
         stream = await asyncio.to_thread(queue.stream_generate, **kwargs)
         generation = shapes.Generation(id=prefix + stream.id, chat=chat)
         pieces = aiter(stream)
@@ -200,6 +247,28 @@ def create_app(settings: Settings, open_access: bool = False, client: Client | N
                         aliases.setdefault(alias, set()).add(kind)
         return {"object": "list", "data": [{"id": alias, "object": "model", "created": 0, "owned_by": "inferq",
                                             "kinds": sorted(kinds)} for alias, kinds in sorted(aliases.items())]}
+
+    @app.get("/health")
+    async def health(request: Request) -> JSONResponse:
+        """200 while at least one worker answers a check (a tiny request through each of its models) and
+        none fails it; 503 otherwise. No key needed: a load balancer probes it, and it names only workers."""
+        now = time.monotonic()
+        if now - checked["at"] >= HEALTH_CACHE_S:
+            try:
+                found = await asyncio.to_thread(check_workers, queue, timeout=HEALTH_TIMEOUT_S)
+                checked["data"] = {"workers": [{"node": h.node, "ok": h.ok, "detail": h.detail} for h in found],
+                                   "problem": verdict(found, (), 1)}
+            except InferqConnectionError as exc:
+                checked["data"] = {"workers": [], "problem": str(exc)}
+            checked["at"] = now
+        report = checked["data"]
+        status = "ok" if report["problem"] is None else "unavailable"
+        return JSONResponse({"status": status, **report}, status_code=200 if status == "ok" else 503)
+
+    @app.get("/metrics")
+    async def metrics_page(request: Request) -> Response:
+        caller(request)
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     app.state.client = queue
     return app

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from producer.contract import EmbedResult, GenerateResult
+from producer.contract import ClassifyResult, EmbedResult, GenerateResult
 from producer.errors import InvalidInput
 
 # Fields of the OpenAI API that inferq cannot honour: refused with their name rather than ignored.
@@ -39,6 +39,15 @@ class EmbeddingsBody(_Body):
     input: str | list[str] | list[int] | list[list[int]]
     encoding_format: Literal["float", "base64"] | None = None
     dimensions: int | None = None
+
+
+class ClassifyBody(_Body):
+    """``POST /v1/classify``, inferq's own route (OpenAI has none): ``input`` like the embeddings route's;
+    ``labels`` to classify zero-shot with an embedding model, or none for a classification model's own."""
+
+    input: str | list[str]
+    labels: list[str] | None = None
+    top_k: int | None = None
 
 
 class _GenerateBody(_Body):
@@ -86,6 +95,17 @@ def embed_kwargs(body: EmbeddingsBody) -> dict[str, Any]:
     if any(not isinstance(text, str) for text in texts):
         raise InvalidInput("input: token ids are not accepted; send a string or a list of strings")
     return {"texts": texts, "model": body.model}
+
+
+def classify_kwargs(body: ClassifyBody) -> dict[str, Any]:
+    return {"texts": [body.input] if isinstance(body.input, str) else body.input, "labels": body.labels,
+            "top_k": body.top_k, "model": body.model}
+
+
+def classify_response(result: ClassifyResult) -> dict[str, Any]:
+    return {"object": "list", "model": result["model"],
+            "data": [{"object": "classification", "index": index, "labels": labels}
+                     for index, labels in enumerate(result["results"])]}
 
 
 def embeddings_response(result: EmbedResult, encoding: str) -> dict[str, Any]:

@@ -1,0 +1,57 @@
+"""Admission control: a request whose kind's interactive queue is deeper than a limit is refused (429) before
+anything is sent, so an overloaded deployment answers at once instead of timing out later, and a client (the
+OpenAI SDK does so by itself) retries after ``Retry-After`` seconds.
+
+Only the interactive list counts (the gateway's requests go there; bulk work waits behind them in its own
+list, so a bulk backlog makes no interactive request wait and refuses none). The depth is one LLEN on the
+broker, read at most once per ``cache_s`` per kind and shared by every request of that kind meanwhile: under
+load the check costs a dictionary lookup, and the limit is overshot by at most what arrives in ``cache_s``.
+"""
+
+from __future__ import annotations
+
+import time
+
+import redis
+import redis.asyncio
+
+from producer.contract import queue_name
+from producer.errors import InferqConnectionError
+from producer.settings import Kind, redact
+
+
+class QueueFull(Exception):
+    def __init__(self, kind: Kind, depth: int, limit: int, retry_after: int) -> None:
+        super().__init__(f"the {kind} queue holds {depth} messages waiting, over this gateway's limit of {limit}; "
+                         f"retry after {retry_after} s")
+        self.kind, self.retry_after = kind, retry_after
+
+
+class Admission:
+    def __init__(self, broker_url: str, limit: int | None, cache_s: float, retry_after: int,
+                 connect_timeout: float) -> None:
+        self.limit, self.cache_s, self.retry_after = limit, cache_s, retry_after
+        self._url = broker_url
+        self._redis = redis.asyncio.Redis.from_url(broker_url, socket_connect_timeout=connect_timeout,
+                                                   socket_timeout=connect_timeout) if limit is not None else None
+        self._read: dict[Kind, tuple[float, int]] = {}  # kind -> (when read, depth)
+
+    async def admit(self, kind: Kind) -> None:
+        """Returns when the request may be sent; raises QueueFull, or InferqConnectionError without Redis."""
+        if self._redis is None or self.limit is None:
+            return
+        now = time.monotonic()
+        read = self._read.get(kind)
+        if read is None or now - read[0] >= self.cache_s:
+            try:
+                depth = int(await self._redis.llen(queue_name(kind)))
+            except (redis.RedisError, OSError) as exc:
+                raise InferqConnectionError(f"could not read the {kind} queue's depth at {redact(self._url)}: "
+                                            f"{exc}") from None
+            read = self._read[kind] = (now, depth)
+        if read[1] > self.limit:
+            raise QueueFull(kind, read[1], self.limit, self.retry_after)
+
+    async def close(self) -> None:
+        if self._redis is not None:
+            await self._redis.aclose()
