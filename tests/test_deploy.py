@@ -18,7 +18,8 @@ import pytest
 
 from tests.conftest import ROOT
 
-COMPOSE_ENV = {"REDIS_PASSWORD": "compose-test-password", "FLOWER_BASIC_AUTH": "admin:compose-test"}
+COMPOSE_ENV = {"REDIS_PASSWORD": "compose-test-password", "FLOWER_BASIC_AUTH": "admin:compose-test",
+               "INFERQ_API_KEYS": '{"webapp": "sk-compose-test"}'}
 
 
 def tool(name: str) -> str:
@@ -65,12 +66,13 @@ def resolved() -> dict[str, Any]:
 
 def test_compose_wires_redis_flower_workers_and_the_web_app() -> None:
     services = resolved()["services"]
-    assert set(services) == {"redis", "worker", "worker-cpu", "flower", "webapp", "prometheus", "grafana"}
+    assert set(services) == {"redis", "worker", "worker-cpu", "flower", "gateway", "webapp", "prometheus",
+                             "grafana"}
     redis_command = services["redis"]["command"]
     assert "--appendonly yes" in redis_command and "--appendfsync everysec" in redis_command
     assert "--requirepass" in redis_command
     url = "redis://:compose-test-password@redis:6379/0"
-    for name in ("worker", "worker-cpu", "flower", "webapp"):
+    for name in ("worker", "worker-cpu", "flower", "gateway", "webapp"):
         assert services[name]["environment"]["INFERQ_REDIS_URL"] == url, name
     gpu = services["worker"]["deploy"]["resources"]["reservations"]["devices"][0]
     assert gpu == {"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}
@@ -81,6 +83,10 @@ def test_compose_wires_redis_flower_workers_and_the_web_app() -> None:
     assert flower["environment"]["INFERQ_FLOWER_BASIC_AUTH"] == "admin:compose-test"
     assert flower["environment"]["INFERQ_FLOWER_DB"].startswith("/data/")
     assert "flower-data:/data:rw" in flower["volumes"]  # Flower's state outlives its container
+    gateway = services["gateway"]
+    assert gateway["command"][:2] == ["inferq", "gateway"] and "0.0.0.0" in gateway["command"]
+    assert gateway["environment"]["INFERQ_GATEWAY__API_KEYS"] == '{"webapp": "sk-compose-test"}'
+    assert "/health" in " ".join(gateway["healthcheck"]["test"])
 
 
 def test_a_second_host_points_its_workers_at_the_first_hosts_redis() -> None:
