@@ -30,12 +30,12 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
 from celery import Celery
 
 from producer.connection import ConnectionErrors
 from producer.contract import queue_name, task_name
 from producer.errors import InferqError
+from producer.results import final_meta, outcome
 from producer.settings import Kind, redact
 
 log = logging.getLogger(__name__)
@@ -210,12 +210,8 @@ class Coalescer:
     def _resolve(self, key: str, value: bytes) -> bool:
         """Answer a group's callers from its stored result; False if it is not final, or already answered."""
         backend = self._app.backend
-        try:
-            decoded = orjson.loads(value)  # the worker writes plain JSON; 8x faster than the json module
-        except orjson.JSONDecodeError:
-            decoded = backend.decode(value)  # kombu's own form (NaN, tagged types): its reader
-        meta = backend.meta_from_decoded(decoded)
-        if meta["status"] not in ("SUCCESS", "FAILURE", "REVOKED"):
+        meta = final_meta(backend, value)
+        if meta is None:
             return False
         with self._lock:
             group = self._inflight.pop(key, None)
@@ -226,7 +222,10 @@ class Coalescer:
                                                              [len(c.texts) for c in group.calls]), strict=True):
                 call.future.set_result(part)
         elif len(group.calls) == 1:
-            group.calls[0].future.set_exception(backend.exception_to_python(meta["result"]))
+            try:
+                outcome(backend, meta)
+            except Exception as exc:
+                group.calls[0].future.set_exception(exc)
         else:
             log.info("a merged %s message of %d requests failed; sending them one by one", group.kind,
                      len(group.calls))

@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -18,9 +19,18 @@ import redis
 
 from producer.client import Client
 from producer.contract import queue_keys
-from producer.errors import Cancelled, InferqConnectionError, OutOfMemory, PoisonMessage, ResultTimeout, TaskTimeout
+from producer.errors import (
+    Cancelled,
+    InferqConnectionError,
+    InvalidInput,
+    OutOfMemory,
+    PoisonMessage,
+    ResultTimeout,
+    TaskTimeout,
+)
 from producer.gateway.admission import Admission, QueueFull
 from producer.gateway.app import from_task_error
+from producer.gateway.results import ResultWaiter
 from tests.conftest import (
     ARTIFACTS,
     REDIS_HOST,
@@ -299,3 +309,54 @@ def test_admission_counts_the_interactive_list_and_reads_it_once_per_window(tmp_
     finally:
         server.terminate()
         server.wait(timeout=10)
+
+
+async def _waits(client: Client) -> None:
+    backend = client.app.backend
+    store = redis.Redis.from_url(client.settings.backend)
+    waiter = ResultWaiter(backend, client.settings.backend, 2.0)
+
+    def stored(task_id: str, status: str, result: Any) -> tuple[str, bytes]:
+        meta = {"status": status, "result": result, "task_id": task_id, "traceback": None, "children": []}
+        return backend.get_key_for_task(task_id).decode(), backend.encode(meta)
+
+    ids = [f"waiter-test-{i}" for i in range(5)]
+    try:
+        key, value = stored(ids[0], "SUCCESS", {"answer": 0})  # landed before anyone waited
+        store.set(key, value)
+        assert await waiter.wait(ids[0], 5) == {"answer": 0}
+
+        async def publish_later() -> None:
+            await asyncio.sleep(0.2)
+            key, value = stored(ids[1], "SUCCESS", {"answer": 1})
+            store.set(key, value)
+            store.publish(key, value)  # as the worker does
+
+        started = time.monotonic()
+        answer, _ = await asyncio.gather(waiter.wait(ids[1], 5), publish_later())
+        assert answer == {"answer": 1} and time.monotonic() - started < 1.0  # told, not swept
+
+        async def store_without_telling() -> None:  # a publish lost while the connection was away
+            await asyncio.sleep(0.2)
+            key, value = stored(ids[2], "SUCCESS", {"answer": 2})
+            store.set(key, value)
+
+        answer, _ = await asyncio.gather(waiter.wait(ids[2], 10), store_without_telling())
+        assert answer == {"answer": 2}  # the sweep read it
+
+        failure = {"exc_type": "InvalidInput", "exc_module": "producer.errors", "exc_message": "texts: bad"}
+        key, value = stored(ids[3], "FAILURE", failure)
+        store.set(key, value)
+        with pytest.raises(InvalidInput, match="texts: bad"):
+            await waiter.wait(ids[3], 5)
+        with pytest.raises(ResultTimeout, match=r"within 0\.3 s"):
+            await waiter.wait(ids[4], 0.3)
+        assert not waiter._waiting  # every request left, subscriptions dropped
+    finally:
+        store.delete(*[backend.get_key_for_task(task_id) for task_id in ids])
+        await waiter.close()
+        store.close()
+
+
+def test_the_result_waiter_is_told_reads_what_landed_first_and_sweeps_what_it_missed(client: Client) -> None:
+    asyncio.run(_waits(client))

@@ -31,7 +31,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
-from producer.client import Client, Handle
+from producer.client import Client, FutureHandle, Handle
 from producer.connection import ConnectionErrors
 from producer.errors import (
     Cancelled,
@@ -48,6 +48,7 @@ from producer.errors import (
 from producer.gateway import shapes
 from producer.gateway.admission import Admission, QueueFull
 from producer.gateway.metrics import GatewayMetrics, MetricsMiddleware
+from producer.gateway.results import ResultWaiter
 from producer.health import check_workers, verdict
 from producer.settings import Kind, Settings, redact
 
@@ -103,11 +104,13 @@ def create_app(settings: Settings, open_access: bool = False, client: Client | N
     gate = Admission(settings.broker, settings.gateway.max_queue_depth, settings.gateway.queue_depth_cache_ms / 1000,
                      settings.gateway.retry_after_s, settings.connect_timeout)
     metrics = GatewayMetrics()
+    waiter = ResultWaiter(queue.app.backend, settings.backend, settings.connect_timeout)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
         await gate.close()
+        await waiter.close()
 
     app = FastAPI(title="inferq gateway", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     default_model = settings.models.default_alias("generate") or "default"  # what a chunk names without one
@@ -169,6 +172,12 @@ def create_app(settings: Settings, open_access: bool = False, client: Client | N
         log.exception("the gateway failed on a request")
         return answer(request, GatewayError(500, f"the gateway failed: {type(exc).__name__}", "server_error"))
 
+    async def result_of(handle: Handle[Any]) -> Any:
+        """A task's result, told by pub/sub; a coalesced call's comes from its shared message's."""
+        if isinstance(handle, FutureHandle):
+            return await handle.wait()
+        return await waiter.wait(handle.id, settings.result_timeout)
+
     async def send(kind: Kind, kwargs: dict[str, Any]) -> Handle[Any]:
         """Admit the request, then enqueue it (in a thread: a send waits on Redis)."""
         await gate.admit(kind)
@@ -178,7 +187,7 @@ def create_app(settings: Settings, open_access: bool = False, client: Client | N
     async def embeddings(request: Request) -> Any:
         body = shapes.parse(shapes.EmbeddingsBody, await body_of(request))
         handle = await send("embed", shapes.embed_kwargs(body))
-        result = await handle.wait()
+        result = await result_of(handle)
         return Response(orjson.dumps(shapes.embeddings_response(result, body.encoding_format or "float")),
                         media_type="application/json")
 
@@ -187,7 +196,7 @@ def create_app(settings: Settings, open_access: bool = False, client: Client | N
         """inferq's classify task over HTTP (not an OpenAI route): labels and scores per input text."""
         body = shapes.parse(shapes.ClassifyBody, await body_of(request))
         handle = await send("classify", shapes.classify_kwargs(body))
-        return Response(orjson.dumps(shapes.classify_response(await handle.wait())), media_type="application/json")
+        return Response(orjson.dumps(shapes.classify_response(await result_of(handle))), media_type="application/json")
 
     async def generate(request: Request, chat: bool) -> Any:
         raw = await body_of(request)
@@ -201,7 +210,7 @@ def create_app(settings: Settings, open_access: bool = False, client: Client | N
         if not body.stream:
             handle = await send("generate", kwargs)
             try:
-                result = await handle.wait()
+                result = await result_of(handle)
             except (ResultTimeout, asyncio.CancelledError):  # nobody will read it: stop the generation
                 _cancel_soon(queue, handle.id)
                 raise
