@@ -15,6 +15,7 @@ import redis
 from kombu import Connection, Consumer, Producer
 from kombu import Queue as KombuQueue
 
+from producer.contract import queue_keys
 from tests.conftest import REDIS_HOST, REDIS_PORT, flushed_db
 from workers.receiving.dead_letter import DEAD_LETTER_KEY
 from workers.receiving.transport import Transport
@@ -110,3 +111,37 @@ def test_an_idle_channel_blocks_on_brpop_instead_of_taking_again_and_again(store
             with contextlib.suppress(socket.timeout, TimeoutError):
                 channel.connection.client.drain_events(timeout=0.5)
         assert evals() - before <= 3
+
+
+def test_the_bulk_lane_fills_only_its_share_of_the_prefetch_window(store: redis.Redis) -> None:
+    """Prefetch 8: bulk messages (priority 9) fill 6 of it, so the 2 left take interactive messages at once,
+    while bulk work still waits; an acknowledgement makes room for bulk work again."""
+    delivered: list[Any] = []
+    bulk_list = queue_keys("embed")[-1]
+    with Connection(URL, transport=Transport) as connection:
+        channel = connection.channel()
+        queue = KombuQueue("embed", routing_key="embed")
+        for i in range(20):
+            Producer(channel).publish(f"bulk {i}", routing_key="embed", declare=[queue], priority=9)
+        assert store.llen(bulk_list) == 20
+        channel.basic_qos(0, 8, False)
+
+        def drain() -> None:
+            for _ in range(3):
+                with contextlib.suppress(socket.timeout, TimeoutError):
+                    connection.drain_events(timeout=0.3)
+
+        with Consumer(channel, [queue], callbacks=[lambda body, message: delivered.append(message)]):
+            drain()
+            assert [m.payload for m in delivered] == [f"bulk {i}" for i in range(6)]
+            assert store.llen(bulk_list) == 14
+            for i in range(2):
+                Producer(channel).publish(f"interactive {i}", routing_key="embed", declare=[queue])
+            drain()
+            assert [m.payload for m in delivered[6:]] == ["interactive 0", "interactive 1"]
+            assert store.llen(bulk_list) == 14 and store.hlen("unacked") == 8
+            for message in delivered[:3]:
+                message.ack()
+            drain()
+            assert [m.payload for m in delivered[8:]] == ["bulk 6", "bulk 7", "bulk 8"]
+            assert store.llen(bulk_list) == 11
