@@ -3,8 +3,10 @@ what a worker holds is tested on the batching core, tests/test_batching.py)."""
 
 from __future__ import annotations
 
+import gc
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -26,11 +28,12 @@ def test_the_client_files_bulk_work_in_the_queues_last_list(tmp_path: Path) -> N
     server = start_redis_server(tmp_path, ["--port", str(port)], store)  # no worker reads it
     client = Client(Settings(redis_url=f"redis://{REDIS_HOST}:{port}/0"))
     coalescing = Client(Settings(redis_url=f"redis://{REDIS_HOST}:{port}/0", coalesce_ms=1))
+    handles: list[Any] = []
     try:
-        client.submit_embed(["now"])
-        client.submit_embed(["later"], priority="bulk")
-        client.submit_generate("later", priority="bulk")
-        coalescing.submit_classify(["later"], labels=["a", "b"], priority="bulk")
+        handles.append(client.submit_embed(["now"]))
+        handles.append(client.submit_embed(["later"], priority="bulk"))
+        handles.append(client.submit_generate("later", priority="bulk"))
+        handles.append(coalescing.submit_classify(["later"], labels=["a", "b"], priority="bulk"))
         deadline = time.monotonic() + 5
         while store.llen(queue_keys("classify")[-1]) == 0 and time.monotonic() < deadline:
             time.sleep(0.01)  # the coalescer sends from its own thread
@@ -41,6 +44,8 @@ def test_the_client_files_bulk_work_in_the_queues_last_list(tmp_path: Path) -> N
     finally:
         coalescing.close()
         client.close()
+        handles.clear()
+        gc.collect()  # their results let go of their subscriptions while this Redis still answers
         server.terminate()
         server.wait(timeout=10)
 
