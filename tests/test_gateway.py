@@ -255,7 +255,8 @@ def test_classify_health_and_metrics(gateway: Gateway, client: Client, worker: W
     assert 'inferq_gateway_in_flight{route="/metrics"} 1.0' in page  # this request itself
 
 
-def test_a_full_queue_is_refused_with_429_and_nothing_is_sent(tmp_path: Path, config_path: Path) -> None:
+def test_a_full_queue_is_refused_with_429_and_an_unserved_kind_with_503_and_nothing_is_sent(
+        tmp_path: Path, config_path: Path) -> None:
     port = free_port()
     store = redis.Redis(host=REDIS_HOST, port=port)
     server = start_redis_server(tmp_path, ["--port", str(port)], store)  # no worker reads this one
@@ -270,6 +271,9 @@ def test_a_full_queue_is_refused_with_429_and_nothing_is_sent(tmp_path: Path, co
             full.sdk().embeddings.create(model="minilm", input="hello")
         assert refused.value.response.headers["retry-after"] == "3"
         assert store.llen("embed") == 3  # refused before sending: a retry leaves no duplicate behind
+        with pytest.raises(openai.InternalServerError, match="no live worker serves generate") as unserved:
+            full.sdk().completions.create(model="smollm2", prompt="hello")  # no worker reads this Redis
+        assert unserved.value.status_code == 503 and store.llen("generate") == 0
         page = httpx.get(f"{full.url}/metrics", timeout=10).text
         assert 'inferq_gateway_admission_refused_total{kind="embed"} 1.0' in page
     finally:

@@ -49,12 +49,14 @@ from producer.gateway import shapes
 from producer.gateway.admission import Admission, QueueFull
 from producer.gateway.metrics import GatewayMetrics, MetricsMiddleware
 from producer.gateway.results import ResultWaiter
+from producer.gateway.served import ServedKinds
 from producer.health import check_workers, verdict
 from producer.settings import Kind, Settings, redact
 
 log = logging.getLogger(__name__)
-MODELS_TIMEOUT_S = 1.0  # how long GET /v1/models waits for the workers' replies
-MODELS_CACHE_S = 5.0  # and how long it answers from the last replies before asking again
+STATUS_TIMEOUT_S = 1.0  # how long one broadcast waits for the workers' status replies
+STATUS_REFRESH_S = 5.0  # how often the workers are asked what they serve (GET /v1/models, the 503 check)
+STATUS_REMEMBER_S = 30.0  # how long a worker that stopped answering still counts as serving its kinds
 HEALTH_TIMEOUT_S = 1.0  # how long GET /health waits for the workers' check replies
 HEALTH_CACHE_S = 5.0  # a load balancer probing every second costs the workers one check per 5 s
 LOOPBACK_HOSTS = ["localhost", "127.0.0.1", "::1", "[::1]"]
@@ -108,13 +110,15 @@ def create_app(settings: Settings, open_access: bool = False, client: Client | N
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await served.start()
         yield
+        await served.stop()
         await gate.close()
         await waiter.close()
 
     app = FastAPI(title="inferq gateway", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     default_model = settings.models.default_alias("generate") or "default"  # what a chunk names without one
-    listed: dict[str, Any] = {"at": -MODELS_CACHE_S, "data": None}
+    served = ServedKinds(lambda: statuses(queue), STATUS_REFRESH_S, STATUS_REMEMBER_S)
     checked: dict[str, Any] = {"at": -HEALTH_CACHE_S, "data": None}
     if not keys:
         # Open on loopback: a web page in the user's browser must not reach it. A cross-site form post is
@@ -178,9 +182,16 @@ def create_app(settings: Settings, open_access: bool = False, client: Client | N
             return await handle.wait()
         return await waiter.wait(handle.id, settings.result_timeout)
 
+    async def admit(kind: Kind) -> None:
+        """429 while the kind's queue is over its limit; 503 while no live worker serves the kind."""
+        await gate.admit(kind)
+        if not served.serves(kind):
+            raise GatewayError(503, f"no live worker serves {kind} (none has said so for {STATUS_REMEMBER_S:g} s); "
+                               f"start one with `inferq worker --kinds {kind}`", "service_unavailable", "no_worker")
+
     async def send(kind: Kind, kwargs: dict[str, Any]) -> Handle[Any]:
         """Admit the request, then enqueue it (in a thread: a send waits on Redis)."""
-        await gate.admit(kind)
+        await admit(kind)
         return await asyncio.to_thread(queue.submit, kind, **kwargs)
 
     @app.post("/v1/embeddings")
@@ -215,7 +226,7 @@ def create_app(settings: Settings, open_access: bool = False, client: Client | N
                 _cancel_soon(queue, handle.id)
                 raise
             return shapes.Generation(id=prefix + handle.id, chat=chat).response(result)
-        await gate.admit("generate")
+        await admit("generate")
         stream = await asyncio.to_thread(queue.stream_generate, **kwargs)
         generation = shapes.Generation(id=prefix + stream.id, chat=chat)
         pieces = aiter(stream)
@@ -243,17 +254,11 @@ def create_app(settings: Settings, open_access: bool = False, client: Client | N
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:
         caller(request)
-        now = time.monotonic()
-        if now - listed["at"] >= MODELS_CACHE_S:
-            listed["data"] = await asyncio.to_thread(statuses, queue)
-            listed["at"] = now
-        replies: list[dict[str, Any]] = listed["data"]
         aliases: dict[str, set[str]] = {}
-        for reply in replies:
-            for status in reply.values():
-                for kind, group in (status.get("models") or {}).items():
-                    for alias in group:
-                        aliases.setdefault(alias, set()).add(kind)
+        for status in served.statuses():
+            for kind, group in (status.get("models") or {}).items():
+                for alias in group:
+                    aliases.setdefault(alias, set()).add(kind)
         return {"object": "list", "data": [{"id": alias, "object": "model", "created": 0, "owned_by": "inferq",
                                             "kinds": sorted(kinds)} for alias, kinds in sorted(aliases.items())]}
 
@@ -287,7 +292,7 @@ def statuses(queue: Client) -> list[dict[str, Any]]:
     """The live workers' ``inferq_status`` replies."""
     with ConnectionErrors(f"the broker at {redact(queue.settings.broker)}"):
         replies: list[dict[str, Any]] = queue.app.control.broadcast("inferq_status", reply=True,
-                                                                    timeout=MODELS_TIMEOUT_S)
+                                                                    timeout=STATUS_TIMEOUT_S)
     return replies
 
 
