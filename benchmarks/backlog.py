@@ -81,7 +81,7 @@ class SucceededCounter:
     def __init__(self, url: str) -> None:
         self.count = 0
         self.all_events = 0  # every task event, of any type
-        self._pubsub = redis.Redis.from_url(url).pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+        self._pubsub = redis.Redis.from_url(url).pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call, unused-ignore]
         # "/<db>.celeryev/task.succeeded" with Celery's default fanout prefix, "celeryev/..." without one
         self._pubsub.psubscribe("*celeryev/task.*")
         self._stop = threading.Event()

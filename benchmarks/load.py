@@ -133,7 +133,7 @@ def _producer(settings: Settings, kind: Kind, count: int, window: int, new_token
         time.sleep(0.001)
     cpu_at_start = time.process_time()
     last_sweep = time.monotonic()
-    with app.producer_or_acquire() as producer, store.pubsub(ignore_subscribe_messages=True) as results:  # type: ignore[no-untyped-call]
+    with app.producer_or_acquire() as producer, store.pubsub(ignore_subscribe_messages=True) as results:  # type: ignore[no-untyped-call, unused-ignore]
         while sent < count or inflight:
             fresh = [str(uuid.uuid4()) for _ in range(min(count - sent, window - len(inflight)))]
             if fresh:
@@ -172,7 +172,7 @@ def _producer(settings: Settings, kind: Kind, count: int, window: int, new_token
                 left += [key for key, raw in zip(keys, store.mget(keys) if keys else [], strict=True)
                          if raw is not None and landed(key, raw)]
             if left and not stream:
-                results.unsubscribe(*left)
+                results.unsubscribe(*left)  # type: ignore[no-untyped-call, unused-ignore]
     out.put(("tick", len(samples) % 50))
     out.put(("cpu", time.process_time() - cpu_at_start))
     out.put(("done", [(s.sent, s.done, s.ok, s.tokens, s.pieces) for s in samples]))

@@ -53,7 +53,7 @@ class CancelWatch:
         self._new.put(task_id)
 
     def _subscribe(self) -> PubSub:
-        pubsub: PubSub = self._client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+        pubsub: PubSub = self._client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call, unused-ignore]
         pubsub.subscribe(CANCEL_CHANNEL)
         return pubsub
 
