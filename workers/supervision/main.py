@@ -28,6 +28,10 @@ def run_worker(settings: Settings, kinds: tuple[Kind, ...], concurrency: int | N
                node_name: str | None = None) -> None:
     from workers.receiving.app import WorkerApp  # torch comes in here, in the worker process only
 
+    # The Rust tokenizer spreads even a one-text call over a thread pool whose threads spin for work: a
+    # single-text call cost 34 us of CPU with it, 26 without (this CPU). A worker's parallelism is its
+    # receivers (one per core); set TOKENIZERS_PARALLELISM=true to give it back to the tokenizer.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     node_name = host_format(node_name or f"inferq@{socket.gethostname()}")  # expands %h, %n, %d as Celery does
     logs.configure(settings.log_level, node_name)
     logging.getLogger(__name__).info("broker %s, results %s", redact(settings.broker), redact(settings.backend))
