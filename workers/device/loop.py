@@ -23,6 +23,7 @@ fit waits for room, unless nothing else runs.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -138,6 +139,8 @@ class DeviceLoop:
         self._unjoinable: set[str] = set()  # keys whose batches refused a join (their caches cannot be merged)
         self._cancelled: set[Future[Any]] = set()  # running requests to stop before their next step
         self.busy_since: float | None = None  # when the running batch started; None while idle
+        # what a batch's requests are answered inside (``Runtime.answer_together``)
+        self.answering: Callable[[], contextlib.AbstractContextManager[None]] = contextlib.nullcontext
         # batch-size histogram per key, and counters, for inferq_status and the benchmark
         self.batch_sizes: dict[str, Counter[int]] = {key: Counter() for key in kinds}
         self.counts: Counter[str] = Counter()
@@ -450,8 +453,9 @@ class DeviceLoop:
         except Exception as exc:
             self._halve(key, jobs, exc, self._run_isolated)
             return
-        for job, outcome in zip(jobs, outcomes, strict=True):
-            _answer(job, outcome)
+        with self.answering():
+            for job, outcome in zip(jobs, outcomes, strict=True):
+                _answer(job, outcome)
 
 
 def _answer(job: _Job, outcome: Any) -> None:

@@ -44,6 +44,8 @@ class RemoteDevice:
     # what the stall watch reads on a local loop; the device process watches its own device
     busy_since: float | None = None
     died = False
+    # what the outcomes of one reply are resolved inside (``Runtime.answer_together``)
+    answering: Callable[[], contextlib.AbstractContextManager[None]] = contextlib.nullcontext
 
     def __init__(self, address: str, authkey: bytes, wait_s: float,
                  exited: Callable[[], int | None] = lambda: None) -> None:
@@ -181,8 +183,9 @@ class RemoteDevice:
                         except Exception:  # the listener's fault: the request still gets its answer
                             log.exception("a progress listener failed")
                 continue
-            for request_id, ok, value in body:
-                self._resolve(request_id, ok, torch.from_numpy(value) if isinstance(value, np.ndarray) else value)
+            with self.answering():
+                for request_id, ok, value in body:
+                    self._resolve(request_id, ok, torch.from_numpy(value) if isinstance(value, np.ndarray) else value)
 
     def _resolve(self, request_id: int, ok: bool, value: Any) -> None:
         with self._wake:

@@ -202,6 +202,12 @@ class Runtime:
         with the device loop in this process, nothing to hold."""
         return self.loop.held() if isinstance(self.loop, RemoteDevice) else contextlib.nullcontext()
 
+    def answer_together(self, together: Callable[[], contextlib.AbstractContextManager[None]]) -> None:
+        """The device side answers each batch's requests inside ``together()`` (their done-callbacks may
+        gather what they hand on, and pass it on once)."""
+        if self.loop is not None:
+            self.loop.answering = together
+
     def flush_hand_offs(self) -> None:
         if isinstance(self.loop, RemoteDevice):
             self.loop.flush()

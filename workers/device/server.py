@@ -33,6 +33,7 @@ import pickle
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future
 from multiprocessing.connection import Connection, Listener
 from typing import Any
@@ -66,6 +67,7 @@ class DeviceServer:
         device = pick_device(self.settings.device)
         models = load_models(self.settings, self.kinds, device, weights=True)
         self.loop = start_loop(self.settings, models, device)
+        self.loop.answering = _Outbox.holding
         label = device_label(device)
         self.hello = {"pid": os.getpid(), "device": str(device), "device_label": label, "keys": models.keys(),
                       "models": models.describe(), "load_counts": dict(models.load_counts)}
@@ -135,6 +137,23 @@ class DeviceServer:
 class _Outbox:
     """Outcomes waiting to go back to one receiver, sent together by one thread."""
 
+    _held = threading.local()  # .outboxes: those put to inside ``holding`` on this thread, not woken yet
+
+    @classmethod
+    @contextlib.contextmanager
+    def holding(cls) -> Iterator[None]:
+        """Outcomes put by this thread inside the block wake their outboxes once, at its end: the device
+        loop answers a batch at a time, and a wake-up per outcome sent them back a few at a time."""
+        held: set[_Outbox] = set()
+        cls._held.outboxes = held
+        try:
+            yield
+        finally:
+            cls._held.outboxes = None
+            for outbox in held:
+                with outbox._wake:
+                    outbox._wake.notify()
+
     def __init__(self, conn: Connection) -> None:
         self._conn = conn
         self._done: collections.deque[tuple[int, Future[Any]]] = collections.deque()
@@ -145,9 +164,13 @@ class _Outbox:
         threading.Thread(target=self._run, name="inferq-outbox", daemon=True).start()
 
     def put(self, request_id: int, future: Future[Any]) -> None:
+        held: set[_Outbox] | None = getattr(self._held, "outboxes", None)
         with self._wake:
             self._done.append((request_id, future))
-            self._wake.notify()
+            if held is None:
+                self._wake.notify()
+        if held is not None:
+            held.add(self)
 
     def put_progress(self, request_id: int, produced: list[Any]) -> None:
         with self._wake:

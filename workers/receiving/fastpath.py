@@ -25,7 +25,7 @@ import queue
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import CancelledError
 from dataclasses import dataclass
 from typing import Any
@@ -107,10 +107,10 @@ class _Task:
 
 
 @dataclass
-class _Deadline:
-    """A note to the finisher: watch this task's time limit."""
+class _Deadlines:
+    """A note to the finisher: watch these tasks' time limits."""
 
-    task: _Task
+    tasks: list[_Task]
 
 
 class FastPath:
@@ -120,7 +120,10 @@ class FastPath:
         self._app = app
         self._runtime = runtime
         self._consumer: Any = None
-        self._finished: queue.SimpleQueue[_Task | _Deadline] = queue.SimpleQueue()
+        self._finished: queue.SimpleQueue[_Task | _Deadlines | list[_Task]] = queue.SimpleQueue()
+        # tasks begun on the device since the last flush, whose limits the finisher is yet to watch
+        self._new_deadlines: list[_Task] = []
+        self._gathering = threading.local()  # .tasks: the hand-overs gathered by this thread (``gathered``)
         self._deadlines: list[tuple[float, int, _Task]] = []  # heap, touched by the finisher thread only
         self._lock = threading.Lock()
         self._in_flight = 0
@@ -128,6 +131,7 @@ class FastPath:
         self._order = itertools.count()
         self._thread: threading.Thread | None = None
         self._ticking = False  # the consumer's event loop calls _flush_device every turn
+        self._answering_wired = False
 
     # --- the consumer's side ----------------------------------------------------------------------------
 
@@ -207,20 +211,53 @@ class FastPath:
             task.done, task.outcome = True, exc
             self._hand_over(task)
             return
+        if not self._answering_wired:  # the device side answers its batches inside ``gathered``
+            runtime.answer_together(self.gathered)
+            self._answering_wired = True
         task.pending = pending
         task.deadline = time.monotonic() + pending.limit
         pending.future.add_done_callback(lambda _: self._hand_over(task))
-        self._hand_over(task, deadline_only=True)
+        self._new_deadlines.append(task)
+        if not self._ticking:
+            self._hand_over_deadlines()
 
     def _flush_device(self) -> None:
         """Once per turn of the consumer's event loop: send what this turn's messages prepared."""
+        self._hand_over_deadlines()
         runtime = self._runtime_or_none()
         if runtime is not None:
             runtime.flush_hand_offs()
 
-    def _hand_over(self, task: _Task, deadline_only: bool = False) -> None:
+    def _hand_over(self, task: _Task) -> None:
+        gathering: list[_Task] | None = getattr(self._gathering, "tasks", None)
+        if gathering is not None:
+            gathering.append(task)
+            return
         self._ensure_finisher()
-        self._finished.put(_Deadline(task) if deadline_only else task)
+        self._finished.put(task)
+
+    def _hand_over_deadlines(self) -> None:
+        """The limits of the tasks begun since the last call, to the finisher in one note: a note per message
+        woke the finisher for each (the consumer's thread only)."""
+        if self._new_deadlines:
+            tasks, self._new_deadlines = self._new_deadlines, []
+            self._ensure_finisher()
+            self._finished.put(_Deadlines(tasks))
+
+    @contextlib.contextmanager
+    def gathered(self) -> Iterator[None]:
+        """Requests answered by this thread inside the block go to the finisher together, at its end: the
+        device side answers a batch at a time, and a hand-over per request woke the finisher for each (1.2
+        wake-ups a message in a receiver draining a backlog)."""
+        gathered: list[_Task] = []
+        self._gathering.tasks = gathered
+        try:
+            yield
+        finally:
+            self._gathering.tasks = None
+            if gathered:
+                self._ensure_finisher()
+                self._finished.put(gathered)
 
     def _send_events(self, events: list[tuple[str, dict[str, Any]]]) -> None:
         send_task_events(getattr(self._consumer, "event_dispatcher", None), events)
@@ -271,10 +308,11 @@ class FastPath:
             except queue.Empty:
                 break
         ready: list[_Task] = []
-        for item in arrived:
-            if isinstance(item, _Deadline):
-                if not item.task.done:
-                    heapq.heappush(self._deadlines, (item.task.deadline, item.task.order, item.task))
+        for item in (one for entry in arrived for one in (entry if isinstance(entry, list) else (entry,))):
+            if isinstance(item, _Deadlines):
+                for task in item.tasks:
+                    if not task.done:
+                        heapq.heappush(self._deadlines, (task.deadline, task.order, task))
             elif item.done and item.pending is None:
                 ready.append(item)  # failed before reaching the device
             elif not item.done:
