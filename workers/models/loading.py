@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import logging
 import os
@@ -151,3 +152,12 @@ def _generation_config(location: str, config: Any, common: dict[str, Any]) -> An
         return GenerationConfig.from_pretrained(location, **common)
     except OSError:
         return GenerationConfig.from_model_config(config)
+
+
+def freeze_loaded() -> None:
+    """Once the models are loaded: what is in memory now (torch, transformers, the models' Python objects,
+    millions of them) is left out of the garbage collector's sweeps from here on. Each full sweep walked all
+    of it: the collector cost a receiver 50-90 us of CPU per message while draining a backlog (measured with
+    a gc callback), more than tokenising. Objects made later are collected as before."""
+    gc.collect()
+    gc.freeze()

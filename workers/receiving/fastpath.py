@@ -104,6 +104,14 @@ class _Task:
     outcome: Any = None  # a Result, or the exception it failed with
     order: int = 0  # a tie-breaker in the deadline heap
     stream: bool = False  # a generate message that asked for a stream
+    answered: bool = False  # stored and acknowledged (or given up on): a late outcome is dropped
+
+    def let_go(self) -> None:
+        """Answered: keep no message, result or future. The deadline heap holds a task until its time limit,
+        and the future's callback holds the task (a reference cycle): kept whole, a backlog's answered tasks
+        lived on into the collector's oldest generation, whose sweeps walked them all."""
+        self.answered = True
+        self.message = self.outcome = self.pending = None
 
 
 @dataclass
@@ -313,6 +321,8 @@ class FastPath:
                 for task in item.tasks:
                     if not task.done:
                         heapq.heappush(self._deadlines, (task.deadline, task.order, task))
+            elif item.answered:
+                continue  # its outcome came after it was answered at its time limit
             elif item.done and item.pending is None:
                 ready.append(item)  # failed before reaching the device
             elif not item.done:
@@ -387,6 +397,8 @@ class FastPath:
                 fields["name"] = task.name
         self._send_events(events)
         self._acknowledge(stored)
+        for task in tasks:
+            task.let_go()
         with self._idle:
             self._in_flight -= len(tasks)
             self._idle.notify_all()
