@@ -40,7 +40,7 @@ from workers.device.remote import RemoteDevice
 from workers.errors import WorkerError
 from workers.models.base import ClassifyModel, EmbedModel, GenerateModel
 from workers.models.classify import top_k, zero_shot
-from workers.models.loading import device_label, freeze_loaded, pick_device
+from workers.models.loading import device_label, pick_device, prepare_collector_for_serving
 
 if TYPE_CHECKING:
     from workers.receiving.cancels import CancelWatch
@@ -115,7 +115,7 @@ class Runtime:
         self.loop = self._connect() if self.remote_device else start_loop(self.settings, self.models, self.device)
         loaded = time.perf_counter() - started
         warm_up = self.self_test()  # the first pass pays for kernel selection and allocator growth, not a user
-        freeze_loaded()
+        prepare_collector_for_serving()
         self.loaded_at = time.time()
         log.info("ready for %s on %s: models loaded in %.1f s, warm-up %.2f s, %s", ",".join(self.kinds),
                  self._device_label(), loaded, warm_up["seconds"], self._memory_label())

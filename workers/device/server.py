@@ -45,7 +45,7 @@ from producer.settings import Kind, Settings
 from workers.device.loop import DeviceLoop
 from workers.device.passes import load_models, start_loop
 from workers.errors import WorkerError
-from workers.models.loading import device_label, freeze_loaded, pick_device
+from workers.models.loading import device_label, pick_device, prepare_collector_for_serving
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ class DeviceServer:
             torch.set_num_threads(self.settings.torch_threads)
         device = pick_device(self.settings.device)
         models = load_models(self.settings, self.kinds, device, weights=True)
-        freeze_loaded()
+        prepare_collector_for_serving()
         self.loop = start_loop(self.settings, models, device)
         self.loop.answering = _Outbox.holding
         label = device_label(device)
