@@ -42,9 +42,15 @@ class InferqConsumer(Consumer):  # type: ignore[misc]
     def create_task_handler(self, *args: Any, **kwargs: Any) -> Any:
         handle = super().create_task_handler(*args, **kwargs)
         passes = tuple(self.connection_errors) + tuple(self.channel_errors) + (MemoryError,)
+        fast = getattr(self.app, "inferq_fast_path", None)
+        direct: dict[Any, Any] = fast.direct if fast is not None else {}
 
         def on_task_received(message: Any) -> Any:
             try:
+                headers = message.headers
+                take = direct.get(headers.get("task")) if type(headers) is dict else None
+                if take is not None and take(message):
+                    return None  # an ordinary message of ours: the fast path took it
                 return handle(message)
             except passes:
                 raise  # the consumer reconnects on these

@@ -140,6 +140,9 @@ class FastPath:
         self._thread: threading.Thread | None = None
         self._ticking = False  # the consumer's event loop calls _flush_device every turn
         self._answering_wired = False
+        # task name -> what takes one of its messages if this path may run it (True), before Celery's dispatch:
+        # the consumer calls it first (``InferqConsumer``), sparing each message Celery's two promises
+        self.direct: dict[str, Callable[[Any], bool]] = {}
 
     # --- the consumer's side ----------------------------------------------------------------------------
 
@@ -156,15 +159,21 @@ class FastPath:
                 fast._ticking = True
             revoked = consumer.controller.state.revoked
 
-            def handle(message: Any, body: Any, ack: Any, reject: Any, callbacks: Any, **options: Any) -> Any:
-                decoded = fast._ordinary(message, body, callbacks, revoked)
+            def take(message: Any) -> bool:
+                decoded = fast._ordinary(message, None, None, revoked)
                 if decoded is None:
-                    _paths.add("celery_path")
-                    return slow(message, body, ack, reject, callbacks, **options)
+                    return False
                 _paths.add("fast_path")
                 fast._take(kind, task.name, message, *decoded)
-                return None
+                return True
 
+            def handle(message: Any, body: Any, ack: Any, reject: Any, callbacks: Any, **options: Any) -> Any:
+                if body is None and not callbacks and take(message):
+                    return None
+                _paths.add("celery_path")
+                return slow(message, body, ack, reject, callbacks, **options)
+
+            fast.direct[task.name] = take
             return handle
 
         return start_strategy
@@ -176,13 +185,16 @@ class FastPath:
         headers = message.headers
         info = message.delivery_info or {}
         if (not isinstance(headers, dict) or headers.get("eta") or headers.get("expires") or info.get("redelivered")
-                or message.content_type != "application/json" or "args" in message.payload):
+                or message.content_type != "application/json"):
             return None
         task_id = headers.get("id")
         if not isinstance(task_id, str) or task_id in revoked:
             return None
         try:
-            args, kwargs, _embed = message.decode()
+            payload = message.decode()
+            if not isinstance(payload, list | tuple):  # a protocol-1 body (a dict with "args"), or not a task
+                return None
+            args, kwargs, _embed = payload
         except Exception:  # Celery's path refuses it with the right error and counts it
             return None
         if not isinstance(args, list | tuple) or not isinstance(kwargs, dict):
