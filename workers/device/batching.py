@@ -43,7 +43,7 @@ class BatchLimits:
         return items > self.max_items or items * longest > self.max_tokens
 
 
-@dataclass
+@dataclass(slots=True)
 class Waiting(Generic[T]):
     """One request in the queue: its payload, its size, and its times."""
 

@@ -90,7 +90,7 @@ class SteppedKind:
     cache_bytes_per_token: int = 0  # what one token of one request holds on the device (0: not counted)
 
 
-@dataclass
+@dataclass(slots=True)
 class _Job:
     payload: Any
     future: Future[Any]

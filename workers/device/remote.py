@@ -20,7 +20,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future
 from multiprocessing.connection import Client, Connection
 from typing import Any
@@ -88,17 +88,12 @@ class RemoteDevice:
                 self._wake.notify()
         return future
 
-    @contextlib.contextmanager
-    def held(self) -> Iterator[None]:
-        """Submits from this thread inside the block wait for the next ``flush()`` instead of waking the
-        sender: the consumer prepares every message of a take, then flushes once (at its event loop's
-        next turn), so they go to the device process in one send. Without it the sender woke for each
-        message and sent 3 requests per send on average (20,000-message backlog, one receiver)."""
+    def hold_this_thread(self) -> None:
+        """From now on, submits from this thread wait for the next ``flush()`` instead of waking the sender:
+        the consumer prepares every message of a take, then flushes once (at its event loop's next turn),
+        so they go to the device process in one send. Without it the sender woke for each message and sent 3
+        requests per send on average (20,000-message backlog, one receiver)."""
         self._held.on = True
-        try:
-            yield
-        finally:
-            self._held.on = False
 
     def flush(self) -> None:
         with self._wake:

@@ -58,7 +58,7 @@ NORM_EPS = 1e-12  # torch.nn.functional.normalize's default
 DEVICE_PROCESS_WAIT_S = 900.0
 
 
-@dataclass
+@dataclass(slots=True)
 class Pending:
     """A request on its way through the device loop: its future, and what turns the outcome into its result."""
 
@@ -198,10 +198,11 @@ class Runtime:
         if self.device_process is not None:
             self.device_process.close()
 
-    def hand_off_held(self) -> contextlib.AbstractContextManager[None]:
-        """Requests begun inside are sent to the device process at the next ``flush_hand_offs()``, together;
-        with the device loop in this process, nothing to hold."""
-        return self.loop.held() if isinstance(self.loop, RemoteDevice) else contextlib.nullcontext()
+    def hold_hand_offs(self) -> None:
+        """Requests this thread begins from now on are sent to the device process at the next
+        ``flush_hand_offs()``, together; with the device loop in this process, nothing to hold."""
+        if isinstance(self.loop, RemoteDevice):
+            self.loop.hold_this_thread()
 
     def answer_together(self, together: Callable[[], contextlib.AbstractContextManager[None]]) -> None:
         """The device side answers each batch's requests inside ``together()`` (their done-callbacks may

@@ -91,7 +91,7 @@ def path_counts() -> dict[str, int]:
     return _paths.snapshot()
 
 
-@dataclass
+@dataclass(slots=True)
 class _Task:
     task_id: str
     name: str
@@ -139,7 +139,7 @@ class FastPath:
         self._order = itertools.count()
         self._thread: threading.Thread | None = None
         self._ticking = False  # the consumer's event loop calls _flush_device every turn
-        self._answering_wired = False
+        self._wired = False  # the runtime's hand-offs and answers are set up for this path (at its first message)
         # task name -> what takes one of its messages if this path may run it (True), before Celery's dispatch:
         # the consumer calls it first (``InferqConsumer``), sparing each message Celery's two promises
         self.direct: dict[str, Callable[[Any], bool]] = {}
@@ -222,18 +222,20 @@ class FastPath:
                                    "root_id": headers.get("root_id"), "parent_id": headers.get("parent_id"),
                                    "retries": headers.get("retries", 0), "eta": None, "expires": None}),
                 ("task-started", {"uuid": task.task_id})])
+        if not self._wired:
+            # the device side answers its batches inside ``gathered``; what this thread hands the device is
+            # held until the event loop's next turn flushes it (without an event loop, sent at once)
+            runtime.answer_together(self.gathered)
+            if self._ticking:
+                runtime.hold_hand_offs()
+            self._wired = True
         try:
-            # held until the event loop's next turn flushes them; without an event loop, sent at once
-            with runtime.hand_off_held() if self._ticking else contextlib.nullcontext():
-                pending = runtime.begin(kind, args, kwargs, task.task_id,
-                                        message_priority((message.properties or {}).get("priority")))
+            pending = runtime.begin(kind, args, kwargs, task.task_id,
+                                    message_priority((message.properties or {}).get("priority")))
         except Exception as exc:  # bad input: InvalidInput, UnknownModel, ...; answered at once
             task.done, task.outcome = True, exc
             self._hand_over(task)
             return
-        if not self._answering_wired:  # the device side answers its batches inside ``gathered``
-            runtime.answer_together(self.gathered)
-            self._answering_wired = True
         task.pending = pending
         task.deadline = time.monotonic() + pending.limit
         pending.future.add_done_callback(lambda _: self._hand_over(task))
