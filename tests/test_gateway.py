@@ -165,18 +165,34 @@ def test_bad_input_and_unknown_models_are_openai_errors_with_our_message(gateway
         list(sdk.chat.completions.create(model="nope", messages=CHAT, stream=True))
 
 
+def _stream_events(raw: bytes) -> list[dict[str, Any]]:
+    """A chat completion's server-sent events, as bytes on the wire: every event a data line, the last [DONE]."""
+    events = [event for event in raw.split(b"\n\n") if event]
+    assert all(event.startswith(b"data: ") for event in events), raw[:500]
+    assert events[-1] == b"data: [DONE]", raw[-200:]
+    payloads = [json.loads(event[len(b"data: "):]) for event in events[:-1]]
+    assert {payload["object"] for payload in payloads} == {"chat.completion.chunk"}
+    assert payloads[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+    return payloads
+
+
+def _streamed_text(payloads: list[dict[str, Any]]) -> str:
+    return "".join(payload["choices"][0]["delta"].get("content") or "" for payload in payloads)
+
+
 def test_the_event_stream_as_raw_bytes(gateway: Gateway) -> None:
     body = {"model": "smollm2", "messages": CHAT, "max_tokens": 8, "temperature": 0, "stream": True}
     with httpx.stream("POST", f"{gateway.url}/v1/chat/completions", json=body, timeout=60) as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
         raw = b"".join(response.iter_bytes())
-    events = [event for event in raw.split(b"\n\n") if event]
-    assert all(event.startswith(b"data: ") for event in events), raw[:500]
-    assert events[-1] == b"data: [DONE]"
-    payloads = [json.loads(event[len(b"data: "):]) for event in events[:-1]]
-    assert {payload["object"] for payload in payloads} == {"chat.completion.chunk"}
-    assert payloads[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+    payloads = _stream_events(raw)
+    # the README's curl -N line (no buffering: each event as it comes), read as raw bytes: the same events
+    curl = subprocess.run(["curl", "-sS", "-N", f"{gateway.url}/v1/chat/completions",
+                           "-H", "content-type: application/json", "-d", json.dumps(body)],
+                          capture_output=True, timeout=60, check=True)
+    from_curl = _stream_events(curl.stdout)
+    assert _streamed_text(from_curl) == _streamed_text(payloads) != ""  # greedy: the same text
 
 
 def test_a_client_that_goes_away_mid_stream_cancels_its_generation(gateway: Gateway, client: Client,

@@ -233,6 +233,43 @@ def test_a_generation_cancelled_before_a_worker_takes_it_never_runs(streaming: t
     assert device_counts(client, worker).get("generate/smollm2:requests", 0) - before <= 1
 
 
+def test_every_key_a_load_leaves_expires_or_is_bounded(streaming: tuple[Client, WorkerProcess],
+                                                       store: redis.Redis) -> None:
+    """After streamed, plain, failed and cancelled generations (and the tests above), a bad queue entry and
+    status broadcasts, every key in the database has a TTL, or is one whose size inferq or Kombu bounds."""
+    from workers.receiving import dead_letter
+
+    client, worker = streaming
+    streamed = client.stream_generate("Hello", max_new_tokens=4)
+    assert streamed.result(timeout=60)["completion_tokens"] >= 1
+    assert client.generate("Hello", max_new_tokens=4)["completion_tokens"] >= 1
+    with pytest.raises(InvalidInput):
+        client.generate("Hello", max_new_tokens=0)
+    client.cancel(str(uuid.uuid4()))  # a cancel for a task no worker ever sees
+    store.lpush(queue_name("generate"), b"not a message")  # dead-lettered by the worker
+    device_counts(client, worker)  # a broadcast and its reply queue
+    deadline = time.monotonic() + 30
+    while store.llen(queue_name("generate")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    # Sizes bounded without a TTL: Kombu's bindings and their bookkeeping (a member per queue or binding:
+    # _kombu.binding.<exchange>, _kombu.binding_permanent.<queue>, _kombu.binding_deadlines), its record of
+    # unacknowledged messages (what the workers hold, within their prefetch), the dead-letter list (trimmed to
+    # KEEP).
+    sizes = {b"list": store.llen, b"hash": store.hlen, b"set": store.scard, b"zset": store.zcard}
+    forever = []
+    for raw in store.scan_iter(count=1000):
+        key = raw.decode()
+        if store.ttl(key) > 0:
+            continue
+        kind = store.type(key)
+        limit = (dead_letter.KEEP if key == dead_letter.DEAD_LETTER_KEY
+                 else 1000 if key.startswith("_kombu.binding") or key in ("unacked", "unacked_index") else 0)
+        if not limit or kind not in sizes or sizes[kind](key) > limit:
+            forever.append(f"{key} ({kind.decode()})")
+    assert not forever, f"keys that neither expire nor are bounded: {forever}"
+    assert store.llen(dead_letter.DEAD_LETTER_KEY) >= 1  # the test saw what it claims to
+
+
 def test_a_stream_whose_worker_is_killed_resumes_on_another_without_a_seam(tmp_path: Path) -> None:
     """SIGKILL of the worker mid-stream: the message comes back after the visibility timeout, another worker
     decodes the same (greedy) text and writes only what the stream does not hold yet."""
