@@ -255,6 +255,59 @@ def worker(kinds: str, concurrency: int | None, name: str | None, gpus: str | No
         raise click.BadParameter(str(exc), param_hint="--gpus/--replicas/--receivers") from None
 
 
+@main.group()
+def models() -> None:
+    """Configured models, written out for hosts without internet, and checked."""
+
+
+@models.command("export")
+@click.argument("alias")
+@click.argument("target", type=click.Path(file_okay=False))
+@click.option("--kind", type=click.Choice(KINDS), help="the registry kind of ALIAS, where it names models of several")
+def models_export(alias: str, target: str, kind: str | None) -> None:
+    """Write the configured model ALIAS to the folder TARGET (new or empty): tokenizer and weights as safetensors
+    (a GGUF checkpoint dequantised), with a manifest of sha256 digests. Needs the worker install."""
+    settings = _settings()
+    kinds = [one for one in KINDS if alias in settings.models.entries(one)]
+    if kind is not None and kind not in kinds:
+        raise click.BadParameter(f"no {kind} model is named {alias!r}", param_hint="ALIAS")
+    if kind is None and len(kinds) != 1:
+        raise click.BadParameter(f"{alias!r} names no configured model" if not kinds else
+                                 f"{alias!r} names a model of {' and '.join(kinds)}: say which with --kind",
+                                 param_hint="ALIAS")
+    chosen: Kind = kind or kinds[0]
+    from workers.models.export import ExportError, export
+
+    try:
+        manifest = export(chosen, alias, settings.models.entries(chosen)[alias], Path(target))
+    except ExportError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_FAILED)
+    click.echo(f"exported {chosen} model {alias!r} ({manifest['dtype']}, {len(manifest['files'])} files) to "
+               f"{target}; serve it offline with, in the configuration:")
+    lines = [f"[models.{chosen}.{alias}]", f"source = {json.dumps(str(Path(target).resolve()))}"]
+    lines += [f"{name} = {json.dumps(value)}" for name, value in manifest["settings"].items() if value is not None]
+    click.echo("\n".join(lines))
+
+
+@models.command("verify")
+@click.argument("target", type=click.Path(file_okay=False, exists=True))
+def models_verify(target: str) -> None:
+    """Check an exported folder against its manifest: every file present and unchanged, nothing added."""
+    from workers.models.export import ExportError, verify
+
+    try:
+        manifest, problems = verify(Path(target))
+    except ExportError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_FAILED)
+    if problems:
+        click.echo(f"{target} does not verify:\n" + "\n".join(f"  {problem}" for problem in problems), err=True)
+        sys.exit(EXIT_FAILED)
+    click.echo(f"{target}: {manifest.get('kind')} model {manifest.get('alias')!r}, {len(manifest['files'])} files "
+               "verified")
+
+
 @main.command("device-server")
 @click.option("--listen", required=True, help="the Unix socket path to listen on (workers: INFERQ_DEVICE_SERVER)")
 @click.option("--kinds", default=",".join(KINDS), show_default=True, help="comma-separated kinds to serve")
