@@ -290,6 +290,29 @@ def models_export(alias: str, target: str, kind: str | None) -> None:
     click.echo("\n".join(lines))
 
 
+@models.command("list")
+@click.option("--timeout", default=2.0, show_default=True, help="seconds to wait for the workers' answers")
+def models_list(timeout: float) -> None:
+    """The registry (this host's settings; * marks a kind's default), and what each live worker has loaded:
+    kind, alias, dtype, device and where from."""
+    from producer.client import Client
+    from producer.inventory import loaded_by_workers, registry_lines, worker_lines
+
+    settings = _settings()
+    click.echo("registry:")
+    click.echo("\n".join(registry_lines(settings)))
+    client = Client(settings)
+    try:
+        statuses = loaded_by_workers(client, timeout)
+    except InferqConnectionError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_FAILED)
+    finally:
+        client.close()
+    click.echo("workers:")
+    click.echo("\n".join(worker_lines(statuses)))
+
+
 @models.command("verify")
 @click.argument("target", type=click.Path(file_okay=False, exists=True))
 def models_verify(target: str) -> None:

