@@ -13,9 +13,10 @@ if ! "$venv/bin/python" -c "import redis; redis.Redis(socket_connect_timeout=1).
   for _ in $(seq 50); do "$venv/bin/python" -c "import redis; redis.Redis().ping()" 2>/dev/null && break; sleep 0.1; done
 fi
 # System tools the deployment and monitoring tests run (Debian packages): docker-compose validates the compose
-# file, promtool/prometheus check and run the scrape config and dashboard queries, chromium screenshots Flower.
+# file, promtool/prometheus check and run the scrape config and dashboard queries, chromium screenshots Flower,
+# curl reads the gateway's event stream as the README shows.
 missing=()
-for pair in docker-compose:docker-compose promtool:prometheus chromium:chromium openssl:openssl; do
+for pair in docker-compose:docker-compose promtool:prometheus chromium:chromium openssl:openssl curl:curl; do
   command -v "${pair%%:*}" >/dev/null || missing+=("${pair##*:}")
 done
 if ((${#missing[@]})); then

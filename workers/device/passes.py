@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import traceback
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -151,7 +152,10 @@ class Passes:
         # The device loop retries a failed batch in halves; give the halves the memory the failure held.
         try:
             yield
-        except torch.OutOfMemoryError:
+        except torch.OutOfMemoryError as exc:
+            # The failed pass's frames hold its activations, and the exception (kept by the requests' futures)
+            # holds the frames: let them go now, not at the garbage collector's next sweep.
+            traceback.clear_frames(exc.__traceback__)
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             raise

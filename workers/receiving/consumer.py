@@ -49,7 +49,8 @@ class InferqConsumer(Consumer):  # type: ignore[misc]
             try:
                 headers = message.headers
                 take = direct.get(headers.get("task")) if type(headers) is dict else None
-                if take is not None and take(message):
+                # (with per-message callbacks registered, the autoscaler's, every message goes Celery's way)
+                if take is not None and not self.on_task_message and take(message):
                     return None  # an ordinary message of ours: the fast path took it
                 return handle(message)
             except passes:

@@ -241,11 +241,11 @@ class FastPath:
         pending.future.add_done_callback(lambda _: self._hand_over(task))
         self._new_deadlines.append(task)
         if not self._ticking:
-            self._hand_over_deadlines()
+            self.hand_over_deadlines()
 
     def _flush_device(self) -> None:
         """Once per turn of the consumer's event loop: send what this turn's messages prepared."""
-        self._hand_over_deadlines()
+        self.hand_over_deadlines()
         runtime = self._runtime_or_none()
         if runtime is not None:
             runtime.flush_hand_offs()
@@ -258,7 +258,7 @@ class FastPath:
         self._ensure_finisher()
         self._finished.put(task)
 
-    def _hand_over_deadlines(self) -> None:
+    def hand_over_deadlines(self) -> None:
         """The limits of the tasks begun since the last call, to the finisher in one note: a note per message
         woke the finisher for each (the consumer's thread only)."""
         if self._new_deadlines:
@@ -439,6 +439,7 @@ class DrainFastPath(bootsteps.StartStopStep):  # type: ignore[misc]
         fast: FastPath | None = getattr(consumer.app, "inferq_fast_path", None)
         if fast is None:
             return
+        fast.hand_over_deadlines()  # those of the last turn's messages: their limits still hold while draining
         left = fast.drain(timeout=max(fast.longest_limit(), 1.0) + 5.0)
         if left:
             log.warning("stopping with %d fast-path message(s) unanswered; they go back to their queue", left)
