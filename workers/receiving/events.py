@@ -34,7 +34,7 @@ class ThreadSafeTaskEvents(bootsteps.StartStopStep):  # type: ignore[misc]
 
     def start(self, consumer: Any) -> None:
         dispatcher = getattr(consumer, "event_dispatcher", None)
-        if dispatcher is None or getattr(dispatcher, "_inferq_locked", False):
+        if dispatcher is None or getattr(dispatcher, "_inferq_lock", None) is not None:
             return
         lock = threading.RLock()  # re-entrant: send() calls flush() when the buffer is full
         send, flush = dispatcher.send, dispatcher.flush
@@ -48,7 +48,6 @@ class ThreadSafeTaskEvents(bootsteps.StartStopStep):  # type: ignore[misc]
                 return flush(*args, **kwargs)
 
         dispatcher.send, dispatcher.flush = locked_send, locked_flush
-        dispatcher._inferq_locked = True
         dispatcher._inferq_lock = lock
         hub = getattr(consumer, "hub", None)
         if hub is not None:

@@ -160,7 +160,7 @@ class FastPath:
             revoked = consumer.controller.state.revoked
 
             def take(message: Any) -> bool:
-                decoded = fast._ordinary(message, None, None, revoked)
+                decoded = fast._ordinary(message, revoked)
                 if decoded is None:
                     return False
                 _paths.add("fast_path")
@@ -178,9 +178,9 @@ class FastPath:
 
         return start_strategy
 
-    def _ordinary(self, message: Any, body: Any, callbacks: Any, revoked: Any) -> tuple[Any, Any] | None:
+    def _ordinary(self, message: Any, revoked: Any) -> tuple[Any, Any] | None:
         """(args, kwargs) of a message this path may run; None sends it down Celery's own path."""
-        if body is not None or callbacks or self._runtime_or_none() is None:
+        if self._runtime_or_none() is None:
             return None
         headers = message.headers
         info = message.delivery_info or {}
