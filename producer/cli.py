@@ -296,14 +296,14 @@ def models_list(timeout: float) -> None:
     """The registry (this host's settings; * marks a kind's default), and what each live worker has loaded:
     kind, alias, dtype, device and where from."""
     from producer.client import Client
-    from producer.inventory import loaded_by_workers, registry_lines, worker_lines
+    from producer.inventory import by_node, registry_lines, worker_lines, worker_statuses
 
     settings = _settings()
     click.echo("registry:")
     click.echo("\n".join(registry_lines(settings)))
     client = Client(settings)
     try:
-        statuses = loaded_by_workers(client, timeout)
+        statuses = by_node(worker_statuses(client, timeout))
     except InferqConnectionError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_FAILED)

@@ -24,10 +24,14 @@ def registry_lines(settings: Settings) -> list[str]:
     return lines or ["  (none)"]
 
 
-def loaded_by_workers(client: Client, timeout: float) -> dict[str, dict[str, Any]]:
-    """Each answering worker's ``inferq_status`` reply, by node name."""
+def worker_statuses(client: Client, timeout: float) -> list[dict[str, Any]]:
+    """The live workers' ``inferq_status`` replies (each ``{node: status}``), waiting ``timeout`` for them."""
     with ConnectionErrors(f"the broker at {redact(client.settings.broker)}"):
         replies: list[dict[str, Any]] = client.app.control.broadcast("inferq_status", reply=True, timeout=timeout)
+    return replies
+
+
+def by_node(replies: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return {node: status for reply in replies for node, status in reply.items() if isinstance(status, dict)}
 
 

@@ -32,7 +32,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from producer.client import Client, FutureHandle, Handle
-from producer.connection import ConnectionErrors
 from producer.errors import (
     Cancelled,
     InferqConnectionError,
@@ -51,7 +50,8 @@ from producer.gateway.metrics import GatewayMetrics, MetricsMiddleware
 from producer.gateway.results import ResultWaiter
 from producer.gateway.served import ServedKinds
 from producer.health import check_workers, verdict
-from producer.settings import Kind, Settings, redact
+from producer.inventory import worker_statuses
+from producer.settings import Kind, Settings
 
 log = logging.getLogger(__name__)
 STATUS_TIMEOUT_S = 1.0  # how long one broadcast waits for the workers' status replies
@@ -118,7 +118,7 @@ def create_app(settings: Settings, open_access: bool = False, client: Client | N
 
     app = FastAPI(title="inferq gateway", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     default_model = settings.models.default_alias("generate") or "default"  # what a chunk names without one
-    served = ServedKinds(lambda: statuses(queue), STATUS_REFRESH_S, STATUS_REMEMBER_S)
+    served = ServedKinds(lambda: worker_statuses(queue, STATUS_TIMEOUT_S), STATUS_REFRESH_S, STATUS_REMEMBER_S)
     checked: dict[str, Any] = {"at": -HEALTH_CACHE_S, "data": None}
     if not keys:
         # Open on loopback: a web page in the user's browser must not reach it. A cross-site form post is
@@ -286,14 +286,6 @@ def create_app(settings: Settings, open_access: bool = False, client: Client | N
 
     app.state.client = queue
     return app
-
-
-def statuses(queue: Client) -> list[dict[str, Any]]:
-    """The live workers' ``inferq_status`` replies."""
-    with ConnectionErrors(f"the broker at {redact(queue.settings.broker)}"):
-        replies: list[dict[str, Any]] = queue.app.control.broadcast("inferq_status", reply=True,
-                                                                    timeout=STATUS_TIMEOUT_S)
-    return replies
 
 
 def _cancel_soon(queue: Client, task_id: str) -> None:
