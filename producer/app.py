@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import redis.utils
 from celery import Celery
 from kombu import Exchange, Queue  # type: ignore[attr-defined]
 
 from producer.contract import queue_name, task_name
+from producer.redis_clients import is_sentinel
 from producer.settings import KINDS, Settings
 
 # redis-py looks its own version up in the installed package's metadata for every new connection and every
@@ -46,18 +48,32 @@ def make_celery(settings: Settings, main: str = "inferq") -> Celery:
         broker_transport_options={"socket_connect_timeout": timeout, "socket_timeout": max(timeout, 30.0),
                                   "visibility_timeout": settings.visibility_timeout,
                                   "unacked_restore_interval": 5, "unacked_restore_throttle": 1,
-                                  "unacked_mutex_expire": 30},
+                                  "unacked_mutex_expire": 30, **sentinel_options(settings.broker, settings)},
         worker_send_task_events=settings.task_events,
         task_send_sent_event=settings.task_sent_events,
         redis_socket_connect_timeout=timeout,
         redis_socket_timeout=max(timeout, 30.0),
         redis_retry_on_timeout=True,
         # The result backend reconnects a few times, not Celery's default 20 x 1 s, before giving up.
-        result_backend_transport_options={"retry_policy": {"max_retries": 3, "interval_start": 0,
-                                                           "interval_step": 0.5, "interval_max": 1.0}},
+        result_backend_transport_options=backend_transport_options(settings, {
+            "max_retries": 3, "interval_start": 0, "interval_step": 0.5, "interval_max": 1.0}),
         task_publish_retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5,
                                    "interval_max": 2.0},
         worker_hijack_root_logger=False,
         worker_redirect_stdouts=False,
     )
     return app
+
+
+def sentinel_options(url: str, settings: Settings) -> dict[str, Any]:
+    """What Kombu's and Celery's Sentinel support need beside a sentinel:// URL: the master's name, and
+    timeouts for the sentinels themselves (without them a dead sentinel stalls the search for the master)."""
+    if not is_sentinel(url):
+        return {}
+    timeout = settings.connect_timeout
+    return {"master_name": settings.sentinel_master,
+            "sentinel_kwargs": {"socket_connect_timeout": timeout, "socket_timeout": timeout}}
+
+
+def backend_transport_options(settings: Settings, retry_policy: dict[str, Any]) -> dict[str, Any]:
+    return {"retry_policy": retry_policy, **sentinel_options(settings.backend, settings)}

@@ -252,7 +252,7 @@ class Client:
         handle = self.submit_generate(prompt, stream=True, **options)
         return GenerationStream(handle, self.app.backend.client,
                                 self.settings.result_timeout if timeout is None else timeout, self.settings.backend,
-                                self.cancel, self.settings.connect_timeout)
+                                self.cancel, self.settings.connect_timeout, self.settings.sentinel_master)
 
     async def agenerate(self, prompt: str | None = None, *, timeout: float | None = None,
                         **options: Any) -> GenerateResult:

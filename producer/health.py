@@ -15,6 +15,7 @@ import redis
 
 from producer.client import Client
 from producer.connection import ConnectionErrors
+from producer.redis_clients import redis_client
 from producer.settings import redact
 
 
@@ -36,8 +37,8 @@ def check_workers(client: Client, nodes: Sequence[str] = (), local: bool = False
         # for seconds (--timeout 2 against a closed port took 6.4 s).
         wait = min(timeout, client.settings.connect_timeout)
         try:
-            with redis.Redis.from_url(client.settings.broker, socket_connect_timeout=wait,
-                                      socket_timeout=wait) as probe:
+            with redis_client(client.settings.broker, client.settings.sentinel_master, socket_connect_timeout=wait,
+                              socket_timeout=wait) as probe:
                 probe.ping()
         except (redis.ConnectionError, redis.TimeoutError):
             raise

@@ -17,6 +17,7 @@ from prometheus_client.registry import Collector
 
 from producer.app import make_celery
 from producer.contract import PRIORITY_STEPS, queue_keys, queue_name
+from producer.redis_clients import DEFAULT_MASTER, redis_client
 from producer.settings import KINDS, Settings
 
 
@@ -24,8 +25,8 @@ class QueueDepthCollector(Collector):
     """``inferq_queue_depth{queue}``: messages waiting; ``inferq_unacked_messages``: delivered to a worker and
     not yet acknowledged (running, or prefetched, or held by a worker that died until they are restored)."""
 
-    def __init__(self, broker_url: str, timeout: float) -> None:
-        self._redis = redis.Redis.from_url(broker_url, socket_connect_timeout=timeout, socket_timeout=timeout)
+    def __init__(self, broker_url: str, timeout: float, sentinel_master: str = DEFAULT_MASTER) -> None:
+        self._redis = redis_client(broker_url, sentinel_master, socket_connect_timeout=timeout, socket_timeout=timeout)
 
     def collect(self) -> Iterator[Metric]:
         depth = GaugeMetricFamily("inferq_queue_depth", "Messages waiting in an inferq queue", labels=["queue"])
@@ -61,7 +62,7 @@ def run_flower(settings: Settings, port: int | None = None, address: str | None 
     if settings.flower_basic_auth is not None:
         # Through the environment, never argv: a password on the command line is visible to every user in `ps`.
         os.environ["FLOWER_BASIC_AUTH"] = settings.flower_basic_auth.get_secret_value()
-    REGISTRY.register(QueueDepthCollector(settings.broker, settings.connect_timeout))
+    REGISTRY.register(QueueDepthCollector(settings.broker, settings.connect_timeout, settings.sentinel_master))
     app = make_celery(settings, "inferq-flower")
     # Flower's task-result API builds AsyncResult(task_id) without an app, so it gets the default app; unless
     # ours is that default, the default has no result backend and the API answers 503 to every request.

@@ -14,6 +14,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
+from producer.redis_clients import DEFAULT_MASTER, SentinelGroup, is_sentinel
+
 Kind = Literal["embed", "classify", "generate"]
 KINDS: tuple[Kind, ...] = ("embed", "classify", "generate")
 
@@ -179,7 +181,7 @@ class ModelRegistry(BaseModel):
         return None
 
 
-REDIS_SCHEMES = ("redis", "rediss")
+REDIS_SCHEMES = ("redis", "rediss", "sentinel")
 _SECRET_WORDS = ("key", "password", "auth", "secret", "token")
 
 
@@ -209,6 +211,9 @@ class Settings(BaseSettings):
     redis_url: str = "redis://localhost:6379/0"
     broker_url: str | None = None
     result_backend: str | None = None
+    # A sentinel:// URL (sentinels separated by ';') reaches the master of this group, found again after a failover.
+    sentinel_master: str = Field(DEFAULT_MASTER, min_length=1, description="the master name the sentinels of a "
+                                 "sentinel:// URL know the Redis by")
     result_expires: int = Field(86_400, ge=60, description="seconds a stored result is kept")
     connect_timeout: float = Field(5.0, gt=0, description="seconds to wait for a Redis connection")
     result_timeout: float = Field(300.0, gt=0, description="seconds a blocking producer call waits for a result")
@@ -310,6 +315,8 @@ class Settings(BaseSettings):
         if url is not None and url.partition("://")[0] not in REDIS_SCHEMES:
             raise ValueError(f"{redact(url)!r} is not a Redis URL: it must start with "
                              f"{', '.join(f'{scheme}://' for scheme in REDIS_SCHEMES)}")
+        if url is not None and is_sentinel(url):
+            SentinelGroup.from_url(url)  # every entry a sentinel://host:port, or a ValueError naming the one
         return url
 
     @field_validator("classify_label_template")
@@ -338,7 +345,9 @@ class Settings(BaseSettings):
 
 
 def redact(url: str) -> str:
-    """The URL with any password replaced, for logs and messages."""
+    """The URL with any password replaced, for logs and messages (each entry of a Sentinel URL's list)."""
+    if ";" in url:
+        return ";".join(redact(part) for part in url.split(";"))
     scheme, sep, rest = url.partition("://")
     if not sep or "@" not in rest:
         return url

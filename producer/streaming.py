@@ -13,12 +13,12 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
-import redis.asyncio
 from redis import Redis
 
 from producer.connection import ConnectionErrors
 from producer.contract import CANCEL_CHANNEL, GenerateResult, cancel_key, stream_key
 from producer.errors import TASK_ERRORS, InferqError, ResultTimeout, StreamRestarted
+from producer.redis_clients import DEFAULT_MASTER, async_redis_client
 from producer.settings import redact
 
 BLOCK_S = 1.0  # one XREAD waits at most this long; between them the stored result is checked
@@ -31,12 +31,14 @@ class GenerationStream:
     as in its result."""
 
     def __init__(self, handle: Any, client: Redis, timeout: float, backend_url: str,
-                 cancel: Callable[[str], None], connect_timeout: float = 5.0) -> None:
+                 cancel: Callable[[str], None], connect_timeout: float = 5.0,
+                 sentinel_master: str = DEFAULT_MASTER) -> None:
         self._handle = handle
         self._cancel = cancel
         self._client = client
         self._timeout = timeout
         self._backend_url = backend_url
+        self._sentinel_master = sentinel_master
         self._connect_timeout = connect_timeout
         self._last: Any = b"0-0"  # the id of the last entry read
         self.text = ""  # what has been read so far
@@ -86,8 +88,9 @@ class GenerationStream:
     async def __aiter__(self) -> AsyncIterator[str]:
         # A connection of its own for the iteration: an asyncio client belongs to one event loop, and a
         # blocking XREAD holds its connection, so streams read side by side cannot share one anyway.
-        client = redis.asyncio.from_url(self._backend_url, socket_connect_timeout=self._connect_timeout,
-                                        socket_timeout=BLOCK_S + self._connect_timeout)  # a read never hangs
+        client = async_redis_client(self._backend_url, self._sentinel_master,
+                                    socket_connect_timeout=self._connect_timeout,
+                                    socket_timeout=BLOCK_S + self._connect_timeout)  # a read never hangs
         deadline = time.monotonic() + self._timeout
         try:
             while self.finish_reason is None:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from producer.redis_clients import SentinelGroup
 from producer.settings import Settings, redact
 
 
@@ -80,6 +81,24 @@ def test_redact_hides_passwords() -> None:
     assert redact("redis://:s3cret@host:6379/0") == "redis://:***@host:6379/0"
     assert redact("rediss://user:s3cret@host:6380/1") == "rediss://user:***@host:6380/1"
     assert redact("redis://host:6379/0") == "redis://host:6379/0"
+    assert (redact("sentinel://:s3cret@a:26379/2;sentinel://:s3cret@b:26380/2")
+            == "sentinel://:***@a:26379/2;sentinel://:***@b:26380/2")
+
+
+def test_a_sentinel_url_names_the_sentinels_and_the_masters_database() -> None:
+    settings = Settings(redis_url="sentinel://:pw@10.0.0.1:26379/3;sentinel://10.0.0.2;sentinel://10.0.0.3:5000",
+                        sentinel_master="queue")
+    group = SentinelGroup.from_url(settings.broker)
+    assert group.sentinels == [("10.0.0.1", 26379), ("10.0.0.2", 26379), ("10.0.0.3", 5000)]
+    assert (group.db, group.password, settings.sentinel_master) == (3, "pw", "queue")
+    assert Settings().sentinel_master == "mymaster"
+
+
+def test_a_sentinel_url_with_another_kind_of_entry_is_refused() -> None:
+    with pytest.raises(ValidationError, match="'redis://b:6379' is not a sentinel://host:port entry"):
+        Settings(redis_url="sentinel://a:26379;redis://b:6379")
+    with pytest.raises(ValidationError, match="sentinel_master"):
+        Settings(sentinel_master="")
 
 
 def test_importing_the_producer_imports_no_torch_or_transformers() -> None:

@@ -13,10 +13,10 @@ from __future__ import annotations
 import time
 
 import redis
-import redis.asyncio
 
 from producer.contract import queue_name
 from producer.errors import InferqConnectionError
+from producer.redis_clients import DEFAULT_MASTER, async_redis_client
 from producer.settings import Kind, redact
 
 
@@ -29,11 +29,11 @@ class QueueFull(Exception):
 
 class Admission:
     def __init__(self, broker_url: str, limit: int | None, cache_s: float, retry_after: int,
-                 connect_timeout: float) -> None:
+                 connect_timeout: float, sentinel_master: str = DEFAULT_MASTER) -> None:
         self.limit, self.cache_s, self.retry_after = limit, cache_s, retry_after
         self._url = broker_url
-        self._redis = redis.asyncio.Redis.from_url(broker_url, socket_connect_timeout=connect_timeout,
-                                                   socket_timeout=connect_timeout) if limit is not None else None
+        self._redis = async_redis_client(broker_url, sentinel_master, socket_connect_timeout=connect_timeout,
+                                         socket_timeout=connect_timeout) if limit is not None else None
         self._read: dict[Kind, tuple[float, int]] = {}  # kind -> (when read, depth)
 
     async def admit(self, kind: Kind) -> None:

@@ -104,9 +104,9 @@ def create_app(settings: Settings, open_access: bool = False, client: Client | N
                          "loopback")
     queue = client or Client(settings)
     gate = Admission(settings.broker, settings.gateway.max_queue_depth, settings.gateway.queue_depth_cache_ms / 1000,
-                     settings.gateway.retry_after_s, settings.connect_timeout)
+                     settings.gateway.retry_after_s, settings.connect_timeout, settings.sentinel_master)
     metrics = GatewayMetrics()
-    waiter = ResultWaiter(queue.app.backend, settings.backend, settings.connect_timeout)
+    waiter = ResultWaiter(queue.app.backend, settings.backend, settings.connect_timeout, settings.sentinel_master)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

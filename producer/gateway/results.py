@@ -19,9 +19,9 @@ import time
 from typing import Any
 
 import redis
-import redis.asyncio
 
 from producer.errors import InferqConnectionError, ResultTimeout
+from producer.redis_clients import DEFAULT_MASTER, async_redis_client
 from producer.results import final_meta, outcome
 from producer.settings import redact
 
@@ -32,11 +32,11 @@ RECONNECT_S = 0.5  # between attempts to reach Redis again
 
 
 class ResultWaiter:
-    def __init__(self, backend: Any, url: str, connect_timeout: float) -> None:
+    def __init__(self, backend: Any, url: str, connect_timeout: float, sentinel_master: str = DEFAULT_MASTER) -> None:
         self._backend = backend  # Celery's result backend: its key names and its reading of errors
         self._url = url
-        self._redis = redis.asyncio.Redis.from_url(url, socket_connect_timeout=connect_timeout,
-                                                   socket_timeout=connect_timeout)
+        self._redis = async_redis_client(url, sentinel_master, socket_connect_timeout=connect_timeout,
+                                         socket_timeout=connect_timeout)
         self._pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
         self._waiting: dict[str, tuple[float, list[asyncio.Future[dict[str, Any]]]]] = {}  # key -> since, futures
         self._reader: asyncio.Task[None] | None = None

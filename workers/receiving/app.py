@@ -7,8 +7,10 @@ from typing import Any
 
 from celery import Celery
 from celery.signals import worker_init, worker_shutdown
+from kombu.transport import TRANSPORT_ALIASES
 
-from producer.app import make_celery
+from producer.app import backend_transport_options, make_celery
+from producer.redis_clients import is_sentinel
 from producer.settings import Kind, Settings
 from workers.device.runtime import Runtime
 from workers.errors import WorkerError
@@ -34,13 +36,19 @@ class WorkerApp:
         # counts, logs and answers messages that cannot be run (undecodable, pickled, malformed)
         self.celery.conf.worker_consumer = "workers.receiving.consumer:InferqConsumer"
         # ... and list entries that are not even messages (a stray LPUSH must not stop the worker)
-        self.celery.conf.broker_transport = "workers.receiving.transport:Transport"
+        transport = "SentinelTransport" if is_sentinel(settings.broker) else "Transport"
+        self.celery.conf.broker_transport = f"workers.receiving.transport:{transport}"
+        if is_sentinel(settings.broker):
+            # Kombu treats the sentinels of the URL as failover alternates, and when it moves on to the next one
+            # it takes the transport from that URL's scheme: the scheme must name ours too, or a reconnection
+            # during a failover leaves the worker on Kombu's plain Sentinel transport (no ack_many, no takes).
+            TRANSPORT_ALIASES["sentinel"] = self.celery.conf.broker_transport
         # A worker whose result store fails gives the result up, and then acknowledges the message: the job
         # is lost. Producers retry briefly (they must not hang); a worker keeps retrying through a Redis
         # restart, for up to the visibility timeout, after which the message would be handed out again anyway.
-        self.celery.conf.result_backend_transport_options = {"retry_policy": {
+        self.celery.conf.result_backend_transport_options = backend_transport_options(settings, {
             "max_retries": max(3, int(settings.visibility_timeout)), "interval_start": 0, "interval_step": 0.5,
-            "interval_max": 1.0}}
+            "interval_max": 1.0})
         self._runtime: Runtime | None = None
         self.fast_path = FastPath(self.celery, self.runtime) if settings.fast_path else None
         register_tasks(self.celery, self.runtime, settings, self.fast_path)

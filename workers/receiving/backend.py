@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
-from celery.backends.redis import RedisBackend
+from celery.backends.redis import RedisBackend, SentinelBackend
 from celery.exceptions import BackendStoreError
 from redis.exceptions import NoScriptError
 
@@ -105,7 +105,12 @@ class InferqRedisBackend(RedisBackend):  # type: ignore[misc]
             self.client.script_load(_STORE_UNLESS_SUCCEEDED)
             self.client.evalsha(script.sha, len(keys), *keys, expires, *values)
 
+class InferqSentinelBackend(InferqRedisBackend, SentinelBackend):  # type: ignore[misc]
+    """The same, on the master of a Sentinel group (Celery's SentinelBackend finds it)."""
+
+
 OVERRIDES = {
+    "sentinel": "workers.receiving.backend:InferqSentinelBackend",
     "redis": "workers.receiving.backend:InferqRedisBackend",
     "rediss": "workers.receiving.backend:InferqRedisBackend",
 }

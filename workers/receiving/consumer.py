@@ -9,6 +9,7 @@ failure, so the caller's ``get()`` raises instead of waiting forever.
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -38,7 +39,20 @@ def _undecodable(message: Any, exc: Exception) -> str:
             f"messages (content type {message.content_type!r})")
 
 
+# Kombu's reconnection waits 2 s after the first failed round of the broker's URLs, then 2 s more each round,
+# up to 30 s, and Celery gives no setting for it. A Sentinel failover takes about 2 s (tests/test_sentinel_drill.py:
+# the worker came back 6.2 s after the master's loss with Kombu's steps); so do short Redis restarts.
+RECONNECT_INTERVALS = {"interval_start": 0.25, "interval_step": 0.25, "interval_max": 2.0}
+
+
 class InferqConsumer(Consumer):  # type: ignore[misc]
+    def ensure_connected(self, conn: Any) -> Any:
+        conn.ensure_connection = functools.partial(conn.ensure_connection, **RECONNECT_INTERVALS)
+        try:
+            return super().ensure_connected(conn)
+        finally:
+            del conn.ensure_connection  # the connection's own method again
+
     def create_task_handler(self, *args: Any, **kwargs: Any) -> Any:
         handle = super().create_task_handler(*args, **kwargs)
         passes = tuple(self.connection_errors) + tuple(self.channel_errors) + (MemoryError,)

@@ -1,0 +1,239 @@
+"""Redis Sentinel drill: a master, a replica and three sentinels on loopback, a worker and a producer under load
+on a sentinel:// URL, and SIGKILL of the master mid-load.
+
+Measured and reported (test-artifacts/sentinel-drill.json, and benchmarks/RESULTS.md): how long producers and
+the worker took to serve again, how many requests accepted before the kill were lost (replication to the
+replica is asynchronous, so a window of the newest writes can be), and that every request accepted after the
+failover is answered, by the same worker process, with nobody restarting it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from producer.client import Client, Handle
+from producer.errors import InferqConnectionError, InferqError, ResultTimeout
+from producer.gateway.admission import Admission
+from producer.health import check_workers, verdict
+from producer.monitoring import QueueDepthCollector
+from producer.settings import Settings
+from tests.conftest import ARTIFACTS, WorkerProcess, free_port, start_redis_server, worker_env
+
+pytestmark = pytest.mark.integration
+MASTER = "drill-master"
+DOWN_AFTER_MS = 1000
+
+
+@dataclass
+class SentinelGroup:
+    """A master, a replica and three sentinels of a test's own."""
+
+    workdir: Path
+    master_port: int = field(default_factory=free_port)
+    replica_port: int = field(default_factory=free_port)
+    sentinel_ports: list[int] = field(default_factory=lambda: [free_port() for _ in range(3)])
+    servers: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return ";".join(f"sentinel://127.0.0.1:{port}/0" for port in self.sentinel_ports)
+
+    def start(self) -> None:
+        self.servers["master"] = self._server(self.master_port, [])
+        self.servers["replica"] = self._server(self.replica_port, ["--replicaof", "127.0.0.1", str(self.master_port)])
+        for index, port in enumerate(self.sentinel_ports):
+            conf = self.workdir / f"sentinel-{port}.conf"  # a sentinel rewrites its file: one each
+            conf.write_text(f"port {port}\nbind 127.0.0.1\n"
+                            f"sentinel monitor {MASTER} 127.0.0.1 {self.master_port} 2\n"
+                            f"sentinel down-after-milliseconds {MASTER} {DOWN_AFTER_MS}\n"
+                            f"sentinel failover-timeout {MASTER} 10000\n")
+            self.servers[f"sentinel{index}"] = subprocess.Popen(
+                ["redis-server", str(conf), "--sentinel"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # Ready once each sentinel sees the replica and the two other sentinels (found through the master's
+        # hello channel): before that a failover could not reach its quorum or find a replica to promote.
+        deadline = time.monotonic() + 30
+        while not all(self._sees_the_group(port) for port in self.sentinel_ports):
+            assert time.monotonic() < deadline, "the sentinels did not find each other and the replica in 30 s"
+            time.sleep(0.2)
+
+    def _server(self, port: int, args: list[str]) -> subprocess.Popen[bytes]:
+        probe = redis.Redis(port=port)
+        try:
+            return start_redis_server(self.workdir, ["--port", str(port), "--appendonly", "no", *args], probe)
+        finally:
+            probe.close()
+
+    def _sees_the_group(self, port: int) -> bool:
+        try:
+            with redis.Redis(port=port, socket_timeout=1, decode_responses=True) as sentinel:
+                state = sentinel.sentinel_master(MASTER)
+        except (redis.RedisError, OSError):
+            return False
+        return int(state.get("num-slaves", 0)) >= 1 and int(state.get("num-other-sentinels", 0)) >= 2
+
+    def master_address(self) -> tuple[str, int] | None:
+        for port in self.sentinel_ports:
+            try:
+                with redis.Redis(port=port, socket_timeout=1, decode_responses=True) as sentinel:
+                    host, master_port = sentinel.sentinel_get_master_addr_by_name(MASTER)
+                    return str(host), int(master_port)
+            except (redis.RedisError, OSError, TypeError):
+                continue
+        return None
+
+    def stop(self) -> None:
+        for server in self.servers.values():
+            if server.poll() is None:
+                server.kill()
+            server.wait(timeout=10)
+
+
+@pytest.fixture
+def sentinel_group(tmp_path: Path) -> Iterator[SentinelGroup]:
+    group = SentinelGroup(tmp_path)
+    try:
+        group.start()
+        yield group
+    finally:
+        group.stop()
+
+
+def assert_every_client_reaches_the_new_master(client: Client, url: str, worker: WorkerProcess) -> None:
+    """`inferq check`, Flower's queue-depth collector and the gateway's admission control (an asyncio client)
+    open Redis clients of their own: after the failover each reaches the promoted replica."""
+    assert verdict(check_workers(client, [worker.node], timeout=10), [worker.node], 1) is None
+    depth = QueueDepthCollector(url, 2.0, MASTER)
+    samples = {metric.name: metric.samples for metric in depth.collect()}
+    assert samples["inferq_queue_depth"] and "inferq_unacked_messages" in samples, samples
+
+    async def admit() -> None:
+        gate = Admission(url, limit=1_000_000, cache_s=0, retry_after=1, connect_timeout=2.0,
+                         sentinel_master=MASTER)
+        try:
+            await gate.admit("embed")
+        finally:
+            await gate.close()
+
+    asyncio.run(admit())
+
+
+def answered_at(date_done: Any) -> float:
+    """A stored result's date_done (UTC; a datetime, or ISO text from a foreign reader) as a Unix time."""
+    when = date_done if isinstance(date_done, datetime) else datetime.fromisoformat(str(date_done))
+    return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
+
+
+@dataclass
+class Sent:
+    at: float  # time.monotonic() when the call returned
+    handle: Handle[Any]
+
+
+@pytest.mark.parametrize("how", ["kill", "demote"])
+def test_the_master_lost_mid_load_fails_over_to_the_replica(how: str, sentinel_group: SentinelGroup,
+                                                           tmp_path: Path) -> None:
+    """kill: SIGKILL of the master. demote: a failover while the old master lives on as a replica, so every
+    connection still open to it gets READONLY on its next write (celery#7946: that killed workers)."""
+    url = sentinel_group.url
+    config = tmp_path / "inferq.toml"
+    # short limits: what the dead master held unacknowledged comes back within seconds
+    config.write_text(f'sentinel_master = "{MASTER}"\nvisibility_timeout = 8\nworker_concurrency = 16\n'
+                      "[time_limits]\nembed = 5\nclassify = 5\ngenerate = 5\n[models]\ngenerate = {}\n")
+    worker = WorkerProcess(worker_env(config, url), ARTIFACTS / f"sentinel-drill-{how}-worker.log",
+                           f"sentinel-{os.getpid()}@localhost", ("--kinds", "embed"))
+    client = Client(Settings(redis_url=url, sentinel_master=MASTER, result_timeout=60, connect_timeout=2))
+    accepted: list[Sent] = []
+    refused: list[float] = []  # when each refused call returned
+    stop = threading.Event()
+
+    def produce() -> None:
+        index = 0
+        while not stop.is_set():
+            try:
+                handle = client.submit_embed([f"drill text {index}"])
+                accepted.append(Sent(time.monotonic(), handle))
+            except InferqConnectionError:
+                refused.append(time.monotonic())
+            index += 1
+            time.sleep(0.01)
+
+    try:
+        worker.wait_ready(client)
+        producer = threading.Thread(target=produce)
+        producer.start()
+        time.sleep(3)
+        killed_at, killed_wall = time.monotonic(), time.time()
+        if how == "kill":
+            sentinel_group.servers["master"].kill()
+            sentinel_group.servers["master"].wait(timeout=10)
+        else:
+            with redis.Redis(port=sentinel_group.sentinel_ports[0]) as sentinel:
+                sentinel.execute_command("SENTINEL", "FAILOVER", MASTER)
+        old = ("127.0.0.1", sentinel_group.master_port)
+        while sentinel_group.master_address() in (old, None):
+            assert time.monotonic() - killed_at < 60, "no sentinel promoted the replica within 60 s"
+            time.sleep(0.05)
+        promoted_at = time.monotonic()
+        assert sentinel_group.master_address() == ("127.0.0.1", sentinel_group.replica_port)
+        # load through and after the failover, then a while more for the messages held when it happened
+        while time.monotonic() - promoted_at < 8:
+            assert producer.is_alive()
+            time.sleep(0.2)
+        stop.set()
+        producer.join(timeout=60)
+        assert not producer.is_alive(), "the producer hangs"
+
+        # held messages come back after the visibility timeout (8 s); 30 s after the failover is plenty
+        outcomes: dict[str, list[Sent]] = {"answered": [], "failed": [], "lost": []}
+        deadline = promoted_at + 30
+        for sent in accepted:
+            try:
+                sent.handle.get(timeout=max(0.05, deadline - time.monotonic()))
+                outcomes["answered"].append(sent)
+            except ResultTimeout:
+                outcomes["lost"].append(sent)
+            except InferqError:
+                outcomes["failed"].append(sent)
+        before = [sent for sent in accepted if sent.at < killed_at]
+        after_failover = [sent for sent in accepted if sent.at > promoted_at]
+        first_accepted = min((sent.at for sent in accepted if sent.at > killed_at), default=None)
+        backend = client.app.backend
+        done = [backend.get_task_meta(sent.handle.id).get("date_done") for sent in outcomes["answered"]
+                if sent.at > killed_at]
+        first_done = min((answered_at(date) for date in done if date), default=None)
+        report = {
+            "failover_s": round(promoted_at - killed_at, 2),
+            "how": how,
+            "producers_serving_again_s": round(first_accepted - killed_at, 2) if first_accepted else None,
+            "worker_serving_again_s": round(first_done - killed_wall, 2) if first_done else None,
+            "accepted": len(accepted), "accepted_before_kill": len(before),
+            "accepted_after_failover": len(after_failover), "refused_calls": len(refused),
+            "lost_accepted_before_kill": sum(1 for sent in outcomes["lost"] if sent.at < killed_at),
+            "lost": len(outcomes["lost"]), "failed": len(outcomes["failed"]),
+            "worker_restarted": worker.process.poll() is not None,
+        }
+        ARTIFACTS.mkdir(exist_ok=True)
+        (ARTIFACTS / f"sentinel-drill-{how}.json").write_text(json.dumps(report, indent=2))
+        print("sentinel drill:", report)
+        assert after_failover, f"nothing was accepted after the failover: {report}"
+        assert_every_client_reaches_the_new_master(client, url, worker)
+        assert all(sent in outcomes["answered"] for sent in after_failover), report
+        assert not outcomes["failed"], report
+        assert worker.process.poll() is None, f"the worker exited:\n{worker.log()[-3000:]}"
+    finally:
+        stop.set()
+        worker.stop()
+        client.close()
