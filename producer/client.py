@@ -32,6 +32,7 @@ from producer.contract import (
     GenerateResult,
     Lane,
     queue_name,
+    sent_now,
     task_name,
     validate,
 )
@@ -169,7 +170,8 @@ class Client:
     def _send(self, kind: Kind, kwargs: dict[str, Any], priority: int = 0) -> Handle[Any]:
         with ConnectionErrors(f"the broker or result backend at {_both(self.settings)}"):
             result = self.app.send_task(task_name(kind), kwargs=kwargs, queue=queue_name(kind),
-                                        priority=priority or None)  # none: what any Celery client sends
+                                        priority=priority or None,  # none: what any Celery client sends
+                                        headers=sent_now())
         return Handle(result, self.settings.result_timeout, self.settings.backend)
 
     def handle(self, task_id: str) -> Handle[Any]:

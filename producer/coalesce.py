@@ -33,7 +33,7 @@ from typing import Any
 from celery import Celery
 
 from producer.connection import ConnectionErrors
-from producer.contract import queue_name, task_name
+from producer.contract import queue_name, sent_now, task_name
 from producer.errors import InferqError
 from producer.results import final_meta, outcome
 from producer.settings import Kind, redact
@@ -160,7 +160,8 @@ class Coalescer:
         try:
             with ConnectionErrors(self._broker):
                 self._app.send_task(task_name(group.kind), kwargs={**group.options, "texts": texts},
-                                    queue=queue_name(group.kind), task_id=task_id, priority=group.priority or None)
+                                    queue=queue_name(group.kind), task_id=task_id, priority=group.priority or None,
+                                    headers=sent_now())
         except Exception as exc:  # each caller gets the error a call of its own would have raised
             for call in group.calls:
                 call.future.set_exception(exc)

@@ -8,6 +8,7 @@ can import it without torch.
 from __future__ import annotations
 
 import math
+import time
 from typing import Any, Literal, NotRequired, TypedDict
 
 from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, model_validator
@@ -40,6 +41,16 @@ LANES: tuple[Lane, ...] = ("interactive", "bulk")
 LANE_PRIORITY: dict[Lane, int] = {"interactive": 0, "bulk": 9}
 PRIORITY_STEPS = (0, 3, 6, 9)  # Kombu's default steps, which both sides use
 PRIORITY_SEP = "\x06\x16"  # Kombu's separator between a queue's name and its step
+
+
+# Our producers stamp each message with the Unix time it was sent, so the age of the oldest waiting message
+# is known (monitoring.QueueDepthCollector); a protocol-2 message carries no send time of its own.
+SENT_HEADER = "inferq_sent"
+
+
+def sent_now() -> dict[str, float]:
+    """The headers our producers add to a message."""
+    return {SENT_HEADER: time.time()}
 
 
 def queue_keys(queue: str) -> list[str]:

@@ -7,46 +7,77 @@ much waits in each queue. That comes from Redis itself, read at each scrape.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import time
 from collections.abc import Iterator
 from typing import Any
 
+import orjson
 import redis
 from prometheus_client.core import REGISTRY, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from producer.app import make_celery
-from producer.contract import PRIORITY_STEPS, queue_keys, queue_name
+from producer.contract import SENT_HEADER, queue_keys, queue_name
 from producer.redis_clients import DEFAULT_MASTER, redis_client
 from producer.settings import KINDS, Settings
 
 
 class QueueDepthCollector(Collector):
-    """``inferq_queue_depth{queue}``: messages waiting; ``inferq_unacked_messages``: delivered to a worker and
-    not yet acknowledged (running, or prefetched, or held by a worker that died until they are restored)."""
+    """``inferq_queue_depth{queue}``: messages waiting; ``inferq_queue_oldest_age_seconds{queue}``: how long the
+    oldest of them has waited; ``inferq_unacked_messages``: delivered to a worker and not yet acknowledged
+    (running, or prefetched, or held by a worker that died until they are restored).
+
+    The oldest message is the tail of each of its queue's lists (Kombu pushes on the left and takes from the
+    right). Its age comes from the send time our producers stamp on it (``contract.SENT_HEADER``); a foreign
+    client's message has none, and its age is counted from the first scrape that saw it at the tail, so it
+    reads low by up to one scrape interval."""
 
     def __init__(self, broker_url: str, timeout: float, sentinel_master: str = DEFAULT_MASTER) -> None:
         self._redis = redis_client(broker_url, sentinel_master, socket_connect_timeout=timeout, socket_timeout=timeout)
+        self._first_seen: dict[str, float] = {}  # delivery tag of a tail without a send time -> when first seen
 
     def collect(self) -> Iterator[Metric]:
         depth = GaugeMetricFamily("inferq_queue_depth", "Messages waiting in an inferq queue", labels=["queue"])
+        oldest = GaugeMetricFamily("inferq_queue_oldest_age_seconds", "How long the oldest message waiting in an "
+                                   "inferq queue has waited (0: none waits)", labels=["queue"])
         unacked = GaugeMetricFamily("inferq_unacked_messages",
                                     "Messages delivered to workers and not yet acknowledged")
+        keys = {queue_name(kind): queue_keys(queue_name(kind)) for kind in KINDS}
         try:
             with self._redis.pipeline(transaction=False) as pipe:
-                for kind in KINDS:
-                    for key in queue_keys(queue_name(kind)):
+                for lists in keys.values():
+                    for key in lists:
                         pipe.llen(key)
+                        pipe.lindex(key, -1)
                 pipe.hlen("unacked")
-                counts: list[int] = pipe.execute()
+                replies: list[Any] = pipe.execute()
         except redis.RedisError:
             return  # Redis is down: no sample beats a wrong zero; Flower's own metrics still answer
-        per_queue = len(PRIORITY_STEPS)
-        for index, kind in enumerate(KINDS):
-            depth.add_metric([queue_name(kind)], sum(counts[index * per_queue:(index + 1) * per_queue]))
-        unacked.add_metric([], counts[-1])
+        now, seen = time.time(), dict[str, float]()
+        for index, (queue, lists) in enumerate(keys.items()):
+            mine = replies[index * 2 * len(lists):(index + 1) * 2 * len(lists)]
+            depth.add_metric([queue], sum(mine[0::2]))
+            oldest.add_metric([queue], max((self._waited(tail, now, seen) for tail in mine[1::2] if tail),
+                                           default=0.0))
+        self._first_seen = seen  # only the tails still waiting are remembered
+        unacked.add_metric([], replies[-1])
         yield depth
+        yield oldest
         yield unacked
+
+    def _waited(self, tail: bytes, now: float, seen: dict[str, float]) -> float:
+        try:
+            envelope = orjson.loads(tail)
+            sent = envelope.get("headers", {}).get(SENT_HEADER)
+            if isinstance(sent, int | float):
+                return max(0.0, now - sent)
+            tag = str(envelope["properties"]["delivery_tag"])
+        except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError):
+            tag = hashlib.sha1(tail).hexdigest()  # not a message we can read: still something that waits
+        seen[tag] = self._first_seen.get(tag, now)
+        return now - seen[tag]
 
 
 def flower_argv(settings: Settings, port: int | None, address: str | None) -> list[str]:

@@ -271,6 +271,11 @@ class Settings(BaseSettings):
     task_sent_events: bool = Field(False, description="producers send a task-sent event per message (Flower shows "
                                    "queued tasks; a second publish per message)")
     embedded_redis: Literal["auto", "never"] = "auto"
+    # A worker host's own metrics (batches, device time, waits, outcomes, generation, GPU memory): the launcher,
+    # or a single worker, serves every process's on this port (workers/supervision/metrics_server.py).
+    metrics_port: int | None = Field(None, ge=1, le=65535, description="serve the worker's Prometheus metrics on "
+                                     "this port (unset: not served)")
+    metrics_address: str = Field("127.0.0.1", description="0.0.0.0 to serve them on every interface (a container)")
     # Fault drill only: makes a CPU behave like a GPU with little memory, to exercise the split-and-retry
     # path that a real CUDA out-of-memory error takes.
     fault_oom_above_tokens: int | None = Field(None, ge=1, description="testing: an encoder batch over this many "

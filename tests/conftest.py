@@ -139,6 +139,7 @@ class WorkerProcess:
         self.log_path = log_path
         self.node = node
         self.status: dict[str, Any] = {}
+        self.metrics_port: int | None = None  # where it serves /metrics, if it was given INFERQ_METRICS_PORT
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = log_path.open("wb")
         self.process = subprocess.Popen([sys.executable, "-m", "producer.cli", "worker", "--name", node, *args],
@@ -237,7 +238,10 @@ def client(settings: Settings, redis_client: redis.Redis) -> Iterator[Client]:
 def worker(config_path: Path, client: Client) -> Iterator[WorkerProcess]:
     """The session's worker: all three kinds, the offline models and the tiny ones."""
     node = f"tests-{os.getpid()}@localhost"
-    process = WorkerProcess(worker_env(config_path), ARTIFACTS / "worker.log", node)
+    metrics_port = free_port()  # its /metrics, which the real-Prometheus test scrapes
+    process = WorkerProcess(worker_env(config_path, INFERQ_METRICS_PORT=str(metrics_port)), ARTIFACTS / "worker.log",
+                            node)
+    process.metrics_port = metrics_port
     try:
         process.wait_ready(client)
         yield process

@@ -24,7 +24,7 @@ import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from producer.client import Client
-from producer.contract import PRIORITY_SEP
+from producer.contract import PRIORITY_SEP, SENT_HEADER
 from producer.monitoring import QueueDepthCollector
 from tests.conftest import ARTIFACTS, REDIS_HOST, REDIS_PORT, REDIS_URL, ROOT, WorkerProcess, free_port
 
@@ -140,9 +140,9 @@ def test_queue_depth_counts_every_priority_list_and_unacked() -> None:
         store.lpush(f"generate{PRIORITY_SEP}6", b"m")
         store.lpush("embed", b"m")
         store.hset("unacked", mapping={"a": b"1", "b": b"2"})
-        collected = {(sample.name, tuple(sample.labels.values())): sample.value for family in
-                     QueueDepthCollector(f"redis://{REDIS_HOST}:{REDIS_PORT}/{db}", 2.0).collect()
-                     for sample in family.samples}
+        collector = QueueDepthCollector(f"redis://{REDIS_HOST}:{REDIS_PORT}/{db}", 2.0)
+        collected = {(sample.name, tuple(sample.labels.values())): sample.value for family in collector.collect()
+                     for sample in family.samples if sample.name != "inferq_queue_oldest_age_seconds"}
         assert collected == {("inferq_queue_depth", ("embed",)): 1, ("inferq_queue_depth", ("classify",)): 0,
                              ("inferq_queue_depth", ("generate",)): 4, ("inferq_unacked_messages", ()): 2}
     finally:
@@ -150,12 +150,48 @@ def test_queue_depth_counts_every_priority_list_and_unacked() -> None:
         store.close()
 
 
-def test_prometheus_scrapes_flower_and_every_dashboard_query_answers(flower: Flower, client: Client,
-                                                                      tmp_path: Path) -> None:
+def test_the_oldest_waiting_message_is_aged_by_its_send_time_or_from_when_it_was_first_seen() -> None:
+    db = 11
+    store = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=db)
+    store.flushdb()
+
+    def message(tag: str, headers: dict[str, Any]) -> bytes:
+        return json.dumps({"body": "", "headers": {"id": tag, **headers}, "properties": {"delivery_tag": tag}}).encode()
+
+    def ages() -> dict[str, float]:
+        return {sample.labels["queue"]: sample.value for family in collector.collect() for sample in family.samples
+                if sample.name == "inferq_queue_oldest_age_seconds"}
+
+    try:
+        collector = QueueDepthCollector(f"redis://{REDIS_HOST}:{REDIS_PORT}/{db}", 2.0)
+        # embed: our producer's messages, stamped; the oldest (pushed first: the tail) waits in the bulk lane
+        store.lpush(f"embed{PRIORITY_SEP}9", message("old", {SENT_HEADER: time.time() - 30}))
+        store.lpush("embed", message("new", {SENT_HEADER: time.time() - 2}))
+        store.lpush("generate", message("foreign", {}))  # a foreign client's: no send time
+        first = ages()
+        time.sleep(0.5)
+        second = ages()
+        assert 30 <= first["embed"] < 35 and first["classify"] == 0.0
+        assert first["generate"] < 0.5 <= second["generate"] < 5  # counted from the first scrape that saw it
+        store.rpop("generate")  # taken: a new tail starts from zero
+        store.lpush("generate", message("foreign-2", {}))
+        assert ages()["generate"] < 0.5
+    finally:
+        store.flushdb()
+        store.close()
+
+
+# Queries that cannot have data on this CPU machine, and why: no task fails here, and no GPU is there.
+NO_DATA_HERE = ("task-failed", "inferq_device_memory_bytes", "inferq_gpu_utilization_ratio")
+
+
+def test_prometheus_scrapes_flower_and_the_worker_and_every_dashboard_query_answers(
+        flower: Flower, client: Client, worker: WorkerProcess, tmp_path: Path) -> None:
     prometheus = shutil.which("prometheus")
     assert prometheus, "prometheus is missing: scripts/test.sh installs it"
     target = urllib.parse.urlparse(flower.base).netloc
     config = (ROOT / "deploy/prometheus.yml").read_text().replace("flower:5555", target) \
+        .replace("worker:9810", f"127.0.0.1:{worker.metrics_port}") \
         .replace("scrape_interval: 15s", "scrape_interval: 1s")
     (tmp_path / "prometheus.yml").write_text(config)
     port = free_port()
@@ -176,15 +212,16 @@ def test_prometheus_scrapes_flower_and_every_dashboard_query_answers(flower: Flo
     try:
         def scraped() -> bool:
             try:
-                return bool(query('up{job="inferq-flower"} == 1'))
+                return bool(query('up{job="inferq-flower"} == 1')) and bool(query('up{job="inferq-workers"} == 1'))
             except (urllib.error.URLError, ConnectionError):
                 assert process.poll() is None, (ARTIFACTS / "prometheus.log").read_text()
                 return False
-        wait_for(scraped, 60, "prometheus to scrape flower")
+        wait_for(scraped, 60, "prometheus to scrape flower and the worker")
         # load across several scrapes, so rates have two samples that differ
         for round_ in range(6):
             handles = [client.submit_classify([f"round {round_} text {i}"], labels=["a", "b"]) for i in range(20)]
             handles += [client.submit_embed([f"round {round_} text {i}"]) for i in range(20)]
+            handles += [client.submit_generate(f"round {round_}", model="tiny-lm", max_new_tokens=4)]
             for handle in handles:
                 handle.get()
             time.sleep(0.5)
@@ -195,7 +232,7 @@ def test_prometheus_scrapes_flower_and_every_dashboard_query_answers(flower: Flo
     finally:
         process.terminate()
         process.wait(timeout=20)
-    empty = [expr for expr, series in answers.items() if not series and "task-failed" not in expr]
+    empty = [expr for expr, series in answers.items() if not series and not any(what in expr for what in NO_DATA_HERE)]
     assert not empty, f"dashboard queries with no data: {empty}"
     rates = {series["metric"]["task"]: float(series["value"][1]) for series in
              answers['sum by (task) (rate(flower_events_total{type="task-succeeded"}[1m]))']}

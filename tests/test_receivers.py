@@ -12,17 +12,19 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
+from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.protocol import task_message
 from producer.client import Client
 from producer.settings import Settings
-from tests.conftest import ARTIFACTS, REDIS_HOST, REDIS_PORT, ROOT, whereabouts_report, worker_env
+from tests.conftest import ARTIFACTS, REDIS_HOST, REDIS_PORT, ROOT, free_port, whereabouts_report, worker_env
 
 pytestmark = pytest.mark.integration
 DB = 8  # the device process's database (tests/test_device_process.py flushes it too; the two never overlap)
@@ -33,8 +35,16 @@ NODES = [f"cpu0-r{i}@{HOST}" for i in (1, 2, 3)]
 
 class Receivers:
     def __init__(self, process: subprocess.Popen[bytes], log_path: Path, client: Client,
-                 store: redis.Redis) -> None:
+                 store: redis.Redis, metrics_port: int) -> None:
         self.process, self.log_path, self.client, self.store = process, log_path, client, store
+        self.metrics_port = metrics_port
+
+    def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        """The launcher's /metrics: (sample name, its labels) -> value."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as response:
+            text = response.read().decode()
+        return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+                for family in text_string_to_metric_families(text) for sample in family.samples}
 
     def log(self) -> str:
         return self.log_path.read_text(encoding="utf-8", errors="replace")
@@ -107,12 +117,14 @@ max_length = 128
 """)
     ARTIFACTS.mkdir(exist_ok=True)
     log_path = ARTIFACTS / "receivers-launcher.log"
+    metrics_port = free_port()
     with log_path.open("wb") as log:
         process = subprocess.Popen([sys.executable, "-m", "producer.cli", "worker", "--gpus", "none", "--receivers",
-                                    "3", "--kinds", "embed,generate"], env=worker_env(config, URL), stdout=log,
+                                    "3", "--kinds", "embed,generate"],
+                                   env=worker_env(config, URL, INFERQ_METRICS_PORT=str(metrics_port)), stdout=log,
                                    stderr=subprocess.STDOUT, cwd=ROOT)
     client = Client(Settings(redis_url=URL, result_timeout=60))
-    launched = Receivers(process, log_path, client, store)
+    launched = Receivers(process, log_path, client, store, metrics_port)
     try:
         launched.wait_ready()
         yield launched
@@ -146,6 +158,16 @@ def test_three_receivers_on_two_cores_share_one_device_process(receivers: Receiv
     first = receivers.client.generate(prompt="hello there", max_new_tokens=8, temperature=0.8, seed=7)
     second = receivers.client.generate(prompt="hello there", max_new_tokens=8, temperature=0.8, seed=7)
     assert first["completion_tokens"] >= 1 and first["text"] == second["text"]
+    # the launcher's /metrics sums its children's: the device process ran every batch, so what it shows came
+    # from another process; the receivers' health checks may add a few requests
+    metrics = receivers.metrics()
+    embed, generate = (("model", "embed/tiny"),), (("model", "generate/tiny-lm"),)
+    assert metrics[("inferq_requests_total", (*embed, ("outcome", "ok")))] >= len(ids)
+    assert metrics[("inferq_batch_requests_sum", embed)] >= len(ids) > metrics[("inferq_batch_requests_count", embed)]
+    assert metrics[("inferq_queue_wait_seconds_count", embed)] >= len(ids)
+    assert metrics[("inferq_device_busy_seconds_total", embed)] > 0
+    assert metrics[("inferq_generated_tokens_total", generate)] >= first["completion_tokens"] * 2
+    assert metrics[("inferq_time_to_first_token_seconds_count", generate)] >= 2
 
 
 def test_a_receiver_killed_mid_load_loses_nothing(receivers: Receivers) -> None:

@@ -36,6 +36,7 @@ from typing import Any, Protocol
 
 from producer.errors import Cancelled, TaskTimeout
 from workers.device.batching import BatchLimits, BatchQueue, Waiting
+from workers.device.metrics import ModelMetrics, outcome_label
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +145,7 @@ class DeviceLoop:
         # batch-size histogram per key, and counters, for inferq_status and the benchmark
         self.batch_sizes: dict[str, Counter[int]] = {key: Counter() for key in kinds}
         self.counts: Counter[str] = Counter()
+        self._metrics = {key: ModelMetrics.of(key) for key in kinds}  # the same, and more, for Prometheus
 
     # --- task threads ---------------------------------------------------------------------------------
 
@@ -213,7 +215,12 @@ class DeviceLoop:
             # one ready batch, then one step of every batch under way: fair turns on one device
             if picked is not None:
                 key, batch, into = picked
-                self.counts[f"{key}:texts"] += sum(waiting.items for waiting in batch)
+                texts = sum(waiting.items for waiting in batch)
+                self.counts[f"{key}:texts"] += texts
+                metrics, now = self._metrics[key], self._clock()
+                metrics.batch_texts.observe(texts)
+                for waiting in batch:
+                    metrics.queue_wait.observe(now - waiting.arrived)
                 self._busy(key, self._execute, key, [waiting.payload for waiting in batch], into)
             # a stepped batch alone on an idle device has no one to make way for: no prefill chunks then
             alone = len(self._running) == 1 and not any(len(queue) for queue in self._queues.values())
@@ -231,7 +238,11 @@ class DeviceLoop:
             self.busy_since = None
             # device time per model: busy_ms / batches against the raw model's pass shows what the
             # worker's other threads cost the device thread (the GIL), and busy_ms / wall time its load
-            self.counts[f"{key}:busy_ms"] += round((time.perf_counter() - started) * 1000)
+            took = time.perf_counter() - started
+            self.counts[f"{key}:busy_ms"] += round(took * 1000)
+            metrics = self._metrics[key]
+            metrics.busy.inc(took)
+            metrics.run.observe(took)
 
     def _next(self, now: float) -> tuple[str, list[Waiting[_Job]], _Running | None] | None:
         """Expire late requests; then take a batch from the ready queue whose oldest request is oldest, with
@@ -319,6 +330,7 @@ class DeviceLoop:
         if not live:
             return
         self.batch_sizes[key][len(live)] += 1
+        self._metrics[key].batch_requests.observe(len(live))
         self.counts[f"{key}:batches"] += 1
         self.counts[f"{key}:requests"] += len(live)
         if isinstance(self._kinds[key], SteppedKind):
@@ -375,34 +387,41 @@ class DeviceLoop:
 
     def _step(self, running: _Running, alone: bool = False) -> None:
         now = self._clock()
+        outcomes: Counter[str] = Counter()
+        started = time.perf_counter()
         try:
             for index, job in list(running.jobs.items()):
                 if job.deadline <= now:
                     # its caller answers TaskTimeout at the same limit: stop spending the device on it
                     steps = self._stop(running, index, "stopped")
+                    outcomes["TaskTimeout"] += 1
                     job.future.set_exception(TaskTimeout(f"the request ran past its limit of {job.timeout:g} s and "
                                                          f"was stopped after {steps} steps"))
                 elif job.future in self._cancelled:
                     with self._wake:
                         self._cancelled.discard(job.future)
                     steps = self._stop(running, index, "cancelled")
+                    outcomes["Cancelled"] += 1
                     job.future.set_exception(Cancelled(f"the request was cancelled by its caller after {steps} "
                                                        "steps"))
             prefill = running.stepping.prefilling
             if not prefill:
                 self.counts[f"{running.key}:step_rows"] += len(running.jobs)  # occupancy: rows per step
             finished = running.stepping.step(alone) if not running.stepping.done else []
+            self._count_tokens(running, prefill, started)
             for index, outcome in finished:
                 if index in running.jobs:
-                    _answer(running.jobs.pop(index), outcome)
+                    outcomes[_answer(running.jobs.pop(index), outcome)] += 1
             for index, job in running.jobs.items():
                 if job.progress is not None:
                     self._report(running, index, job)
         except Exception as exc:
+            self._metrics[running.key].finished(outcomes)
             self._running.remove(running)
             # the rows still decoding start again from scratch (a seeded row gives the same text again)
             self._halve(running.key, list(running.jobs.values()), exc, self._start)
             return
+        self._metrics[running.key].finished(outcomes)
         running.steps += 1
         self.counts[f"{running.key}:{'prefill_passes' if prefill else 'steps'}"] += 1
         if running.stepping.done or not running.jobs:
@@ -412,6 +431,18 @@ class DeviceLoop:
                                                       "request"))
         elif running.target is not None and not running.stepping.prefilling:
             self._join(running)
+
+    def _count_tokens(self, running: _Running, prefill: bool, started: float) -> None:
+        """A decoding step gave each of its rows a token; the prefill's last chunk gave each its first."""
+        metrics = self._metrics[running.key]
+        if not prefill:
+            metrics.tokens.inc(len(running.jobs))
+            metrics.inter_token.observe(time.perf_counter() - started)
+        elif not running.stepping.prefilling:
+            now = self._clock()
+            metrics.tokens.inc(len(running.jobs))  # the rows it finished are still here, answered after
+            for job in running.jobs.values():
+                metrics.first_token.observe(now - (job.deadline - job.timeout))  # deadline - timeout: its arrival
 
     def _stop(self, running: _Running, index: int, counted: str) -> int:
         del running.jobs[index]
@@ -436,6 +467,7 @@ class DeviceLoop:
             return
         if len(jobs) == 1:
             jobs[0].future.set_exception(exc)
+            self._metrics[key].finished(Counter({outcome_label(exc): 1}))
             return
         log.warning("batch of %d on %s failed (%s: %s); retrying in halves", len(jobs), key, type(exc).__name__, exc)
         middle = len(jobs) // 2
@@ -453,16 +485,20 @@ class DeviceLoop:
         except Exception as exc:
             self._halve(key, jobs, exc, self._run_isolated)
             return
+        answered: Counter[str] = Counter()
         with self.answering():
             for job, outcome in zip(jobs, outcomes, strict=True):
-                _answer(job, outcome)
+                answered[_answer(job, outcome)] += 1
+        self._metrics[key].finished(answered)
 
 
-def _answer(job: _Job, outcome: Any) -> None:
+def _answer(job: _Job, outcome: Any) -> str:
+    """Answers the job; its outcome's label for the metrics."""
     if isinstance(outcome, BaseException):
         job.future.set_exception(outcome)
-    else:
-        job.future.set_result(outcome)
+        return outcome_label(outcome)
+    job.future.set_result(outcome)
+    return "ok"
 
 
 EXIT_DEVICE_FAILED = 70  # EX_SOFTWARE: the supervisor restarts the process

@@ -22,6 +22,7 @@ import torch
 from producer.settings import Kind, Settings
 from workers.device.batching import BatchLimits
 from workers.device.loop import BatchKind, DeviceLoop, Runner, SteppedKind, Stepping, exit_on_stall
+from workers.device.metrics import sample_device_memory
 from workers.models.base import ClassifyModel, EmbedModel, GenerateModel
 from workers.models.classify import SequenceClassifier
 from workers.models.embed import PooledEmbedder
@@ -82,6 +83,7 @@ def start_loop(settings: Settings, models: Models, device: torch.device) -> Devi
         log.info("generate cache budget on %s: %d MiB (%s)", device, budget // 2**20, source)
     loop = DeviceLoop(batch_kinds(settings, models, device), cache_budget=budget)
     loop.start()
+    sample_device_memory(device)
     threading.Thread(target=exit_on_stall, args=(loop, settings.time_limits.device_stall), name="inferq-stall-watch",
                      daemon=True).start()
     return loop

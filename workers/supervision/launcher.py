@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from types import FrameType
 
 from producer.settings import Kind
+from workers.supervision.metrics_server import process_ended
 
 log = logging.getLogger("inferq.launcher")
 
@@ -217,6 +218,7 @@ class Launcher:
             delay, child.backoff = child.backoff, min(child.backoff * 2, BACKOFF_MAX_S)
         log.error("%s (pid %d) exited with %s after %.1f s; restarting in %.0f s", child.slot.name,
                   child.process.pid, _describe_exit(code), ran, delay)
+        process_ended(child.process.pid)
         child.process = None
         child.restart_at = now + delay
         if child.slot.listen is not None:

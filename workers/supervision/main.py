@@ -22,10 +22,17 @@ from workers.supervision.launcher import (
     split_slots,
     visible_gpus,
 )
+from workers.supervision.metrics_server import host_metrics
 
 
 def run_worker(settings: Settings, kinds: tuple[Kind, ...], concurrency: int | None = None,
                node_name: str | None = None) -> None:
+    with host_metrics(settings):  # before the worker's modules import prometheus_client
+        _run_worker(settings, kinds, concurrency, node_name)
+
+
+def _run_worker(settings: Settings, kinds: tuple[Kind, ...], concurrency: int | None,
+                node_name: str | None) -> None:
     from workers.receiving.app import WorkerApp  # torch comes in here, in the worker process only
 
     # The Rust tokenizer spreads even a one-text call over a thread pool whose threads spin for work: a
@@ -83,7 +90,8 @@ def run_launcher(settings: Settings, kinds: tuple[Kind, ...], gpus: str, replica
     launcher = Launcher(slots, kinds, concurrency, grace, torch_threads=torch_threads)
     log.info("supervising %s for %s", ", ".join(s.name for s in slots), ",".join(kinds))
     try:
-        return launcher.run()
+        with host_metrics(settings):
+            return launcher.run()
     finally:
         if folder is not None:
             shutil.rmtree(folder, ignore_errors=True)
