@@ -59,6 +59,23 @@ def test_an_exported_generator_gives_the_same_greedy_text(tmp_path: Path, tiny_m
     assert copy.generation_config.eos_token_id == original.generation_config.eos_token_id
 
 
+def test_an_exported_gguf_model_is_unpacked_and_gives_the_same_greedy_text(tmp_path: Path) -> None:
+    """SmolLM2 ships as a Q4_1 GGUF file, which a worker serves with its weights kept in GGUF blocks; those
+    cannot be saved, so the export unpacks them. The copy must still write what the worker writes."""
+    entry = Settings().models.generate["smollm2"]
+    assert entry.gguf_file, "the packaged SmolLM2 is a GGUF checkpoint: this test is about that path"
+    export("generate", "smollm2", entry, tmp_path / "smollm2")
+    assert verify(tmp_path / "smollm2")[1] == []
+    served = CausalGenerator.load("smollm2", entry, CPU).loaded  # as a worker loads it: packed
+    copy = CausalGenerator.load("smollm2", _offline(tmp_path / "smollm2", entry), CPU).loaded
+    for text in ("The capital of France is", "def fibonacci(n):"):
+        prompt = torch.tensor([served.encoder.encode(text).ids])
+        with torch.inference_mode():
+            greedy = [loaded.model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12,
+                                            do_sample=False, pad_token_id=0)[0].tolist() for loaded in (served, copy)]
+        assert greedy[0] == greedy[1] and len(greedy[0]) > prompt.shape[1], (text, greedy)
+
+
 def test_the_cli_exports_verifies_and_catches_a_changed_copy(tmp_path: Path, tiny_models: dict[str, Path]) -> None:
     config = write_config(tmp_path / "inferq.toml", tiny_models)
     env = {**os.environ, "INFERQ_CONFIG": str(config), "HF_HUB_OFFLINE": "1"}

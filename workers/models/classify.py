@@ -36,8 +36,9 @@ class SequenceClassifier:
         self.labels = [str(id2label[i]) for i in range(len(id2label))]
 
     @classmethod
-    def load(cls, alias: str, entry: ModelEntry, device: torch.device, weights: bool = True) -> SequenceClassifier:
-        return cls(load_model("classify", alias, entry, AutoModelForSequenceClassification, device, weights))
+    def load(cls, alias: str, entry: ModelEntry, device: torch.device, weights: bool = True,
+             dense: bool = False) -> SequenceClassifier:
+        return cls(load_model("classify", alias, entry, AutoModelForSequenceClassification, device, weights, dense))
 
     def tokenize(self, texts: list[str]) -> list[list[int]]:
         return tokenize(self.loaded, texts, "texts")

@@ -20,8 +20,9 @@ class PooledEmbedder:
         self._pooling = loaded.entry.pooling
 
     @classmethod
-    def load(cls, alias: str, entry: ModelEntry, device: torch.device, weights: bool = True) -> PooledEmbedder:
-        return cls(load_model("embed", alias, entry, AutoModel, device, weights))
+    def load(cls, alias: str, entry: ModelEntry, device: torch.device, weights: bool = True,
+             dense: bool = False) -> PooledEmbedder:
+        return cls(load_model("embed", alias, entry, AutoModel, device, weights, dense))
 
     def tokenize(self, texts: list[str], what: str = "texts") -> list[list[int]]:
         """Thread-safe; raises InputTooLarge for a text over the model's token limit."""

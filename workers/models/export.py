@@ -54,7 +54,7 @@ def export(kind: Kind, alias: str, entry: ModelEntry, target: Path) -> dict[str,
     """Write the model of ``alias`` to ``target`` (absent or empty) and return its manifest."""
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise ExportError(f"{target} exists and is not an empty folder; export into a new one")
-    loaded = _loader(kind).load(alias, entry, torch.device("cpu"), True).loaded
+    loaded = _loader(kind).load(alias, entry, torch.device("cpu"), True, dense=True).loaded
     target.mkdir(parents=True, exist_ok=True)
     loaded.model.save_pretrained(target, safe_serialization=True)
     loaded.tokenizer.save_pretrained(target)

@@ -51,8 +51,9 @@ class CausalGenerator:
         self._pad = int(pad)
 
     @classmethod
-    def load(cls, alias: str, entry: ModelEntry, device: torch.device, weights: bool = True) -> CausalGenerator:
-        return cls(load_model("generate", alias, entry, AutoModelForCausalLM, device, weights))
+    def load(cls, alias: str, entry: ModelEntry, device: torch.device, weights: bool = True,
+             dense: bool = False) -> CausalGenerator:
+        return cls(load_model("generate", alias, entry, AutoModelForCausalLM, device, weights, dense))
 
     # --- task thread ----------------------------------------------------------------------------------
 

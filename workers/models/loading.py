@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 from tokenizers import Tokenizer
-from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoTokenizer, GenerationConfig, GgufConfig, PreTrainedTokenizerBase
 
 from producer.settings import ModelEntry
 from workers.errors import ModelLoadError
@@ -111,11 +111,12 @@ def thread_safe_encoder(tokenizer: PreTrainedTokenizerBase, entry: ModelEntry, a
 
 
 def load_model(kind: str, alias: str, entry: ModelEntry, auto_class: Any, device: torch.device,
-               weights: bool = True) -> LoadedModel:
+               weights: bool = True, dense: bool = False) -> LoadedModel:
     """Load tokenizer and weights once; never with remote code, whatever the config says.
 
     ``weights=False`` loads the tokenizer and config only, for a receiving process: it tokenises and builds
-    results, and its device process runs the model."""
+    results, and its device process runs the model. ``dense`` unpacks a GGUF checkpoint into plain weights
+    (transformers otherwise keeps them in GGUF blocks, which save_pretrained cannot write: for export)."""
     started = time.perf_counter()
     location = resolve_source(entry.source)
     dtype = pick_dtype(entry.dtype, device)
@@ -125,7 +126,8 @@ def load_model(kind: str, alias: str, entry: ModelEntry, auto_class: Any, device
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, **common)
         if weights:
-            model = auto_class.from_pretrained(location, dtype=dtype, **common)
+            unpacked = {"quantization_config": GgufConfig(dequantize=True)} if dense and entry.gguf_file else {}
+            model = auto_class.from_pretrained(location, dtype=dtype, **common, **unpacked)
             config, generation_config = model.config, getattr(model, "generation_config", None)
         else:
             model, config = None, AutoConfig.from_pretrained(location, **common)
