@@ -8,7 +8,9 @@ from typing import Any
 import redis.utils
 from celery import Celery
 from kombu import Exchange, Queue  # type: ignore[attr-defined]
+from kombu.transport import TRANSPORT_ALIASES
 
+from producer import result_backend
 from producer.contract import queue_name, task_name
 from producer.redis_clients import is_sentinel
 from producer.settings import KINDS, Settings
@@ -21,6 +23,7 @@ redis.utils.get_lib_version = functools.cache(redis.utils.get_lib_version)
 
 def make_celery(settings: Settings, main: str = "inferq") -> Celery:
     app = Celery(main, broker=settings.broker, backend=settings.backend, set_as_current=False)
+    app.loader.override_backends = dict(result_backend.OVERRIDES)
     timeout = settings.connect_timeout
     app.conf.update(
         # The public contract: JSON in, JSON out; nothing else is decoded (no pickle, ever).
@@ -48,7 +51,9 @@ def make_celery(settings: Settings, main: str = "inferq") -> Celery:
         broker_transport_options={"socket_connect_timeout": timeout, "socket_timeout": max(timeout, 30.0),
                                   "visibility_timeout": settings.visibility_timeout,
                                   "unacked_restore_interval": 5, "unacked_restore_throttle": 1,
-                                  "unacked_mutex_expire": 30, **sentinel_options(settings.broker, settings)},
+                                  "unacked_mutex_expire": 30, **sentinel_options(settings.broker, settings),
+                                  "wait_replicas": settings.broker_wait_replicas,
+                                  "wait_timeout_ms": settings.broker_wait_timeout_ms},
         worker_send_task_events=settings.task_events,
         task_send_sent_event=settings.task_sent_events,
         redis_socket_connect_timeout=timeout,
@@ -59,6 +64,7 @@ def make_celery(settings: Settings, main: str = "inferq") -> Celery:
             "max_retries": 3, "interval_start": 0, "interval_step": 0.5, "interval_max": 1.0}),
         task_publish_retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5,
                                    "interval_max": 2.0},
+        **producer_transport(settings),
         worker_hijack_root_logger=False,
         worker_redirect_stdouts=False,
     )
@@ -73,6 +79,19 @@ def sentinel_options(url: str, settings: Settings) -> dict[str, Any]:
     timeout = settings.connect_timeout
     return {"master_name": settings.sentinel_master,
             "sentinel_kwargs": {"socket_connect_timeout": timeout, "socket_timeout": timeout}}
+
+
+def producer_transport(settings: Settings) -> dict[str, Any]:
+    """Producers publish through producer/transport.py where a sentinel:// URL or broker_wait_replicas asks for
+    more than Kombu's own transports do; otherwise through Kombu's."""
+    sentinel = is_sentinel(settings.broker)
+    if not settings.broker_wait_replicas and not sentinel:
+        return {}
+    transport = f"producer.transport:{'SentinelTransport' if sentinel else 'Transport'}"
+    if sentinel:
+        # Kombu takes the transport from the URL's scheme again when it moves to the next sentinel
+        TRANSPORT_ALIASES["sentinel"] = transport
+    return {"broker_transport": transport}
 
 
 def backend_transport_options(settings: Settings, retry_policy: dict[str, Any]) -> dict[str, Any]:

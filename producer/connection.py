@@ -13,6 +13,16 @@ from producer.errors import InferqConnectionError
 _CONNECTION_ERRORS = (OperationalError, RedisConnectionError, RedisTimeoutError, ConnectionError)
 
 
+def broadcast(app: Any, command: str, **kwargs: Any) -> list[dict[str, Any]]:
+    """``app.control.broadcast``, once more if a connection fails: after a Redis restart or a Sentinel failover
+    the producer's pooled connections reach a server that is gone or no longer the master, and fail once."""
+    try:
+        replies: list[dict[str, Any]] = app.control.broadcast(command, **kwargs)
+    except _CONNECTION_ERRORS:
+        replies = app.control.broadcast(command, **kwargs)
+    return replies
+
+
 class ConnectionErrors:
     """Turns Redis/Kombu connection failures into one clear InferqConnectionError."""
 

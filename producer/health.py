@@ -9,12 +9,11 @@ from __future__ import annotations
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import redis
 
 from producer.client import Client
-from producer.connection import ConnectionErrors
+from producer.connection import ConnectionErrors, broadcast
 from producer.redis_clients import redis_client
 from producer.settings import redact
 
@@ -45,9 +44,8 @@ def check_workers(client: Client, nodes: Sequence[str] = (), local: bool = False
         except (redis.RedisError, ValueError):
             pass  # a URL redis-py reads otherwise than Kombu (TLS options), or no PING right: the broadcast tells
         # named: only they answer, so the collection ends with their last answer
-        replies: list[dict[str, Any]] = client.app.control.broadcast(
-            "inferq_check", reply=True, timeout=timeout, destination=list(nodes) or None,
-            limit=len(set(nodes)) or None)
+        replies = broadcast(client.app, "inferq_check", reply=True, timeout=timeout,
+                            destination=list(nodes) or None, limit=len(set(nodes)) or None)
     host = socket.gethostname()
     found: list[WorkerHealth] = []
     for reply in replies:

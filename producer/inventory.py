@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from producer.client import Client
-from producer.connection import ConnectionErrors
+from producer.connection import ConnectionErrors, broadcast
 from producer.settings import KINDS, Settings, redact
 
 
@@ -27,8 +27,7 @@ def registry_lines(settings: Settings) -> list[str]:
 def worker_statuses(client: Client, timeout: float) -> list[dict[str, Any]]:
     """The live workers' ``inferq_status`` replies (each ``{node: status}``), waiting ``timeout`` for them."""
     with ConnectionErrors(f"the broker at {redact(client.settings.broker)}"):
-        replies: list[dict[str, Any]] = client.app.control.broadcast("inferq_status", reply=True, timeout=timeout)
-    return replies
+        return broadcast(client.app, "inferq_status", reply=True, timeout=timeout)
 
 
 def by_node(replies: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:

@@ -12,6 +12,7 @@ the master (taken from the first entry that has them); the sentinels themselves 
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -20,6 +21,7 @@ import redis
 import redis.asyncio
 import redis.asyncio.sentinel
 import redis.sentinel
+from redis.utils import str_if_bytes
 
 SENTINEL_SCHEME = "sentinel"
 SENTINEL_PORT = 26379
@@ -60,6 +62,64 @@ class SentinelGroup:
         return {"db": self.db, "username": self.username, "password": self.password}
 
 
+def _named_master(state: Any, reply: Any, healthy: bool) -> tuple[str, int] | None:
+    """The master one sentinel names: the address GET-MASTER-ADDR-BY-NAME gives, when that is a replica it has
+    promoted, or when the master it describes (SENTINEL MASTER) is up."""
+    if not reply:
+        return None
+    address = (str_if_bytes(reply[0]), int(reply[1]))
+    promoted = address != (str_if_bytes(state.get("ip", "")), int(state.get("port", 0)))
+    return address if promoted or healthy else None
+
+
+class Sentinel(redis.sentinel.Sentinel):
+    """redis-py's Sentinel, finding the master as the sentinels name it to clients.
+
+    redis-py reads the master's entry of SENTINEL MASTERS, which keeps the old master's address until the
+    failover has reconfigured every replica and the old master itself. When the old master is alive (a manual
+    failover, a partition) that is about 10 s after the promotion, and every connection made meanwhile went to
+    the old master, whose writes are dropped when it becomes a replica (tests/test_sentinel_drill.py lost
+    hundreds of accepted requests so). GET-MASTER-ADDR-BY-NAME names the promoted replica at once."""
+
+    def discover_master(self, service_name: str) -> tuple[str, int]:
+        errors = []
+        for index, sentinel in enumerate(self.sentinels):
+            try:
+                state: Any = sentinel.sentinel_master(service_name)
+                reply: Any = sentinel.execute_command(  # type: ignore[no-untyped-call]
+                    "SENTINEL GET-MASTER-ADDR-BY-NAME", service_name)
+            except (redis.ConnectionError, redis.ResponseError, redis.TimeoutError) as exc:
+                errors.append(f"{sentinel}: {exc!r}")
+                continue
+            healthy = self.check_master_state(state, service_name)  # type: ignore[no-untyped-call]
+            address = _named_master(state, reply, healthy)
+            if address is not None:
+                self.sentinels[0], self.sentinels[index] = sentinel, self.sentinels[0]  # ask it first next time
+                return address
+        raise redis.sentinel.MasterNotFoundError(f"No master found for {service_name!r}: {', '.join(errors)}")
+
+
+class AsyncSentinel(redis.asyncio.sentinel.Sentinel):
+    """:class:`Sentinel` for asyncio."""
+
+    async def discover_master(self, service_name: str) -> tuple[str, int]:
+        errors = []
+        for index, sentinel in enumerate(self.sentinels):
+            try:
+                state: Any = await sentinel.sentinel_master(service_name)
+                reply: Any = await sentinel.execute_command(  # type: ignore[no-untyped-call]
+                    "SENTINEL GET-MASTER-ADDR-BY-NAME", service_name)
+            except (redis.ConnectionError, redis.ResponseError, redis.TimeoutError) as exc:
+                errors.append(f"{sentinel}: {exc!r}")
+                continue
+            healthy = self.check_master_state(state, service_name)
+            address = _named_master(state, reply, healthy)
+            if address is not None:
+                self.sentinels[0], self.sentinels[index] = sentinel, self.sentinels[0]
+                return address
+        raise redis.sentinel.MasterNotFoundError(f"No master found for {service_name!r}: {', '.join(errors)}")
+
+
 def sentinel_kwargs(connection_kwargs: dict[str, Any]) -> dict[str, Any]:
     # the sentinels get the timeouts only: the master's password and database mean nothing to them
     return {key: value for key, value in connection_kwargs.items() if key.startswith("socket_")}
@@ -71,7 +131,7 @@ def redis_client(url: str, master: str, **kwargs: Any) -> redis.Redis:
     if not is_sentinel(url):
         return redis.Redis.from_url(url, **kwargs)
     group = SentinelGroup.from_url(url)
-    sentinel = redis.sentinel.Sentinel(group.sentinels, sentinel_kwargs=sentinel_kwargs(kwargs), **kwargs)
+    sentinel = Sentinel(group.sentinels, sentinel_kwargs=sentinel_kwargs(kwargs), **kwargs)
     client: redis.Redis = sentinel.master_for(master, **group.master_kwargs())
     return client
 
@@ -81,6 +141,34 @@ def async_redis_client(url: str, master: str, **kwargs: Any) -> redis.asyncio.Re
     if not is_sentinel(url):
         return redis.asyncio.Redis.from_url(url, **kwargs)
     group = SentinelGroup.from_url(url)
-    sentinel = redis.asyncio.sentinel.Sentinel(group.sentinels, sentinel_kwargs=sentinel_kwargs(kwargs), **kwargs)
+    sentinel = AsyncSentinel(group.sentinels, sentinel_kwargs=sentinel_kwargs(kwargs), **kwargs)
     client: redis.asyncio.Redis = sentinel.master_for(master, **group.master_kwargs())
     return client
+
+
+class MasterWatch:
+    """Whether a Sentinel-managed pool still talks to the master, asked of the sentinels at most every
+    ``every_s`` seconds.
+
+    redis-py asks the sentinels only when it makes a connection, and a master that Sentinel replaced while it
+    lived (a manual failover, a partition) keeps its clients' connections open and their writes accepted until
+    Sentinel turns it into a replica, about 8 s later, when it drops them (tests/test_sentinel_drill.py). Each
+    client that holds connections asks now and then instead: when the master moved, redis-py closes the pool's
+    idle connections, and the caller drops any it holds."""
+
+    def __init__(self, every_s: float = 0.5) -> None:
+        self._every_s = every_s
+        self._next = 0.0
+
+    def moved(self, pool: Any, connection: Any = None) -> bool:
+        """True when ``pool`` (a Sentinel one; any other never moves) no longer reaches the master, or
+        ``connection`` is not the master's."""
+        if not hasattr(pool, "get_master_address") or time.monotonic() < self._next:
+            return False
+        self._next = time.monotonic() + self._every_s
+        before = pool.master_address
+        try:
+            now = pool.get_master_address()  # closes the idle connections to an old master
+        except (redis.ConnectionError, redis.TimeoutError):  # no sentinel answers now: the next time tells
+            return False
+        return bool(now != before or (connection is not None and not pool.owns_connection(connection)))

@@ -212,6 +212,11 @@ class Settings(BaseSettings):
     broker_url: str | None = None
     result_backend: str | None = None
     # A sentinel:// URL (sentinels separated by ';') reaches the master of this group, found again after a failover.
+    # Durability of task messages through a failover: see producer/transport.py.
+    broker_wait_replicas: int = Field(0, ge=0, description="producers: a task message counts as sent once this many "
+                                      "replicas hold it (Redis WAIT); 0: once the master does")
+    broker_wait_timeout_ms: int = Field(1000, ge=1, description="how long a send waits for those replicas before "
+                                        "it is retried, and then fails with InferqConnectionError")
     sentinel_master: str = Field(DEFAULT_MASTER, min_length=1, description="the master name the sentinels of a "
                                  "sentinel:// URL know the Redis by")
     result_expires: int = Field(86_400, ge=60, description="seconds a stored result is kept")

@@ -18,11 +18,13 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
-from celery.backends.redis import RedisBackend, SentinelBackend
+from celery.backends.redis import RedisBackend
 from celery.exceptions import BackendStoreError
 from redis.exceptions import NoScriptError
 
 from producer.errors import InferqError
+from producer.redis_clients import MasterWatch
+from producer.result_backend import SentinelBackend
 
 # KEYS: result keys; ARGV[1]: seconds to keep them (0: forever); ARGV[1 + i]: the encoded meta of KEYS[i].
 # Each is stored and published unless a SUCCESS is stored under its key already. One call stores a whole
@@ -105,8 +107,14 @@ class InferqRedisBackend(RedisBackend):  # type: ignore[misc]
             self.client.script_load(_STORE_UNLESS_SUCCEEDED)
             self.client.evalsha(script.sha, len(keys), *keys, expires, *values)
 
-class InferqSentinelBackend(InferqRedisBackend, SentinelBackend):  # type: ignore[misc]
-    """The same, on the master of a Sentinel group (Celery's SentinelBackend finds it)."""
+class InferqSentinelBackend(InferqRedisBackend, SentinelBackend):
+    """The same, on the master of a Sentinel group (Celery's SentinelBackend finds it), asking the sentinels
+    now and then whether it still is: results stored on a master that Sentinel replaced are dropped with it."""
+
+    def _store_all(self, items: list[tuple[Any, Any]], expires: int) -> None:
+        watch = self.__dict__.setdefault("_inferq_master_watch", MasterWatch())
+        watch.moved(self.client.connection_pool)  # closes idle connections to a replaced master
+        super()._store_all(items, expires)
 
 
 OVERRIDES = {

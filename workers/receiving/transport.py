@@ -51,13 +51,12 @@ from typing import Any, cast
 
 import orjson
 import redis
-import redis.sentinel
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual as kombu_virtual
 from kombu.utils.json import dumps
 
 from producer.contract import message_priority
-from producer.redis_clients import SentinelGroup
+from producer.transport import FindsTheMaster
 from workers.receiving import dead_letter
 from workers.receiving.consumer import count_refused
 from workers.receiving.serialization import orjson_reads_exactly
@@ -395,36 +394,15 @@ class Transport(kombu_redis.Transport):
     Channel = Channel
 
 
-class SentinelChannel(Channel, kombu_redis.SentinelChannel):
-    """The same channel on the master of a Sentinel group, asked of the sentinels whenever a connection is made,
-    so a channel opened, or a connection made, after a failover reaches the new master.
+class SentinelChannel(FindsTheMaster, Channel, kombu_redis.SentinelChannel):
+    """The same channel on the master of a Sentinel group (``producer.transport.FindsTheMaster``)."""
 
-    Kombu's SentinelChannel reads the sentinels' addresses from the live connection each time it makes a pool,
-    which a closed channel no longer has: a late acknowledgement of a message taken before the broker was lost
-    comes through such a channel (measured in tests/test_sentinel_drill.py: AttributeError on ``alt``). The
-    addresses are remembered here, as ``_connparams`` remembers the rest."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        connection = args[0] if args else kwargs["connection"]
-        self._inferq_sentinels = SentinelGroup.from_url(";".join(connection.client.alt)).sentinels
-        super().__init__(*args, **kwargs)
-
-    def _sentinel_managed_pool(self, asynchronous: bool = False) -> Any:
-        params = self._connparams(asynchronous)
-        for key in ("host", "port"):
-            params.pop(key, None)
-        sentinel = redis.sentinel.Sentinel(self._inferq_sentinels,
-                                           min_other_sentinels=getattr(self, "min_other_sentinels", 0) or 0,
-                                           sentinel_kwargs=getattr(self, "sentinel_kwargs", None), **params)
-        if asynchronous:  # so that closing the channel closes the sentinels' connections too, as Kombu does
-            self._async_sentinel_manager = sentinel
-        else:
-            self._sentinel_manager = sentinel
-        master_name = getattr(self, "master_name", None)
-        if master_name is None:
-            raise ValueError("the 'master_name' transport option must be set for a sentinel:// broker")
-        credentials = {key: params[key] for key in ("username", "password") if key in params}
-        return sentinel.master_for(master_name, redis.Redis, **credentials).connection_pool
+    def _brpop_start(self, timeout: Any = None) -> None:
+        # A master replaced while it lived keeps this connection, and hands out what producers still push to
+        # it, until Sentinel demotes it seconds later: leave it as soon as the sentinels name another.
+        if self._master_watch.moved(self.client.connection_pool, self.client.connection):
+            raise redis.ConnectionError("the sentinels name another master now")
+        super()._brpop_start(timeout)
 
 
 class SentinelTransport(Transport):

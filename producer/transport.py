@@ -1,0 +1,112 @@
+"""The producers' Redis transport for a Sentinel group, and for task messages that must reach replicas.
+
+On a sentinel:// URL the master is found as ``redis_clients.Sentinel`` finds it (at once after a failover),
+and publishing asks the sentinels at most twice a second whether its connections still reach it
+(``redis_clients.MasterWatch``).
+
+With ``INFERQ_BROKER_WAIT_REPLICAS=N``, each task message is pushed and followed, on the same connection, by
+Redis's ``WAIT N timeout``: the call returns only once N replicas hold the message. Replication is otherwise
+asynchronous, and a Sentinel failover can drop what the old master took last; worse, a master that Sentinel
+replaced while it was alive (a manual failover, a partition) goes on accepting writes from the clients still
+connected to it until Sentinel turns it into a replica, about 8 s later, and then drops them all
+(tests/test_sentinel_drill.py measured hundreds of accepted requests lost that way without this setting).
+
+When fewer replicas answer in time, the connections are dropped (the next one asks the sentinels for the
+master again) and Kombu's publish retry sends the message again; after the retries the caller gets
+InferqConnectionError. A message whose first push did reach a real master may so be sent twice: it runs
+twice, and its result is stored once (a stored SUCCESS is never overwritten).
+
+On a plain Redis without the setting, producers use Kombu's own transport unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis
+from kombu.transport import redis as kombu_redis
+from kombu.utils.json import dumps
+
+from producer.redis_clients import MasterWatch, Sentinel, SentinelGroup
+
+WAIT_OPTIONS = ("wait_replicas", "wait_timeout_ms")  # transport options, set by producer.app from the settings
+
+
+class _WaitForReplicas:
+    wait_replicas = 0
+    wait_timeout_ms = 1000
+
+    def _put(self, queue: str, message: Any, **kwargs: Any) -> None:
+        channel: Any = self
+        if not self.wait_replicas or kwargs.get("_publish_batch") is not None or channel._expires:
+            super()._put(queue, message, **kwargs)  # type: ignore[misc]
+            return
+        key = channel._q_for_pri(queue, channel._get_message_priority(message, reverse=False))
+        with channel.conn_or_acquire() as client:
+            with client.pipeline(transaction=False) as pipe:  # one connection: WAIT counts this push
+                pipe.lpush(key, dumps(message))  # type: ignore[no-untyped-call]
+                pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms)
+                _, acknowledged = pipe.execute()
+            if acknowledged < self.wait_replicas:
+                client.connection_pool.disconnect()  # perhaps a master since replaced: find the master again
+                raise redis.ConnectionError(
+                    f"the task message reached {acknowledged} of the {self.wait_replicas} replica(s) "
+                    f"INFERQ_BROKER_WAIT_REPLICAS asks for within {self.wait_timeout_ms} ms")
+
+
+class FindsTheMaster:
+    """For a Kombu SentinelChannel: the master found as ``redis_clients.Sentinel`` finds it (as the sentinels name
+    it to clients, at once after a failover), and the pool's connections checked now and then
+    (``redis_clients.MasterWatch``).
+
+    Kombu's own reads the sentinels' addresses from the live connection each time it makes a pool, which a
+    closed channel no longer has: a worker's late acknowledgement of a message taken before the broker was
+    lost comes through such a channel (tests/test_sentinel_drill.py: AttributeError on ``alt``). The
+    addresses are remembered here."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        connection = args[0] if args else kwargs["connection"]
+        self._inferq_sentinels = SentinelGroup.from_url(";".join(connection.client.alt)).sentinels
+        self._master_watch = MasterWatch()
+        super().__init__(*args, **kwargs)
+
+    def _sentinel_managed_pool(self, asynchronous: bool = False) -> Any:
+        channel: Any = self
+        params = channel._connparams(asynchronous)
+        for key in ("host", "port"):
+            params.pop(key, None)
+        sentinel = Sentinel(self._inferq_sentinels, min_other_sentinels=getattr(self, "min_other_sentinels", 0) or 0,
+                            sentinel_kwargs=getattr(self, "sentinel_kwargs", None), **params)
+        if asynchronous:  # so that closing the channel closes the sentinels' connections too, as Kombu does
+            channel._async_sentinel_manager = sentinel
+        else:
+            channel._sentinel_manager = sentinel
+        master_name = getattr(self, "master_name", None)
+        if master_name is None:
+            raise ValueError("the 'master_name' transport option must be set for a sentinel:// broker")
+        credentials = {key: params[key] for key in ("username", "password") if key in params}
+        return sentinel.master_for(master_name, redis.Redis, **credentials).connection_pool
+
+
+_PLAIN, _SENTINEL = kombu_redis.Channel.from_transport_options, kombu_redis.SentinelChannel.from_transport_options
+
+
+class Channel(_WaitForReplicas, kombu_redis.Channel):
+    from_transport_options = _PLAIN + WAIT_OPTIONS  # type: ignore[assignment]  # (a longer tuple, that is all)
+
+
+class SentinelChannel(FindsTheMaster, _WaitForReplicas, kombu_redis.SentinelChannel):
+    from_transport_options = _SENTINEL + WAIT_OPTIONS  # type: ignore[assignment]
+
+    def _put(self, queue: str, message: Any, **kwargs: Any) -> None:
+        channel: Any = self
+        self._master_watch.moved(channel.pool)  # the pool publishing uses: closes its connections to an old master
+        super()._put(queue, message, **kwargs)
+
+
+class Transport(kombu_redis.Transport):
+    Channel = Channel
+
+
+class SentinelTransport(kombu_redis.SentinelTransport):
+    Channel = SentinelChannel
