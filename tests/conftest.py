@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -57,10 +60,13 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def start_redis_server(workdir: Path, args: list[str], probe: redis.Redis) -> subprocess.Popen[bytes]:
-    """A redis-server of a test's own (`args`: its options), returned once `probe` answers a PING."""
-    server = subprocess.Popen(["redis-server", "--bind", "127.0.0.1", "--save", "", "--dir", str(workdir), *args],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def start_redis_server(workdir: Path, args: list[str], probe: redis.Redis,
+                       launcher: Sequence[str] = ()) -> subprocess.Popen[bytes]:
+    """A redis-server of a test's own (`args`: its options, a later --bind replacing loopback), returned once
+    `probe` answers a PING. `launcher`: a command that runs it, as `ip netns exec <namespace>` (which execs,
+    so the process returned is the server itself)."""
+    server = subprocess.Popen([*launcher, "redis-server", "--bind", "127.0.0.1", "--save", "", "--dir", str(workdir),
+                               *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 20
     while True:
         try:
@@ -135,15 +141,18 @@ max_length = 128
 class WorkerProcess:
     """A real `inferq worker` subprocess, logging to a file the tests can read."""
 
-    def __init__(self, env: dict[str, str], log_path: Path, node: str, args: tuple[str, ...] = ()) -> None:
+    def __init__(self, env: dict[str, str], log_path: Path, node: str, args: tuple[str, ...] = (),
+                 launcher: Sequence[str] = ()) -> None:
+        """`launcher`: a command that runs the worker, as `ip netns exec <namespace>` (it execs: signals sent to
+        `process` reach the worker itself)."""
         self.log_path = log_path
         self.node = node
         self.status: dict[str, Any] = {}
         self.metrics_port: int | None = None  # where it serves /metrics, if it was given INFERQ_METRICS_PORT
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = log_path.open("wb")
-        self.process = subprocess.Popen([sys.executable, "-m", "producer.cli", "worker", "--name", node, *args],
-                                        env=env, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT)
+        self.process = subprocess.Popen([*launcher, sys.executable, "-m", "producer.cli", "worker", "--name", node,
+                                         *args], env=env, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT)
 
     def log(self) -> str:
         return self.log_path.read_text(encoding="utf-8", errors="replace")
@@ -278,3 +287,61 @@ def whereabouts_report(store: redis.Redis, task_ids: list[str], queues: tuple[st
         counts[place] = counts.get(place, 0) + 1
     pending = [f"{task_id}: {place}" for task_id, place in places.items() if place != "answered"][:10]
     return f"messages by place: {counts}; not answered (first 10): {pending}"
+
+
+class TaskEvents:
+    """Task events from a receiver thread. Task-succeeded: counted per task id and per worker, and for each
+    task the workers that answered it, with when (the event's timestamp: the worker's clock, this machine's).
+    Task-received: the workers each task was delivered to."""
+
+    def __init__(self, client: Client) -> None:
+        self.per_task: Counter[str] = Counter()
+        self.per_worker: Counter[str] = Counter()
+        self.answers: dict[str, list[tuple[str, float]]] = {}
+        self.received: dict[str, list[str]] = {}
+        self._lock = threading.Lock()
+        self._connection = client.app.connection_for_read()
+        self._receiver = client.app.events.Receiver(
+            self._connection, handlers={"task-succeeded": self._on_succeeded, "task-received": self._on_received})
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _on_succeeded(self, event: dict[str, Any]) -> None:
+        with self._lock:
+            self.per_task[event["uuid"]] += 1
+            self.per_worker[event["hostname"]] += 1
+            self.answers.setdefault(event["uuid"], []).append((event["hostname"], float(event["timestamp"])))
+
+    def _on_received(self, event: dict[str, Any]) -> None:
+        with self._lock:
+            self.received.setdefault(event["uuid"], []).append(event["hostname"])
+
+    def _run(self) -> None:
+        self._receiver.capture(limit=None, timeout=None, wakeup=False)
+
+    def from_worker(self, node: str) -> int:
+        with self._lock:
+            return self.per_worker[node]
+
+    def answered_by(self, task_id: str) -> list[tuple[str, float]]:
+        with self._lock:
+            return list(self.answers.get(task_id, ()))
+
+    def received_by(self, task_id: str) -> list[str]:
+        with self._lock:
+            return list(self.received.get(task_id, ()))
+
+    def close(self) -> None:
+        self._receiver.should_stop = True
+        self._thread.join(timeout=10)
+        self._connection.release()
+
+
+def unacked(store: redis.Redis) -> dict[str, tuple[str, float]]:
+    """Delivered, unacknowledged messages: delivery tag -> (task id, when it was delivered)."""
+    delivered = dict(store.zrange("unacked_index", 0, -1, withscores=True))
+    held: dict[str, tuple[str, float]] = {}
+    for tag, raw in store.hgetall("unacked").items():
+        message = json.loads(raw)[0]
+        held[tag.decode()] = (message["headers"]["id"], delivered.get(tag, math.nan))
+    return held

@@ -9,12 +9,9 @@ It runs about three minutes, most of it waiting out the visibility timeout, as p
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
-import threading
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -23,52 +20,12 @@ import redis
 
 from producer.client import Client, Handle
 from producer.settings import Settings
-from tests.conftest import ARTIFACTS, REDIS_HOST, REDIS_PORT, WorkerProcess, whereabouts_report
+from tests.conftest import ARTIFACTS, REDIS_HOST, REDIS_PORT, TaskEvents, WorkerProcess, unacked, whereabouts_report
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
 DB = 14
 SENT = 3000
 DEADLINE = 180.0  # the issue's bound: held work is answered by a live worker within 3 minutes
-
-
-class SucceededEvents:
-    """Counts task-succeeded events per task id and per worker, from a receiver thread."""
-
-    def __init__(self, client: Client) -> None:
-        self.per_task: Counter[str] = Counter()
-        self.per_worker: Counter[str] = Counter()
-        self._lock = threading.Lock()
-        self._connection = client.app.connection_for_read()
-        self._receiver = client.app.events.Receiver(self._connection, handlers={"task-succeeded": self._on})
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _on(self, event: dict[str, Any]) -> None:
-        with self._lock:
-            self.per_task[event["uuid"]] += 1
-            self.per_worker[event["hostname"]] += 1
-
-    def _run(self) -> None:
-        self._receiver.capture(limit=None, timeout=None, wakeup=False)
-
-    def from_worker(self, node: str) -> int:
-        with self._lock:
-            return self.per_worker[node]
-
-    def close(self) -> None:
-        self._receiver.should_stop = True
-        self._thread.join(timeout=10)
-        self._connection.release()
-
-
-def unacked(store: redis.Redis) -> dict[str, tuple[str, float]]:
-    """Delivered, unacknowledged messages: delivery tag -> (task id, when it was delivered)."""
-    delivered = dict(store.zrange("unacked_index", 0, -1, withscores=True))
-    held: dict[str, tuple[str, float]] = {}
-    for tag, raw in store.hgetall("unacked").items():
-        message = json.loads(raw)[0]
-        held[tag.decode()] = (message["headers"]["id"], delivered.get(tag, math.nan))
-    return held
 
 
 def test_a_worker_killed_mid_load_with_the_default_settings(tmp_path: Path) -> None:
@@ -84,11 +41,11 @@ def test_a_worker_killed_mid_load_with_the_default_settings(tmp_path: Path) -> N
     survivor = WorkerProcess(env, ARTIFACTS / "drill-survivor.log", f"survivor-{pid}@localhost",
                              ("--kinds", "embed"))
     client = Client(Settings(redis_url=url, result_timeout=DEADLINE + 60))
-    events: SucceededEvents | None = None
+    events: TaskEvents | None = None
     try:
         doomed.wait_ready(client)
         survivor_pid = survivor.wait_ready(client)["pid"]
-        events = SucceededEvents(client)
+        events = TaskEvents(client)
         texts = [f"drill request {i}: the quick brown fox jumps over the lazy dog" for i in range(SENT)]
         handles: list[Handle[Any]] = [client.submit_embed([text]) for text in texts]
         deadline = time.monotonic() + 120
