@@ -156,6 +156,8 @@ class MasterWatch:
     client that holds connections asks now and then instead: when the master moved, redis-py closes the pool's
     idle connections, and the caller drops any it holds."""
 
+    BACK_OFF_S = 30.0  # after no sentinel answered: each try can block for the sentinels' timeouts
+
     def __init__(self, every_s: float = 0.5) -> None:
         self._every_s = every_s
         self._next = 0.0
@@ -165,10 +167,11 @@ class MasterWatch:
         ``connection`` is not the master's."""
         if not hasattr(pool, "get_master_address") or time.monotonic() < self._next:
             return False
-        self._next = time.monotonic() + self._every_s
         before = pool.master_address
         try:
             now = pool.get_master_address()  # closes the idle connections to an old master
-        except (redis.ConnectionError, redis.TimeoutError):  # no sentinel answers now: the next time tells
+        except (redis.ConnectionError, redis.TimeoutError):  # no sentinel answers: the connections may be fine
+            self._next = time.monotonic() + self.BACK_OFF_S
             return False
+        self._next = time.monotonic() + self._every_s
         return bool(now != before or (connection is not None and not pool.owns_connection(connection)))

@@ -27,7 +27,7 @@ import redis
 from kombu.transport import redis as kombu_redis
 from kombu.utils.json import dumps
 
-from producer.redis_clients import MasterWatch, Sentinel, SentinelGroup
+from producer.redis_clients import SENTINEL_PORT, MasterWatch, Sentinel, SentinelGroup
 
 WAIT_OPTIONS = ("wait_replicas", "wait_timeout_ms")  # transport options, set by producer.app from the settings
 
@@ -38,7 +38,7 @@ class _WaitForReplicas:
 
     def _put(self, queue: str, message: Any, **kwargs: Any) -> None:
         channel: Any = self
-        if not self.wait_replicas or kwargs.get("_publish_batch") is not None or channel._expires:
+        if not self.wait_replicas or kwargs.get("_publish_batch") is not None or queue in channel._expires:
             super()._put(queue, message, **kwargs)  # type: ignore[misc]
             return
         key = channel._q_for_pri(queue, channel._get_message_priority(message, reverse=False))
@@ -65,8 +65,10 @@ class FindsTheMaster:
     addresses are remembered here."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        connection = args[0] if args else kwargs["connection"]
-        self._inferq_sentinels = SentinelGroup.from_url(";".join(connection.client.alt)).sentinels
+        client = (args[0] if args else kwargs["connection"]).client
+        # Kombu lists the entries of a URL with several; one sentinel alone is the connection's own address
+        self._inferq_group = (SentinelGroup.from_url(";".join(client.alt)) if client.alt else
+                              SentinelGroup([(client.hostname, client.port or SENTINEL_PORT)], 0, None, None))
         self._master_watch = MasterWatch()
         super().__init__(*args, **kwargs)
 
@@ -75,7 +77,12 @@ class FindsTheMaster:
         params = channel._connparams(asynchronous)
         for key in ("host", "port"):
             params.pop(key, None)
-        sentinel = Sentinel(self._inferq_sentinels, min_other_sentinels=getattr(self, "min_other_sentinels", 0) or 0,
+        # The master's credentials from the whole URL: when Kombu moves on to the next sentinel it reads them from
+        # that entry alone, which may not repeat them
+        group = self._inferq_group
+        if group.password is not None:
+            params.update(username=group.username, password=group.password)
+        sentinel = Sentinel(group.sentinels, min_other_sentinels=getattr(self, "min_other_sentinels", 0) or 0,
                             sentinel_kwargs=getattr(self, "sentinel_kwargs", None), **params)
         if asynchronous:  # so that closing the channel closes the sentinels' connections too, as Kombu does
             channel._async_sentinel_manager = sentinel

@@ -67,9 +67,11 @@ class SentinelGroup:
                 ["redis-server", str(conf), "--sentinel"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         # Ready once each sentinel sees the replica and the two other sentinels (found through the master's
         # hello channel): before that a failover could not reach its quorum or find a replica to promote.
+        # ... and once the replicas hold a copy (they wait 5 s for a diskless sync first): before that no WAIT
+        # is acknowledged and a promoted replica would start empty
         deadline = time.monotonic() + 30
-        while not all(self._sees_the_group(port) for port in self.sentinel_ports):
-            assert time.monotonic() < deadline, "the sentinels did not find each other and the replica in 30 s"
+        while not (all(self._sees_the_group(port) for port in self.sentinel_ports) and self._replicas_online()):
+            assert time.monotonic() < deadline, "the sentinels did not find each other and the replicas in 30 s"
             time.sleep(0.2)
 
     def _server(self, port: int, args: list[str]) -> subprocess.Popen[bytes]:
@@ -78,6 +80,12 @@ class SentinelGroup:
             return start_redis_server(self.workdir, ["--port", str(port), "--appendonly", "no", *args], probe)
         finally:
             probe.close()
+
+    def _replicas_online(self) -> bool:
+        with redis.Redis(port=self.master_port, decode_responses=True) as master:
+            replication = master.info("replication")
+        states = [value.get("state") for key, value in replication.items() if key.startswith("slave")]
+        return states.count("online") == len(self.replica_ports)
 
     def _sees_the_group(self, port: int) -> bool:
         try:

@@ -255,6 +255,7 @@ class DeviceLoop:
                 if job.future.set_running_or_notify_cancel():
                     job.future.set_exception(TaskTimeout(f"the request waited {now - waiting.arrived:.1f} s for "
                                                          f"the device, over its limit of {job.timeout:g} s"))
+                    self._metrics[key].finished(Counter({"TaskTimeout": 1}))  # the overloaded device's sign
         ready = [(queue.oldest_arrival() or 0.0, key) for key, queue in self._queues.items()
                  if (queue.ready(now) or (self._stopping and len(queue))) and self._may_take(key)]
         for _, key in sorted(ready):
@@ -429,6 +430,7 @@ class DeviceLoop:
             for job in running.jobs.values():  # a batch that ended without answering them all
                 job.future.set_exception(RuntimeError(f"the {running.key} batch ended without an answer for this "
                                                       "request"))
+            self._metrics[running.key].finished(Counter({"RuntimeError": len(running.jobs)}))
         elif running.target is not None and not running.stepping.prefilling:
             self._join(running)
 

@@ -38,6 +38,9 @@ class WorkerApp:
         # ... and list entries that are not even messages (a stray LPUSH must not stop the worker)
         transport = "SentinelTransport" if is_sentinel(settings.broker) else "Transport"
         self.celery.conf.broker_transport = f"workers.receiving.transport:{transport}"
+        # A worker waits out any broker outage: with the short reconnect steps (consumer.RECONNECT_INTERVALS),
+        # Celery's 100 tries would give up after about 3 minutes, and a worker that gives up exits
+        self.celery.conf.broker_connection_max_retries = None
         if is_sentinel(settings.broker):
             # Kombu treats the sentinels of the URL as failover alternates, and when it moves on to the next one
             # it takes the transport from that URL's scheme: the scheme must name ours too, or a reconnection
