@@ -125,7 +125,7 @@ def test_bad_options_are_usage_errors(env: dict[str, str], args: tuple[str, ...]
 @pytest.mark.parametrize(("variable", "value", "says"), [
     ("INFERQ_CONNECT_TIMEOUT", "abc", "INFERQ_CONNECT_TIMEOUT: Input should be a valid number"),
     ("INFERQ_REDIS_URL", "http://:s3cret@x", "INFERQ_REDIS_URL: Value error, 'http://:***@x' is not a Redis URL: it "
-                                             "must start with redis://, rediss:// (given: 'http://:***@x')"),
+                                             "must start with redis://, rediss://, sentinel:// (given: 'http://:***@x')"),
     ("INFERQ_BATCHING", "{bad json", "SettingsError: error parsing value for field \"batching\""),
     ("INFERQ_CONFIG", "/nonexistent/inferq.toml", "INFERQ_CONFIG names '/nonexistent/inferq.toml', which is not a "
                                                   "file"),

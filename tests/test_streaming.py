@@ -275,7 +275,9 @@ def test_a_stream_whose_worker_is_killed_resumes_on_another_without_a_seam(tmp_p
     decodes the same (greedy) text and writes only what the stream does not hold yet."""
     db = 14  # the kill drills' database: no worker of this module's fixture may take the message
     config_path = config(tmp_path / "inferq.toml",
-                         "visibility_timeout = 8\n[time_limits]\nembed = 5\nclassify = 5\ngenerate = 6")
+                         # the rescuer decodes all 60 tokens again: 10 s leaves room on a loaded 2-core machine
+                         # (6 s ran out in a full run on a slow day)
+                         "visibility_timeout = 12\n[time_limits]\nembed = 5\nclassify = 5\ngenerate = 10")
     env = worker_env(config_path, f"redis://{REDIS_HOST}:{REDIS_PORT}/{db}")
     with flushed_db(db) as store:
         client = Client(Settings(redis_url=f"redis://{REDIS_HOST}:{REDIS_PORT}/{db}", result_timeout=120,
