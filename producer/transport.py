@@ -6,10 +6,12 @@ and publishing asks the sentinels at most twice a second whether its connections
 
 With ``INFERQ_BROKER_WAIT_REPLICAS=N``, each task message is pushed and followed, on the same connection, by
 Redis's ``WAIT N timeout``: the call returns only once N replicas hold the message. Replication is otherwise
-asynchronous, and a Sentinel failover can drop what the old master took last; worse, a master that Sentinel
-replaced while it was alive (a manual failover, a partition) goes on accepting writes from the clients still
-connected to it until Sentinel turns it into a replica, about 8 s later, and then drops them all
-(tests/test_sentinel_drill.py measured hundreds of accepted requests lost that way without this setting).
+asynchronous, and a Sentinel failover can drop what the old master took last; and a master that Sentinel
+replaced while it was alive (a manual failover, a partition) accepts writes until its clients notice, which it
+drops when it becomes a replica. A replaced master's replicas follow the new one, so its WAIT gets no
+acknowledgement and the send goes again; only a send at the very moment of the promotion can be acknowledged
+by a replica that is not the one promoted (tests/test_sentinel_drill.py: 0, 0 and 2 lost in three runs; N =
+every replica closes that, refusing sends until the old master has rejoined).
 
 When fewer replicas answer in time, the connections are dropped (the next one asks the sentinels for the
 master again) and Kombu's publish retry sends the message again; after the retries the caller gets
