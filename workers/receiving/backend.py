@@ -111,9 +111,12 @@ class InferqSentinelBackend(InferqRedisBackend, SentinelBackend):
     """The same, on the master of a Sentinel group (Celery's SentinelBackend finds it), asking the sentinels
     now and then whether it still is: results stored on a master that Sentinel replaced are dropped with it."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._master_watch = MasterWatch()
+
     def _store_all(self, items: list[tuple[Any, Any]], expires: int) -> None:
-        watch = self.__dict__.setdefault("_inferq_master_watch", MasterWatch())
-        watch.moved(self.client.connection_pool)  # closes idle connections to a replaced master
+        self._master_watch.moved(self.client.connection_pool)  # closes idle connections to a replaced master
         super()._store_all(items, expires)
 
 
