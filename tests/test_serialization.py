@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from kombu.utils import json as kombu_json
 
+from workers.receiving import events as events_module
 from workers.receiving import serialization
 
 PLAIN: list[Any] = [
@@ -40,3 +41,24 @@ def test_what_orjson_refuses_is_decided_by_kombu() -> None:
     assert serialization.loads('{"big": 123456789012345678901234567890}')["big"] == 123456789012345678901234567890
     with pytest.raises(ValueError, match="Expecting"):  # the standard library's error, naming the place
         serialization.loads('{"x": ')
+
+
+def test_task_events_are_written_as_kombu_writes_them() -> None:
+    events = [event for value in PLAIN for event in (value if isinstance(value, list) else [value])
+              if isinstance(event, dict)]
+    written = events_module.encode_events(events)
+    assert kombu_json.loads(written) == kombu_json.loads(kombu_json.dumps(events)) == events
+
+
+def test_task_events_orjson_cannot_write_exactly_are_written_by_kombu() -> None:
+    when = datetime.datetime(2026, 12, 1, 22, 44, 10, tzinfo=datetime.UTC)
+    for odd in ({"retries": 2**70}, {"eta": when}, {"amount": decimal.Decimal("1.50")}, {"raw": b"\x00"}):
+        written = events_module.encode_events([odd])
+        assert written.decode() == kombu_json.dumps([odd])
+        assert kombu_json.loads(written) == [odd]
+
+
+def test_only_strings_numbers_and_none_count_as_plain() -> None:
+    assert events_module.plain("()", 0, 1.5, None, True)
+    assert not events_module.plain(uuid.UUID(int=7))
+    assert not events_module.plain(["a list"])

@@ -40,7 +40,7 @@ from producer.errors import InferqError
 from producer.settings import Kind
 from workers.device.runtime import Pending, Runtime, stream_requested
 from workers.receiving.counters import SharedCounter
-from workers.receiving.events import send_task_events
+from workers.receiving.events import plain, send_task_events
 
 log = logging.getLogger(__name__)
 RESULT_REPR_MAXSIZE = 1024  # Celery's default length of the result shown in task-succeeded events
@@ -215,13 +215,14 @@ class FastPath:
             self._in_flight += 1
         runtime = self._runtime()
         if runtime.settings.task_events_detail == "all":
-            self._send_events([
-                ("task-received", {"uuid": task.task_id, "name": name,
-                                   "args": headers.get("argsrepr") or saferepr(args),
-                                   "kwargs": headers.get("kwargsrepr") or saferepr(kwargs),
-                                   "root_id": headers.get("root_id"), "parent_id": headers.get("parent_id"),
-                                   "retries": headers.get("retries", 0), "eta": None, "expires": None}),
-                ("task-started", {"uuid": task.task_id})])
+            received = {"uuid": task.task_id, "name": name, "args": headers.get("argsrepr") or saferepr(args),
+                        "kwargs": headers.get("kwargsrepr") or saferepr(kwargs), "root_id": headers.get("root_id"),
+                        "parent_id": headers.get("parent_id"), "retries": headers.get("retries", 0), "eta": None,
+                        "expires": None}
+            # what came from the message's headers may be anything its sender wrote (the rest is ours)
+            self._send_events([("task-received", received), ("task-started", {"uuid": task.task_id})],
+                              plain(received["args"], received["kwargs"], received["root_id"],
+                                    received["parent_id"], received["retries"]))
         if not self._wired:
             # the device side answers its batches inside ``gathered``; what this thread hands the device is
             # held until the event loop's next turn flushes it (without an event loop, sent at once)
@@ -281,8 +282,8 @@ class FastPath:
                 self._ensure_finisher()
                 self._finished.put(gathered)
 
-    def _send_events(self, events: list[tuple[str, dict[str, Any]]]) -> None:
-        send_task_events(getattr(self._consumer, "event_dispatcher", None), events)
+    def _send_events(self, events: list[tuple[str, dict[str, Any]]], plain: bool) -> None:
+        send_task_events(getattr(self._consumer, "event_dispatcher", None), events, plain)
 
     def longest_limit(self) -> float:
         runtime = self._runtime_or_none()
@@ -409,7 +410,7 @@ class FastPath:
                 events.append(("task-succeeded", fields))
             if not named:
                 fields["name"] = task.name
-        self._send_events(events)
+        self._send_events(events, plain=True)  # ids, names, reprs and a runtime
         self._acknowledge(stored)
         for task in tasks:
             task.let_go()
