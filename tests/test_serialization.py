@@ -62,6 +62,7 @@ def test_task_events_orjson_cannot_write_exactly_are_written_by_kombu() -> None:
 
 def test_only_strings_numbers_and_none_count_as_plain() -> None:
     assert events_module.plain("()", 0, 1.5, None, True)
+    assert not events_module.plain(float("nan")) and not events_module.plain(float("-inf"))
     assert not events_module.plain(uuid.UUID(int=7))
     assert not events_module.plain(["a list"])
 

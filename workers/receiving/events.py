@@ -21,6 +21,7 @@ buffer instead.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from typing import Any
@@ -40,9 +41,10 @@ def _refuse(value: Any) -> Any:
 
 
 def encode_events(events: list[dict[str, Any]]) -> bytes:
-    """A list of events as the JSON Kombu would write. orjson refuses (through ``_refuse``) every type it
-    does not write natively, and types it writes differently from Kombu (subclasses of str and int,
-    datetimes, dataclasses) are passed to ``_refuse`` too; what it refuses is written by Kombu."""
+    """A list of events whose values are ``plain``, as Kombu's JSON writes them. orjson refuses (through
+    ``_refuse``) the types it does not write natively, and subclasses of str and int, datetimes and dataclasses
+    (which it would write differently); Kombu writes what it refuses. UUIDs and enums it would write its own
+    way: ``plain`` keeps them out."""
     try:
         return orjson.dumps(events, default=_refuse, option=orjson.OPT_PASSTHROUGH_DATETIME
                             | orjson.OPT_PASSTHROUGH_SUBCLASS | orjson.OPT_PASSTHROUGH_DATACLASS)
@@ -54,12 +56,13 @@ def encode_events(events: list[dict[str, Any]]) -> bytes:
 class _OwnEvents:
     """The fast path's buffered task events, published at each flush of the dispatcher."""
 
-    def __init__(self, dispatcher: Any) -> None:
+    def __init__(self, dispatcher: Any, lock: threading.RLock) -> None:
         self.dispatcher = dispatcher
+        self.lock = lock  # the dispatcher's (``ThreadSafeTaskEvents``): held by whoever touches ``events``
         self.events: list[dict[str, Any]] = []
 
     def publish(self) -> None:
-        """Called with the dispatcher's lock held, after Celery's own flush."""
+        """Called with the lock held, after Celery's own flush."""
         dispatcher = self.dispatcher
         if not self.events:
             return
@@ -75,8 +78,10 @@ class _OwnEvents:
                                  headers=dispatcher.headers, delivery_mode=dispatcher.delivery_mode, retry=False)
             except Exception:
                 if not dispatcher.buffer_while_offline:
-                    raise
-                return  # kept for the next flush, as Celery keeps what it could not publish
+                    raise  # kept here, as Celery keeps its group's buffer then
+                # What Celery does with a batch it could not publish: its next flush sends it again (Kombu's
+                # JSON), and a consumer restarted after a lost connection hands it to its new dispatcher.
+                dispatcher._outbound_buffer.append((batch, "task.multi"))
             del self.events[:len(batch)]
 
 
@@ -86,6 +91,7 @@ class ThreadSafeTaskEvents(bootsteps.StartStopStep):  # type: ignore[misc]
     def __init__(self, parent: Any, **kwargs: Any) -> None:
         super().__init__(parent, **kwargs)
         self._flush_timer: Any = None
+        self._own: _OwnEvents | None = None  # the last dispatcher's, for a restarted consumer to take over
 
     def start(self, consumer: Any) -> None:
         dispatcher = getattr(consumer, "event_dispatcher", None)
@@ -98,7 +104,12 @@ class ThreadSafeTaskEvents(bootsteps.StartStopStep):  # type: ignore[misc]
             with lock:
                 return send(*args, **kwargs)
 
-        own = _OwnEvents(dispatcher)
+        own = _OwnEvents(dispatcher, lock)
+        if self._own is not None:  # a restarted consumer: what the closed dispatcher still held goes with this one
+            with self._own.lock:
+                own.events.extend(self._own.events)
+                self._own.events.clear()
+        self._own = own
 
         def locked_flush(errors: bool = True, groups: bool = True) -> Any:
             with lock:
@@ -127,15 +138,16 @@ class ThreadSafeTaskEvents(bootsteps.StartStopStep):  # type: ignore[misc]
 
 
 def plain(*values: Any) -> bool:
-    """Whether orjson writes every one of these values exactly as Kombu's JSON would."""
-    return all(type(value) in _PLAIN for value in values)
+    """Whether orjson writes every one of these values exactly as Kombu's JSON would (not inf or nan: orjson
+    writes null for them)."""
+    return all(type(value) in _PLAIN and (type(value) is not float or math.isfinite(value)) for value in values)
 
 
-def send_task_events(dispatcher: Any, events: list[tuple[str, dict[str, Any]]], plain: bool = False) -> None:
+def send_task_events(dispatcher: Any, events: list[tuple[str, dict[str, Any]]], all_plain: bool = False) -> None:
     """Many (type, fields) task events into the dispatcher's buffer at once, each exactly as its ``send`` would
     build it (hostname, utcoffset, pid, a clock value and a timestamp of its own), under one taking of the lock:
     the fast path sends two or three events a message, and ``send`` one by one cost it about 12 us each.
-    ``plain``: every field's value is a string, a number or None (``plain()``), so orjson may write them."""
+    ``all_plain``: every field's value is ``plain``, so orjson may write them."""
     if not events or dispatcher is None or not dispatcher.enabled:
         return
     groups = dispatcher.groups
@@ -148,7 +160,7 @@ def send_task_events(dispatcher: Any, events: list[tuple[str, dict[str, Any]]], 
     hostname, pid, offset, forward = dispatcher.hostname, dispatcher.pid, utcoffset(), dispatcher.clock.forward
     with lock:
         celerys = dispatcher._group_buffer["task"]
-        buffer = own.events if plain else celerys
+        buffer = own.events if all_plain else celerys
         for kind, fields in events:
             buffer.append({
                 "hostname": hostname, "utcoffset": offset, "pid": pid, "clock": forward(), **fields,

@@ -313,8 +313,8 @@ class FastPath:
                 self._ensure_finisher()
                 self._finished.put(gathered)
 
-    def _send_events(self, events: list[tuple[str, dict[str, Any]]], plain: bool) -> None:
-        send_task_events(getattr(self._consumer, "event_dispatcher", None), events, plain)
+    def _send_events(self, events: list[tuple[str, dict[str, Any]]], all_plain: bool) -> None:
+        send_task_events(getattr(self._consumer, "event_dispatcher", None), events, all_plain)
 
     def longest_limit(self) -> float:
         runtime = self._runtime_or_none()
@@ -441,7 +441,7 @@ class FastPath:
                 events.append(("task-succeeded", fields))
             if not named:
                 fields["name"] = task.name
-        self._send_events(events, plain=True)  # ids, names, reprs and a runtime
+        self._send_events(events, all_plain=True)  # ids, names, reprs and a runtime
         self._acknowledge(stored)
         for task in tasks:
             task.let_go()
