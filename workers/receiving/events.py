@@ -95,7 +95,7 @@ class ThreadSafeTaskEvents(bootsteps.StartStopStep):  # type: ignore[misc]
 
     def start(self, consumer: Any) -> None:
         dispatcher = getattr(consumer, "event_dispatcher", None)
-        if dispatcher is None or getattr(dispatcher, "_inferq_lock", None) is not None:
+        if dispatcher is None or getattr(dispatcher, "_inferq_own_events", None) is not None:
             return
         lock = threading.RLock()  # re-entrant: send() calls flush() when the buffer is full
         send, flush = dispatcher.send, dispatcher.flush
@@ -119,8 +119,7 @@ class ThreadSafeTaskEvents(bootsteps.StartStopStep):  # type: ignore[misc]
                 return flushed
 
         dispatcher.send, dispatcher.flush = locked_send, locked_flush
-        dispatcher._inferq_lock = lock
-        dispatcher._inferq_own_events = own
+        dispatcher._inferq_own_events = own  # its lock is the one send and flush take
         hub = getattr(consumer, "hub", None)
         if hub is not None:
             dispatcher.on_send_buffered = None  # instead of a flush per event-loop turn ...
@@ -151,14 +150,13 @@ def send_task_events(dispatcher: Any, events: list[tuple[str, dict[str, Any]]], 
     if not events or dispatcher is None or not dispatcher.enabled:
         return
     groups = dispatcher.groups
-    lock = getattr(dispatcher, "_inferq_lock", None)
     own: _OwnEvents | None = getattr(dispatcher, "_inferq_own_events", None)
-    if (groups and "task" not in groups) or lock is None or own is None or "task" not in dispatcher.buffer_group:
+    if (groups and "task" not in groups) or own is None or "task" not in dispatcher.buffer_group:
         for kind, fields in events:  # not buffered here (no event loop): Celery's own path
             dispatcher.send(kind, **fields)
         return
     hostname, pid, offset, forward = dispatcher.hostname, dispatcher.pid, utcoffset(), dispatcher.clock.forward
-    with lock:
+    with own.lock:
         celerys = dispatcher._group_buffer["task"]
         buffer = own.events if all_plain else celerys
         for kind, fields in events:
