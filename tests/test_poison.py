@@ -77,8 +77,8 @@ def replay_of_an_answered_message(client: Client, store: redis.Redis) -> None:
     message["properties"]["delivery_info"]["redelivered"] = True  # as Kombu marks a restored message
     client.app.backend.store_result(parked.id, earlier, "SUCCESS")
     store.lpush("embed", json.dumps(message))
-    # Wait for the count, not for an empty queue: a message a BRPOP handed an idle worker is on neither the
-    # queue nor the unacknowledged list for one round trip, and the count would be read too early.
+    # Wait for the count, not for an empty queue: the queue empties when the message is taken, before the
+    # poison check counts it.
     deadline = time.monotonic() + 60
     while already_answered(client) < answered_before + 1:
         assert time.monotonic() < deadline, (store.llen("embed"), store.hlen("unacked"))

@@ -6,8 +6,10 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,9 +18,10 @@ from kombu import Connection, Consumer, Producer
 from kombu import Queue as KombuQueue
 
 from producer.contract import queue_keys
-from tests.conftest import REDIS_HOST, REDIS_PORT, flushed_db
+from tests.conftest import REDIS_HOST, REDIS_PORT, flushed_db, free_port, start_redis_server
 from workers.receiving.dead_letter import DEAD_LETTER_KEY
 from workers.receiving.transport import Transport
+from workers.receiving.waiting import tracking_prefixes
 
 pytestmark = pytest.mark.integration
 DB = 7
@@ -96,21 +99,84 @@ def test_an_entry_the_take_recorded_but_the_worker_refuses_leaves_no_record_behi
         assert store.zcard("unacked_index") == 1
 
 
-def test_an_idle_channel_blocks_on_brpop_instead_of_taking_again_and_again(store: redis.Redis) -> None:
-    """After a take that found messages the next read is a take; once one finds nothing, the channel must go
-    back to blocking on BRPOP (a version that kept taking sent 13,000 empty takes in 40 s and starved the
-    model of CPU)."""
-    def evals() -> int:
-        return int(store.info("commandstats").get("cmdstat_eval", {}).get("calls", 0))
+def commands_run(store: redis.Redis, command: str) -> int:
+    return int(store.info("commandstats").get(f"cmdstat_{command}", {}).get("calls", 0))
 
+
+def drain(connection: Connection, seconds: float) -> None:
+    with contextlib.suppress(socket.timeout, TimeoutError):
+        connection.drain_events(timeout=seconds)
+
+
+def test_an_idle_channel_waits_instead_of_taking_again_and_again(store: redis.Redis) -> None:
+    """After a take that found messages the next read is a take; once one finds the queues drained, the
+    channel must wait (a version that kept taking sent 13,000 empty takes in 40 s and starved the model of
+    CPU), and never with BRPOP."""
     with received(None, [f"message {i}" for i in range(5)]) as delivered:
         assert len(delivered) == 5
         channel = delivered[0].channel
-        before = evals()
+        evals, brpops = commands_run(store, "eval"), commands_run(store, "brpop")
         for _ in range(3):  # 1.5 s with an empty queue
-            with contextlib.suppress(socket.timeout, TimeoutError):
-                channel.connection.client.drain_events(timeout=0.5)
-        assert evals() - before <= 3
+            drain(channel.connection.client, 0.5)
+        assert commands_run(store, "eval") - evals <= 3
+        assert commands_run(store, "brpop") == brpops
+
+
+def test_a_message_pushed_while_a_channel_waits_stays_on_its_queue_until_a_take_records_it(
+        store: redis.Redis) -> None:
+    """An idle channel waits with nothing in flight that could take a message: one pushed meanwhile stays on
+    its queue while the worker does not read (a host whose link is cut, a process stopped), where any other
+    worker can take it; once the worker reads again, Redis's push wakes it and it takes the message with its
+    record. BRPOP would have popped it into the socket at once, recorded nowhere."""
+    delivered: list[Any] = []
+    with Connection(URL, transport=Transport) as connection:
+        channel = connection.channel()
+        queue = KombuQueue("embed", routing_key="embed")
+        with Consumer(channel, [queue], callbacks=[lambda body, message: delivered.append(message)]):
+            drain(connection, 0.3)  # nothing to take: the channel parks
+            assert channel.idle_wait.parked_on is not None
+            Producer(connection.channel()).publish("while parked", routing_key="embed", declare=[queue])
+            time.sleep(0.3)  # the worker reads nothing meanwhile
+            assert store.llen("embed") == 1 and store.hlen("unacked") == 0
+            started = time.monotonic()
+            connection.drain_events(timeout=5)
+            assert [message.payload for message in delivered] == ["while parked"]
+            # woken by Redis's push, not by the end of its park (1 s)
+            assert time.monotonic() - started < 0.5
+            assert store.llen("embed") == 0 and store.hkeys("unacked") == [delivered[0].delivery_tag.encode()]
+
+
+def test_where_redis_refuses_client_tracking_the_channel_waits_with_brpop(tmp_path: Path) -> None:
+    """A server (or an ACL) that refuses CLIENT TRACKING: the channel says so once and waits on BRPOP, as
+    Kombu does, and still delivers."""
+    port = free_port()
+    probe = redis.Redis(host="127.0.0.1", port=port)
+    server = start_redis_server(tmp_path, ["--port", str(port), "--user", "default", "on", "nopass", "~*", "&*",
+                                           "+@all", "-client|tracking"], probe)
+    try:
+        delivered: list[Any] = []
+        with Connection(f"redis://127.0.0.1:{port}/0", transport=Transport) as connection:
+            channel = connection.channel()
+            queue = KombuQueue("embed", routing_key="embed")
+            with Consumer(channel, [queue], callbacks=[lambda body, message: delivered.append(message)]):
+                drain(connection, 0.3)
+                assert not channel.idle_wait.usable
+                Producer(connection.channel()).publish("by BRPOP", routing_key="embed", declare=[queue])
+                connection.drain_events(timeout=5)
+                assert [message.payload for message in delivered] == ["by BRPOP"]
+                assert commands_run(probe, "brpop") >= 1
+                assert probe.hlen("unacked") == 1
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+        probe.close()
+
+
+def test_tracking_prefixes_cover_every_queue_list_without_overlapping() -> None:
+    assert tracking_prefixes(["embed", "classify", "embed"]) == ("classify", "embed")
+    # "embed-large" starts with "embed": Redis refuses overlapping prefixes, and "embed" covers both
+    assert tracking_prefixes(["embed-large", "embed", "generate"]) == ("embed", "generate")
+    assert tracking_prefixes([]) == ()
 
 
 def test_the_bulk_lane_fills_only_its_share_of_the_prefetch_window(store: redis.Redis) -> None:

@@ -6,8 +6,9 @@ memory, so a worker SIGKILLed there loses it for good. Here messages are taken b
 up to the prefetch room off the queues and records each as unacknowledged in the same atomic step, and
 while takes find messages the channel takes again instead of blocking on BRPOP. Under load that is one
 round trip per batch, and a kill at any moment leaves every message on its queue or recorded (where the
-visibility timeout brings it back). BRPOP remains only to wait on empty queues: the one message it hands an
-idle worker crosses the old window, which lasts until its record (one round trip) is written.
+visibility timeout brings it back). On drained queues the channel waits for Redis to push news of them, with
+no command in flight that could take a message (waiting.py); BRPOP only where Redis cannot push (RESP2, or
+client tracking refused), and the one message it hands an idle worker then crosses the old window.
 
 Anyone who can LPUSH to a queue can put anything there. Kombu decodes each popped entry as a JSON envelope
 inside its event loop: an entry that is not JSON stops the worker ("Unrecoverable error"), and an envelope
@@ -34,8 +35,9 @@ And it keeps room for interactive work. The bulk lane (messages of a priority ab
 lists) may fill only ``BULK_LANE_SHARE`` of the prefetch limit: a worker whose window is full of bulk work
 would take an interactive message only once a batch is acknowledged (and then behind the batch its device
 started meanwhile: 361 ms at p50 against 12 ms unloaded, with 20,000 bulk messages queued). While the bulk
-lane holds its share, takes skip the bulk lists and BRPOP waits on the interactive lists alone, for at most
-``BULK_LANE_POLL_S``, so bulk work is taken again soon after room frees.
+lane holds its share, takes skip the bulk lists and the channel waits for news of the interactive lists for at
+most ``BULK_LANE_POLL_S`` (BRPOP on them alone, where it waits on BRPOP), so bulk work is taken again soon
+after room frees.
 """
 
 from __future__ import annotations
@@ -60,12 +62,13 @@ from producer.transport import FindsTheMaster
 from workers.receiving import dead_letter
 from workers.receiving.consumer import count_refused
 from workers.receiving.serialization import orjson_reads_exactly
+from workers.receiving.waiting import IdleWait, Poller
 
 log = logging.getLogger(__name__)
 # Messages taken in one step (the prefetch limit bounds it further).
 BULK_MAX = 128
 BULK_LANE_SHARE = 0.75  # of the prefetch limit, what messages of the bulk lane may hold
-BULK_LANE_POLL_S = 0.05  # BRPOP's wait on the interactive lists while the bulk lane holds its share
+BULK_LANE_POLL_S = 0.05  # the wait for interactive messages while the bulk lane holds its share
 # Takes up to ARGV[1] entries off the lists KEYS[3..] (in that order) and, in the same atomic step, records each
 # entry that is a message envelope as unacknowledged (KEYS[1]: the index of delivery times, KEYS[2]: the
 # envelopes), exactly as Kombu's QoS.append records one; off the lists past the first ARGV[4] (the bulk lane's)
@@ -218,10 +221,13 @@ class QoS(kombu_redis.QoS):
 
 class Channel(kombu_redis.Channel):
     QoS = QoS
-    _take_next = False  # whether the next read takes (the last one found messages) or blocks on BRPOP
-    _take_sent = False  # whether the command in flight on the BRPOP connection is a take
+    _take_next = False  # waiting on BRPOP: whether the next read takes (the last one found messages) or blocks
+    _take_sent = False  # whether the command in flight on the channel's connection is a take
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.idle_wait = IdleWait()
+        self._last_take_full = False  # the last take filled its room: a backlog, no need to be told of pushes
+        self._take_room = (0, False)  # the take in flight: its room, and whether the bulk lane's share capped it
         super().__init__(*args, **kwargs)  # connects, or raises a connection error
         if len(_stranded):
             try:
@@ -239,6 +245,28 @@ class Channel(kombu_redis.Channel):
         return dict(self.__dict__[key])
 
     def _brpop_start(self, timeout: Any = None) -> None:
+        # Kombu starts a read whenever none is in flight. Here it is always a take (atomic, it does not block),
+        # led by the tracking commands the wait needs (waiting.py); a take that finds the queues drained
+        # parks the channel until Redis pushes news of them. BRPOP only where tracking cannot be used.
+        if self.global_keyprefix or not self.idle_wait.usable:
+            self._blocking_start(timeout)
+            return
+        self.end_park()
+        keys = self._take_keys()
+        if not keys:
+            return
+        connection = self.client.connection
+        tracking = self.idle_wait.commands(connection, self.active_queues, backlog=self._last_take_full)
+        if not self.idle_wait.usable:
+            self._blocking_start(timeout)
+            return
+        args = self._take_args(keys)
+        self._in_poll = connection
+        self._brpop_sent_at = time.monotonic()  # type: ignore[assignment]  # as Kombu does
+        self._take_sent = True
+        connection.send_packed_command(connection.pack_commands([*tracking, ("EVAL", *args)]))
+
+    def _blocking_start(self, timeout: Any = None) -> None:
         # While the last step took messages, more are likely waiting: the next read is a take (atomic, and it
         # does not block), not a BRPOP. Only an empty take lets the channel block on BRPOP again.
         if not self._take_next or self.global_keyprefix:
@@ -256,6 +284,38 @@ class Channel(kombu_redis.Channel):
         self._take_sent = True
         self.client.connection.send_command("EVAL", *self._take_args(keys))
 
+    def end_park(self) -> None:
+        """Ends a park (its deadline passed, or Redis pushed news): the next read Kombu starts is a take."""
+        if self.idle_wait.unpark() is not None and self._in_poll is self.client.connection:
+            self._in_poll = None  # type: ignore[assignment]  # as Kombu does
+
+    def _park(self, connection: Any) -> None:
+        """Nothing to take: wait for Redis's push without any command in flight. Kombu must see a read in
+        progress (it starts none), but no BRPOP sent (its health check has no reply to wait for)."""
+        _, capped = self._take_room
+        delay = BULK_LANE_POLL_S if capped else float(self.brpop_timeout or 1)
+        self.idle_wait.park(connection, delay, getattr(self.connection.cycle, "hub", None))
+        self._in_poll = connection
+        self._brpop_sent_at = None
+
+    def _wake(self, connection: Any) -> None:
+        """Redis pushed news of the queues to the parked channel (or closed its connection): take."""
+        parked_on = self.idle_wait.unpark()
+        self._in_poll = None  # type: ignore[assignment]  # as Kombu does
+        if parked_on is connection._sock:
+            try:
+                while connection.can_read(timeout=0):
+                    connection.read_response(push_request=True)
+            except self.connection_errors:
+                connection.disconnect()
+                raise
+        self._brpop_start()
+        raise Empty()
+
+    def close(self) -> None:
+        self.end_park()  # Kombu's close reads the reply of a read in flight: a park has none
+        super().close()
+
     def _brpop_interactive(self) -> None:
         """Kombu's BRPOP on the interactive lists alone (the bulk lane holds its share), for a short while."""
         queues = self._queue_cycle.consume(len(self.active_queues))
@@ -267,33 +327,48 @@ class Channel(kombu_redis.Channel):
 
     def _brpop_read(self, **options: Any) -> bool:
         # Kombu's own _brpop_read, with the entry checked before it is delivered, followed at once by a take
-        # of whatever else waits; or the reply of a take sent in BRPOP's place.
+        # of whatever else waits; or the replies of a take sent in BRPOP's place; or Redis's push to a parked
+        # channel.
+        connection = self.client.connection
+        if self.idle_wait.parked_on is not None:
+            self._wake(connection)
         try:
             command = "EVAL" if self._take_sent else "BRPOP"
             try:
-                reply = self.client.parse_response(self.client.connection, command, **options)
+                if self._take_sent:
+                    self.idle_wait.confirm(connection, lambda: self.client.parse_response(connection, "CLIENT"),
+                                           self.ResponseError)
+                reply = self.client.parse_response(connection, command, **options)
             except self.connection_errors:
-                self.client.connection.disconnect()
+                connection.disconnect()
                 raise
             if self._take_sent:
                 self._take_sent = False
-                self._take_next = self._deliver_taken(reply)  # an empty take: block on BRPOP next, not spin
-                if not self._take_next:
+                taken = self._deliver_taken(reply)
+                self._take_next = taken > 0  # an empty take: block on BRPOP next, not spin
+                room, capped = self._take_room
+                self._last_take_full = taken >= room
+                # drained: nothing was left behind this take (BRPOP mode takes once more to learn it)
+                drained = taken == 0 or (taken < room and not capped)
+            else:
+                if not reply:
                     raise Empty()
+                key, item = reply
+                dest = _text(key).rsplit(self.sep, 1)[0]
+                self._queue_cycle.rotate(dest)
+                self._deliver_entry(dest, item)
+                self._take()
                 return True
-            if not reply:
-                raise Empty()
-            key, item = reply
-            dest = _text(key).rsplit(self.sep, 1)[0]
-            self._queue_cycle.rotate(dest)
-            self._deliver_entry(dest, item)
-            self._take()
-            return True
         finally:
             self._in_poll = None  # type: ignore[assignment]  # as Kombu does
             flush_reauth = getattr(self, "_flush_brpop_reauth", None)  # Kombu >= 5.7
             if flush_reauth is not None:
                 flush_reauth()
+        if drained and self.idle_wait.tracking(connection) and not self._closing:
+            self._park(connection)  # tracking was on before the take ran: any later push reaches us
+        if not taken:
+            raise Empty()
+        return True
 
     def _deliver_entry(self, queue: str, item: bytes) -> None:
         payload = self._envelope(queue, item)
@@ -327,6 +402,7 @@ class Channel(kombu_redis.Channel):
         room = BULK_MAX if room is None else max(1, min(room, BULK_MAX))
         bulk_room = self.qos.bulk_room()
         interactive = sum(1 for key in keys if self.sep not in key)
+        self._take_room = (room, bulk_room is not None and bulk_room < room)
         return [TAKE_SCRIPT, 2 + len(keys), self.unacked_index_key, self.unacked_key, *keys, room, time.time(),
                 room if bulk_room is None else bulk_room, interactive]
 
@@ -341,10 +417,10 @@ class Channel(kombu_redis.Channel):
             return
         keys = self._take_keys()
         self._take_next = bool(keys) and self._deliver_taken(self.client.execute_command("EVAL",
-                                                                                         *self._take_args(keys)))
+                                                                                         *self._take_args(keys))) > 0
 
-    def _deliver_taken(self, reply: list[bytes]) -> bool:
-        """Delivers what a take returned (list, entry, tag triples); whether it returned anything."""
+    def _deliver_taken(self, reply: list[bytes]) -> int:
+        """Delivers what a take returned (list, entry, tag triples); how many entries it took."""
         entries = [(reply[at], reply[at + 1], reply[at + 2]) for at in range(0, len(reply or []), 3)]
         delivered: list[tuple[dict[str, Any], str]] = []
         for key, item, tag in entries:
@@ -366,7 +442,7 @@ class Channel(kombu_redis.Channel):
             except BaseException:
                 self._give_back([payload for payload, _ in delivered[index + 1:]])
                 raise
-        return bool(entries)
+        return len(entries)
 
     def _give_back(self, payloads: list[dict[str, Any]]) -> None:
         """Recorded but not delivered (a delivery before them raised): back on the queue now, not after the
@@ -392,6 +468,14 @@ class Channel(kombu_redis.Channel):
 
 class Transport(kombu_redis.Transport):
     Channel = Channel
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.cycle = Poller()  # type: ignore[assignment]  # Kombu's own is a MultiChannelPoller too
+
+    def register_with_event_loop(self, connection: Any, loop: Any) -> None:
+        super().register_with_event_loop(connection, loop)
+        cast(Poller, self.cycle).hub = loop
 
 
 class SentinelChannel(FindsTheMaster, Channel, kombu_redis.SentinelChannel):

@@ -1,0 +1,166 @@
+"""How an idle worker channel waits for messages without taking one: Redis client tracking.
+
+Kombu waits on empty queues with BRPOP, which takes the next message off its queue and writes it to the
+worker's socket; nothing records it in Redis until the worker has read it and written the record, a round
+trip later. A worker SIGKILLed in between loses it, and a host whose network link is cut while it waits
+loses it for good: Redis still counts a silent peer's BRPOP as waiting and hands it the next message, which
+is then in no queue and no record (tests/test_multi_host_drill.py).
+
+Here a channel with nothing to take turns on client tracking in broadcast mode for its queues' names
+(``CLIENT TRACKING ON BCAST PREFIX <queue> ... NOLOOP``: Redis 6 or later, or Valkey, no server
+configuration) and parks: it sends nothing, and Redis pushes an invalidation on the same RESP3 connection
+when any other client writes a matching key (a producer's LPUSH, a restore of unacknowledged messages). The
+push takes nothing. The channel then takes with the atomic script (transport.TAKE_SCRIPT), so at every
+moment each message is on its queue, recorded as unacknowledged, or answered, whatever happens to the
+worker or its link.
+
+What it costs:
+- Every parked channel of a queue wakes on a push, where BRPOP woke one: one takes the message and the
+  others find nothing and park again (an empty take each). Redis sends one invalidation per event-loop turn
+  and prefix, however many keys changed in it.
+- Tracking is turned off while takes come back full (a backlog, where nothing waits), and on again, in the
+  same round trip as a take, when one does not.
+- A park ends after ``brpop_timeout`` (1 s) without a push, with a take: like BRPOP's timeout, it finds a
+  connection that died silently (Kombu's BRPOP health check then sees a take go unanswered).
+- A connection that speaks RESP2 (a proxy, an old server) or a server that refuses CLIENT TRACKING cannot
+  be told: the channel falls back to BRPOP, with a warning, and the window above is back.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from kombu.transport import redis as kombu_redis
+
+log = logging.getLogger(__name__)
+TRACKING_OFF = ("CLIENT", "TRACKING", "OFF")
+_warned = False  # the fallback to BRPOP is logged once per process, not once per channel
+
+
+def tracking_prefixes(queues: Iterable[str]) -> tuple[str, ...]:
+    """Prefixes covering every list of these queues (a queue's name, which its priority lists extend), none
+    the prefix of another: Redis refuses overlapping prefixes on one connection."""
+    kept: list[str] = []
+    for name in sorted(set(queues)):  # sorted, a prefix comes before every name it covers
+        if not any(name.startswith(prefix) for prefix in kept):
+            kept.append(name)
+    return tuple(kept)
+
+
+def tracking_on(prefixes: tuple[str, ...]) -> tuple[str, ...]:
+    # NOLOOP: this connection's own takes do not wake it
+    return ("CLIENT", "TRACKING", "ON", "BCAST", *[arg for prefix in prefixes for arg in ("PREFIX", prefix)],
+            "NOLOOP")
+
+
+def speaks_resp3(connection: Any) -> bool:
+    get_protocol = getattr(connection, "get_protocol", None)
+    protocol = get_protocol() if get_protocol is not None else getattr(connection, "protocol", 2)
+    return str(protocol) == "3"
+
+
+class IdleWait:
+    """One channel's side of it: whether tracking is on for its connection, and whether it is parked."""
+
+    def __init__(self) -> None:
+        self.usable = True  # until a connection shows it cannot be told (RESP2, tracking refused)
+        self._on: Any = None  # the socket whose connection has tracking on, for self._prefixes
+        self._prefixes: tuple[str, ...] = ()
+        self._asked: tuple[str, ...] = ()  # the prefixes of the ON command in flight
+        self.sent: list[tuple[str, ...]] = []  # tracking commands in flight ahead of a take
+        self.parked_on: Any = None  # the socket of the connection parked on, None when not parked
+        self.deadline = 0.0
+        self._timer: Any = None
+
+    def commands(self, connection: Any, queues: Iterable[str], backlog: bool) -> list[tuple[str, ...]]:
+        """The tracking commands to send ahead of the next take: off under a backlog, on for these queues
+        otherwise. Remembered in ``sent`` until ``confirm`` reads their replies."""
+        on = self._on is not None and self._on is connection._sock
+        commands: list[tuple[str, ...]] = []
+        if backlog:
+            if on:
+                commands.append(TRACKING_OFF)
+        else:
+            prefixes = tracking_prefixes(queues)
+            if not (on and self._prefixes == prefixes):
+                if not speaks_resp3(connection):
+                    self.give_up(connection, "the connection speaks RESP2, so Redis cannot push to it")
+                    return []
+                if on:
+                    commands.append(TRACKING_OFF)  # new queues: Redis refuses a prefix it already has
+                commands.append(tracking_on(prefixes))
+                self._asked = prefixes
+        self.sent = commands
+        return commands
+
+    def confirm(self, connection: Any, read: Callable[[], Any], errors: type[Exception]) -> None:
+        """Reads the replies of the tracking commands sent; one refused gives tracking up for this channel."""
+        sent, self.sent = self.sent, []
+        for command in sent:
+            try:
+                read()
+            except errors as exc:
+                self._on = None
+                self.give_up(connection, f"Redis refused {' '.join(command[:3])}: {exc}")
+                continue
+            if command == TRACKING_OFF:
+                self._on = None
+            else:
+                self._on, self._prefixes = connection._sock, self._asked
+
+    def tracking(self, connection: Any) -> bool:
+        return self.usable and self._on is not None and self._on is connection._sock
+
+    def give_up(self, connection: Any, why: str) -> None:
+        global _warned
+        self.usable = False
+        if not _warned:
+            _warned = True
+            log.warning("idle receivers wait with BRPOP at %s: %s. A message BRPOP hands a worker whose link is "
+                        "cut is then lost (README, Trade-offs)", getattr(connection, "host", "Redis"), why)
+
+    def park(self, connection: Any, delay: float, hub: Any) -> None:
+        self.parked_on = connection._sock
+        self.deadline = time.monotonic() + delay
+        if hub is not None:  # the hub's next turn after the deadline ends the park (Poller.on_poll_start)
+            self._timer = hub.call_later(delay, _nothing)
+
+    def unpark(self) -> Any:
+        """Ends the park; the socket it was on (None when it was not parked)."""
+        parked_on, self.parked_on = self.parked_on, None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        return parked_on
+
+
+def _nothing() -> None:
+    """A hub timer's callback: the timer is there to end the hub's poll, after which its tick runs."""
+
+
+class Poller(kombu_redis.MultiChannelPoller):
+    """Kombu's poller, ending the parks whose deadline has passed before each turn (the channel's next
+    read is then a take), and polling no longer than until the next deadline."""
+
+    hub: Any = None  # the worker's event loop, when it runs one (Transport.register_with_event_loop)
+
+    def _parked(self) -> list[Any]:
+        return [channel for channel in self._channels
+                if getattr(channel, "idle_wait", None) is not None and channel.idle_wait.parked_on is not None]
+
+    def on_poll_start(self) -> None:
+        now = time.monotonic()
+        for channel in self._parked():
+            if channel.idle_wait.deadline <= now:
+                channel.end_park()
+        super().on_poll_start()  # type: ignore[no-untyped-call]
+
+    def get(self, callback: Any, timeout: float | None = None) -> Any:
+        parked = self._parked()
+        if parked:
+            until = max(0.0, min(channel.idle_wait.deadline for channel in parked) - time.monotonic())
+            timeout = until if timeout is None else min(timeout, until)
+        return super().get(callback, timeout)  # type: ignore[no-untyped-call]
