@@ -146,6 +146,31 @@ def test_a_message_pushed_while_a_channel_waits_stays_on_its_queue_until_a_take_
             assert store.llen("embed") == 0 and store.hkeys("unacked") == [delivered[0].delivery_tag.encode()]
 
 
+def test_news_while_the_prefetch_window_is_full_waits_for_room_on_the_same_connection(store: redis.Redis) -> None:
+    """A take fills the window (prefetch 1) with tracking on; Redis then pushes news of a second message. The
+    push must neither be read as a reply (which blocks) nor drop the connection as one Kombu did not expect;
+    once the first is acknowledged the second is taken."""
+    delivered: list[Any] = []
+    with Connection(URL, transport=Transport) as connection:
+        channel = connection.channel()
+        queue = KombuQueue("embed", routing_key="embed")
+        producer = Producer(connection.channel())
+        channel.basic_qos(0, 1, False)
+        with Consumer(channel, [queue], callbacks=[lambda body, message: delivered.append(message)]):
+            drain(connection, 0.3)  # parks with tracking on
+            producer.publish("first", routing_key="embed", declare=[queue])
+            drain(connection, 0.5)
+            assert [message.payload for message in delivered] == ["first"]
+            sock = channel.client.connection._sock
+            producer.publish("second", routing_key="embed", declare=[queue])
+            drain(connection, 0.5)
+            assert len(delivered) == 1 and store.llen("embed") == 1  # no room: it waits on its queue
+            delivered[0].ack()
+            drain(connection, 0.5)
+            assert [message.payload for message in delivered] == ["first", "second"]
+            assert channel.client.connection._sock is sock
+
+
 def test_where_redis_refuses_client_tracking_the_channel_waits_with_brpop(tmp_path: Path) -> None:
     """A server (or an ACL) that refuses CLIENT TRACKING: the channel says so once and waits on BRPOP, as
     Kombu does, and still delivers."""
@@ -211,3 +236,32 @@ def test_the_bulk_lane_fills_only_its_share_of_the_prefetch_window(store: redis.
             drain()
             assert [m.payload for m in delivered[8:]] == ["bulk 6", "bulk 7", "bulk 8"]
             assert store.llen(bulk_list) == 11
+
+
+def test_while_the_bulk_lane_holds_its_share_bulk_pushes_do_not_wake_the_channel(store: redis.Redis) -> None:
+    """With the bulk lane's share full, only interactive messages can be taken before room frees: news of
+    the bulk lists must not send a take each (the channel looks again every 50 ms anyway)."""
+    delivered: list[Any] = []
+    bulk_list = queue_keys("embed")[-1]
+    with Connection(URL, transport=Transport) as connection:
+        channel = connection.channel()
+        queue = KombuQueue("embed", routing_key="embed")
+        producer = Producer(connection.channel())
+        for i in range(8):
+            producer.publish(f"bulk {i}", routing_key="embed", declare=[queue], priority=9)
+        channel.basic_qos(0, 8, False)
+        with Consumer(channel, [queue], callbacks=[lambda body, message: delivered.append(message)]):
+            drain(connection, 0.3)
+            assert len(delivered) == 6  # the bulk lane's share of 8
+            evals = commands_run(store, "eval")
+            started = time.monotonic()
+            for i in range(100):  # 100 bulk pushes over about a second
+                store.lpush(bulk_list, f"not read {i}")
+                drain(connection, 0.01)
+            elapsed = time.monotonic() - started
+            # a take per 50 ms at most (and a few more for the hub's turns), not one per push
+            assert commands_run(store, "eval") - evals <= elapsed / 0.05 + 5
+            producer.publish("interactive", routing_key="embed", declare=[queue])
+            drain(connection, 0.3)
+            assert delivered[-1].payload == "interactive"
+

@@ -227,7 +227,8 @@ class Channel(kombu_redis.Channel):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.idle_wait = IdleWait()
         self._last_take_full = False  # the last take filled its room: a backlog, no need to be told of pushes
-        self._take_room = (0, False)  # the take in flight: its room, and whether the bulk lane's share capped it
+        # the take in flight: its room, whether the bulk lane's share capped it, the lists it takes from
+        self._take_room: tuple[int, bool, list[str]] = (0, False, [])
         super().__init__(*args, **kwargs)  # connects, or raises a connection error
         if len(_stranded):
             try:
@@ -248,23 +249,32 @@ class Channel(kombu_redis.Channel):
         # Kombu starts a read whenever none is in flight. Here it is always a take (atomic, it does not block),
         # led by the tracking commands the wait needs (waiting.py); a take that finds the queues drained
         # parks the channel until Redis pushes news of them. BRPOP only where tracking cannot be used.
-        if self.global_keyprefix or not self.idle_wait.usable:
+        if not self._waits_by_tracking():
             self._blocking_start(timeout)
             return
-        self.end_park()
         keys = self._take_keys()
-        if not keys:
+        if not keys:  # Kombu asks only with queues to consume; a park, if any, stays
             return
+        self.end_park()
         connection = self.client.connection
         tracking = self.idle_wait.commands(connection, self.active_queues, backlog=self._last_take_full)
         if not self.idle_wait.usable:
             self._blocking_start(timeout)
             return
         args = self._take_args(keys)
+        self._flush_reauth()  # now, while nothing is in flight: it reads its reply, and any push before it
         self._in_poll = connection
         self._brpop_sent_at = time.monotonic()  # type: ignore[assignment]  # as Kombu does
         self._take_sent = True
         connection.send_packed_command(connection.pack_commands([*tracking, ("EVAL", *args)]))
+
+    def _waits_by_tracking(self) -> bool:
+        return self.idle_wait.usable and not self.global_keyprefix
+
+    def _flush_reauth(self) -> None:
+        flush_reauth = getattr(self, "_flush_brpop_reauth", None)  # Kombu >= 5.7
+        if flush_reauth is not None:
+            flush_reauth()
 
     def _blocking_start(self, timeout: Any = None) -> None:
         # While the last step took messages, more are likely waiting: the next read is a take (atomic, and it
@@ -289,27 +299,31 @@ class Channel(kombu_redis.Channel):
         if self.idle_wait.unpark() is not None and self._in_poll is self.client.connection:
             self._in_poll = None  # type: ignore[assignment]  # as Kombu does
 
-    def _park(self, connection: Any) -> None:
-        """Nothing to take: wait for Redis's push without any command in flight. Kombu must see a read in
-        progress (it starts none), but no BRPOP sent (its health check has no reply to wait for)."""
-        _, capped = self._take_room
+    def _park(self, connection: Any, drained: bool) -> None:
+        """After a take with tracking on: the channel waits with no command in flight. Kombu must see a read
+        in progress (so it starts none, and pauses the socket while the window is full), but no BRPOP sent
+        (its health check has no reply to wait for). Until news of the queues, or for a moment where the
+        take left messages behind (the next take then also turns tracking off: a backlog)."""
+        _, capped, keys = self._take_room
+        # while the bulk lane holds its share, only news of the interactive lists matters before the deadline
+        self.idle_wait.watch([key for key in keys if self.sep not in key] if capped else keys)
+        news = self.idle_wait.news(connection)  # pushes that came in with the take's reply are news too
         delay = BULK_LANE_POLL_S if capped else float(self.brpop_timeout or 1)
-        self.idle_wait.park(connection, delay, getattr(self.connection.cycle, "hub", None))
+        self.idle_wait.park(connection, delay if drained and not news else 0.0,
+                            getattr(self.connection.cycle, "hub", None))
         self._in_poll = connection
         self._brpop_sent_at = None
 
     def _wake(self, connection: Any) -> None:
-        """Redis pushed news of the queues to the parked channel (or closed its connection): take."""
-        parked_on = self.idle_wait.unpark()
-        self._in_poll = None  # type: ignore[assignment]  # as Kombu does
-        if parked_on is connection._sock:
-            try:
-                while connection.can_read(timeout=0):
-                    connection.read_response(push_request=True)
-            except self.connection_errors:
-                connection.disconnect()
-                raise
-        self._brpop_start()
+        """The socket of a parked channel is readable (Kombu calls this only when the channel may take): take
+        if Redis told of a watched list, or stay parked."""
+        if self.idle_wait.parked_on is not connection._sock or self.idle_wait.news(connection) \
+                or self.idle_wait.deadline <= time.monotonic():
+            self.end_park()
+            if self.active_queues:
+                self._brpop_start()
+            elif self.idle_wait.tracking(connection):
+                self._park(connection, drained=True)
         raise Empty()
 
     def close(self) -> None:
@@ -332,6 +346,9 @@ class Channel(kombu_redis.Channel):
         connection = self.client.connection
         if self.idle_wait.parked_on is not None:
             self._wake(connection)
+        if self._waits_by_tracking() and not self._take_sent and self.idle_wait.tracking(connection):
+            self._park(connection, drained=True)  # not expected (tracking on, yet no park and nothing in flight)
+            self._wake(connection)
         try:
             command = "EVAL" if self._take_sent else "BRPOP"
             try:
@@ -339,14 +356,15 @@ class Channel(kombu_redis.Channel):
                     self.idle_wait.confirm(connection, lambda: self.client.parse_response(connection, "CLIENT"),
                                            self.ResponseError)
                 reply = self.client.parse_response(connection, command, **options)
+                self.idle_wait.forget_heard()
             except self.connection_errors:
                 connection.disconnect()
                 raise
             if self._take_sent:
                 self._take_sent = False
                 taken = self._deliver_taken(reply)
-                self._take_next = taken > 0  # an empty take: block on BRPOP next, not spin
-                room, capped = self._take_room
+                self._take_next = taken > 0  # waiting on BRPOP, an empty take: block next, not spin
+                room, capped, _ = self._take_room
                 self._last_take_full = taken >= room
                 # drained: nothing was left behind this take (BRPOP mode takes once more to learn it)
                 drained = taken == 0 or (taken < room and not capped)
@@ -361,11 +379,11 @@ class Channel(kombu_redis.Channel):
                 return True
         finally:
             self._in_poll = None  # type: ignore[assignment]  # as Kombu does
-            flush_reauth = getattr(self, "_flush_brpop_reauth", None)  # Kombu >= 5.7
-            if flush_reauth is not None:
-                flush_reauth()
-        if drained and self.idle_wait.tracking(connection) and not self._closing:
-            self._park(connection)  # tracking was on before the take ran: any later push reaches us
+            if not self._waits_by_tracking():
+                self._flush_reauth()
+        if self.idle_wait.tracking(connection) and not self._closing:
+            # tracking was on before the take ran: any write after it is pushed to us
+            self._park(connection, drained)
         if not taken:
             raise Empty()
         return True
@@ -402,7 +420,7 @@ class Channel(kombu_redis.Channel):
         room = BULK_MAX if room is None else max(1, min(room, BULK_MAX))
         bulk_room = self.qos.bulk_room()
         interactive = sum(1 for key in keys if self.sep not in key)
-        self._take_room = (room, bulk_room is not None and bulk_room < room)
+        self._take_room = (room, bulk_room is not None and bulk_room < room, keys)
         return [TAKE_SCRIPT, 2 + len(keys), self.unacked_index_key, self.unacked_key, *keys, room, time.time(),
                 room if bulk_room is None else bulk_room, interactive]
 

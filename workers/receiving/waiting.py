@@ -16,14 +16,20 @@ worker or its link.
 
 What it costs:
 - Every parked channel of a queue wakes on a push, where BRPOP woke one: one takes the message and the
-  others find nothing and park again (an empty take each). Redis sends one invalidation per event-loop turn
-  and prefix, however many keys changed in it.
-- Tracking is turned off while takes come back full (a backlog, where nothing waits), and on again, in the
-  same round trip as a take, when one does not.
-- A park ends after ``brpop_timeout`` (1 s) without a push, with a take: like BRPOP's timeout, it finds a
-  connection that died silently (Kombu's BRPOP health check then sees a take go unanswered).
+  others find nothing and park again (an empty take each). Other workers' takes change the lists too, and
+  wake them as well. Redis sends one push per event-loop turn and prefix, however many keys changed in it,
+  and a push names the keys: news of lists the channel cannot take from now (the bulk lists, while the bulk
+  lane holds its share of the prefetch window) does not end its park.
+- A take that comes back full (a backlog, where nothing waits) turns tracking off in the next take's round
+  trip; one that does not turns it on again, in the same way.
+- A park ends without a push after ``brpop_timeout`` (1 s; 50 ms while the bulk lane holds its share) with
+  a take: like BRPOP's timeout, that finds a connection that died silently (Kombu's BRPOP health check then
+  sees a take go unanswered).
 - A connection that speaks RESP2 (a proxy, an old server) or a server that refuses CLIENT TRACKING cannot
-  be told: the channel falls back to BRPOP, with a warning, and the window above is back.
+  be told: the channel falls back to BRPOP, with a warning (once per process), and the window above is
+  back.
+- Tracking ignores databases: a write to a key named like a queue in another database of the same server
+  wakes the channel for an empty take.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import redis
 from kombu.transport import redis as kombu_redis
 
 log = logging.getLogger(__name__)
@@ -63,7 +70,10 @@ def speaks_resp3(connection: Any) -> bool:
 
 
 class IdleWait:
-    """One channel's side of it: whether tracking is on for its connection, and whether it is parked."""
+    """One channel's side of it: whether tracking is on for its connection, and whether it is parked. While
+    tracking is on, the channel is parked or has a take in flight: a push reaching a connection with nothing
+    in flight and no park would be read as the reply to a command never sent (Kombu drops the connection, or
+    blocks reading it)."""
 
     def __init__(self) -> None:
         self.usable = True  # until a connection shows it cannot be told (RESP2, tracking refused)
@@ -74,10 +84,13 @@ class IdleWait:
         self.parked_on: Any = None  # the socket of the connection parked on, None when not parked
         self.deadline = 0.0
         self._timer: Any = None
+        self._watched: frozenset[bytes] = frozenset()  # the lists whose change ends the park
+        self._heard: set[bytes] = set()  # the keys Redis said changed, since last cleared
 
     def commands(self, connection: Any, queues: Iterable[str], backlog: bool) -> list[tuple[str, ...]]:
         """The tracking commands to send ahead of the next take: off under a backlog, on for these queues
         otherwise. Remembered in ``sent`` until ``confirm`` reads their replies."""
+        self.sent = []
         on = self._on is not None and self._on is connection._sock
         commands: list[tuple[str, ...]] = []
         if backlog:
@@ -88,6 +101,9 @@ class IdleWait:
             if not (on and self._prefixes == prefixes):
                 if not speaks_resp3(connection):
                     self.give_up(connection, "the connection speaks RESP2, so Redis cannot push to it")
+                    return []
+                if not hasattr(getattr(connection, "_parser", None), "set_invalidation_push_handler"):
+                    self.give_up(connection, "this redis-py parser does not hand over Redis's pushes")
                     return []
                 if on:
                     commands.append(TRACKING_OFF)  # new queues: Redis refuses a prefix it already has
@@ -110,6 +126,8 @@ class IdleWait:
                 self._on = None
             else:
                 self._on, self._prefixes = connection._sock, self._asked
+                # redis-py hands each invalidation push to this, wherever it reads one on this connection
+                connection._parser.set_invalidation_push_handler(self._hear)
 
     def tracking(self, connection: Any) -> bool:
         return self.usable and self._on is not None and self._on is connection._sock
@@ -117,16 +135,49 @@ class IdleWait:
     def give_up(self, connection: Any, why: str) -> None:
         global _warned
         self.usable = False
+        self.sent = []
         if not _warned:
             _warned = True
             log.warning("idle receivers wait with BRPOP at %s: %s. A message BRPOP hands a worker whose link is "
                         "cut is then lost (README, Trade-offs)", getattr(connection, "host", "Redis"), why)
 
+    def _hear(self, push: list[Any]) -> list[Any]:
+        keys = push[1] if len(push) > 1 else None  # None: the server was flushed, nothing to take
+        self._heard.update(key.encode() if isinstance(key, str) else key for key in keys or ())
+        return push
+
+    def forget_heard(self) -> None:
+        """Pushes read so far tell of writes the take just read already saw."""
+        self._heard.clear()
+
+    def news(self, connection: Any) -> bool:
+        """Reads every push waiting on the connection (in redis-py's buffer or the socket): whether one told
+        of a watched list."""
+        try:
+            while connection.can_read(timeout=0):
+                connection.read_response(push_request=True)
+        except Exception as exc:  # closed, or a reply to nothing: out of step, start again
+            connection.disconnect()
+            raise redis.ConnectionError(f"reading Redis's pushes: {exc}") from exc
+        news = not self._watched.isdisjoint(self._heard)
+        self._heard.clear()
+        return news
+
+    def watch(self, keys: Iterable[str]) -> None:
+        """The lists whose news ends a park from now on."""
+        self._watched = frozenset(key.encode() for key in keys)
+
     def park(self, connection: Any, delay: float, hub: Any) -> None:
+        """Parks until a push tells of a watched list, or ``delay`` passes (0: at the next turn of the event
+        loop where the channel may take)."""
         self.parked_on = connection._sock
         self.deadline = time.monotonic() + delay
-        if hub is not None:  # the hub's next turn after the deadline ends the park (Poller.on_poll_start)
+        if hub is not None and delay > 0:  # the hub's turn after the deadline ends the park (Poller)
             self._timer = hub.call_later(delay, _nothing)
+
+    def due_now(self) -> None:
+        if self.parked_on is not None:
+            self.deadline = 0.0
 
     def unpark(self) -> Any:
         """Ends the park; the socket it was on (None when it was not parked)."""
@@ -148,8 +199,11 @@ class Poller(kombu_redis.MultiChannelPoller):
     hub: Any = None  # the worker's event loop, when it runs one (Transport.register_with_event_loop)
 
     def _parked(self) -> list[Any]:
+        """The parked channels that may take once their park ends: a park stays while a channel has no
+        queues, or no room in its prefetch window (Kombu then stops polling it until room frees)."""
         return [channel for channel in self._channels
-                if getattr(channel, "idle_wait", None) is not None and channel.idle_wait.parked_on is not None]
+                if getattr(channel, "idle_wait", None) is not None and channel.idle_wait.parked_on is not None
+                and channel.active_queues and channel.qos.can_consume()]
 
     def on_poll_start(self) -> None:
         now = time.monotonic()
