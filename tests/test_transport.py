@@ -34,17 +34,38 @@ def store() -> Iterator[redis.Redis]:
         yield client
 
 
+@pytest.fixture
+def own_store(tmp_path: Path) -> Iterator[redis.Redis]:
+    """A redis-server of this test's own, for tests that count Redis's commands: on the shared one, other
+    tests' workers take too, and Redis's pushes of a queue's news reach every database's waiting workers."""
+    port = free_port()
+    client = redis.Redis(host="127.0.0.1", port=port)
+    server = start_redis_server(tmp_path, ["--port", str(port)], client)
+    try:
+        yield client
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+        client.close()
+
+
+def url_of(store: redis.Redis) -> str:
+    kwargs = store.connection_pool.connection_kwargs
+    return f"redis://{kwargs['host']}:{kwargs['port']}/{kwargs.get('db', 0)}"
+
+
 @contextmanager
-def received(prefetch: int | None, published: list[str], entries: tuple[bytes, ...] = ()) -> Iterator[list[Any]]:
+def received(prefetch: int | None, published: list[str], entries: tuple[bytes, ...] = (),
+             url: str = URL) -> Iterator[list[Any]]:
     """Publishes, pushes raw `entries` behind them, then runs one drain_events: the messages it delivered,
     while the channel is open (closing it puts the unacknowledged ones back)."""
     delivered: list[Any] = []
-    with Connection(URL, transport=Transport) as connection:
+    with Connection(url, transport=Transport) as connection:
         channel = connection.channel()
         queue = KombuQueue("embed", routing_key="embed")
         for body in published:
             Producer(channel).publish(body, routing_key="embed", declare=[queue])
-        raw = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=DB)
+        raw = redis.Redis.from_url(url)
         for entry in entries:
             raw.lpush("embed", entry)
         raw.close()
@@ -108,11 +129,12 @@ def drain(connection: Connection, seconds: float) -> None:
         connection.drain_events(timeout=seconds)
 
 
-def test_an_idle_channel_waits_instead_of_taking_again_and_again(store: redis.Redis) -> None:
+def test_an_idle_channel_waits_instead_of_taking_again_and_again(own_store: redis.Redis) -> None:
     """After a take that found messages the next read is a take; once one finds the queues drained, the
     channel must wait (a version that kept taking sent 13,000 empty takes in 40 s and starved the model of
     CPU), and never with BRPOP."""
-    with received(None, [f"message {i}" for i in range(5)]) as delivered:
+    store = own_store
+    with received(None, [f"message {i}" for i in range(5)], url=url_of(store)) as delivered:
         assert len(delivered) == 5
         channel = delivered[0].channel
         evals, brpops = commands_run(store, "eval"), commands_run(store, "brpop")
@@ -238,12 +260,12 @@ def test_the_bulk_lane_fills_only_its_share_of_the_prefetch_window(store: redis.
             assert store.llen(bulk_list) == 11
 
 
-def test_while_the_bulk_lane_holds_its_share_bulk_pushes_do_not_wake_the_channel(store: redis.Redis) -> None:
+def test_while_the_bulk_lane_holds_its_share_bulk_pushes_do_not_wake_the_channel(own_store: redis.Redis) -> None:
     """With the bulk lane's share full, only interactive messages can be taken before room frees: news of
     the bulk lists must not send a take each (the channel looks again every 50 ms anyway)."""
     delivered: list[Any] = []
-    bulk_list = queue_keys("embed")[-1]
-    with Connection(URL, transport=Transport) as connection:
+    bulk_list, store = queue_keys("embed")[-1], own_store
+    with Connection(url_of(store), transport=Transport) as connection:
         channel = connection.channel()
         queue = KombuQueue("embed", routing_key="embed")
         producer = Producer(connection.channel())
