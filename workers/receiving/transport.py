@@ -223,6 +223,7 @@ class Channel(kombu_redis.Channel):
     QoS = QoS
     _take_next = False  # waiting on BRPOP: whether the next read takes (the last one found messages) or blocks
     _take_sent = False  # whether the command in flight on the channel's connection is a take
+    _tracking_off_sent = False  # whether it is CLIENT TRACKING OFF, alone (after a take that filled its room)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.idle_wait = IdleWait()
@@ -257,12 +258,14 @@ class Channel(kombu_redis.Channel):
             return
         self.end_park()
         connection = self.client.connection
+        self._flush_reauth()  # now, while nothing is in flight: it reads its reply, and any push before it
+        if connection._sock is None:  # the re-authentication dropped it: Kombu registers a new one, then asks
+            return
         tracking = self.idle_wait.commands(connection, self.active_queues, backlog=self._last_take_full)
         if not self.idle_wait.usable:
             self._blocking_start(timeout)
             return
         args = self._take_args(keys)
-        self._flush_reauth()  # now, while nothing is in flight: it reads its reply, and any push before it
         self._in_poll = connection
         self._brpop_sent_at = time.monotonic()  # type: ignore[assignment]  # as Kombu does
         self._take_sent = True
@@ -314,6 +317,27 @@ class Channel(kombu_redis.Channel):
         self._in_poll = connection
         self._brpop_sent_at = None
 
+    def _send_tracking_off(self, connection: Any) -> None:
+        """Tracking off at once, alone: with the window full no take follows soon, and Redis would keep a push
+        for every write to the queues in this connection's output buffer until one did."""
+        commands = self.idle_wait.commands(connection, self.active_queues, backlog=True)
+        self._in_poll = connection
+        self._brpop_sent_at = time.monotonic()  # type: ignore[assignment]  # as Kombu does
+        self._tracking_off_sent = True
+        connection.send_packed_command(connection.pack_commands(commands))
+
+    def _read_tracking_off(self, connection: Any) -> None:
+        self._tracking_off_sent = False
+        try:
+            self.idle_wait.confirm(connection, lambda: self.client.parse_response(connection, "CLIENT"),
+                                   self.ResponseError)
+        except self.connection_errors:
+            connection.disconnect()
+            raise
+        finally:
+            self._in_poll = None  # type: ignore[assignment]  # as Kombu does
+        raise Empty()
+
     def _wake(self, connection: Any) -> None:
         """The socket of a parked channel is readable (Kombu calls this only when the channel may take): take
         if Redis told of a watched list, or stay parked."""
@@ -346,7 +370,10 @@ class Channel(kombu_redis.Channel):
         connection = self.client.connection
         if self.idle_wait.parked_on is not None:
             self._wake(connection)
-        if self._waits_by_tracking() and not self._take_sent and self.idle_wait.tracking(connection):
+        if self._tracking_off_sent:
+            self._read_tracking_off(connection)
+        if self._waits_by_tracking() and not self._take_sent and self.idle_wait.tracking(connection) \
+                and not self._tracking_off_sent:
             self._park(connection, drained=True)  # not expected (tracking on, yet no park and nothing in flight)
             self._wake(connection)
         try:
@@ -382,8 +409,10 @@ class Channel(kombu_redis.Channel):
             if not self._waits_by_tracking():
                 self._flush_reauth()
         if self.idle_wait.tracking(connection) and not self._closing:
-            # tracking was on before the take ran: any write after it is pushed to us
-            self._park(connection, drained)
+            if self._last_take_full:  # a backlog: no news needed, and none must pile up while the window is full
+                self._send_tracking_off(connection)
+            else:  # tracking was on before the take ran: any write after it is pushed to us
+                self._park(connection, drained)
         if not taken:
             raise Empty()
         return True

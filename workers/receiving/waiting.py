@@ -20,8 +20,9 @@ What it costs:
   wake them as well. Redis sends one push per event-loop turn and prefix, however many keys changed in it,
   and a push names the keys: news of lists the channel cannot take from now (the bulk lists, while the bulk
   lane holds its share of the prefetch window) does not end its park.
-- A take that comes back full (a backlog, where nothing waits) turns tracking off in the next take's round
-  trip; one that does not turns it on again, in the same way.
+- A take that comes back full (a backlog, where nothing waits) turns tracking off at once (no push must
+  pile up in Redis while the prefetch window is full); one that does not turns it on again, in the next
+  take's round trip.
 - A park ends without a push after ``brpop_timeout`` (1 s; 50 ms while the bulk lane holds its share) with
   a take: like BRPOP's timeout, that finds a connection that died silently (Kombu's BRPOP health check then
   sees a take go unanswered).
@@ -44,6 +45,7 @@ from kombu.transport import redis as kombu_redis
 
 log = logging.getLogger(__name__)
 TRACKING_OFF = ("CLIENT", "TRACKING", "OFF")
+INVALIDATE = (b"invalidate", "invalidate")
 _warned = False  # the fallback to BRPOP is logged once per process, not once per channel
 
 
@@ -155,7 +157,10 @@ class IdleWait:
         of a watched list."""
         try:
             while connection.can_read(timeout=0):
-                connection.read_response(push_request=True)
+                read = connection.read_response(push_request=True)
+                # a push comes back as our handler returned it (or None, for one redis-py handles itself)
+                if read is not None and not (isinstance(read, list) and read and read[0] in INVALIDATE):
+                    raise redis.ConnectionError(f"a reply to no command: {str(read)[:100]}")
         except Exception as exc:  # closed, or a reply to nothing: out of step, start again
             connection.disconnect()
             raise redis.ConnectionError(f"reading Redis's pushes: {exc}") from exc
@@ -174,10 +179,6 @@ class IdleWait:
         self.deadline = time.monotonic() + delay
         if hub is not None and delay > 0:  # the hub's turn after the deadline ends the park (Poller)
             self._timer = hub.call_later(delay, _nothing)
-
-    def due_now(self) -> None:
-        if self.parked_on is not None:
-            self.deadline = 0.0
 
     def unpark(self) -> Any:
         """Ends the park; the socket it was on (None when it was not parked)."""
