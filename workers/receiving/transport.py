@@ -265,11 +265,14 @@ class Channel(kombu_redis.Channel):
         if not self.idle_wait.usable:
             self._blocking_start(timeout)
             return
-        args = self._take_args(keys)
+        self._take_sent = True
+        self._send(connection, [*tracking, ("EVAL", *self._take_args(keys))])
+
+    def _send(self, connection: Any, commands: list[tuple[Any, ...]]) -> None:
+        """Commands in one write, as the read in flight Kombu waits on."""
         self._in_poll = connection
         self._brpop_sent_at = time.monotonic()  # type: ignore[assignment]  # as Kombu does
-        self._take_sent = True
-        connection.send_packed_command(connection.pack_commands([*tracking, ("EVAL", *args)]))
+        connection.send_packed_command(connection.pack_commands(commands))
 
     def _waits_by_tracking(self) -> bool:
         return self.idle_wait.usable and not self.global_keyprefix
@@ -320,11 +323,8 @@ class Channel(kombu_redis.Channel):
     def _send_tracking_off(self, connection: Any) -> None:
         """Tracking off at once, alone: with the window full no take follows soon, and Redis would keep a push
         for every write to the queues in this connection's output buffer until one did."""
-        commands = self.idle_wait.commands(connection, self.active_queues, backlog=True)
-        self._in_poll = connection
-        self._brpop_sent_at = time.monotonic()  # type: ignore[assignment]  # as Kombu does
         self._tracking_off_sent = True
-        connection.send_packed_command(connection.pack_commands(commands))
+        self._send(connection, self.idle_wait.commands(connection, self.active_queues, backlog=True))
 
     def _read_tracking_off(self, connection: Any) -> None:
         self._tracking_off_sent = False
