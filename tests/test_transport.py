@@ -34,19 +34,26 @@ def store() -> Iterator[redis.Redis]:
         yield client
 
 
-@pytest.fixture
-def own_store(tmp_path: Path) -> Iterator[redis.Redis]:
-    """A redis-server of this test's own, for tests that count Redis's commands: on the shared one, other
-    tests' workers take too, and Redis's pushes of a queue's news reach every database's waiting workers."""
+@contextmanager
+def own_redis(workdir: Path, *args: str) -> Iterator[redis.Redis]:
+    """A redis-server of the test's own (``args``: more of its options), and a client of it."""
     port = free_port()
     client = redis.Redis(host="127.0.0.1", port=port)
-    server = start_redis_server(tmp_path, ["--port", str(port)], client)
+    server = start_redis_server(workdir, ["--port", str(port), *args], client)
     try:
         yield client
     finally:
         server.terminate()
         server.wait(timeout=10)
         client.close()
+
+
+@pytest.fixture
+def own_store(tmp_path: Path) -> Iterator[redis.Redis]:
+    """For tests that count Redis's commands: on the shared server other tests' workers take too, and Redis's
+    pushes of a queue's news reach every database's waiting workers."""
+    with own_redis(tmp_path) as client:
+        yield client
 
 
 def url_of(store: redis.Redis) -> str:
@@ -196,13 +203,9 @@ def test_news_while_the_prefetch_window_is_full_waits_for_room_on_the_same_conne
 def test_where_redis_refuses_client_tracking_the_channel_waits_with_brpop(tmp_path: Path) -> None:
     """A server (or an ACL) that refuses CLIENT TRACKING: the channel says so once and waits on BRPOP, as
     Kombu does, and still delivers."""
-    port = free_port()
-    probe = redis.Redis(host="127.0.0.1", port=port)
-    server = start_redis_server(tmp_path, ["--port", str(port), "--user", "default", "on", "nopass", "~*", "&*",
-                                           "+@all", "-client|tracking"], probe)
-    try:
+    with own_redis(tmp_path, "--user", "default", "on", "nopass", "~*", "&*", "+@all", "-client|tracking") as probe:
         delivered: list[Any] = []
-        with Connection(f"redis://127.0.0.1:{port}/0", transport=Transport) as connection:
+        with Connection(url_of(probe), transport=Transport) as connection:
             channel = connection.channel()
             queue = KombuQueue("embed", routing_key="embed")
             with Consumer(channel, [queue], callbacks=[lambda body, message: delivered.append(message)]):
@@ -213,10 +216,6 @@ def test_where_redis_refuses_client_tracking_the_channel_waits_with_brpop(tmp_pa
                 assert [message.payload for message in delivered] == ["by BRPOP"]
                 assert commands_run(probe, "brpop") >= 1
                 assert probe.hlen("unacked") == 1
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
-        probe.close()
 
 
 def test_tracking_prefixes_cover_every_queue_list_without_overlapping() -> None:
