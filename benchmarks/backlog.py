@@ -74,35 +74,47 @@ def redis_cpu(client: redis.Redis) -> float:
     return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 
 
-class SucceededCounter:
+class Subscriber:
+    """A thread that hands each message of the channels matching ``pattern`` to ``heard``."""
+
+    def __init__(self, url: str, pattern: str) -> None:
+        self._pubsub = redis.Redis.from_url(url).pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call, unused-ignore]
+        self._pubsub.psubscribe(pattern)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def heard(self, message: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            message = self._pubsub.get_message(timeout=0.2)
+            if message is not None:
+                self.heard(message)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._pubsub.close()
+
+
+class SucceededCounter(Subscriber):
     """Counts task-succeeded events as Flower would receive them: on the events exchange's Redis channels,
     one event a message or (Celery's buffered dispatcher) many in one ``task.multi`` message."""
 
     def __init__(self, url: str) -> None:
         self.count = 0
         self.all_events = 0  # every task event, of any type
-        self._pubsub = redis.Redis.from_url(url).pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call, unused-ignore]
         # "/<db>.celeryev/task.succeeded" with Celery's default fanout prefix, "celeryev/..." without one
-        self._pubsub.psubscribe("*celeryev/task.*")
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
+        super().__init__(url, "*celeryev/task.*")
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            message = self._pubsub.get_message(timeout=0.2)
-            if message is None:
-                continue
-            envelope = orjson.loads(message["data"])
-            events = orjson.loads(base64.b64decode(envelope["body"]))
-            for event in events if isinstance(events, list) else [events]:
-                self.count += event.get("type") == "task-succeeded"
-                self.all_events += 1
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-        self._pubsub.close()
+    def heard(self, message: dict[str, Any]) -> None:
+        envelope = orjson.loads(message["data"])
+        events = orjson.loads(base64.b64decode(envelope["body"]))
+        for event in events if isinstance(events, list) else [events]:
+            self.count += event.get("type") == "task-succeeded"
+            self.all_events += 1
 
 
 def run_backlog(settings: Settings, kind: Kind, count: int, worker_pids: list[int],

@@ -62,29 +62,37 @@ from producer.transport import FindsTheMaster
 from workers.receiving import dead_letter
 from workers.receiving.consumer import count_refused
 from workers.receiving.serialization import orjson_reads_exactly
-from workers.receiving.waiting import IdleWait, Poller
+from workers.receiving.waiting import Porter, bell, porter_lease
 
 log = logging.getLogger(__name__)
 # Messages taken in one step (the prefetch limit bounds it further).
 BULK_MAX = 128
 BULK_LANE_SHARE = 0.75  # of the prefetch limit, what messages of the bulk lane may hold
 BULK_LANE_POLL_S = 0.05  # the wait for interactive messages while the bulk lane holds its share
-# Takes up to ARGV[1] entries off the lists KEYS[3..] (in that order) and, in the same atomic step, records each
-# entry that is a message envelope as unacknowledged (KEYS[1]: the index of delivery times, KEYS[2]: the
-# envelopes), exactly as Kombu's QoS.append records one; off the lists past the first ARGV[4] (the bulk lane's)
-# at most ARGV[3] in all. Returns {list, entry, delivery tag or ""} per entry.
+# KEYS[1]: the index of delivery times, KEYS[2]: the envelopes (Kombu's unacknowledged records); then ARGV[5]
+# lists, as many bells (one for each list, waiting.py), and the porter leases of their queues. Takes up to
+# ARGV[1] entries off the lists (in that order) and, in the same atomic step, records each entry that is a
+# message envelope as unacknowledged, exactly as Kombu's QoS.append records one; off the lists past the first
+# ARGV[4] (the bulk lane's) at most ARGV[3] in all. Then rings the bell of each list it left entries on (its
+# room ran out, or the bulk lane's share), so another waiting channel takes them. Returns {1 if every queue
+# has a porter else 0, {list, entry, delivery tag or ""} per entry}.
 TAKE_SCRIPT = """
 local room = tonumber(ARGV[1])
 local bulk_room = tonumber(ARGV[3])
 local interactive = tonumber(ARGV[4])
+local lists = tonumber(ARGV[5])
 local taken = {}
-for i = 3, #KEYS do
+local drained = {}  -- the lists an RPOP emptied (it returned fewer entries than it asked for)
+for i = 3, 2 + lists do
   if room < 1 then break end
   local bulk = i - 3 >= interactive
   local limit = room
   if bulk then limit = math.min(room, bulk_room) end
   local entries = false
-  if limit >= 1 then entries = redis.call('RPOP', KEYS[i], limit) end
+  if limit >= 1 then
+    entries = redis.call('RPOP', KEYS[i], limit)
+    drained[i] = not entries or #entries < limit
+  end
   if entries then
     for _, raw in ipairs(entries) do
       local tag = ''
@@ -110,7 +118,17 @@ for i = 3, #KEYS do
     if bulk then bulk_room = bulk_room - #entries end
   end
 end
-return taken
+for i = 3, 2 + lists do
+  if not drained[i] and redis.call('LLEN', KEYS[i]) > 0 then
+    redis.call('LPUSH', KEYS[i + lists], 1)
+    redis.call('LTRIM', KEYS[i + lists], 0, 0)
+  end
+end
+local porters = 1
+for i = 3 + 2 * lists, #KEYS do
+  if redis.call('EXISTS', KEYS[i]) == 0 then porters = 0 end
+end
+return {porters, taken}
 """
 
 
@@ -221,13 +239,12 @@ class QoS(kombu_redis.QoS):
 
 class Channel(kombu_redis.Channel):
     QoS = QoS
-    _take_next = False  # waiting on BRPOP: whether the next read takes (the last one found messages) or blocks
-    _take_sent = False  # whether the command in flight on the channel's connection is a take
-    _tracking_off_sent = False  # whether it is CLIENT TRACKING OFF, alone (after a take that filled its room)
+    _take_next = True  # whether the next read takes (the last take filled its room, a bell rang) or waits
+    _in_flight = ""  # the read in flight: "take", "bell" (a wait on bells) or "" (Kombu's BRPOP of the queues)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self.idle_wait = IdleWait()
-        self._last_take_full = False  # the last take filled its room: a backlog, no need to be told of pushes
+        self._porters = False  # the last take found a porter holding each of its queues: bells get rung
+        self.porter: Porter | None = None  # this channel's candidate porter (waiting.py), from its first take
         # the take in flight: its room, whether the bulk lane's share capped it, the lists it takes from
         self._take_room: tuple[int, bool, list[str]] = (0, False, [])
         super().__init__(*args, **kwargs)  # connects, or raises a connection error
@@ -247,175 +264,82 @@ class Channel(kombu_redis.Channel):
         return dict(self.__dict__[key])
 
     def _brpop_start(self, timeout: Any = None) -> None:
-        # Kombu starts a read whenever none is in flight. Here it is always a take (atomic, it does not block),
-        # led by the tracking commands the wait needs (waiting.py); a take that finds the queues drained
-        # parks the channel until Redis pushes news of them. BRPOP only where tracking cannot be used.
-        if not self._waits_by_tracking():
-            self._blocking_start(timeout)
+        # Kombu starts a read whenever none is in flight and the window has room. Here it is a take (atomic, it
+        # does not block) while the last one filled its room or a bell rang; otherwise a wait: on the lists'
+        # bells where porters ring them (waiting.py), with Kombu's BRPOP of the queues where none does.
+        if self.global_keyprefix:  # the take's keys would need the prefix: Kombu's own path
+            self._in_flight = ""
+            super()._brpop_start(timeout)
             return
-        keys = self._take_keys()
-        if not keys:  # Kombu asks only with queues to consume; a park, if any, stays
+        lists = self._take_keys()
+        if not lists:
             return
-        self.end_park()
-        connection = self.client.connection
-        self._flush_reauth()  # now, while nothing is in flight: it reads its reply, and any push before it
-        if connection._sock is None:  # the re-authentication dropped it: Kombu registers a new one, then asks
+        if self._take_next:
+            self._want_porter()
+            self._send("take", "EVAL", *self._take_args(lists))
             return
-        tracking = self.idle_wait.commands(connection, self.active_queues, backlog=self._last_take_full)
-        if not self.idle_wait.usable:
-            self._blocking_start(timeout)
-            return
-        self._take_sent = True
-        self._send(connection, [*tracking, ("EVAL", *self._take_args(keys))])
+        keys, wait = lists, float(timeout or self.brpop_timeout or 1)
+        if self.qos.bulk_room() == 0:  # the bulk lane holds its share: news of the interactive lists alone
+            keys, wait = [key for key in lists if self.sep not in key], BULK_LANE_POLL_S
+        if self._porters:
+            self._send("bell", "BRPOP", *map(bell, keys), wait)
+        else:
+            self._send("", "BRPOP", *keys, wait)
 
-    def _send(self, connection: Any, commands: list[tuple[Any, ...]]) -> None:
-        """Commands in one write, as the read in flight Kombu waits on."""
-        self._in_poll = connection
+    def _send(self, in_flight: str, *command: Any) -> None:
+        self._in_flight = in_flight
+        self._in_poll = self.client.connection
         self._brpop_sent_at = time.monotonic()  # type: ignore[assignment]  # as Kombu does
-        connection.send_packed_command(connection.pack_commands(commands))
+        self.client.connection.send_command(*command)
 
-    def _waits_by_tracking(self) -> bool:
-        return self.idle_wait.usable and not self.global_keyprefix
+    def _want_porter(self) -> None:
+        """Starts this channel's porter, and tells it the queues it may claim."""
+        if self.porter is None:
+            self.porter = Porter(self._create_client())
+        self.porter.want({queue: tuple(self._q_for_pri(queue, pri) for pri in self.priority_steps)
+                          for queue in self.active_queues})
+
+    def close(self) -> None:
+        if self.porter is not None:
+            self.porter.stop()  # its queues go to another receiver's porter
+        super().close()
+
+    def _brpop_read(self, **options: Any) -> bool:
+        # Kombu's own _brpop_read, with the entry checked before it is delivered; or the replies of a take sent
+        # in BRPOP's place; or a bell's token, after which the channel takes.
+        connection = self.client.connection
+        in_flight, self._in_flight = self._in_flight, ""
+        try:
+            try:
+                reply = self.client.parse_response(connection, "EVAL" if in_flight == "take" else "BRPOP", **options)
+            except self.connection_errors:
+                connection.disconnect()
+                raise
+        finally:
+            self._in_poll = None  # type: ignore[assignment]  # as Kombu does
+            self._flush_reauth()
+        if in_flight == "take":
+            porters, entries = reply
+            self._porters = bool(int(porters))
+            taken = self._deliver_taken(entries)
+            room, _, _ = self._take_room
+            self._take_next = taken >= room  # more may wait: take again as soon as the window has room
+            if not taken:
+                raise Empty()
+            return True
+        self._take_next = True  # a bell rang, a message came by BRPOP, or the wait timed out: take next
+        if in_flight == "bell" or not reply:
+            raise Empty()
+        key, item = reply
+        dest = _text(key).rsplit(self.sep, 1)[0]
+        self._queue_cycle.rotate(dest)
+        self._deliver_entry(dest, item)
+        return True
 
     def _flush_reauth(self) -> None:
         flush_reauth = getattr(self, "_flush_brpop_reauth", None)  # Kombu >= 5.7
         if flush_reauth is not None:
             flush_reauth()
-
-    def _blocking_start(self, timeout: Any = None) -> None:
-        # While the last step took messages, more are likely waiting: the next read is a take (atomic, and it
-        # does not block), not a BRPOP. Only an empty take lets the channel block on BRPOP again.
-        if not self._take_next or self.global_keyprefix:
-            self._take_sent = False
-            if self.qos.bulk_room() == 0 and not self.global_keyprefix:
-                self._brpop_interactive()
-                return
-            super()._brpop_start(timeout)
-            return
-        keys = self._take_keys()
-        if not keys:
-            return
-        self._in_poll = self.client.connection
-        self._brpop_sent_at = time.monotonic()  # type: ignore[assignment]  # as Kombu does
-        self._take_sent = True
-        self.client.connection.send_command("EVAL", *self._take_args(keys))
-
-    def end_park(self) -> None:
-        """Ends a park (its deadline passed, or Redis pushed news): the next read Kombu starts is a take."""
-        if self.idle_wait.unpark() is not None and self._in_poll is self.client.connection:
-            self._in_poll = None  # type: ignore[assignment]  # as Kombu does
-
-    def _park(self, connection: Any, drained: bool) -> None:
-        """After a take with tracking on: the channel waits with no command in flight. Kombu must see a read
-        in progress (so it starts none, and pauses the socket while the window is full), but no BRPOP sent
-        (its health check has no reply to wait for). Until news of the queues, or for a moment where the
-        take left messages behind (the next take then also turns tracking off: a backlog)."""
-        _, capped, keys = self._take_room
-        # while the bulk lane holds its share, only news of the interactive lists matters before the deadline
-        self.idle_wait.watch([key for key in keys if self.sep not in key] if capped else keys)
-        news = self.idle_wait.news(connection)  # pushes that came in with the take's reply are news too
-        delay = BULK_LANE_POLL_S if capped else float(self.brpop_timeout or 1)
-        self.idle_wait.park(connection, delay if drained and not news else 0.0,
-                            getattr(self.connection.cycle, "hub", None))
-        self._in_poll = connection
-        self._brpop_sent_at = None
-
-    def _send_tracking_off(self, connection: Any) -> None:
-        """Tracking off at once, alone: with the window full no take follows soon, and Redis would keep a push
-        for every write to the queues in this connection's output buffer until one did."""
-        self._tracking_off_sent = True
-        self._send(connection, self.idle_wait.commands(connection, self.active_queues, backlog=True))
-
-    def _read_tracking_off(self, connection: Any) -> None:
-        self._tracking_off_sent = False
-        try:
-            self.idle_wait.confirm(connection, lambda: self.client.parse_response(connection, "CLIENT"),
-                                   self.ResponseError)
-        except self.connection_errors:
-            connection.disconnect()
-            raise
-        finally:
-            self._in_poll = None  # type: ignore[assignment]  # as Kombu does
-        raise Empty()
-
-    def _wake(self, connection: Any) -> None:
-        """The socket of a parked channel is readable (Kombu calls this only when the channel may take): take
-        if Redis told of a watched list, or stay parked."""
-        if self.idle_wait.parked_on is not connection._sock or self.idle_wait.news(connection) \
-                or self.idle_wait.deadline <= time.monotonic():
-            self.end_park()
-            if self.active_queues:
-                self._brpop_start()
-            elif self.idle_wait.tracking(connection):
-                self._park(connection, drained=True)
-        raise Empty()
-
-    def close(self) -> None:
-        self.end_park()  # Kombu's close reads the reply of a read in flight: a park has none
-        super().close()
-
-    def _brpop_interactive(self) -> None:
-        """Kombu's BRPOP on the interactive lists alone (the bulk lane holds its share), for a short while."""
-        queues = self._queue_cycle.consume(len(self.active_queues))
-        if not queues:
-            return
-        self._in_poll = self.client.connection
-        self._brpop_sent_at = time.monotonic()  # type: ignore[assignment]  # as Kombu does
-        self.client.connection.send_command("BRPOP", *queues, BULK_LANE_POLL_S)
-
-    def _brpop_read(self, **options: Any) -> bool:
-        # Kombu's own _brpop_read, with the entry checked before it is delivered, followed at once by a take
-        # of whatever else waits; or the replies of a take sent in BRPOP's place; or Redis's push to a parked
-        # channel.
-        connection = self.client.connection
-        if self.idle_wait.parked_on is not None:
-            self._wake(connection)
-        if self._tracking_off_sent:
-            self._read_tracking_off(connection)
-        if self._waits_by_tracking() and not self._take_sent and self.idle_wait.tracking(connection) \
-                and not self._tracking_off_sent:
-            self._park(connection, drained=True)  # not expected (tracking on, yet no park and nothing in flight)
-            self._wake(connection)
-        try:
-            command = "EVAL" if self._take_sent else "BRPOP"
-            try:
-                if self._take_sent:
-                    self.idle_wait.confirm(connection, lambda: self.client.parse_response(connection, "CLIENT"),
-                                           self.ResponseError)
-                reply = self.client.parse_response(connection, command, **options)
-                self.idle_wait.forget_heard()
-            except self.connection_errors:
-                connection.disconnect()
-                raise
-            if self._take_sent:
-                self._take_sent = False
-                taken = self._deliver_taken(reply)
-                self._take_next = taken > 0  # waiting on BRPOP, an empty take: block next, not spin
-                room, capped, _ = self._take_room
-                self._last_take_full = taken >= room
-                # drained: nothing was left behind this take (BRPOP mode takes once more to learn it)
-                drained = taken == 0 or (taken < room and not capped)
-            else:
-                if not reply:
-                    raise Empty()
-                key, item = reply
-                dest = _text(key).rsplit(self.sep, 1)[0]
-                self._queue_cycle.rotate(dest)
-                self._deliver_entry(dest, item)
-                self._take()
-                return True
-        finally:
-            self._in_poll = None  # type: ignore[assignment]  # as Kombu does
-            if not self._waits_by_tracking():
-                self._flush_reauth()
-        if self.idle_wait.tracking(connection) and not self._closing:
-            if self._last_take_full:  # a backlog: no news needed, and none must pile up while the window is full
-                self._send_tracking_off(connection)
-            else:  # tracking was on before the take ran: any write after it is pushed to us
-                self._park(connection, drained)
-        if not taken:
-            raise Empty()
-        return True
 
     def _deliver_entry(self, queue: str, item: bytes) -> None:
         payload = self._envelope(queue, item)
@@ -444,27 +368,22 @@ class Channel(kombu_redis.Channel):
         queues = self._queue_cycle.consume(len(self.active_queues))
         return [self._q_for_pri(queue, pri) for pri in self.priority_steps for queue in queues]
 
-    def _take_args(self, keys: list[str]) -> list[Any]:
+    def _take_args(self, lists: list[str]) -> list[Any]:
+        """The take's EVAL arguments: up to the prefetch room, the messages waiting now, taken off their lists
+        and recorded as unacknowledged in one atomic step, then delivered. A worker killed at any moment
+        leaves each message either on its list or recorded, where the visibility timeout brings it back;
+        with Kombu's RPOP followed by a separate record, a SIGKILL between the two lost what was popped (up to
+        128 messages: 3 kills in 8 lost 1 or 128 in our reproduction). Under load that is one round trip per
+        batch."""
         room = self.qos.can_consume_max_estimate()
         room = BULK_MAX if room is None else max(1, min(room, BULK_MAX))
         bulk_room = self.qos.bulk_room()
-        interactive = sum(1 for key in keys if self.sep not in key)
-        self._take_room = (room, bulk_room is not None and bulk_room < room, keys)
-        return [TAKE_SCRIPT, 2 + len(keys), self.unacked_index_key, self.unacked_key, *keys, room, time.time(),
-                room if bulk_room is None else bulk_room, interactive]
-
-    def _take(self) -> None:
-        """Up to the prefetch room, the messages waiting now: taken off their lists and recorded as
-        unacknowledged in one atomic step (a Lua script), then delivered. A worker killed at any moment
-        leaves each message either on its list or recorded, where the visibility timeout brings it back;
-        with Kombu's RPOP followed by a separate record, a SIGKILL between the two lost what was popped (up to
-        128 messages: 3 kills in 8 lost 1 or 128 in our reproduction). Under load that is one round trip per batch."""
-        if self.global_keyprefix or not self.qos.can_consume():
-            self._take_next = False
-            return
-        keys = self._take_keys()
-        self._take_next = bool(keys) and self._deliver_taken(self.client.execute_command("EVAL",
-                                                                                         *self._take_args(keys))) > 0
+        interactive = sum(1 for key in lists if self.sep not in key)
+        self._take_room = (room, bulk_room is not None and bulk_room < room, lists)
+        leases = [porter_lease(queue) for queue in dict.fromkeys(key.split(self.sep)[0] for key in lists)]
+        return [TAKE_SCRIPT, 2 + 2 * len(lists) + len(leases), self.unacked_index_key, self.unacked_key, *lists,
+                *map(bell, lists), *leases, room, time.time(), room if bulk_room is None else bulk_room,
+                interactive, len(lists)]
 
     def _deliver_taken(self, reply: list[bytes]) -> int:
         """Delivers what a take returned (list, entry, tag triples); how many entries it took."""
@@ -515,14 +434,6 @@ class Channel(kombu_redis.Channel):
 
 class Transport(kombu_redis.Transport):
     Channel = Channel
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.cycle = Poller()  # type: ignore[assignment]  # Kombu's own is a MultiChannelPoller too
-
-    def register_with_event_loop(self, connection: Any, loop: Any) -> None:
-        super().register_with_event_loop(connection, loop)
-        cast(Poller, self.cycle).hub = loop
 
 
 class SentinelChannel(FindsTheMaster, Channel, kombu_redis.SentinelChannel):

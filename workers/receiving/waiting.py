@@ -1,4 +1,4 @@
-"""How an idle worker channel waits for messages without taking one: Redis client tracking.
+"""How an idle worker channel waits for messages without taking one: a bell per queue list, rung by a porter.
 
 Kombu waits on empty queues with BRPOP, which takes the next message off its queue and writes it to the
 worker's socket; nothing records it in Redis until the worker has read it and written the record, a round
@@ -6,47 +6,99 @@ trip later. A worker SIGKILLed in between loses it, and a host whose network lin
 loses it for good: Redis still counts a silent peer's BRPOP as waiting and hands it the next message, which
 is then in no queue and no record (tests/test_multi_host_drill.py).
 
-Here a channel with nothing to take turns on client tracking in broadcast mode for its queues' names
-(``CLIENT TRACKING ON BCAST PREFIX <queue> ... NOLOOP``: Redis 6 or later, or Valkey, no server
-configuration) and parks: it sends nothing, and Redis pushes an invalidation on the same RESP3 connection
-when any other client writes a matching key (a producer's LPUSH, a restore of unacknowledged messages). The
-push takes nothing. The channel then takes with the atomic script (transport.TAKE_SCRIPT), so at every
-moment each message is on its queue, recorded as unacknowledged, or answered, whatever happens to the
-worker or its link.
+Here a channel with nothing to take waits with BRPOP on its lists' *bells* (``inferq:bell:<list>``), which
+hold tokens, never messages; once one comes (or the wait times out) it takes with the atomic script
+(transport.TAKE_SCRIPT), so at every moment each message is on its queue, recorded as unacknowledged, or
+answered. A token lost with a cut link loses nothing: the message is still on its queue.
 
-What it costs:
-- Every parked channel of a queue wakes on a push, where BRPOP woke one: one takes the message and the
-  others find nothing and park again (an empty take each). Other workers' takes change the lists too, and
-  wake them as well. Redis sends one push per event-loop turn and prefix, however many keys changed in it,
-  and a push names the keys: news of lists the channel cannot take from now (the bulk lists, while the bulk
-  lane holds its share of the prefetch window) does not end its park.
-- A take that comes back full (a backlog, where nothing waits) turns tracking off at once (no push must
-  pile up in Redis while the prefetch window is full); one that does not turns it on again, in the next
-  take's round trip.
-- A park ends without a push after ``brpop_timeout`` (1 s; 50 ms while the bulk lane holds its share) with
-  a take: like BRPOP's timeout, that finds a connection that died silently (Kombu's BRPOP health check then
-  sees a take go unanswered).
-- A connection that speaks RESP2 (a proxy, an old server) or a server that refuses CLIENT TRACKING cannot
-  be told: the channel falls back to BRPOP, with a warning (once per process), and the window above is
-  back.
-- Tracking ignores databases: a write to a key named like a queue in another database of the same server
-  wakes the channel for an empty take.
+Who rings: for each queue, one porter in the whole deployment (a lease, ``inferq:porter:<queue>``, held by
+whichever receiver claimed it first and renewed every half second) is told of every write to the queue's
+lists by Redis client tracking (``CLIENT TRACKING ON BCAST PREFIX <queue> NOLOOP`` on a RESP3 connection:
+Redis 6 or later, or Valkey, no server configuration) and rings the bell of each list that then holds
+entries. BRPOP hands each token to one waiting channel, the one that has waited longest, as it handed out
+messages. A take that leaves entries behind (its prefetch room ran out) rings their bells itself, in the
+same atomic step, so a burst spreads over the waiting channels without the porter.
+
+Why not every waiting channel tracking its queues (this project's first version): Redis pushes every write
+to every tracking connection, so every idle receiver woke and sent a take for each message. With 8 receivers
+on one queue that cost 65.6 Redis commands and 7.2 ms of worker CPU a message against 19.3 and 3.9 with
+BRPOP (``python -m benchmarks.herd``, RESULTS). With a porter, a message wakes the porter and one channel.
+
+What it costs and where it falls back:
+- One hop more than BRPOP: Redis pushes to the porter, the porter rings, Redis hands the token to a channel.
+- Where no porter holds a queue's lease (none could turn tracking on: RESP2, a refusing ACL; or the holder
+  died and its lease has not run out yet, at most ``LEASE_MS``), the take says so and the channel waits on
+  BRPOP of its queues, as Kombu does, and the window above is open again for that wait.
+- Tracking ignores databases: a write to a list named like a queue in another database of the same server
+  wakes the porter, whose ring finds the list empty in its own database and rings nothing.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import threading
 import time
-from collections.abc import Callable, Iterable
+import uuid
+from collections.abc import Iterable
 from typing import Any
 
 import redis
-from kombu.transport import redis as kombu_redis
 
 log = logging.getLogger(__name__)
-TRACKING_OFF = ("CLIENT", "TRACKING", "OFF")
-INVALIDATE = (b"invalidate", "invalidate")
-_warned = False  # the fallback to BRPOP is logged once per process, not once per channel
+BELL_PREFIX = "inferq:bell:"
+PORTER_PREFIX = "inferq:porter:"
+LEASE_MS = 2000  # how long a porter's claim on a queue outlives its last renewal
+RENEW_S = 0.5  # how often a porter renews its claims, and tries to claim the queues no porter holds
+RETRY_S = 0.5  # the pause after a lost connection
+FIRST_CLAIM_WAIT_S = 1.0  # how long a channel's first take waits for its porter's first claim
+_warned = False  # the fallback to BRPOP is logged once per process, not once per porter
+
+# KEYS: porter leases; ARGV[1]: this porter's id, ARGV[2]: the lease in ms. Renews the leases this porter
+# holds and claims the free ones; returns the (1-based) indexes of the keys it holds now.
+_CLAIM_SCRIPT = """
+local held = {}
+for i, key in ipairs(KEYS) do
+  local owner = redis.call('GET', key)
+  if owner == ARGV[1] then
+    redis.call('PEXPIRE', key, ARGV[2])
+    held[#held + 1] = i
+  elseif not owner then
+    redis.call('SET', key, ARGV[1], 'PX', ARGV[2])
+    held[#held + 1] = i
+  end
+end
+return held
+"""
+# KEYS: leases; ARGV[1]: this porter's id. Gives up the leases it holds.
+_RELEASE_SCRIPT = """
+for _, key in ipairs(KEYS) do
+  if redis.call('GET', key) == ARGV[1] then redis.call('DEL', key) end
+end
+return 1
+"""
+# KEYS[i]: a list, KEYS[n + i]: its bell (n = #KEYS / 2). Rings the bell of each list holding entries; one
+# token at most waits on a bell (a channel that wakes takes everything there is, up to its room).
+RING_SCRIPT = """
+local n = #KEYS / 2
+for i = 1, n do
+  if redis.call('LLEN', KEYS[i]) > 0 then
+    redis.call('LPUSH', KEYS[n + i], 1)
+    redis.call('LTRIM', KEYS[n + i], 0, 0)
+  end
+end
+return 1
+"""
+
+_SHA = {script: hashlib.sha1(script.encode()).hexdigest() for script in (_CLAIM_SCRIPT, _RELEASE_SCRIPT, RING_SCRIPT)}
+
+
+def bell(list_key: str) -> str:
+    return BELL_PREFIX + list_key
+
+
+def porter_lease(queue: str) -> str:
+    return PORTER_PREFIX + queue
 
 
 def tracking_prefixes(queues: Iterable[str]) -> tuple[str, ...]:
@@ -60,7 +112,7 @@ def tracking_prefixes(queues: Iterable[str]) -> tuple[str, ...]:
 
 
 def tracking_on(prefixes: tuple[str, ...]) -> tuple[str, ...]:
-    # NOLOOP: this connection's own takes do not wake it
+    # NOLOOP: the porter's own writes (its bells) do not wake it
     return ("CLIENT", "TRACKING", "ON", "BCAST", *[arg for prefix in prefixes for arg in ("PREFIX", prefix)],
             "NOLOOP")
 
@@ -71,151 +123,159 @@ def speaks_resp3(connection: Any) -> bool:
     return str(protocol) == "3"
 
 
-class IdleWait:
-    """One channel's side of it: whether tracking is on for its connection, and whether it is parked. While
-    tracking is on, the channel is parked or has a take in flight: a push reaching a connection with nothing
-    in flight and no park would be read as the reply to a command never sent (Kombu drops the connection, or
-    blocks reading it)."""
+class CannotTrack(Exception):
+    """This server or connection cannot push news of writes: no porter can run here."""
 
-    def __init__(self) -> None:
-        self.usable = True  # until a connection shows it cannot be told (RESP2, tracking refused)
-        self._on: Any = None  # the socket whose connection has tracking on, for self._prefixes
-        self._prefixes: tuple[str, ...] = ()
-        self._asked: tuple[str, ...] = ()  # the prefixes of the ON command in flight
-        self.sent: list[tuple[str, ...]] = []  # tracking commands in flight ahead of a take
-        self.parked_on: Any = None  # the socket of the connection parked on, None when not parked
-        self.deadline = 0.0
-        self._timer: Any = None
-        self._watched: frozenset[bytes] = frozenset()  # the lists whose change ends the park
-        self._heard: set[bytes] = set()  # the keys Redis said changed, since last cleared
 
-    def commands(self, connection: Any, queues: Iterable[str], backlog: bool) -> list[tuple[str, ...]]:
-        """The tracking commands to send ahead of the next take: off under a backlog, on for these queues
-        otherwise. Remembered in ``sent`` until ``confirm`` reads their replies."""
-        self.sent = []
-        on = self._on is not None and self._on is connection._sock
-        commands: list[tuple[str, ...]] = []
-        if backlog:
-            if on:
-                commands.append(TRACKING_OFF)
-        else:
-            prefixes = tracking_prefixes(queues)
-            if not (on and self._prefixes == prefixes):
-                if not speaks_resp3(connection):
-                    self.give_up(connection, "the connection speaks RESP2, so Redis cannot push to it")
-                    return []
-                if not hasattr(getattr(connection, "_parser", None), "set_invalidation_push_handler"):
-                    self.give_up(connection, "this redis-py parser does not hand over Redis's pushes")
-                    return []
-                if on:
-                    commands.append(TRACKING_OFF)  # new queues: Redis refuses a prefix it already has
-                commands.append(tracking_on(prefixes))
-                self._asked = prefixes
-        self.sent = commands
-        return commands
+class Porter:
+    """A thread that claims the queues no porter holds, and rings the bells of the lists Redis says changed.
+    One per consuming channel; ``want`` tells it the channel's queues and their lists."""
 
-    def confirm(self, connection: Any, read: Callable[[], Any], errors: type[Exception]) -> None:
-        """Reads the replies of the tracking commands sent; one refused gives tracking up for this channel."""
-        sent, self.sent = self.sent, []
-        for command in sent:
+    def __init__(self, client: redis.Redis) -> None:
+        self.id = uuid.uuid4().hex
+        self.usable = True  # until the server shows it cannot push (RESP2, tracking refused)
+        self._client = client  # for its connection pool
+        self._lists: dict[str, tuple[str, ...]] = {}  # queue -> its lists, as the channel takes them
+        self._held: tuple[str, ...] = ()  # the queues whose lease this porter holds, and tracks
+        self._heard: set[bytes] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._claimed = threading.Event()  # set after the first claim (or the first failure)
+        self._thread: threading.Thread | None = None
+
+    def want(self, lists: dict[str, tuple[str, ...]]) -> None:
+        """The queues to port, each with its lists. The first call starts the thread and waits (a moment) for
+        its first claim, so that the channel's first take already finds a porter, and waits on bells."""
+        with self._lock:
+            if lists == self._lists:
+                return
+            self._lists = dict(lists)
+        if self._thread is None and self.usable:
+            self._thread = threading.Thread(target=self._run, name="inferq-porter", daemon=True)
+            self._thread.start()
+            self._claimed.wait(FIRST_CLAIM_WAIT_S)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            connection: Any = None
             try:
-                read()
-            except errors as exc:
-                self._on = None
-                self.give_up(connection, f"Redis refused {' '.join(command[:3])}: {exc}")
-                continue
-            if command == TRACKING_OFF:
-                self._on = None
-            else:
-                self._on, self._prefixes = connection._sock, self._asked
-                # redis-py hands each invalidation push to this, wherever it reads one on this connection
-                connection._parser.set_invalidation_push_handler(self._hear)
+                connection = self._connect()
+                self._serve(connection)
+            except CannotTrack as exc:
+                self._give_up(str(exc))
+                self._claimed.set()
+                return
+            except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+                log.debug("porter %s lost its connection: %s", self.id, exc)
+                self._held = ()
+                self._claimed.set()
+                self._stop.wait(RETRY_S)
+            except Exception:  # the porter must not die of a surprise: channels then wait on BRPOP
+                log.exception("porter %s failed; it starts again", self.id)
+                self._held = ()
+                self._claimed.set()
+                self._stop.wait(RETRY_S)
+            finally:
+                if connection is not None:
+                    self._close(connection)
 
-    def tracking(self, connection: Any) -> bool:
-        return self.usable and self._on is not None and self._on is connection._sock
+    def _connect(self) -> Any:
+        connection: Any = self._client.connection_pool.make_connection()
+        connection.connect()
+        if not speaks_resp3(connection):
+            connection.disconnect()
+            raise CannotTrack("the connection speaks RESP2, so Redis cannot push to it")
+        if not hasattr(getattr(connection, "_parser", None), "set_invalidation_push_handler"):
+            connection.disconnect()
+            raise CannotTrack("this redis-py parser does not hand over Redis's pushes")
+        connection._parser.set_invalidation_push_handler(self._hear)
+        return connection
 
-    def give_up(self, connection: Any, why: str) -> None:
-        global _warned
-        self.usable = False
-        self.sent = []
-        if not _warned:
-            _warned = True
-            log.warning("idle receivers wait with BRPOP at %s: %s. A message BRPOP hands a worker whose link is "
-                        "cut is then lost (README, Trade-offs)", getattr(connection, "host", "Redis"), why)
+    def _serve(self, connection: Any) -> None:
+        due = 0.0
+        while not self._stop.is_set():
+            now = time.monotonic()
+            if now >= due:
+                self._claim(connection)
+                self._claimed.set()
+                due = now + RENEW_S
+            if connection.can_read(timeout=max(0.0, due - time.monotonic())):
+                while connection.can_read(timeout=0):  # every push waiting, then one ring for them all
+                    read = connection.read_response(push_request=True)
+                    if not (isinstance(read, list) and read and read[0] in (b"invalidate", "invalidate")):
+                        raise redis.ConnectionError(f"a reply to no command: {str(read)[:100]}")
+            heard, self._heard = self._heard, set()
+            if heard:
+                self._ring(connection, [key for key in self._held_lists() if key.encode() in heard])
+
+    def _claim(self, connection: Any) -> None:
+        with self._lock:
+            queues = tuple(sorted(self._lists))
+        held: tuple[str, ...] = ()
+        if queues:
+            indexes = self._script(connection, _CLAIM_SCRIPT, [*map(porter_lease, queues)], self.id, LEASE_MS)
+            held = tuple(queues[int(index) - 1] for index in indexes)
+        if held != self._held:
+            if self._held:
+                self._command(connection, "CLIENT", "TRACKING", "OFF")
+            if held:
+                try:
+                    self._command(connection, *tracking_on(tracking_prefixes(held)))
+                except redis.ResponseError as exc:
+                    self._script(connection, _RELEASE_SCRIPT, [*map(porter_lease, held)], self.id)
+                    raise CannotTrack(f"Redis refused CLIENT TRACKING: {exc}") from exc
+            released = [queue for queue in self._held if queue not in held]
+            if released:
+                self._script(connection, _RELEASE_SCRIPT, [*map(porter_lease, released)], self.id)
+            self._held = held
+            # writes between the claim and tracking's start were pushed to nobody: ring what they left
+            self._ring(connection, self._held_lists())
+
+    def _held_lists(self) -> list[str]:
+        with self._lock:
+            return [key for queue in self._held for key in self._lists.get(queue, ())]
+
+    def _ring(self, connection: Any, lists: list[str]) -> None:
+        if lists:
+            self._script(connection, RING_SCRIPT, [*lists, *map(bell, lists)])
+
+    @staticmethod
+    def _command(connection: Any, *args: Any) -> Any:
+        connection.send_command(*args)
+        return connection.read_response()  # pushes read meanwhile go to _hear
+
+    def _script(self, connection: Any, script: str, keys: list[str], *args: Any) -> Any:
+        """EVALSHA, loading the script where Redis does not have it (a restart flushed it)."""
+        try:
+            return self._command(connection, "EVALSHA", _SHA[script], len(keys), *keys, *args)
+        except redis.exceptions.NoScriptError:
+            self._command(connection, "SCRIPT", "LOAD", script)
+            return self._command(connection, "EVALSHA", _SHA[script], len(keys), *keys, *args)
 
     def _hear(self, push: list[Any]) -> list[Any]:
-        keys = push[1] if len(push) > 1 else None  # None: the server was flushed, nothing to take
+        keys = push[1] if len(push) > 1 else None  # None: the server was flushed, nothing to ring
         self._heard.update(key.encode() if isinstance(key, str) else key for key in keys or ())
         return push
 
-    def forget_heard(self) -> None:
-        """Pushes read so far tell of writes the take just read already saw."""
-        self._heard.clear()
-
-    def news(self, connection: Any) -> bool:
-        """Reads every push waiting on the connection (in redis-py's buffer or the socket): whether one told
-        of a watched list."""
+    def _close(self, connection: Any) -> None:
+        held, self._held = self._held, ()
         try:
-            while connection.can_read(timeout=0):
-                read = connection.read_response(push_request=True)
-                # a push comes back as our handler returned it (or None, for one redis-py handles itself)
-                if read is not None and not (isinstance(read, list) and read and read[0] in INVALIDATE):
-                    raise redis.ConnectionError(f"a reply to no command: {str(read)[:100]}")
-        except Exception as exc:  # closed, or a reply to nothing: out of step, start again
-            connection.disconnect()
-            raise redis.ConnectionError(f"reading Redis's pushes: {exc}") from exc
-        news = not self._watched.isdisjoint(self._heard)
-        self._heard.clear()
-        return news
+            if held and self._stop.is_set():  # a porter stopping hands its queues on at once
+                self._script(connection, _RELEASE_SCRIPT, [*map(porter_lease, held)], self.id)
+        except (redis.RedisError, OSError):
+            pass  # the leases run out by themselves
+        connection.disconnect()
 
-    def watch(self, keys: Iterable[str]) -> None:
-        """The lists whose news ends a park from now on."""
-        self._watched = frozenset(key.encode() for key in keys)
-
-    def park(self, connection: Any, delay: float, hub: Any) -> None:
-        """Parks until a push tells of a watched list, or ``delay`` passes (0: at the next turn of the event
-        loop where the channel may take)."""
-        self.parked_on = connection._sock
-        self.deadline = time.monotonic() + delay
-        if hub is not None and delay > 0:  # the hub's turn after the deadline ends the park (Poller)
-            self._timer = hub.call_later(delay, _nothing)
-
-    def unpark(self) -> Any:
-        """Ends the park; the socket it was on (None when it was not parked)."""
-        parked_on, self.parked_on = self.parked_on, None
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        return parked_on
-
-
-def _nothing() -> None:
-    """A hub timer's callback: the timer is there to end the hub's poll, after which its tick runs."""
-
-
-class Poller(kombu_redis.MultiChannelPoller):
-    """Kombu's poller, ending the parks whose deadline has passed before each turn (the channel's next
-    read is then a take), and polling no longer than until the next deadline."""
-
-    hub: Any = None  # the worker's event loop, when it runs one (Transport.register_with_event_loop)
-
-    def _parked(self) -> list[Any]:
-        """The parked channels that may take once their park ends: a park stays while a channel has no
-        queues, or no room in its prefetch window (Kombu then stops polling it until room frees)."""
-        return [channel for channel in self._channels
-                if getattr(channel, "idle_wait", None) is not None and channel.idle_wait.parked_on is not None
-                and channel.active_queues and channel.qos.can_consume()]
-
-    def on_poll_start(self) -> None:
-        now = time.monotonic()
-        for channel in self._parked():
-            if channel.idle_wait.deadline <= now:
-                channel.end_park()
-        super().on_poll_start()  # type: ignore[no-untyped-call]
-
-    def get(self, callback: Any, timeout: float | None = None) -> Any:
-        parked = self._parked()
-        if parked:
-            until = max(0.0, min(channel.idle_wait.deadline for channel in parked) - time.monotonic())
-            timeout = until if timeout is None else min(timeout, until)
-        return super().get(callback, timeout)  # type: ignore[no-untyped-call]
+    def _give_up(self, why: str) -> None:
+        global _warned
+        self.usable = False
+        if not _warned:
+            _warned = True
+            log.warning("no porter can run at %s: %s. Idle receivers wait with BRPOP, and a message BRPOP hands a "
+                        "worker whose link is cut is then lost (README, Trade-offs)",
+                        self._client.connection_pool.connection_kwargs.get("host", "Redis"), why)
