@@ -1,18 +1,18 @@
 """``python -m benchmarks.herd``: what a message costs when many receivers wait on one queue.
 
 An idle receiver waits for news of its queues (``workers/receiving/waiting.py``). Where every waiting
-receiver is told of every message and all of them go to take it, the cost of a message grows with the
-number of receivers waiting, however light the load: Redis runs a take per receiver, and each receiver's
-process wakes. This bench starts ``inferq worker --gpus none --receivers N --kinds embed`` with the tiny
-embedder for each N, sends single-text embeds at a steady rate (raw protocol-2 messages, one LPUSH each, so
-nothing waits long enough to batch), and reports per message: the CPU of every worker process, Redis's CPU
-and commands, and the time from the push to the result's publication (the client subscribes to the result
-channels, as a waiting Celery client does).
+receiver is told of every message and all of them go to take it (the first version of that wait), the cost
+of a message grows with the number of receivers waiting, however light the load: Redis runs a take per
+receiver, and each receiver's process wakes. This bench starts ``inferq worker --gpus none --receivers N
+--kinds embed`` with the tiny embedder for each N, sends single-text embeds at a steady rate (raw protocol-2
+messages, one LPUSH each, so nothing waits long enough to batch), and reports per message: the CPU of every
+worker process, Redis's CPU and commands, and the time from the push to the result's publication (the
+client subscribes to the result channels, as a waiting Celery client does).
 
     python -m benchmarks.herd --receivers 1,4,8 --messages 600 --rate 100 --model /tmp/tiny/bert
 
 Each N also gets an idle spell of the same length first: its CPU is what the receivers cost while nothing
-arrives (their parks end every second to find a dead connection), reported per second.
+arrives (each waits a second at a time, then takes, which finds a dead connection), reported per second.
 """
 
 from __future__ import annotations

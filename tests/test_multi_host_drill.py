@@ -11,7 +11,8 @@ what, anything answered twice, and how soon the cut host serves again once its l
 
 A host cut while it waits idle is the second test: Redis still counts a BRPOP of that host's as waiting and
 would hand it the next message, off its queue and recorded nowhere, into a socket whose peer cannot hear. The
-receivers wait without BRPOP (workers/receiving/waiting.py), so nothing is handed to a waiting host.
+receivers wait with BRPOP on bells that hold tokens, never messages (workers/receiving/waiting.py), so nothing
+is handed to a waiting host.
 
 Skipped, with the reason, where network namespaces cannot be made (not root, no `ip`, no permission).
 """

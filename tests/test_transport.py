@@ -184,14 +184,15 @@ def test_a_message_wakes_one_waiting_channel_not_all_of_them(own_store: redis.Re
     delivered: list[Any] = []
     with contextlib.ExitStack() as stack:
         connections = [stack.enter_context(Connection(url_of(store), transport=Transport)) for _ in range(5)]
-        for connection in connections:
-            stack.enter_context(Consumer(connection.channel(), [queue],
-                                         callbacks=[lambda body, message: delivered.append(message)]))
+        channels = [connection.channel() for connection in connections]
+        for connection, channel in zip(connections, channels, strict=True):
+            stack.enter_context(Consumer(channel, [queue], callbacks=[lambda body, message: delivered.append(message)]))
             drain(connection, 0.05)
         for connection in connections:
             drain(connection, 0.05)  # each waits on the bells now
-        holders = {store.get(porter_lease("embed"))}
-        assert len(holders) == 1 and None not in holders  # one porter for the queue, of the five
+        holder = store.get(porter_lease("embed"))
+        # one porter for the queue, of the five
+        assert [channel.porter.id.encode() == holder for channel in channels].count(True) == 1
         producer = Producer(connections[0].channel())
         evals, started = commands_run(store, "eval"), time.monotonic()
         for i in range(10):
@@ -224,17 +225,53 @@ def test_when_the_porter_goes_another_takes_its_queue_over(own_store: redis.Redi
         staying = channels[1 - leaving]
         consumers[leaving].cancel()
         channels[leaving].close()
-        deadline = time.monotonic() + 3
-        while store.get(porter_lease("embed")) != staying.porter.id.encode() and time.monotonic() < deadline:
-            drain(staying.connection.client, 0.1)
-        assert store.get(porter_lease("embed")) == staying.porter.id.encode()
-        drain(staying.connection.client, 1.2)  # its next take sees the porter: it waits on the bells
+        assert_waits_on_bells_again(staying, store)
         Producer(staying.connection.client.channel()).publish("after", routing_key="embed", declare=[queue])
+        time.sleep(0.3)  # the worker reads nothing meanwhile: the message stays on its list
+        assert store.llen("embed") == 1
         started = time.monotonic()
         staying.connection.client.drain_events(timeout=5)
         assert [message.payload for message in delivered] == ["after"]
         assert time.monotonic() - started < 0.5
         consumers[1 - leaving].cancel()
+
+
+def assert_waits_on_bells_again(channel: Any, store: redis.Redis) -> None:
+    """Until the channel's porter holds the queue and the channel waits on the bells (its next take sees
+    the porter), or fails after a few seconds."""
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and not (
+            store.get(porter_lease("embed")) == channel.porter.id.encode() and channel._in_flight == "bell"):
+        drain(channel.connection.client, 0.2)
+    assert store.get(porter_lease("embed")) == channel.porter.id.encode()
+    assert channel._in_flight == "bell"
+
+
+def test_a_porter_whose_connection_is_killed_connects_again_and_rings(own_store: redis.Redis) -> None:
+    """Redis drops the porter's connection (CLIENT KILL, here more times than the channel's pool holds
+    connections): each time it connects again, claims the queue again, and the channel it serves is woken
+    by its bell, with no connection of the channel's pool used up."""
+    store, queue = own_store, KombuQueue("embed", routing_key="embed")
+    delivered: list[Any] = []
+    with Connection(url_of(store), transport=Transport) as connection:
+        channel = connection.channel()
+        with Consumer(channel, [queue], callbacks=[lambda body, message: delivered.append(message)]):
+            drain(connection, 0.3)
+            pool = channel.porter._client.connection_pool
+            created = pool._created_connections
+            for _ in range(pool.max_connections + 2):
+                ids = [client["id"] for client in store.client_list() if client["name"] == "inferq-porter"]
+                assert len(ids) == 1
+                store.execute_command("CLIENT", "KILL", "ID", ids[0])
+                deadline = time.monotonic() + 5
+                while time.monotonic() < deadline and [client["id"] for client in store.client_list()
+                                                       if client["name"] == "inferq-porter"] in ([], ids):
+                    drain(connection, 0.1)
+                assert_waits_on_bells_again(channel, store)
+            assert pool._created_connections == created
+            Producer(connection.channel()).publish("rung", routing_key="embed", declare=[queue])
+            connection.drain_events(timeout=5)
+            assert [message.payload for message in delivered] == ["rung"]
 
 
 def test_news_while_the_prefetch_window_is_full_waits_for_room_on_the_same_connection(store: redis.Redis) -> None:
@@ -271,6 +308,7 @@ def test_where_redis_refuses_client_tracking_the_channel_waits_with_brpop(tmp_pa
             queue = KombuQueue("embed", routing_key="embed")
             with Consumer(channel, [queue], callbacks=[lambda body, message: delivered.append(message)]):
                 drain(connection, 0.3)
+                assert channel.porter._claimed.wait(5)  # it tried, and gave up
                 assert not channel.porter.usable and probe.get(porter_lease("embed")) is None
                 assert channel._in_flight == ""  # Kombu's BRPOP
                 Producer(connection.channel()).publish("by BRPOP", routing_key="embed", declare=[queue])

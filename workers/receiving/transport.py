@@ -4,11 +4,12 @@ Kombu's worker side pays two Redis round trips per message: a BRPOP that returns
 pipeline that records it as unacknowledged. Between the two the message exists only in the worker's
 memory, so a worker SIGKILLed there loses it for good. Here messages are taken by a Lua script that pops
 up to the prefetch room off the queues and records each as unacknowledged in the same atomic step, and
-while takes find messages the channel takes again instead of blocking on BRPOP. Under load that is one
+while takes fill their room the channel takes again instead of waiting. Under load that is one
 round trip per batch, and a kill at any moment leaves every message on its queue or recorded (where the
-visibility timeout brings it back). On drained queues the channel waits for Redis to push news of them, with
-no command in flight that could take a message (waiting.py); BRPOP only where Redis cannot push (RESP2, or
-client tracking refused), and the one message it hands an idle worker then crosses the old window.
+visibility timeout brings it back). On drained queues the channel waits with BRPOP on its lists' bells, which
+hold tokens, never messages (waiting.py: one porter per queue rings them); on the lists themselves only where
+no porter can run (RESP2, or client tracking refused), and the one message BRPOP then hands an idle worker
+crosses the old window.
 
 Anyone who can LPUSH to a queue can put anything there. Kombu decodes each popped entry as a JSON envelope
 inside its event loop: an entry that is not JSON stops the worker ("Unrecoverable error"), and an envelope
@@ -35,8 +36,8 @@ And it keeps room for interactive work. The bulk lane (messages of a priority ab
 lists) may fill only ``BULK_LANE_SHARE`` of the prefetch limit: a worker whose window is full of bulk work
 would take an interactive message only once a batch is acknowledged (and then behind the batch its device
 started meanwhile: 361 ms at p50 against 12 ms unloaded, with 20,000 bulk messages queued). While the bulk
-lane holds its share, takes skip the bulk lists and the channel waits for news of the interactive lists for at
-most ``BULK_LANE_POLL_S`` (BRPOP on them alone, where it waits on BRPOP), so bulk work is taken again soon
+lane holds its share, takes skip the bulk lists and the channel waits on the interactive lists' bells alone
+(or the lists, where no porter rings) for at most ``BULK_LANE_POLL_S``, so bulk work is taken again soon
 after room frees.
 """
 
@@ -119,9 +120,8 @@ for i = 3, 2 + lists do
   end
 end
 for i = 3, 2 + lists do
-  if not drained[i] and redis.call('LLEN', KEYS[i]) > 0 then
+  if not drained[i] and redis.call('LLEN', KEYS[i]) > 0 and redis.call('LLEN', KEYS[i + lists]) == 0 then
     redis.call('LPUSH', KEYS[i + lists], 1)
-    redis.call('LTRIM', KEYS[i + lists], 0, 0)
   end
 end
 local porters = 1

@@ -26,9 +26,11 @@ BRPOP (``python -m benchmarks.herd``, RESULTS). With a porter, a message wakes t
 
 What it costs and where it falls back:
 - One hop more than BRPOP: Redis pushes to the porter, the porter rings, Redis hands the token to a channel.
-- Where no porter holds a queue's lease (none could turn tracking on: RESP2, a refusing ACL; or the holder
-  died and its lease has not run out yet, at most ``LEASE_MS``), the take says so and the channel waits on
+- Where no porter holds a queue's lease (none could turn tracking on: RESP2, a refusing ACL; or a porter
+  lost its connection and none has claimed the queue since), the take says so and the channel waits on
   BRPOP of its queues, as Kombu does, and the window above is open again for that wait.
+- A porter that dies without handing its queues on (a SIGKILL, a cut link) rings nothing until its lease
+  runs out (``LEASE_MS``): meanwhile a message waits for the end of a channel's bell wait (1 s) at most.
 - Tracking ignores databases: a write to a list named like a queue in another database of the same server
   wakes the porter, whose ring finds the list empty in its own database and rings nothing.
 """
@@ -51,7 +53,9 @@ PORTER_PREFIX = "inferq:porter:"
 LEASE_MS = 2000  # how long a porter's claim on a queue outlives its last renewal
 RENEW_S = 0.5  # how often a porter renews its claims, and tries to claim the queues no porter holds
 RETRY_S = 0.5  # the pause after a lost connection
+SOCKET_TIMEOUT_S = LEASE_MS / 1000
 FIRST_CLAIM_WAIT_S = 1.0  # how long a channel's first take waits for its porter's first claim
+INVALIDATE = (b"invalidate", "invalidate")
 _warned = False  # the fallback to BRPOP is logged once per process, not once per porter
 
 # KEYS: porter leases; ARGV[1]: this porter's id, ARGV[2]: the lease in ms. Renews the leases this porter
@@ -77,14 +81,14 @@ for _, key in ipairs(KEYS) do
 end
 return 1
 """
-# KEYS[i]: a list, KEYS[n + i]: its bell (n = #KEYS / 2). Rings the bell of each list holding entries; one
-# token at most waits on a bell (a channel that wakes takes everything there is, up to its room).
+# KEYS[i]: a list, KEYS[n + i]: its bell (n = #KEYS / 2). Rings the bell of each list holding entries: one
+# token at most waits on a bell (a channel that wakes takes everything there is, up to its room, and rings
+# again if it leaves some), and a bell already holding one is not written again.
 RING_SCRIPT = """
 local n = #KEYS / 2
 for i = 1, n do
-  if redis.call('LLEN', KEYS[i]) > 0 then
+  if redis.call('LLEN', KEYS[i]) > 0 and redis.call('LLEN', KEYS[n + i]) == 0 then
     redis.call('LPUSH', KEYS[n + i], 1)
-    redis.call('LTRIM', KEYS[n + i], 0, 0)
   end
 end
 return 1
@@ -141,6 +145,7 @@ class Porter:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._claimed = threading.Event()  # set after the first claim (or the first failure)
+        self._failing = False  # since a lost connection, until a claim succeeds: it is logged once
         self._thread: threading.Thread | None = None
 
     def want(self, lists: dict[str, tuple[str, ...]]) -> None:
@@ -156,9 +161,9 @@ class Porter:
             self._claimed.wait(FIRST_CLAIM_WAIT_S)
 
     def stop(self) -> None:
+        """The thread hands its queues on (releases its leases) and ends at its next turn, within RENEW_S; a
+        channel's close does not wait for it."""
         self._stop.set()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout=5)
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -171,7 +176,10 @@ class Porter:
                 self._claimed.set()
                 return
             except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
-                log.debug("porter %s lost its connection: %s", self.id, exc)
+                # its leases run out meanwhile: the takes then say no porter holds the queue (BRPOP on it)
+                (log.debug if self._failing else log.warning)(
+                    "porter %s lost its connection (it tries again every %.1f s): %s", self.id, RETRY_S, exc)
+                self._failing = True
                 self._held = ()
                 self._claimed.set()
                 self._stop.wait(RETRY_S)
@@ -185,7 +193,11 @@ class Porter:
                     self._close(connection)
 
     def _connect(self) -> Any:
-        connection: Any = self._client.connection_pool.make_connection()
+        pool = self._client.connection_pool
+        # a connection of the pool's kind (a Sentinel pool's finds the master) that the pool does not count: the
+        # pool's own would be one fewer for the channel after each reconnect, made with make_connection
+        kwargs = {**pool.connection_kwargs, "socket_timeout": SOCKET_TIMEOUT_S}  # a silent link ends a read
+        connection: Any = pool.connection_class(**kwargs)
         connection.connect()
         if not speaks_resp3(connection):
             connection.disconnect()
@@ -194,6 +206,7 @@ class Porter:
             connection.disconnect()
             raise CannotTrack("this redis-py parser does not hand over Redis's pushes")
         connection._parser.set_invalidation_push_handler(self._hear)
+        self._command(connection, "CLIENT", "SETNAME", "inferq-porter")  # CLIENT LIST shows who it is
         return connection
 
     def _serve(self, connection: Any) -> None:
@@ -203,11 +216,15 @@ class Porter:
             if now >= due:
                 self._claim(connection)
                 self._claimed.set()
+                self._failing = False
                 due = now + RENEW_S
             if connection.can_read(timeout=max(0.0, due - time.monotonic())):
-                while connection.can_read(timeout=0):  # every push waiting, then one ring for them all
+                # the pushes waiting now (within a turn: the renewal must not wait behind a stream of them),
+                # then one ring for them all
+                while time.monotonic() < due and connection.can_read(timeout=0):
                     read = connection.read_response(push_request=True)
-                    if not (isinstance(read, list) and read and read[0] in (b"invalidate", "invalidate")):
+                    # a push comes back as _hear returned it, or None (one redis-py handles itself)
+                    if read is not None and not (isinstance(read, list) and read and read[0] in INVALIDATE):
                         raise redis.ConnectionError(f"a reply to no command: {str(read)[:100]}")
             heard, self._heard = self._heard, set()
             if heard:
