@@ -179,7 +179,7 @@ def test_a_message_pushed_while_a_channel_waits_stays_on_its_queue_until_a_take_
 def test_a_message_wakes_one_waiting_channel_not_all_of_them(own_store: redis.Redis) -> None:
     """Five channels wait on one queue. Each message wakes one of them (the porter rings its list's bell
     once, and BRPOP hands the token to one waiter): every waiting channel woken for every message sent 5
-    takes a message, 4 of them empty, and cost 8 receivers 1.8x the CPU of BRPOP (RESULTS)."""
+    takes a message, 4 of them empty, and cost 8 receivers about twice the CPU of BRPOP (RESULTS)."""
     store, queue = own_store, KombuQueue("embed", routing_key="embed")
     delivered: list[Any] = []
     with contextlib.ExitStack() as stack:

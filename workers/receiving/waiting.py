@@ -21,8 +21,8 @@ same atomic step, so a burst spreads over the waiting channels without the porte
 
 Why not every waiting channel tracking its queues (this project's first version): Redis pushes every write
 to every tracking connection, so every idle receiver woke and sent a take for each message. With 8 receivers
-on one queue that cost 65.6 Redis commands and 7.2 ms of worker CPU a message against 19.3 and 3.9 with
-BRPOP (``python -m benchmarks.herd``, RESULTS). With a porter, a message wakes the porter and one channel.
+on one queue that cost 64-66 Redis commands and 7.9-11.0 ms of worker CPU a message against 19.2 and 4.2-5.8
+with BRPOP (``python -m benchmarks.herd``, RESULTS). With a porter, a message wakes the porter and one channel.
 
 What it costs and where it falls back:
 - One hop more than BRPOP: Redis pushes to the porter, the porter rings, Redis hands the token to a channel.
