@@ -247,6 +247,32 @@ def assert_waits_on_bells_again(channel: Any, store: redis.Redis) -> None:
     assert channel._in_flight == "bell"
 
 
+def test_a_lease_left_by_a_dead_porter_delays_a_message_by_one_wait_at_most(own_store: redis.Redis) -> None:
+    """A porter that died without handing its queue on (a SIGKILL, a cut link) leaves its lease behind: the
+    channel waits on a bell nobody rings, so a message pushed meanwhile is taken when the channel's wait ends
+    (1 s), not later, and never lost. Once the lease runs out, this channel's porter claims the queue and the
+    next message wakes the channel at once."""
+    store, queue = own_store, KombuQueue("embed", routing_key="embed")
+    store.set(porter_lease("embed"), "a porter that died", px=2500)
+    delivered: list[Any] = []
+    with Connection(url_of(store), transport=Transport) as connection:
+        channel = connection.channel()
+        producer = Producer(connection.channel())
+        with Consumer(channel, [queue], callbacks=[lambda body, message: delivered.append(message)]):
+            drain(connection, 0.3)
+            assert channel._in_flight == "bell" and store.get(porter_lease("embed")) == b"a porter that died"
+            producer.publish("while nobody rings", routing_key="embed", declare=[queue])
+            started = time.monotonic()
+            connection.drain_events(timeout=5)
+            assert [message.payload for message in delivered] == ["while nobody rings"]
+            assert time.monotonic() - started <= 1.5  # the end of one bell wait (1 s), and a take
+            assert_waits_on_bells_again(channel, store)  # the lease ran out; this channel's porter holds it
+            producer.publish("rung", routing_key="embed", declare=[queue])
+            started = time.monotonic()
+            connection.drain_events(timeout=5)
+            assert delivered[-1].payload == "rung" and time.monotonic() - started < 0.5
+
+
 def test_a_porter_whose_connection_is_killed_connects_again_and_rings(own_store: redis.Redis) -> None:
     """Redis drops the porter's connection (CLIENT KILL, here more times than the channel's pool holds
     connections): each time it connects again, claims the queue again, and the channel it serves is woken
