@@ -96,6 +96,40 @@ class FindsTheMaster:
         credentials = {key: params[key] for key in ("username", "password") if key in params}
         return sentinel.master_for(master_name, redis.Redis, **credentials).connection_pool
 
+    # Every write and lookup the channel makes outside its BRPOP connection goes through its pool, which
+    # redis-py points at the master only when it makes a connection: each first leaves an old master.
+    def _put(self, queue: str, message: Any, **kwargs: Any) -> None:
+        self._follow_master()
+        super()._put(queue, message, **kwargs)  # type: ignore[misc]
+
+    def _put_fanout(self, exchange: str, message: Any, routing_key: str, **kwargs: Any) -> None:
+        self._follow_master()  # a remote-control broadcast: the workers listen on the master
+        super()._put_fanout(exchange, message, routing_key, **kwargs)  # type: ignore[misc]
+
+    def _queue_bind(self, exchange: str, routing_key: str, pattern: str, queue: str) -> None:
+        self._follow_master()  # a broadcast's reply queue, bound just before it goes out
+        super()._queue_bind(exchange, routing_key, pattern, queue)  # type: ignore[misc]
+
+    def get_table(self, exchange: str) -> Any:
+        self._follow_master()  # where a worker's reply is routed: the bindings on the master
+        return super().get_table(exchange)  # type: ignore[misc]
+
+    def _follow_master(self) -> None:
+        """Leaves an old master, at most every half second (MasterWatch): the pool that publishes, binds and
+        routes closes its idle connections to it, and the connection that reads a client's replies (idle
+        between broadcasts) is dropped, to connect to the master when next used. Without this, after a live
+        master's replacement, a client's remote-control broadcast and the bindings it made went to one
+        server and the workers' replies were routed on the other, and `inferq check` went unanswered until the
+        old master was demoted (tests/test_sentinel_drill.py)."""
+        channel: Any = self
+        self._master_watch.moved(channel.pool)
+        master = getattr(channel.pool, "master_address", None)
+        client = channel.__dict__.get("client")  # the one reading replies, where Kombu made it already
+        connection = getattr(client, "connection", None)
+        if master is not None and connection is not None and connection._sock is not None \
+                and not channel._in_poll and (connection.host, connection.port) != master:
+            connection.disconnect()
+
 
 _PLAIN, _SENTINEL = kombu_redis.Channel.from_transport_options, kombu_redis.SentinelChannel.from_transport_options
 
@@ -106,12 +140,6 @@ class Channel(_WaitForReplicas, kombu_redis.Channel):
 
 class SentinelChannel(FindsTheMaster, _WaitForReplicas, kombu_redis.SentinelChannel):
     from_transport_options = _SENTINEL + WAIT_OPTIONS  # type: ignore[assignment]
-
-    def _put(self, queue: str, message: Any, **kwargs: Any) -> None:
-        channel: Any = self
-        self._master_watch.moved(channel.pool)  # the pool publishing uses: closes its connections to an old master
-        super()._put(queue, message, **kwargs)
-
 
 class Transport(kombu_redis.Transport):
     Channel = Channel

@@ -129,12 +129,13 @@ def assert_every_client_reaches_the_new_master(client: Client, url: str, worker:
     the coalescer (pub/sub on the result backend) open Redis clients of their own: after the failover each
     reaches the promoted replica. Returns how long the check waited for the worker's answer.
 
-    After a live master's replacement the first check of a client connected before it gets no answer (the
-    worker's subscription is on the new master by then; a new client is answered at once), so the check is
-    asked again until it is answered (README, "Redis Sentinel")."""
+    The first check of a client connected before the failover is answered: its broadcast, the binding of its
+    reply queue and its reply reads all leave an old master (producer.transport.FindsTheMaster._follow_master),
+    and so does the worker's routing of its reply. Before that, after a live master's replacement, the first
+    check went unanswered in 4 of 5 runs (benchmarks/RESULTS.md, "Redis Sentinel")."""
     started = time.monotonic()
-    while (problem := verdict(check_workers(client, [worker.node], timeout=5), [worker.node], 1)) is not None:
-        assert time.monotonic() - started < 60, problem
+    problem = verdict(check_workers(client, [worker.node], timeout=5), [worker.node], 1)
+    assert problem is None, problem
     answered_after = time.monotonic() - started
     coalescing = Client(Settings(redis_url=url, sentinel_master=MASTER, coalesce_ms=5, result_timeout=30))
     try:
