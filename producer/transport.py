@@ -71,7 +71,8 @@ class FindsTheMaster:
         # Kombu lists the entries of a URL with several; one sentinel alone is the connection's own address
         self._inferq_group = (SentinelGroup.from_url(";".join(client.alt)) if client.alt else
                               SentinelGroup([(client.hostname, client.port or SENTINEL_PORT)], 0, None, None))
-        self._master_watch = MasterWatch()
+        self._master_watch = MasterWatch()  # for the connection that reads (BRPOP), where a subclass asks
+        self._pool_watch = MasterWatch()  # for the pool that publishes, binds and routes: a turn of its own
         super().__init__(*args, **kwargs)
 
     def _sentinel_managed_pool(self, asynchronous: bool = False) -> Any:
@@ -116,19 +117,12 @@ class FindsTheMaster:
 
     def _follow_master(self) -> None:
         """Leaves an old master, at most every half second (MasterWatch): the pool that publishes, binds and
-        routes closes its idle connections to it, and the connection that reads a client's replies (idle
-        between broadcasts) is dropped, to connect to the master when next used. Without this, after a live
-        master's replacement, a client's remote-control broadcast and the bindings it made went to one
-        server and the workers' replies were routed on the other, and `inferq check` went unanswered until the
-        old master was demoted (tests/test_sentinel_drill.py)."""
+        routes closes its idle connections to it. Without this, after a live master's replacement, a client's
+        remote-control broadcast and the binding of its reply queue went to the old master, and a worker
+        routed its reply by the old master's bindings: `inferq check` went unanswered until the old master
+        was demoted (tests/test_sentinel_drill.py)."""
         channel: Any = self
-        self._master_watch.moved(channel.pool)
-        master = getattr(channel.pool, "master_address", None)
-        client = channel.__dict__.get("client")  # the one reading replies, where Kombu made it already
-        connection = getattr(client, "connection", None)
-        if master is not None and connection is not None and connection._sock is not None \
-                and not channel._in_poll and (connection.host, connection.port) != master:
-            connection.disconnect()
+        self._pool_watch.moved(channel.pool)
 
 
 _PLAIN, _SENTINEL = kombu_redis.Channel.from_transport_options, kombu_redis.SentinelChannel.from_transport_options
@@ -140,6 +134,23 @@ class Channel(_WaitForReplicas, kombu_redis.Channel):
 
 class SentinelChannel(FindsTheMaster, _WaitForReplicas, kombu_redis.SentinelChannel):
     from_transport_options = _SENTINEL + WAIT_OPTIONS  # type: ignore[assignment]
+
+    def _follow_master(self) -> None:
+        """And a producer's reply-reading connection (BRPOP, between broadcasts) leaves it too, even with the
+        read of a broadcast that timed out still pending: a producer's channel serves one thread at a time, and
+        Kombu's poller connects a dropped connection again (to the master) before its next read."""
+        super()._follow_master()
+        channel: Any = self
+        master = channel.pool.master_address
+        client = channel.__dict__.get("client")  # where Kombu made it already
+        connection = getattr(client, "connection", None)
+        if master is not None and connection is not None and connection._sock is not None \
+                and (connection.host, connection.port) != master \
+                and not channel.connection.cycle._in_protected_read:
+            connection.disconnect()  # Kombu's hook forgets the read in flight where the poller registered it
+            if channel._in_poll is connection:
+                channel._in_poll = None
+
 
 class Transport(kombu_redis.Transport):
     Channel = Channel
