@@ -63,7 +63,7 @@ from producer.transport import FindsTheMaster
 from workers.receiving import dead_letter
 from workers.receiving.consumer import count_refused
 from workers.receiving.serialization import orjson_reads_exactly
-from workers.receiving.waiting import Porter, bell, porter_lease
+from workers.receiving.waiting import RING_FUNCTION, Porter, bell, porter_lease
 
 log = logging.getLogger(__name__)
 # Messages taken in one step (the prefetch limit bounds it further).
@@ -77,7 +77,7 @@ BULK_LANE_POLL_S = 0.05  # the wait for interactive messages while the bulk lane
 # ARGV[4] (the bulk lane's) at most ARGV[3] in all. Then rings the bell of each list it left entries on (its
 # room ran out, or the bulk lane's share), so another waiting channel takes them. Returns {1 if every queue
 # has a porter else 0, {list, entry, delivery tag or ""} per entry}.
-TAKE_SCRIPT = """
+TAKE_SCRIPT = RING_FUNCTION + """
 local room = tonumber(ARGV[1])
 local bulk_room = tonumber(ARGV[3])
 local interactive = tonumber(ARGV[4])
@@ -120,9 +120,7 @@ for i = 3, 2 + lists do
   end
 end
 for i = 3, 2 + lists do
-  if not drained[i] and redis.call('LLEN', KEYS[i]) > 0 and redis.call('LLEN', KEYS[i + lists]) == 0 then
-    redis.call('LPUSH', KEYS[i + lists], 1)
-  end
+  if not drained[i] then ring(KEYS[i], KEYS[i + lists]) end
 end
 local porters = 1
 for i = 3 + 2 * lists, #KEYS do
@@ -245,8 +243,7 @@ class Channel(kombu_redis.Channel):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._porters = False  # the last take found a porter holding each of its queues: bells get rung
         self.porter: Porter | None = None  # this channel's candidate porter (waiting.py), from its first take
-        # the take in flight: its room, whether the bulk lane's share capped it, the lists it takes from
-        self._take_room: tuple[int, bool, list[str]] = (0, False, [])
+        self._take_room = 0  # the prefetch room of the take in flight: one that fills it may leave more behind
         super().__init__(*args, **kwargs)  # connects, or raises a connection error
         if len(_stranded):
             try:
@@ -322,8 +319,7 @@ class Channel(kombu_redis.Channel):
             porters, entries = reply
             self._porters = bool(int(porters))
             taken = self._deliver_taken(entries)
-            room, _, _ = self._take_room
-            self._take_next = taken >= room  # more may wait: take again as soon as the window has room
+            self._take_next = taken >= self._take_room  # more may wait: take again as soon as the window has room
             if not taken:
                 raise Empty()
             return True
@@ -379,7 +375,7 @@ class Channel(kombu_redis.Channel):
         room = BULK_MAX if room is None else max(1, min(room, BULK_MAX))
         bulk_room = self.qos.bulk_room()
         interactive = sum(1 for key in lists if self.sep not in key)
-        self._take_room = (room, bulk_room is not None and bulk_room < room, lists)
+        self._take_room = room
         leases = [porter_lease(queue) for queue in dict.fromkeys(key.split(self.sep)[0] for key in lists)]
         return [TAKE_SCRIPT, 2 + 2 * len(lists) + len(leases), self.unacked_index_key, self.unacked_key, *lists,
                 *map(bell, lists), *leases, room, time.time(), room if bulk_room is None else bulk_room,

@@ -81,16 +81,20 @@ for _, key in ipairs(KEYS) do
 end
 return 1
 """
-# KEYS[i]: a list, KEYS[n + i]: its bell (n = #KEYS / 2). Rings the bell of each list holding entries: one
-# token at most waits on a bell (a channel that wakes takes everything there is, up to its room, and rings
-# again if it leaves some), and a bell already holding one is not written again.
-RING_SCRIPT = """
-local n = #KEYS / 2
-for i = 1, n do
-  if redis.call('LLEN', KEYS[i]) > 0 and redis.call('LLEN', KEYS[n + i]) == 0 then
-    redis.call('LPUSH', KEYS[n + i], 1)
+# Rings a list's bell when the list holds entries: one token at most waits on a bell (a channel that wakes takes
+# everything there is, up to its room, and rings again if it leaves some), and a bell already holding one is
+# not written again. The porter's ring and the take (transport.TAKE_SCRIPT) both use it.
+RING_FUNCTION = """
+local function ring(list, bell)
+  if redis.call('LLEN', list) > 0 and redis.call('LLEN', bell) == 0 then
+    redis.call('LPUSH', bell, 1)
   end
 end
+"""
+# KEYS[i]: a list, KEYS[n + i]: its bell (n = #KEYS / 2).
+RING_SCRIPT = RING_FUNCTION + """
+local n = #KEYS / 2
+for i = 1, n do ring(KEYS[i], KEYS[n + i]) end
 return 1
 """
 
@@ -173,24 +177,20 @@ class Porter:
                 self._serve(connection)
             except CannotTrack as exc:
                 self._give_up(str(exc))
-                self._claimed.set()
                 return
             except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
                 # its leases run out meanwhile: the takes then say no porter holds the queue (BRPOP on it)
                 (log.debug if self._failing else log.warning)(
                     "porter %s lost its connection (it tries again every %.1f s): %s", self.id, RETRY_S, exc)
                 self._failing = True
-                self._held = ()
-                self._claimed.set()
                 self._stop.wait(RETRY_S)
             except Exception:  # the porter must not die of a surprise: channels then wait on BRPOP
                 log.exception("porter %s failed; it starts again", self.id)
-                self._held = ()
-                self._claimed.set()
                 self._stop.wait(RETRY_S)
             finally:
+                self._claimed.set()  # a first claim that failed: the channel need not wait for it any longer
                 if connection is not None:
-                    self._close(connection)
+                    self._close(connection)  # and this porter holds nothing from now
 
     def _connect(self) -> Any:
         pool = self._client.connection_pool
@@ -244,14 +244,17 @@ class Porter:
                 try:
                     self._command(connection, *tracking_on(tracking_prefixes(held)))
                 except redis.ResponseError as exc:
-                    self._script(connection, _RELEASE_SCRIPT, [*map(porter_lease, held)], self.id)
+                    self._release(connection, held)
                     raise CannotTrack(f"Redis refused CLIENT TRACKING: {exc}") from exc
-            released = [queue for queue in self._held if queue not in held]
-            if released:
-                self._script(connection, _RELEASE_SCRIPT, [*map(porter_lease, released)], self.id)
+            self._release(connection, [queue for queue in self._held if queue not in held])
             self._held = held
             # writes between the claim and tracking's start were pushed to nobody: ring what they left
             self._ring(connection, self._held_lists())
+
+    def _release(self, connection: Any, queues: Iterable[str]) -> None:
+        leases = [porter_lease(queue) for queue in queues]
+        if leases:
+            self._script(connection, _RELEASE_SCRIPT, leases, self.id)
 
     def _held_lists(self) -> list[str]:
         with self._lock:
@@ -282,8 +285,8 @@ class Porter:
     def _close(self, connection: Any) -> None:
         held, self._held = self._held, ()
         try:
-            if held and self._stop.is_set():  # a porter stopping hands its queues on at once
-                self._script(connection, _RELEASE_SCRIPT, [*map(porter_lease, held)], self.id)
+            if self._stop.is_set():  # a porter stopping hands its queues on at once
+                self._release(connection, held)
         except (redis.RedisError, OSError):
             pass  # the leases run out by themselves
         connection.disconnect()
