@@ -22,6 +22,7 @@ import json
 import os
 import socket
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,28 @@ from producer.settings import Settings
 
 def redis_commands(client: redis.Redis) -> int:
     return sum(int(stats["calls"]) for stats in client.info("commandstats").values())
+
+
+@dataclass(frozen=True)
+class Usage:
+    """CPU seconds of the worker processes (by pid) and of Redis, and Redis's commands, at one moment; or, from
+    ``since``, what was spent between two such moments."""
+
+    worker: dict[int, float]
+    redis_cpu: float
+    commands: int
+
+    @classmethod
+    def of(cls, pids: list[int], broker: redis.Redis) -> Usage:
+        return cls(cpu_by_process(pids), redis_cpu(broker), redis_commands(broker))
+
+    def since(self, before: Usage) -> Usage:
+        spent = {pid: cpu - before.worker.get(pid, 0.0) for pid, cpu in self.worker.items()}
+        return Usage(spent, self.redis_cpu - before.redis_cpu, self.commands - before.commands)
+
+    @property
+    def worker_cpu(self) -> float:
+        return sum(self.worker.values())
 
 
 class Arrivals(Subscriber):
@@ -60,15 +83,14 @@ def measure(settings: Settings, pids: list[int], messages: int, rate: float) -> 
     time.sleep(0.5)  # subscribed before the first result
     spell = messages / rate
 
-    cpu_before, redis_before, commands_before = cpu_by_process(pids), redis_cpu(broker), redis_commands(broker)
+    before = Usage.of(pids, broker)
     time.sleep(spell)
-    cpu_after, redis_after, commands_after = cpu_by_process(pids), redis_cpu(broker), redis_commands(broker)
-    idle = {"worker_cpu_ms_per_s": sum(cpu_after[p] - cpu_before.get(p, 0.0) for p in cpu_after) / spell * 1e3,
-            "redis_cpu_ms_per_s": (redis_after - redis_before) / spell * 1e3,
-            "redis_commands_per_s": (commands_after - commands_before) / spell}
+    idle = Usage.of(pids, broker).since(before)
+    idle_rates = {"worker_cpu_ms_per_s": idle.worker_cpu / spell * 1e3,
+                  "redis_cpu_ms_per_s": idle.redis_cpu / spell * 1e3, "redis_commands_per_s": idle.commands / spell}
 
     sent: dict[str, float] = {}
-    cpu_before, redis_before, commands_before = cpu_by_process(pids), redis_cpu(broker), redis_commands(broker)
+    before = Usage.of(pids, broker)
     started = time.perf_counter()
     for n, (task_id, entry) in enumerate(built):
         pause = started + n / rate - time.perf_counter()
@@ -77,19 +99,18 @@ def measure(settings: Settings, pids: list[int], messages: int, rate: float) -> 
         sent[task_id] = time.perf_counter()
         broker.lpush(queue, entry)
     unanswered = wait_for(backend, [RESULT_PREFIX + task_id for task_id in sent], time.perf_counter() + 120)
-    cpu_after, redis_after, commands_after = cpu_by_process(pids), redis_cpu(broker), redis_commands(broker)
+    used = Usage.of(pids, broker).since(before)
     time.sleep(0.3)
     arrivals.close()
     backend.delete(*(RESULT_PREFIX + task_id for task_id in sent))
     latencies = [(arrivals.at[task_id] - at) * 1e3 for task_id, at in sent.items() if task_id in arrivals.at]
-    worker_cpu = sum(cpu_after[p] - cpu_before.get(p, 0.0) for p in cpu_after)
     return {
         "messages": messages, "rate": rate, "unanswered": unanswered,
-        "worker_cpu_us_per_message": worker_cpu / messages * 1e6,
-        "redis_cpu_us_per_message": (redis_after - redis_before) / messages * 1e6,
-        "redis_commands_per_message": (commands_after - commands_before) / messages,
+        "worker_cpu_us_per_message": used.worker_cpu / messages * 1e6,
+        "redis_cpu_us_per_message": used.redis_cpu / messages * 1e6,
+        "redis_commands_per_message": used.commands / messages,
         "latency_ms_p50": percentile(latencies, 50), "latency_ms_p95": percentile(latencies, 95),
-        "idle": idle,
+        "idle": idle_rates,
     }
 
 
