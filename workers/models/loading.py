@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import gc
 import importlib.util
 import logging
@@ -84,6 +85,11 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     load_seconds: float
+
+    @functools.cached_property
+    def pad_id(self) -> int:
+        """The id encoder rows are padded with: read once, as the tokenizer looks it up by name on each read."""
+        return int(self.tokenizer.pad_token_id or 0)
 
     def describe(self) -> dict[str, Any]:
         return {
