@@ -13,7 +13,8 @@ import pytest
 
 from producer.errors import Cancelled, TaskTimeout
 from workers.device.batching import BatchLimits
-from workers.device.loop import BatchKind, DeviceLoop, SteppedKind
+from workers.device.loop import BatchKind, DeviceLoop
+from workers.device.stepping import SteppedKind
 
 
 class Recorder:

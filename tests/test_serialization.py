@@ -14,7 +14,8 @@ import pytest
 from kombu.utils import json as kombu_json
 
 from workers.receiving import events as events_module
-from workers.receiving import fastpath, serialization
+from workers.receiving import serialization
+from workers.receiving.result_repr import result_repr
 
 PLAIN: list[Any] = [
     {"hostname": "gpu0@host", "clock": 12, "timestamp": 1796165414.777, "type": "task-succeeded",
@@ -91,4 +92,4 @@ def test_an_event_shows_a_result_as_repr_writes_it(scale: float) -> None:
             vectors = (random.standard_normal((rows, dim)) * scale).astype(np.float32).tolist()
         for result in ({"model": "m", "dim": dim, "embeddings": vectors, "prompt_tokens": 3}, vectors,
                        {"labels": ["a", "b"], "scores": [0.25, 1e-7, float("nan"), -0.0, float("inf")]}):
-            assert fastpath.result_repr(result) == repr(_shown_by_repr(result))[:1024]
+            assert result_repr(result) == repr(_shown_by_repr(result))[:1024]

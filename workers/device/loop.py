@@ -18,25 +18,26 @@ A new stepped batch that is to join a running one (continuous batching) runs its
 own, beside it (a long prompt's prefill in chunks, each one turn of the loop), and joins once the prefill
 is done. The device's cache budget (``cache_budget``, bytes) bounds the stepped batches under way: each
 reserves its requests x its longest input x its kind's cache bytes per token, and a batch that does not
-fit waits for room, unless nothing else runs.
+fit waits for room, unless nothing else runs. Those rules live in ``workers/device/stepping.py``; this
+module runs the batches and answers their requests.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from producer.errors import Cancelled, TaskTimeout
 from workers.device.batching import BatchLimits, BatchQueue, Waiting
 from workers.device.metrics import ModelMetrics, outcome_label
+from workers.device.stepping import RunningBatch, RunningBatches, SteppedKind
 
 log = logging.getLogger(__name__)
 
@@ -50,47 +51,6 @@ class BatchKind:
     limits: BatchLimits
 
 
-class Stepping(Protocol):
-    """A started batch that runs a step at a time."""
-
-    @property
-    def done(self) -> bool: ...
-
-    @property
-    def prefilling(self) -> bool:
-        """Its first steps are still preparing (a generation's prefill chunks): it cannot join or be joined."""
-        ...
-
-    def step(self, alone: bool = False) -> list[tuple[int, Any]]:
-        """One step for every live request; the (index in the batch, outcome) of those that finished.
-        ``alone``: nothing else waits for the device (a prefill need not make way, so it runs whole)."""
-        ...
-
-    def produced(self, index: int) -> list[Any]:
-        """What a live request has produced so far, in order (a generation's tokens)."""
-        ...
-
-    def stop(self, index: int) -> int:
-        """Drop one request before the next step; returns how many steps it had run."""
-        ...
-
-    def absorb(self, other: Any) -> list[int] | None:
-        """Take the live requests of ``other`` (a batch of the same kind that has run its first step) into
-        this one; their indices here, in ``other``'s order, or None if it cannot (nothing changes then)."""
-        ...
-
-
-@dataclass
-class SteppedKind:
-    start: Callable[[list[Any]], Stepping]  # prepares a batch; its first step is the first device work
-    limits: BatchLimits
-    max_running: int  # batches of this key stepping at once; a further ready batch waits for one to end
-    # Continuous batching: a new batch, after its prefill, joins a running one with room (within the
-    # limits), so one pass a step serves both; without it, batches only run side by side.
-    joins: bool = False
-    cache_bytes_per_token: int = 0  # what one token of one request holds on the device (0: not counted)
-
-
 @dataclass(slots=True)
 class _Job:
     payload: Any
@@ -102,42 +62,20 @@ class _Job:
     reported: int = 0  # how much of what it produced progress was told of
 
 
-@dataclass(eq=False)
-class _Running:
-    """A stepped batch under way: its unanswered jobs by their index in the batch, and how far it got."""
-
-    key: str
-    jobs: dict[int, _Job]
-    stepping: Stepping
-    size: int  # requests it ever held: the next joined one gets this index
-    steps: int = 0
-    target: _Running | None = None  # the running batch it joins once its prefill is done
-
-    def live(self) -> tuple[int, int]:
-        """Requests still running, and the longest of them."""
-        return len(self.jobs), max((job.longest for job in self.jobs.values()), default=0)
-
-    def tokens(self) -> int:
-        """The padded tokens it may come to hold: requests x the longest."""
-        live, longest = self.live()
-        return live * longest
-
-
 class DeviceLoop:
     def __init__(self, kinds: dict[str, BatchKind | SteppedKind],
                  clock: Callable[[], float] = time.monotonic, cache_budget: int | None = None) -> None:
         self._kinds = kinds
-        self._cache_budget = cache_budget  # bytes the stepped batches under way may reserve; None: unbounded
-        self._cache_per_token = {key: kind.cache_bytes_per_token for key, kind in kinds.items()
-                                 if isinstance(kind, SteppedKind)}
+        # stepped batches under way, and the cache bytes they may reserve; only the loop thread touches them
+        self._stepped: RunningBatches[_Job] = RunningBatches(
+            {key: kind for key, kind in kinds.items() if isinstance(kind, SteppedKind)}, cache_budget)
+        self._running = self._stepped.batches  # the same list, for the loop's many reads
         self._cache_reserved = 0  # what they reserved at the end of the last turn (read by stats())
         self._queues: dict[str, BatchQueue[_Job]] = {key: BatchQueue(kind.limits) for key, kind in kinds.items()}
         self._clock = clock
         self._wake = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self._running: list[_Running] = []  # stepped batches under way; only the loop thread touches it
-        self._unjoinable: set[str] = set()  # keys whose batches refused a join (their caches cannot be merged)
         self._cancelled: set[Future[Any]] = set()  # running requests to stop before their next step
         self.busy_since: float | None = None  # when the running batch started; None while idle
         # what a batch's requests are answered inside (``Runtime.answer_together``)
@@ -182,8 +120,9 @@ class DeviceLoop:
         stats: dict[str, Any] = {"batch_sizes": {key: {str(size): n for size, n in sorted(hist.items())}
                                                  for key, hist in self.batch_sizes.items()},
                                  "counts": dict(self.counts)}
-        if self._cache_budget is not None:
-            stats["cache_mb"] = {"budget": round(self._cache_budget / 2**20),
+        budget = self._stepped.cache_budget
+        if budget is not None:
+            stats["cache_mb"] = {"budget": round(budget / 2**20),
                                  "reserved": round(self._cache_reserved / 2**20)}
         return stats
 
@@ -226,8 +165,8 @@ class DeviceLoop:
             alone = len(self._running) == 1 and not any(len(queue) for queue in self._queues.values())
             for running in list(self._running):
                 self._busy(running.key, self._step, running, alone)
-            if self._cache_budget is not None:
-                self._cache_reserved = self._reserved(self._running)
+            if self._stepped.cache_budget is not None:
+                self._cache_reserved = self._stepped.reserved()
 
     def _busy(self, key: str, work: Callable[..., None], *args: Any) -> None:
         self.busy_since = self._clock()
@@ -244,7 +183,7 @@ class DeviceLoop:
             metrics.busy.inc(took)
             metrics.run.observe(took)
 
-    def _next(self, now: float) -> tuple[str, list[Waiting[_Job]], _Running | None] | None:
+    def _next(self, now: float) -> tuple[str, list[Waiting[_Job]], RunningBatch[_Job] | None] | None:
         """Expire late requests; then take a batch from the ready queue whose oldest request is oldest, with
         the stepped batch it is to join, if any."""
         for key, queue in self._queues.items():
@@ -257,76 +196,37 @@ class DeviceLoop:
                                                          f"the device, over its limit of {job.timeout:g} s"))
                     self._metrics[key].finished(Counter({"TaskTimeout": 1}))  # the overloaded device's sign
         ready = [(queue.oldest_arrival() or 0.0, key) for key, queue in self._queues.items()
-                 if (queue.ready(now) or (self._stopping and len(queue))) and self._may_take(key)]
+                 if (queue.ready(now) or (self._stopping and len(queue)))
+                 and (key not in self._stepped.kinds or self._stepped.may_take(key))]
         for _, key in sorted(ready):
             picked = self._take(key)
             if picked is not None:  # else its oldest does not fit beside the batches under way: the next key
                 return picked
         return None
 
-    def _take(self, key: str) -> tuple[str, list[Waiting[_Job]], _Running | None] | None:
-        kind, queue = self._kinds[key], self._queues[key]
-        if not isinstance(kind, SteppedKind):
+    def _take(self, key: str) -> tuple[str, list[Waiting[_Job]], RunningBatch[_Job] | None] | None:
+        queue, stepped = self._queues[key], self._stepped
+        if key not in stepped.kinds:
             return key, queue.take(), None
-        into = self._roomiest(key)
-        room = self._cache_room(key)
-        if self._below_max_running(key):
+        into = stepped.roomiest(key)
+        room = stepped.cache_room(key)
+        if stepped.below_max_running(key):
             # a batch of its own, unless it fits into the roomiest one (see _start)
             batch = queue.take(room=room, alone=not self._running)
             if not batch:  # no room in the cache for its oldest request: it waits for rows to finish
                 return None
-            fits = into is not None and self._fits(into, sum(waiting.items for waiting in batch),
-                                                   max(waiting.longest for waiting in batch))
+            fits = into is not None and stepped.fits(into, sum(waiting.items for waiting in batch),
+                                                     max(waiting.longest for waiting in batch))
             return key, batch, into if fits else None
-        assert into is not None  # _may_take: at max_running, only a batch with room lets this key take
+        assert into is not None  # may_take: at max_running, only a batch with room lets this key take
         batch = queue.take(joining=into.live(), room=None if room is None else room + into.tokens(), alone=False)
         return (key, batch, into) if batch else None
-
-    def _may_take(self, key: str) -> bool:
-        kind = self._kinds[key]
-        if not isinstance(kind, SteppedKind):
-            return True
-        return self._below_max_running(key) or self._roomiest(key) is not None
-
-    def _below_max_running(self, key: str) -> bool:
-        kind = self._kinds[key]
-        assert isinstance(kind, SteppedKind)
-        return sum(running.key == key for running in self._running) < kind.max_running
-
-    def _roomiest(self, key: str) -> _Running | None:
-        """The running batch of this key with the most room for more requests, if it joins and has any."""
-        kind = self._kinds[key]
-        if not isinstance(kind, SteppedKind) or not kind.joins or key in self._unjoinable:
-            return None
-        # one that has run its prefill (a batch joins after the prefill of both), is not itself joining another,
-        # and has no new batch on its way in already: each of those counts against max_running until it joins
-        room = [(kind.limits.max_items - running.live()[0], index) for index, running in enumerate(self._running)
-                if running.key == key and running.steps > 0 and not running.stepping.prefilling
-                and running.target is None and not any(other.target is running for other in self._running)]
-        best = max(room, default=None)
-        return self._running[best[1]] if best is not None and best[0] > 0 else None
-
-    def _fits(self, into: _Running, items: int, longest: int) -> bool:
-        """Whether ``items`` more requests, the longest of ``longest`` tokens, fit into ``into``'s limits."""
-        live, its_longest = into.live()
-        return not self._kinds[into.key].limits.over(live + items, max(its_longest, longest))
-
-    def _cache_room(self, key: str) -> int | None:
-        """Padded tokens of this key's requests the cache budget has left room for; None: no budget applies."""
-        per_token = self._cache_per_token.get(key, 0)
-        if self._cache_budget is None or per_token <= 0:
-            return None
-        return max(0, self._cache_budget - self._reserved(self._running)) // per_token
-
-    def _reserved(self, running: list[_Running]) -> int:
-        """Bytes of cache these batches may come to hold."""
-        return sum(batch.tokens() * self._cache_per_token[batch.key] for batch in running)
 
     def _sleep(self, now: float) -> float | None:
         waits = [w for w in (q.seconds_until_ready(now) for q in self._queues.values()) if w is not None]
         return min(waits) if waits else None
 
-    def _execute(self, key: str, jobs: list[_Job], into: _Running | None = None) -> None:
+    def _execute(self, key: str, jobs: list[_Job], into: RunningBatch[_Job] | None = None) -> None:
         live = [job for job in jobs if job.future.set_running_or_notify_cancel()]
         if not live:
             return
@@ -341,32 +241,24 @@ class DeviceLoop:
 
     # --- stepped batches ------------------------------------------------------------------------------
 
-    def _start(self, key: str, jobs: list[_Job], into: _Running | None = None) -> None:
-        kind = self._kinds[key]
-        assert isinstance(kind, SteppedKind)
+    def _start(self, key: str, jobs: list[_Job], into: RunningBatch[_Job] | None = None) -> None:
         try:
-            stepping = kind.start([job.payload for job in jobs])
+            stepping = self._stepped.kinds[key].start([job.payload for job in jobs])
         except Exception as exc:  # a step's restart from scratch: in halves, as a failed step
             self._halve(key, jobs, exc, self._start)
             return
         # Its prefill runs as steps of its own (the loop's next turns), answering any request it finishes;
         # then it joins ``into`` (see _step).
-        self._running.append(_Running(key, dict(enumerate(jobs)), stepping, len(jobs), target=into))
+        self._running.append(RunningBatch(key, dict(enumerate(jobs)), stepping, len(jobs), target=into))
 
-    def _join(self, started: _Running) -> None:
+    def _join(self, started: RunningBatch[_Job]) -> None:
         """A new batch whose prefill is done joins the running batch it was taken for, if that still runs
         and still has room (in its limits and in the cache budget); else it goes on beside it."""
-        into, key = started.target, started.key
+        into, key, stepped = started.target, started.key, self._stepped
         started.target = None
         if into is None or into not in self._running or into.stepping.prefilling or not started.jobs:
             return
-        items, longest = started.live()
-        if not self._fits(into, items, longest):
-            return
-        # the merged batch reserves (all its rows) x (the longest of them); the two it replaces give theirs back
-        live, its_longest = into.live()
-        room = self._cache_room(key)
-        if room is not None and (live + items) * max(its_longest, longest) > room + into.tokens() + started.tokens():
+        if not stepped.fits(into, *started.live()) or not stepped.join_fits_cache(started, into):
             return
         try:
             indices = into.stepping.absorb(started.stepping)
@@ -374,10 +266,8 @@ class DeviceLoop:
             log.warning("a %s batch could not join a running one; it runs beside it", key, exc_info=True)
             return
         if indices is None:
-            # the model's cache cannot be merged (a sliding window, say): from now on its batches run side by
-            # side, so a refused join never starts one past max_running again
             log.warning("%s batches cannot join running ones; they run side by side", key)
-            self._unjoinable.add(key)
+            stepped.never_join(key)
             return
         if indices != list(range(into.size, into.size + started.size)):
             raise RuntimeError(f"a joined {key} batch was given indices {indices} after {into.size} requests")
@@ -386,7 +276,7 @@ class DeviceLoop:
         into.size += started.size
         self.counts[f"{key}:joined"] += len(started.jobs)
 
-    def _step(self, running: _Running, alone: bool = False) -> None:
+    def _step(self, running: RunningBatch[_Job], alone: bool = False) -> None:
         now = self._clock()
         outcomes: Counter[str] = Counter()
         started = time.perf_counter()
@@ -434,7 +324,7 @@ class DeviceLoop:
         elif running.target is not None and not running.stepping.prefilling:
             self._join(running)
 
-    def _count_tokens(self, running: _Running, prefill: bool, started: float) -> None:
+    def _count_tokens(self, running: RunningBatch[_Job], prefill: bool, started: float) -> None:
         """A decoding step gave each of its rows a token; the prefill's last chunk gave each its first."""
         metrics = self._metrics[running.key]
         if not prefill:
@@ -446,12 +336,12 @@ class DeviceLoop:
             for job in running.jobs.values():
                 metrics.first_token.observe(now - (job.deadline - job.timeout))  # deadline - timeout: its arrival
 
-    def _stop(self, running: _Running, index: int, counted: str) -> int:
+    def _stop(self, running: RunningBatch[_Job], index: int, counted: str) -> int:
         del running.jobs[index]
         self.counts[f"{running.key}:{counted}"] += 1
         return running.stepping.stop(index)
 
-    def _report(self, running: _Running, index: int, job: _Job) -> None:
+    def _report(self, running: RunningBatch[_Job], index: int, job: _Job) -> None:
         assert job.progress is not None
         produced = running.stepping.produced(index)
         if len(produced) <= job.reported:
@@ -501,22 +391,3 @@ def _answer(job: _Job, outcome: Any) -> str:
         return outcome_label(outcome)
     job.future.set_result(outcome)
     return "ok"
-
-
-EXIT_DEVICE_FAILED = 70  # EX_SOFTWARE: the supervisor restarts the process
-
-
-def exit_on_stall(loop: DeviceLoop, limit: float) -> None:
-    """Watch a device loop from a thread of its own; end the process if the device stops making progress."""
-    while True:
-        time.sleep(min(5.0, limit / 4))
-        busy_since = loop.busy_since
-        if busy_since is not None and time.monotonic() - busy_since > limit:
-            # A device that makes no progress cannot be recovered from inside: exit without acknowledging,
-            # so the broker hands this worker's messages to another, and the supervisor restarts us.
-            log.critical("the device made no progress for %.0f s (limit %g s); exiting",
-                         time.monotonic() - busy_since, limit)
-            os._exit(EXIT_DEVICE_FAILED)
-        if loop.died:
-            log.critical("the device loop thread died; exiting so the supervisor restarts this worker")
-            os._exit(EXIT_DEVICE_FAILED)

@@ -21,8 +21,10 @@ import torch
 
 from producer.settings import Kind, Settings
 from workers.device.batching import BatchLimits
-from workers.device.loop import BatchKind, DeviceLoop, Runner, SteppedKind, Stepping, exit_on_stall
+from workers.device.loop import BatchKind, DeviceLoop, Runner
 from workers.device.metrics import sample_device_memory
+from workers.device.stall import exit_on_stall
+from workers.device.stepping import SteppedKind, Stepping
 from workers.models.base import ClassifyModel, EmbedModel, GenerateModel
 from workers.models.classify import SequenceClassifier
 from workers.models.embed import PooledEmbedder

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from workers.device.loop import EXIT_DEVICE_FAILED
+from workers.device.stall import EXIT_DEVICE_FAILED
 from workers.errors import WorkerError
 
 log = logging.getLogger(__name__)
