@@ -58,6 +58,11 @@ def _drive(remote: RemoteDevice, key: str, rows: list[list[int]], requests: int,
     return time.perf_counter() - started
 
 
+def _batches(remote: RemoteDevice, key: str) -> int:
+    """Batches the device process has run for this key: two waves waiting together run as one batch."""
+    return int(remote.stats()["counts"].get(f"{key}:batches", 0))
+
+
 def _model_alone(embedder: PooledEmbedder, rows: list[list[int]], batch: int, passes: int = 200) -> float:
     """CPU seconds per request of the pass alone (pad, forward, pool) at this batch size."""
     torch.set_num_threads(1)
@@ -92,11 +97,12 @@ def main() -> None:
         _drive(remote, key, rows, 2000, args.batch)  # warm
         per_request = []
         for round_ in range(args.rounds):
-            cpu = _cpu_seconds(pid)
+            cpu, batches = _cpu_seconds(pid), _batches(remote, key)
             wall = _drive(remote, key, rows, args.requests, args.batch)
             per_request.append((_cpu_seconds(pid) - cpu) / args.requests)
             print(f"round {round_ + 1}: {args.requests / wall:,.0f} requests/s, device process "
-                  f"{per_request[-1] * 1e6:.1f} us of CPU a request")
+                  f"{per_request[-1] * 1e6:.1f} us of CPU a request, "
+                  f"{args.requests / (_batches(remote, key) - batches):.1f} requests a batch")
     finally:
         remote.stop()
         device.close()

@@ -20,12 +20,11 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from multiprocessing.connection import Client, Connection
 from typing import Any
 
-import numpy as np
 import torch
 
 from workers.device.stall import EXIT_DEVICE_FAILED
@@ -179,8 +178,8 @@ class RemoteDevice:
                             log.exception("a progress listener failed")
                 continue
             with self.answering():
-                for request_id, ok, value in body:
-                    self._resolve(request_id, ok, torch.from_numpy(value) if isinstance(value, np.ndarray) else value)
+                for request_id, ok, value in unpack_outcomes(body):
+                    self._resolve(request_id, ok, value)
 
     def _resolve(self, request_id: int, ok: bool, value: Any) -> None:
         with self._wake:
@@ -201,6 +200,14 @@ class RemoteDevice:
         log.critical("the device process is gone (%s, %s: %s); this worker exits without acknowledging, so its "
                      "messages are handed out again", self.address, type(exc).__name__, exc)
         os._exit(EXIT_DEVICE_FAILED)
+
+
+def unpack_outcomes(body: tuple[list[tuple[int, bool, Any, Any]], list[Any]]) -> Iterator[tuple[int, bool, Any]]:
+    """A ``done`` reply's outcomes, an encoder's rows as a tensor over its part of the reply's array."""
+    outcomes, arrays = body
+    stacked = [torch.from_numpy(array) for array in arrays]
+    for request_id, ok, value, rows in outcomes:
+        yield request_id, ok, value if rows is None else stacked[rows[0]][rows[1]:rows[2]]
 
 
 def _connect(address: str, authkey: bytes, wait_s: float,

@@ -1,0 +1,49 @@
+"""What a device process sends back for one send: every outcome as it was, an encoder's rows stacked."""
+
+from __future__ import annotations
+
+import pickle
+from concurrent.futures import Future
+from multiprocessing.reduction import ForkingPickler
+from typing import Any
+
+import torch
+
+from producer.errors import Cancelled, InputTooLarge
+from workers.device.remote import unpack_outcomes
+from workers.device.server import pack_outcomes
+
+
+def answered(value: Any = None, error: BaseException | None = None, cancel: bool = False) -> Future[Any]:
+    future: Future[Any] = Future()
+    if cancel:
+        future.cancel()
+    elif error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(value)
+    return future
+
+
+def test_outcomes_of_a_send_come_back_as_they_were_with_rows_of_one_shape_in_one_array() -> None:
+    one, three, probabilities = torch.randn(1, 8), torch.randn(3, 8), torch.rand(2, 3)
+    completion = {"text": "hello", "finish_reason": "stop"}
+    done = [(7, answered(one)), (8, answered(probabilities)), (9, answered(error=InputTooLarge("too long"))),
+            (10, answered(three)), (11, answered(completion)), (12, answered(cancel=True))]
+    body = pack_outcomes(done)
+    assert len(body[1]) == 2  # the embeddings' rows in one array, the probabilities in another
+    received = list(unpack_outcomes(pickle.loads(ForkingPickler.dumps(body))))
+    assert [(request_id, ok) for request_id, ok, _ in received] == [(7, True), (8, True), (9, False), (10, True),
+                                                                    (11, True), (12, False)]
+    values = {request_id: value for request_id, _, value in received}
+    for request_id, sent in ((7, one), (8, probabilities), (10, three)):
+        assert isinstance(values[request_id], torch.Tensor)
+        assert torch.equal(values[request_id], sent)
+    assert isinstance(values[9], InputTooLarge) and str(values[9]) == "too long"
+    assert values[11] == completion
+    assert isinstance(values[12], Cancelled)
+
+
+def test_a_send_without_encoder_rows_carries_no_array() -> None:
+    outcomes, arrays = pack_outcomes([(1, answered({"text": "a"}))])
+    assert arrays == [] and outcomes == [(1, True, {"text": "a"}, None)]
