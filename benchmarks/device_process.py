@@ -3,6 +3,8 @@
     python -m benchmarks.device_process [--requests 20000] [--batch 34] [--rounds 3]
 
 Uses the embed models of the settings (``INFERQ_MODELS__EMBED``; the first alias) on this machine's device.
+The pass alone is timed on the CPU, so the difference means something only where the device is the CPU; on
+a GPU read the device process's CPU a request alone.
 Starts a device process as a worker does (``device_process = true``), connects to it as a receiver does,
 and sends it ``--requests`` single-text embed requests a wave of ``--batch`` at a time (one send per wave,
 two waves in flight, as receivers under a backlog hand off), with token ids of short texts prepared

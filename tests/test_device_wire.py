@@ -1,17 +1,25 @@
-"""What a device process sends back for one send: every outcome as it was, an encoder's rows stacked."""
+"""What a device process sends back for one send: every outcome as it was, an encoder's rows stacked; and a
+receiver refusing a device process that speaks another version of the wire."""
 
 from __future__ import annotations
 
+import contextlib
 import pickle
+import threading
 from concurrent.futures import Future
+from multiprocessing.connection import Listener
 from multiprocessing.reduction import ForkingPickler
+from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 
 from producer.errors import Cancelled, InputTooLarge
-from workers.device.remote import unpack_outcomes
+from workers.device import WIRE_VERSION
+from workers.device.remote import RemoteDevice, unpack_outcomes
 from workers.device.server import pack_outcomes
+from workers.errors import WorkerError
 
 
 def answered(value: Any = None, error: BaseException | None = None, cancel: bool = False) -> Future[Any]:
@@ -47,3 +55,27 @@ def test_outcomes_of_a_send_come_back_as_they_were_with_rows_of_one_shape_in_one
 def test_a_send_without_encoder_rows_carries_no_array() -> None:
     outcomes, arrays = pack_outcomes([(1, answered({"text": "a"}))])
     assert arrays == [] and outcomes == [(1, True, {"text": "a"}, None)]
+
+
+def test_a_tensor_without_rows_comes_back_as_a_tensor_not_through_shared_memory() -> None:
+    body = pack_outcomes([(1, answered(torch.tensor(0.5)))])
+    assert body[1] == []
+    [(request_id, ok, value)] = list(unpack_outcomes(pickle.loads(ForkingPickler.dumps(body))))
+    assert (request_id, ok) == (1, True)
+    assert isinstance(value, torch.Tensor) and not value.is_shared() and value.item() == 0.5
+
+
+def test_a_receiver_refuses_a_device_process_of_another_wire_version(tmp_path: Path) -> None:
+    address, key = str(tmp_path / "old.sock"), b"k" * 32
+    with Listener(address, "AF_UNIX", authkey=key) as listener:
+        def old_release() -> None:  # an earlier release's hello carries no wire version
+            with listener.accept() as conn:
+                conn.send(("hello", {"pid": 1, "keys": []}))
+                with contextlib.suppress(EOFError, OSError):
+                    conn.recv()
+
+        server = threading.Thread(target=old_release, daemon=True)
+        server.start()
+        with pytest.raises(WorkerError, match=f"wire version 1, this worker {WIRE_VERSION}"):
+            RemoteDevice(address, key, 10.0)
+        server.join(timeout=10)

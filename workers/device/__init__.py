@@ -1,3 +1,8 @@
 """The device side: the pure batching core, the one loop that owns the device, the optional device process
 that runs encoder passes out of reach of the receiving side's GIL, and the runtime that loads the models and
 takes a request from validation to its result."""
+
+# The wire protocol between receivers and a device process (workers/device/server.py). A device process
+# announces it in its hello; a receiver of another version refuses to start rather than misread replies.
+# 2: a reply's encoder rows travel stacked, one array per row shape.
+WIRE_VERSION = 2

@@ -25,8 +25,10 @@ from concurrent.futures import Future
 from multiprocessing.connection import Client, Connection
 from typing import Any
 
+import numpy as np
 import torch
 
+from workers.device import WIRE_VERSION
 from workers.device.stall import EXIT_DEVICE_FAILED
 from workers.errors import WorkerError
 
@@ -177,9 +179,13 @@ class RemoteDevice:
                         except Exception:  # the listener's fault: the request still gets its answer
                             log.exception("a progress listener failed")
                 continue
-            with self.answering():
-                for request_id, ok, value in unpack_outcomes(body):
-                    self._resolve(request_id, ok, value)
+            try:
+                with self.answering():
+                    for request_id, ok, value in unpack_outcomes(body):
+                        self._resolve(request_id, ok, value)
+            except Exception as exc:  # a reply this process cannot read: never leave its requests waiting
+                self._lost(exc)
+                return
 
     def _resolve(self, request_id: int, ok: bool, value: Any) -> None:
         with self._wake:
@@ -207,7 +213,10 @@ def unpack_outcomes(body: tuple[list[tuple[int, bool, Any, Any]], list[Any]]) ->
     outcomes, arrays = body
     stacked = [torch.from_numpy(array) for array in arrays]
     for request_id, ok, value, rows in outcomes:
-        yield request_id, ok, value if rows is None else stacked[rows[0]][rows[1]:rows[2]]
+        if rows is not None:
+            yield request_id, ok, stacked[rows[0]][rows[1]:rows[2]]
+        else:
+            yield request_id, ok, torch.from_numpy(value) if isinstance(value, np.ndarray) else value
 
 
 def _connect(address: str, authkey: bytes, wait_s: float,
@@ -227,6 +236,10 @@ def _connect(address: str, authkey: bytes, wait_s: float,
                 raise
             if tag != "hello":
                 raise DeviceProcessUnreachable(f"the device process at {address} answered {tag!r}, not hello")
+            if hello.get("wire", 1) != WIRE_VERSION:
+                conn.close()
+                raise WorkerError(f"the device process at {address} speaks wire version {hello.get('wire', 1)}, "
+                                  f"this worker {WIRE_VERSION}: run both from the same inferq release")
             return conn, hello
         except (FileNotFoundError, ConnectionError, EOFError) as exc:  # not listening yet, or gone mid-handshake
             code = exited()

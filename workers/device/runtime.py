@@ -364,7 +364,8 @@ class Runtime:
         def build(rows: torch.Tensor) -> ClassifyResult:
             with self._label_lock:
                 for text, vector in zip(missing, rows[len(texts):], strict=True):
-                    known[text] = vector
+                    # a copy: the row is a view that would keep its whole batch's (or reply's) rows alive
+                    known[text] = vector = vector.clone()
                     self._label_vectors[(alias, text)] = vector
                 while len(self._label_vectors) > LABEL_CACHE_SIZE:
                     self._label_vectors.pop(next(iter(self._label_vectors)))

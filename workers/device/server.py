@@ -6,7 +6,8 @@ and sends each request's outcome back. CUDA is initialised here only, so no rece
 context or contends for the device, and no receiver's GIL stands between the device and its next batch.
 
 Wire protocol (``multiprocessing.connection``, pickled tuples, authenticated with a shared key):
-- server → receiver, once on connect: ``("hello", {...})``: pid, device, the model keys served, models.
+- server → receiver, once on connect: ``("hello", {...})``: the wire version (``WIRE_VERSION``), pid, device,
+  the model keys served, models.
 - receiver → server: ``("submit", [(request id, key, payload, items, longest, timeout s, progress), ...])``;
   everything the receiver prepared since its last send, so hand-offs go per batch of requests.
   ``progress``: send this request's progress (a streamed generation).
@@ -43,6 +44,7 @@ import torch
 
 from producer.errors import Cancelled
 from producer.settings import Kind, Settings
+from workers.device import WIRE_VERSION
 from workers.device.loop import DeviceLoop
 from workers.device.passes import load_models, start_loop
 from workers.errors import WorkerError
@@ -71,8 +73,8 @@ class DeviceServer:
         self.loop = start_loop(self.settings, models, device)
         self.loop.answering = _Outbox.holding
         label = device_label(device)
-        self.hello = {"pid": os.getpid(), "device": str(device), "device_label": label, "keys": models.keys(),
-                      "models": models.describe(), "load_counts": dict(models.load_counts)}
+        self.hello = {"wire": WIRE_VERSION, "pid": os.getpid(), "device": str(device), "device_label": label,
+                      "keys": models.keys(), "models": models.describe(), "load_counts": dict(models.load_counts)}
         log.info("device process ready on %s: %s loaded in %.1f s", label, ", ".join(models.keys()),
                  time.perf_counter() - started)
 
@@ -223,8 +225,8 @@ def pack_outcomes(done: list[tuple[int, Future[Any]]]) -> tuple[list[tuple[int, 
     reducers for tensors with this pickler."""
     outcomes: list[tuple[int, bool, Any, Any]] = []
     indices: dict[tuple[Any, ...], int] = {}  # a row shape's array
-    stacks: list[list[torch.Tensor]] = []  # the rows of each array, and how many rows it has so far
-    heights: list[int] = []
+    stacks: list[list[torch.Tensor]] = []  # the outcomes stacked into each array
+    heights: list[int] = []  # the rows each array has so far
     for request_id, future in done:
         ok, value = _outcome(future)
         if ok and isinstance(value, torch.Tensor) and value.dim() >= 1:
@@ -235,8 +237,8 @@ def pack_outcomes(done: list[tuple[int, Future[Any]]]) -> tuple[list[tuple[int, 
             start, heights[index] = heights[index], heights[index] + len(value)
             stacks[index].append(value)
             outcomes.append((request_id, True, None, (index, start, heights[index])))
-        else:
-            outcomes.append((request_id, ok, value, None))
+        else:  # a tensor with no rows to stack would be pickled by torch's shared-memory reducer: numpy
+            outcomes.append((request_id, ok, value.numpy() if isinstance(value, torch.Tensor) else value, None))
     return outcomes, [torch.cat(rows).numpy() for rows in stacks]
 
 
