@@ -2,9 +2,9 @@
 
     python -m benchmarks.device_process [--requests 20000] [--batch 34] [--rounds 3]
 
-Uses the embed models of the settings (``INFERQ_MODELS__EMBED``; the first alias) on this machine's device.
-The pass alone is timed on the CPU, so the difference means something only where the device is the CPU; on
-a GPU read the device process's CPU a request alone.
+Uses the embed models of the settings (``INFERQ_MODELS__EMBED``; the first alias) on the settings' device
+(``INFERQ_DEVICE``). The pass alone runs on that device too: on a CPU it is the thread's CPU time, on a GPU
+the wall time to the end of the pass, which is what the device thread spends on it there.
 Starts a device process as a worker does (``device_process = true``), connects to it as a receiver does,
 and sends it ``--requests`` single-text embed requests a wave of ``--batch`` at a time (one send per wave,
 two waves in flight, as receivers under a backlog hand off), with token ids of short texts prepared
@@ -30,6 +30,7 @@ from workers.device.passes import EncodeJob
 from workers.device.process import DeviceProcess
 from workers.device.remote import RemoteDevice
 from workers.models.embed import PooledEmbedder
+from workers.models.loading import pick_device
 
 _TEXTS = ["the quick brown fox jumps over the lazy dog", "a short question about the weather today",
           "how do I reset my password", "shipping to Lisbon takes three days",
@@ -66,15 +67,17 @@ def _batches(remote: RemoteDevice, key: str) -> int:
 
 
 def _model_alone(embedder: PooledEmbedder, rows: list[list[int]], batch: int, passes: int = 200) -> float:
-    """CPU seconds per request of the pass alone (pad, forward, pool) at this batch size."""
+    """Seconds per request of the pass alone (pad, forward, pool, rows back on the CPU) at this batch size:
+    this thread's CPU time on a CPU, the wall time on a GPU (the pass ends with its rows copied back)."""
     torch.set_num_threads(1)
+    clock = time.perf_counter if embedder.loaded.device.type == "cuda" else time.thread_time
     chunk = [rows[i % len(rows)] for i in range(batch)]
     with torch.inference_mode():
         embedder.vectors(chunk, batch, 1 << 20)  # warm
-        started = time.thread_time()
+        started = clock()
         for _ in range(passes):
             embedder.vectors(chunk, batch, 1 << 20)
-        return (time.thread_time() - started) / (passes * batch)
+        return (clock() - started) / (passes * batch)
 
 
 def main() -> None:
@@ -90,7 +93,7 @@ def main() -> None:
     if not settings.models.embed:
         raise SystemExit("no embed model in the settings: set INFERQ_MODELS__EMBED")
     alias, entry = next(iter(settings.models.embed.items()))
-    embedder = PooledEmbedder.load(alias, entry, torch.device("cpu"))
+    embedder = PooledEmbedder.load(alias, entry, pick_device(settings.device))
     rows = embedder.tokenize(_TEXTS)
     device = DeviceProcess(settings, ("embed",), "device_process bench")
     remote = RemoteDevice(device.address, device.authkey, 300.0, device.exitcode)
