@@ -145,6 +145,9 @@ class Client:
     def __init__(self, settings: Settings | None = None, *, app: Celery | None = None) -> None:
         self.settings = settings or Settings()
         self.app = app or make_celery(self.settings, "inferq-producer")
+        # Celery gives each thread a result backend of its own: every one a handle of ours was made with, so
+        # close() can forget all their subscriptions, not only the closing thread's
+        self._backends: weakref.WeakSet[Any] = weakref.WeakSet()
         self._coalescer: Coalescer | None = None
         if self.settings.coalesce_ms > 0:
             self._coalescer = Coalescer(self.app, self.settings.coalesce_ms / 1000, self.settings.limits.max_texts,
@@ -172,11 +175,14 @@ class Client:
             result = self.app.send_task(task_name(kind), kwargs=kwargs, queue=queue_name(kind),
                                         priority=priority or None,  # none: what any Celery client sends
                                         headers=sent_now())
+        self._backends.add(result.backend)
         return Handle(result, self.settings.result_timeout, self.settings.backend)
 
     def handle(self, task_id: str) -> Handle[Any]:
         """A handle for a task sent earlier (by this or any other process)."""
-        return Handle(AsyncResult(task_id, app=self.app), self.settings.result_timeout, self.settings.backend)
+        result = AsyncResult(task_id, app=self.app)
+        self._backends.add(result.backend)
+        return Handle(result, self.settings.result_timeout, self.settings.backend)
 
     def cancel(self, task_id: str) -> None:
         """Cancel a generate task: a worker running it stops it before its next decoding step, and one that
@@ -190,11 +196,13 @@ class Client:
             self._coalescer.close()
         # Handles dropped after close() unsubscribe from their result channel as they are collected; with
         # Redis gone, each unsubscribe would retry its reconnect for seconds (400 dropped handles stalled a
-        # process for minutes). A closed client forgets its subscriptions instead.
-        consumer = getattr(self.app.backend, "result_consumer", None)
-        if consumer is not None:
-            consumer.subscribed_to.clear()
-            consumer.stop()
+        # process for minutes). A closed client forgets its subscriptions instead, on every thread's backend
+        # (a handle made on a producer thread and read on another subscribed on the first one's).
+        for backend in {*self._backends, self.app.backend}:
+            consumer = getattr(backend, "result_consumer", None)
+            if consumer is not None:
+                consumer.subscribed_to.clear()
+                consumer.stop()
         self.app.close()
 
     # --- embed ----------------------------------------------------------------------------------------

@@ -3,18 +3,22 @@ clear, bounded error rather than a hang, and get() gives up at its own timeout."
 
 from __future__ import annotations
 
+import gc
 import os
 import subprocess
 import sys
+import threading
 import time
+from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
 
-from producer.client import Client
+from producer.client import Client, Handle
 from producer.errors import InferqConnectionError, InputTooLarge, InvalidInput, ResultTimeout
 from producer.settings import Limits, Settings
-from tests.conftest import REDIS_HOST, REDIS_PORT, ROOT, free_port
+from tests.conftest import REDIS_HOST, REDIS_PORT, ROOT, free_port, start_redis_server
 
 
 def silent_url() -> str:
@@ -59,6 +63,35 @@ def test_get_gives_up_at_its_timeout_not_the_next_whole_second(timeout: float) -
     finally:
         client.app.backend.client.delete("embed")
         client.close()
+
+
+@pytest.mark.integration
+def test_handles_made_on_another_thread_let_go_quietly_after_close_and_redis_gone(tmp_path: Path) -> None:
+    """Celery gives each thread a result backend: a handle made on a producer thread and read on another
+    subscribed on the first thread's. close() forgot only the closing thread's subscriptions, so such handles,
+    collected once Redis was gone, retried their unsubscribe and raised in __del__ (seen after the Sentinel
+    drill as a warning in a later test)."""
+    port = free_port()
+    server = start_redis_server(tmp_path, ["--port", str(port)], redis.Redis(port=port))
+    client = Client(Settings(redis_url=f"redis://127.0.0.1:{port}/0", connect_timeout=0.5))
+    handles: list[Handle[Any]] = []
+    made = threading.Thread(target=lambda: handles.extend(client.submit_embed([f"text {i}"]) for i in range(3)))
+    made.start()
+    made.join()
+    for handle in handles:  # read here: each subscribes on the producer thread's backend
+        with pytest.raises(ResultTimeout):
+            handle.get(timeout=0.1)
+    raised: list[Any] = []
+    hook, sys.unraisablehook = sys.unraisablehook, raised.append
+    try:
+        client.close()
+        server.kill()
+        server.wait(timeout=10)
+        handles.clear()
+        gc.collect()
+    finally:
+        sys.unraisablehook = hook
+    assert not raised, [f"{type(one.exc_value).__name__}: {one.exc_value}" for one in raised]
 
 
 @pytest.mark.integration
