@@ -10,6 +10,7 @@ import asyncio
 import atexit
 import contextlib
 import math
+import threading
 import time
 import weakref
 from collections.abc import Sequence
@@ -145,9 +146,10 @@ class Client:
     def __init__(self, settings: Settings | None = None, *, app: Celery | None = None) -> None:
         self.settings = settings or Settings()
         self.app = app or make_celery(self.settings, "inferq-producer")
-        # Celery gives each thread a result backend of its own: every one a handle of ours was made with, so
-        # close() can forget all their subscriptions, not only the closing thread's
+        # Celery gives each thread a result backend of its own, and a handle subscribes (at send) on its
+        # thread's: every one a handle of ours was made with, so close() can forget all their subscriptions
         self._backends: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._backends_lock = threading.Lock()  # a WeakSet changed while close() reads it would raise
         self._coalescer: Coalescer | None = None
         if self.settings.coalesce_ms > 0:
             self._coalescer = Coalescer(self.app, self.settings.coalesce_ms / 1000, self.settings.limits.max_texts,
@@ -175,13 +177,17 @@ class Client:
             result = self.app.send_task(task_name(kind), kwargs=kwargs, queue=queue_name(kind),
                                         priority=priority or None,  # none: what any Celery client sends
                                         headers=sent_now())
-        self._backends.add(result.backend)
+        self._made_on(result)
         return Handle(result, self.settings.result_timeout, self.settings.backend)
+
+    def _made_on(self, result: AsyncResult) -> None:
+        with self._backends_lock:
+            self._backends.add(result.backend)
 
     def handle(self, task_id: str) -> Handle[Any]:
         """A handle for a task sent earlier (by this or any other process)."""
         result = AsyncResult(task_id, app=self.app)
-        self._backends.add(result.backend)
+        self._made_on(result)
         return Handle(result, self.settings.result_timeout, self.settings.backend)
 
     def cancel(self, task_id: str) -> None:
@@ -197,12 +203,18 @@ class Client:
         # Handles dropped after close() unsubscribe from their result channel as they are collected; with
         # Redis gone, each unsubscribe would retry its reconnect for seconds (400 dropped handles stalled a
         # process for minutes). A closed client forgets its subscriptions instead, on every thread's backend
-        # (a handle made on a producer thread and read on another subscribed on the first one's).
-        for backend in {*self._backends, self.app.backend}:
+        # (a handle made on a producer thread and read on another subscribed on the first one's). Only this
+        # thread's consumer is stopped: another thread may still be reading a result on its own.
+        with self._backends_lock:
+            others = [backend for backend in self._backends if backend is not self.app.backend]
+        for backend in others:
             consumer = getattr(backend, "result_consumer", None)
             if consumer is not None:
                 consumer.subscribed_to.clear()
-                consumer.stop()
+        consumer = getattr(self.app.backend, "result_consumer", None)
+        if consumer is not None:
+            consumer.subscribed_to.clear()
+            consumer.stop()
         self.app.close()
 
     # --- embed ----------------------------------------------------------------------------------------

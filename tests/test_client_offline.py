@@ -67,20 +67,18 @@ def test_get_gives_up_at_its_timeout_not_the_next_whole_second(timeout: float) -
 
 @pytest.mark.integration
 def test_handles_made_on_another_thread_let_go_quietly_after_close_and_redis_gone(tmp_path: Path) -> None:
-    """Celery gives each thread a result backend: a handle made on a producer thread and read on another
-    subscribed on the first thread's. close() forgot only the closing thread's subscriptions, so such handles,
+    """Celery gives each thread a result backend, and a handle subscribes to its result at send, on its
+    thread's. close() forgot only the closing thread's subscriptions, so handles made on a producer thread,
     collected once Redis was gone, retried their unsubscribe and raised in __del__ (seen after the Sentinel
     drill as a warning in a later test)."""
     port = free_port()
     server = start_redis_server(tmp_path, ["--port", str(port)], redis.Redis(port=port))
-    client = Client(Settings(redis_url=f"redis://127.0.0.1:{port}/0", connect_timeout=0.5))
+    client = Client(Settings(redis_url=f"redis://127.0.0.1:{port}/0", connect_timeout=0.5, coalesce_ms=0))
     handles: list[Handle[Any]] = []
     made = threading.Thread(target=lambda: handles.extend(client.submit_embed([f"text {i}"]) for i in range(3)))
     made.start()
     made.join()
-    for handle in handles:  # read here: each subscribes on the producer thread's backend
-        with pytest.raises(ResultTimeout):
-            handle.get(timeout=0.1)
+    assert len(handles) == 3
     raised: list[Any] = []
     hook, sys.unraisablehook = sys.unraisablehook, raised.append
     try:
