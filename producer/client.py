@@ -206,15 +206,13 @@ class Client:
         # (a handle made on a producer thread and read on another subscribed on the first one's). Only this
         # thread's consumer is stopped: another thread may still be reading a result on its own.
         with self._backends_lock:
-            others = [backend for backend in self._backends if backend is not self.app.backend]
-        for backend in others:
+            backends = {*self._backends, self.app.backend}
+        for backend in backends:
             consumer = getattr(backend, "result_consumer", None)
             if consumer is not None:
                 consumer.subscribed_to.clear()
-        consumer = getattr(self.app.backend, "result_consumer", None)
-        if consumer is not None:
-            consumer.subscribed_to.clear()
-            consumer.stop()
+                if backend is self.app.backend:
+                    consumer.stop()
         self.app.close()
 
     # --- embed ----------------------------------------------------------------------------------------

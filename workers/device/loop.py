@@ -234,7 +234,7 @@ class DeviceLoop:
         self._metrics[key].batch_requests.observe(len(live))
         self.counts[f"{key}:batches"] += 1
         self.counts[f"{key}:requests"] += len(live)
-        if isinstance(self._kinds[key], SteppedKind):
+        if key in self._stepped.kinds:
             self._start(key, live, into)
         else:
             self._run_isolated(key, live)

@@ -101,7 +101,6 @@ class RunningBatches(Generic[Job]):
     def __init__(self, kinds: dict[str, SteppedKind], cache_budget: int | None) -> None:
         self.kinds = kinds
         self.cache_budget = cache_budget
-        self._per_token = {key: kind.cache_bytes_per_token for key, kind in kinds.items()}
         self.batches: list[RunningBatch[Job]] = []
         self._unjoinable: set[str] = set()  # keys whose batches refused a join (their caches cannot be merged)
 
@@ -133,7 +132,7 @@ class RunningBatches(Generic[Job]):
 
     def cache_room(self, key: str) -> int | None:
         """Padded tokens of this key's requests the cache budget has left room for; None: no budget applies."""
-        per_token = self._per_token.get(key, 0)
+        per_token = self.kinds[key].cache_bytes_per_token
         if self.cache_budget is None or per_token <= 0:
             return None
         return max(0, self.cache_budget - self.reserved()) // per_token
@@ -149,7 +148,7 @@ class RunningBatches(Generic[Job]):
 
     def reserved(self) -> int:
         """Bytes of cache the batches under way may come to hold."""
-        return sum(batch.tokens() * self._per_token[batch.key] for batch in self.batches)
+        return sum(batch.tokens() * self.kinds[batch.key].cache_bytes_per_token for batch in self.batches)
 
     def never_join(self, key: str) -> None:
         """This key's cache cannot be merged (a sliding window, say): from now on its batches run side by
