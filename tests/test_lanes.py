@@ -4,6 +4,9 @@ what a worker holds is tested on the batching core, tests/test_batching.py)."""
 from __future__ import annotations
 
 import gc
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -16,7 +19,7 @@ from producer.client import Client
 from producer.contract import LANE_PRIORITY, queue_keys
 from producer.errors import InvalidInput
 from producer.settings import Settings
-from tests.conftest import REDIS_HOST, WorkerProcess, free_port, start_redis_server
+from tests.conftest import REDIS_HOST, ROOT, WorkerProcess, free_port, start_redis_server
 
 pytestmark = pytest.mark.integration
 BULK = 600  # single-text messages: about a second and a half of this worker's device time on two cores
@@ -46,6 +49,27 @@ def test_the_client_files_bulk_work_in_the_queues_last_list(tmp_path: Path) -> N
         client.close()
         handles.clear()
         gc.collect()  # their results let go of their subscriptions while this Redis still answers
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def test_the_cli_sends_one_job_interactive_unless_told_bulk(tmp_path: Path) -> None:
+    port = free_port()
+    store = redis.Redis(host=REDIS_HOST, port=port)
+    server = start_redis_server(tmp_path, ["--port", str(port)], store)  # no worker reads it: the jobs wait
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("INFERQ_")},
+           "INFERQ_REDIS_URL": f"redis://{REDIS_HOST}:{port}/0", "INFERQ_RESULT_TIMEOUT": "0.5"}
+    try:
+        for kind, args in (("embed", ["now"]), ("embed", ["later", "--priority", "bulk"]),
+                           ("classify", ["later", "--labels", "a,b", "--priority", "bulk"]),
+                           ("generate", ["later", "--priority", "bulk"]),
+                           ("generate", ["later", "--priority", "bulk", "--stream"])):
+            done = subprocess.run([sys.executable, "-m", "producer.cli", kind, *args], env=env, cwd=ROOT,
+                                  capture_output=True, text=True, timeout=120)
+            assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr  # no answer came
+        lengths = {kind: [store.llen(key) for key in queue_keys(kind)] for kind in ("embed", "classify", "generate")}
+        assert lengths == {"embed": [1, 0, 0, 1], "classify": [0, 0, 0, 1], "generate": [0, 0, 0, 2]}
+    finally:
         server.terminate()
         server.wait(timeout=10)
 

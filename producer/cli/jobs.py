@@ -14,14 +14,14 @@ from producer.errors import InferqConnectionError
 from producer.settings import Kind
 
 
-def _run_one(kind: Kind, kwargs: dict[str, Any]) -> None:
+def _run_one(kind: Kind, kwargs: dict[str, Any], priority: Lane | None) -> None:
     with task_errors():
-        result = make_client().submit(kind, **kwargs).get()
+        result = make_client().submit(kind, priority=priority or "interactive", **kwargs).get()
     click.echo(json.dumps(result, indent=2))
 
 
 def _run_file(kind: Kind, path: str, output: str | None, defaults: dict[str, Any], window: int,
-              priority: Lane) -> None:
+              priority: Lane | None) -> None:
     from producer.bulk import run_bulk
 
     # Bytes that are not UTF-8 stay in the text as surrogates, so a bad line fails alone (InvalidInput),
@@ -38,7 +38,7 @@ def _run_file(kind: Kind, path: str, output: str | None, defaults: dict[str, Any
         report = run_bulk(make_client(), kind, source, out, defaults={k: v for k, v in defaults.items()
                                                                    if v is not None},
                           window=window, total=total, progress=sys.stderr.isatty() or output not in (None, "-"),
-                          priority=priority)
+                          priority=priority or "bulk")
     except InferqConnectionError as exc:
         click.echo(f"InferqConnectionError: {exc}", err=True)
         sys.exit(EXIT_FAILED)
@@ -61,8 +61,10 @@ _output_option = click.option("--output", "-o", metavar="PATH", type=click.Path(
                               help="bulk: where result lines go (default stdout)")
 _window_option = click.option("--window", default=256, show_default=True, type=click.IntRange(min=1),
                               help="bulk: tasks in flight at once")
-_priority_option = click.option("--priority", default="bulk", show_default=True, type=click.Choice(LANES),
-                                help="with --file: the lane its tasks take (bulk waits behind interactive work)")
+# a backfill from a file must not make the web app's requests wait behind it; one job is someone waiting
+_priority_option = click.option("--priority", type=click.Choice(LANES),
+                                help="the lane the tasks take: bulk waits behind interactive work "
+                                     "[default: bulk with --file, else interactive]")
 
 
 def _texts_or_file(texts: tuple[str, ...], file_: str | None, what: str = "TEXTS") -> None:
@@ -80,13 +82,13 @@ _model_option = click.option("--model", help="a model alias from the worker's re
 @_window_option
 @_priority_option
 def embed(texts: tuple[str, ...], model: str | None, normalize: bool, file_: str | None, output: str | None,
-          window: int, priority: Lane) -> None:
+          window: int, priority: Lane | None) -> None:
     """Embed TEXTS (one task), or every line of --file."""
     _texts_or_file(texts, file_)
     if file_:
         _run_file("embed", file_, output, {"model": model, "normalize": normalize}, window, priority)
     else:
-        _run_one("embed", {"texts": list(texts), "model": model, "normalize": normalize})
+        _run_one("embed", {"texts": list(texts), "model": model, "normalize": normalize}, priority)
 
 
 @click.command()
@@ -99,7 +101,7 @@ def embed(texts: tuple[str, ...], model: str | None, normalize: bool, file_: str
 @_window_option
 @_priority_option
 def classify(texts: tuple[str, ...], labels: str | None, top_k: int, model: str | None, file_: str | None,
-             output: str | None, window: int, priority: Lane) -> None:
+             output: str | None, window: int, priority: Lane | None) -> None:
     """Classify TEXTS (one task), or every line of --file."""
     _texts_or_file(texts, file_)
     if labels is not None and not labels.strip():
@@ -110,7 +112,7 @@ def classify(texts: tuple[str, ...], labels: str | None, top_k: int, model: str 
     if file_:
         _run_file("classify", file_, output, options, window, priority)
     else:
-        _run_one("classify", {"texts": list(texts), **options})
+        _run_one("classify", {"texts": list(texts), **options}, priority)
 
 
 @click.command()
@@ -130,7 +132,7 @@ def classify(texts: tuple[str, ...], labels: str | None, top_k: int, model: str 
 @_priority_option
 def generate(prompt: str | None, chat: bool, system: str | None, max_new_tokens: int, temperature: float,
              top_p: float, stop: tuple[str, ...], seed: int | None, stream: bool, model: str | None,
-             file_: str | None, output: str | None, window: int, priority: Lane) -> None:
+             file_: str | None, output: str | None, window: int, priority: Lane | None) -> None:
     """Generate from PROMPT (one task), or from every line of --file."""
     _texts_or_file((prompt,) if prompt else (), file_, "PROMPT")
     if system is not None and not chat:
@@ -149,9 +151,9 @@ def generate(prompt: str | None, chat: bool, system: str | None, max_new_tokens:
     else:
         request = {"prompt": prompt, **options}
     if stream:
-        _stream_one(request)
+        _stream_one({**request, "priority": priority or "interactive"})
     else:
-        _run_one("generate", request)
+        _run_one("generate", request, priority)
 
 
 def _stream_one(kwargs: dict[str, Any]) -> None:
