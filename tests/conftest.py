@@ -301,10 +301,19 @@ class TaskEvents:
         self.received: dict[str, list[str]] = {}
         self._lock = threading.Lock()
         self._connection = client.app.connection_for_read()
+        self._listening = threading.Event()
         self._receiver = client.app.events.Receiver(
-            self._connection, handlers={"task-succeeded": self._on_succeeded, "task-received": self._on_received})
+            self._connection, handlers={"task-succeeded": self._on_succeeded, "task-received": self._on_received,
+                                        "inferq-test-probe": lambda event: self._listening.set()})
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
+        # Events are published, not queued: one sent before the receiver subscribed is gone. Probe until one
+        # of our own arrives, so no task event that follows is missed.
+        with client.app.events.default_dispatcher() as dispatcher:
+            deadline = time.monotonic() + 30
+            while not self._listening.wait(0.2):
+                assert time.monotonic() < deadline, "the task-event receiver never subscribed"
+                dispatcher.send("inferq-test-probe")
 
     def _on_succeeded(self, event: dict[str, Any]) -> None:
         with self._lock:

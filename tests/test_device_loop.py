@@ -23,8 +23,10 @@ class Recorder:
     def __init__(self, hold: threading.Event | None = None) -> None:
         self.batches: list[list[int]] = []
         self.hold = hold
+        self.entered = threading.Event()  # a batch is on the device (held there until `hold` is set)
 
     def __call__(self, payloads: list[int]) -> Sequence[Any]:
+        self.entered.set()
         if self.hold is not None:
             self.hold.wait(timeout=10)
         self.batches.append(list(payloads))
@@ -45,7 +47,7 @@ def test_requests_waiting_together_run_as_one_batch_and_each_gets_its_own_answer
     loop = make_loop(runner, max_items=8, max_wait=0.0)
     try:
         first = loop.submit("square", 1, items=1, longest=1, timeout=10)  # occupies the device...
-        time.sleep(0.05)
+        assert runner.entered.wait(5)
         rest = [loop.submit("square", n, items=1, longest=1, timeout=10) for n in range(2, 8)]  # ...these wait
         hold.set()
         assert first.result(timeout=5) == 1
@@ -63,7 +65,7 @@ def test_a_request_that_breaks_its_batch_fails_alone() -> None:
     loop = make_loop(runner, max_items=8, max_wait=0.0)
     try:
         blocker = loop.submit("square", 0, items=1, longest=1, timeout=10)
-        time.sleep(0.05)
+        assert runner.entered.wait(5)
         futures = {n: loop.submit("square", n, items=1, longest=1, timeout=10) for n in (11, 12, 13, 14, 15)}
         hold.set()
         blocker.result(timeout=5)
@@ -84,7 +86,7 @@ def expire_behind_a_busy_device(cancel: bool) -> tuple[DeviceLoop, Recorder, Fut
     runner = Recorder(hold)
     loop = make_loop(runner, max_items=1, max_wait=0.0)
     busy = loop.submit("square", 2, items=1, longest=1, timeout=10)
-    time.sleep(0.05)
+    assert runner.entered.wait(5)
     late: Future[Any] = loop.submit("square", 3, items=1, longest=1, timeout=0.1)
     if cancel:
         assert late.cancel()  # what a task thread does when its own wait runs out first
@@ -183,12 +185,27 @@ class Countdown:
         return steps
 
 
+class Gate:
+    """Holds a batch on the device (its runner calls ``pass_through``) until opened."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.open = threading.Event()
+
+    def pass_through(self) -> None:
+        self.entered.set()
+        self.open.wait(timeout=10)
+
+
 def stepped_loop(max_running: int = 2, pace: float = 0.01, joins: bool = False, max_items: int = 8,
                  max_tokens: int = 10_000, prefill_steps: int = 0, cache_budget: int | None = None,
-                 ) -> tuple[DeviceLoop, list[tuple[str, tuple[int, ...]]]]:
+                 gate: Gate | None = None) -> tuple[DeviceLoop, list[tuple[str, tuple[int, ...]]]]:
+    """A loop of a stepped kind ("count", see Countdown) and a plain one ("square"; held at ``gate`` if given)."""
     log: list[tuple[str, tuple[int, ...]]] = []
 
     def square(payloads: list[int]) -> list[int]:
+        if gate is not None:
+            gate.pass_through()
         log.append(("square", tuple(payloads)))
         return [p * p for p in payloads]
 
@@ -200,11 +217,19 @@ def stepped_loop(max_running: int = 2, pace: float = 0.01, joins: bool = False, 
     return loop, log
 
 
+def wait_started(log: list[tuple[str, tuple[int, ...]]], *payloads: int, what: str = "start") -> None:
+    """Until the loop has started a stepped batch of exactly these requests (or run ``what`` of it: "step")."""
+    deadline = time.monotonic() + 5
+    while (what, payloads) not in log:
+        assert time.monotonic() < deadline, f"no {what} of {payloads}: {log}"
+        time.sleep(0.005)
+
+
 def test_other_work_runs_between_the_steps_of_a_long_stepped_batch() -> None:
     loop, log = stepped_loop()
     try:
         long = loop.submit("count", 200, items=1, longest=1, timeout=30)  # about 2 s of steps
-        time.sleep(0.1)
+        wait_started(log, 200)
         assert loop.submit("square", 7, items=1, longest=1, timeout=30).result(timeout=5) == 49
         assert not long.done()  # it answered while the long batch was still running, not after it
         assert ("square", (7,)) in log
@@ -215,10 +240,14 @@ def test_other_work_runs_between_the_steps_of_a_long_stepped_batch() -> None:
 
 
 def test_a_request_finishes_when_its_row_does_and_a_new_batch_starts_beside_a_running_one() -> None:
-    loop, log = stepped_loop(max_running=2)
+    gate = Gate()
+    loop, log = stepped_loop(max_running=2, gate=gate)
     try:
-        first = [loop.submit("count", n, items=1, longest=1, timeout=30) for n in (3, 100)]
-        time.sleep(0.1)
+        held = loop.submit("square", 0, items=1, longest=1, timeout=30)  # the device is busy...
+        assert gate.entered.wait(5)
+        first = [loop.submit("count", n, items=1, longest=1, timeout=30) for n in (3, 100)]  # ...so one batch
+        gate.open.set()
+        assert held.result(timeout=5) == 0
         assert first[0].result(timeout=5) == 3 and not first[1].done()  # answered at its own end
         late = loop.submit("count", 2, items=1, longest=1, timeout=30)
         assert late.result(timeout=5) == 2 and not first[1].done()  # a second batch, beside the first
@@ -252,10 +281,10 @@ def test_a_row_past_its_deadline_is_stopped_and_the_others_go_on() -> None:
 
 
 def test_a_request_that_breaks_a_step_fails_alone_and_its_mates_start_again() -> None:
-    loop, _ = stepped_loop(pace=0.0)
+    loop, log = stepped_loop(pace=0.0)
     try:
         blocker = loop.submit("count", 30, items=1, longest=1, timeout=30)
-        time.sleep(0.05)
+        wait_started(log, 30)
         futures = {n: loop.submit("count", n, items=1, longest=1, timeout=30) for n in (4, 5, -1, 6, 7)}
         assert blocker.result(timeout=5) == 30
         for n, future in futures.items():
@@ -280,7 +309,7 @@ def test_with_joins_a_new_request_joins_the_running_batch_after_its_first_step()
     loop, log = stepped_loop(joins=True, max_items=3)
     try:
         long = loop.submit("count", 80, items=1, longest=1, timeout=30)
-        time.sleep(0.1)
+        wait_started(log, 80)
         short = [loop.submit("count", n, items=1, longest=1, timeout=30) for n in (5, 6)]
         assert [f.result(timeout=5) for f in short] == [5, 6] and not long.done()
         steps = [rows for what, rows in log if what == "step"]
@@ -298,10 +327,10 @@ def test_with_joins_a_new_request_joins_the_running_batch_after_its_first_step()
 
 
 def test_a_request_that_cannot_join_holds_no_other_kind_behind_it() -> None:
-    loop, _ = stepped_loop(max_running=1, joins=True, max_items=4, max_tokens=100)
+    loop, log = stepped_loop(max_running=1, joins=True, max_items=4, max_tokens=100)
     try:
         long = loop.submit("count", 300, items=1, longest=60, timeout=30)
-        time.sleep(0.1)
+        wait_started(log, 300)
         waiting = loop.submit("count", 5, items=1, longest=60, timeout=30)  # 2 x 60 tokens > 100: it waits
         time.sleep(0.1)
         assert loop.submit("square", 9, items=1, longest=1, timeout=30).result(timeout=2) == 81
@@ -317,7 +346,7 @@ def test_a_refused_join_runs_beside_and_the_loop_lives_on(refuse: str, monkeypat
     loop, log = stepped_loop(max_running=1, joins=True)
     try:
         long = loop.submit("count", 100, items=1, longest=1, timeout=30)
-        time.sleep(0.1)
+        wait_started(log, 100)
         first = loop.submit("count", 5, items=1, longest=1, timeout=30)
         assert first.result(timeout=5) == 5  # beside the long one, once
         more = [loop.submit("count", 3, items=1, longest=1, timeout=30) for _ in range(3)]
@@ -334,7 +363,7 @@ def test_a_new_batch_runs_its_prefill_beside_the_running_one_and_joins_after_it(
     loop, log = stepped_loop(joins=True, prefill_steps=3)
     try:
         long = loop.submit("count", 60, items=1, longest=1, timeout=30)
-        time.sleep(0.1)
+        wait_started(log, 60, what="step")  # its own prefill done: decoding
         short = loop.submit("count", 5, items=1, longest=1, timeout=30)
         assert short.result(timeout=5) == 5 and long.result(timeout=10) == 60
         prefills = [index for index, (what, rows) in enumerate(log) if what == "prefill" and rows == (5,)]
@@ -368,7 +397,7 @@ def test_while_a_batch_is_on_its_way_in_no_further_one_starts_past_max_running()
     loop, log = stepped_loop(max_running=1, joins=True, max_items=2, prefill_steps=3)
     try:
         long = loop.submit("count", 40, items=1, longest=1, timeout=30)
-        time.sleep(0.1)
+        wait_started(log, 40)
         shorts = [loop.submit("count", 4, items=1, longest=1, timeout=30) for _ in range(4)]
         assert [f.result(timeout=10) for f in shorts] == [4, 4, 4, 4] and long.result(timeout=10) == 40
         # the running one, and one new batch in its prefill on its way in: never more
@@ -381,7 +410,7 @@ def test_a_cancelled_row_frees_its_slot_for_a_waiting_request() -> None:
     loop, log = stepped_loop(max_running=1, joins=True, max_items=1)
     try:
         running = loop.submit("count", 10_000, items=1, longest=1, timeout=30)
-        time.sleep(0.1)
+        wait_started(log, 10_000)
         waiting = loop.submit("count", 3, items=1, longest=1, timeout=30)  # no room: one row, one batch
         time.sleep(0.1)
         assert ("start", (3,)) not in log
