@@ -3,7 +3,6 @@ result, failure, seed and task events."""
 
 from __future__ import annotations
 
-import threading
 import time
 from typing import Any
 
@@ -12,7 +11,7 @@ import torch
 
 from producer.client import Client, Handle
 from producer.errors import InputTooLarge, UnknownModel
-from tests.conftest import WorkerProcess
+from tests.conftest import TaskEvents, WorkerProcess
 
 pytestmark = pytest.mark.integration
 
@@ -82,35 +81,17 @@ def test_generation_in_a_batch_comes_out_as_if_alone(client: Client, worker: Wor
 
 
 def test_task_events_are_sent_for_every_message_of_a_batch(client: Client, worker: WorkerProcess) -> None:
-    seen: set[str] = set()
-    ready = threading.Event()
-
-    def listen() -> None:
-        with client.app.connection_for_read() as connection:
-            receiver = client.app.events.Receiver(
-                connection, handlers={"task-succeeded": lambda event: seen.add(event["uuid"])})
-            ready.set()
-            receiver.capture(limit=None, timeout=30, wakeup=False)
-
-    listener = threading.Thread(target=listen, daemon=True)
-    listener.start()
-    assert ready.wait(10)
-    # events are published to whoever listens at that moment: wait until a first task's event arrives
-    deadline = time.monotonic() + 20
-    while True:
-        probe = client.submit_embed(["probe"])
-        probe.get()
-        time.sleep(0.3)
-        if probe.id in seen:
-            break
-        assert time.monotonic() < deadline, "the event receiver never saw an event"
-    handles = [client.submit_embed([f"event {i}"]) for i in range(24)]
-    for handle in handles:
-        handle.get()
-    deadline = time.monotonic() + 20
-    while not {h.id for h in handles} <= seen and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert {h.id for h in handles} <= seen
+    events = TaskEvents(client)  # returns once it listens: events go to whoever listens at that moment
+    try:
+        handles = [client.submit_embed([f"event {i}"]) for i in range(24)]
+        for handle in handles:
+            handle.get()
+        deadline = time.monotonic() + 20
+        while any(not events.answered_by(h.id) for h in handles) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert {h.id: len(events.answered_by(h.id)) for h in handles} == {h.id: 1 for h in handles}
+    finally:
+        events.close()
 
 
 def test_zero_shot_label_vectors_are_computed_once_and_counted(client: Client, worker: WorkerProcess) -> None:

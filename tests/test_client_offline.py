@@ -59,7 +59,7 @@ def test_get_gives_up_at_its_timeout_not_the_next_whole_second(timeout: float) -
         with pytest.raises(ResultTimeout, match=f"gave no result within {timeout:g} s"):
             handle.get(timeout=timeout)
         took = time.monotonic() - started
-        assert timeout <= took < timeout + 0.4, took
+        assert timeout <= took < timeout + 0.7, took  # a whole second more was the bug
     finally:
         client.app.backend.client.delete("embed")
         client.close()

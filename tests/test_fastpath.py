@@ -63,9 +63,13 @@ def test_a_warm_shutdown_answers_what_the_fast_path_holds(tmp_path: Path, device
     try:
         worker.wait_ready(client)
         handles: list[Any] = [client.submit_embed([f"text {i} " * 20]) for i in range(400)]
+        deadline = time.monotonic() + 120
         while not handles[0].ready():
+            assert time.monotonic() < deadline, worker.log()[-3000:]
             time.sleep(0.05)
+        outstanding = sum(not handle.ready() for handle in handles)
         worker.process.send_signal(signal.SIGTERM)
+        assert outstanding, "every message was answered before the SIGTERM: nothing was tested"
         assert worker.process.wait(timeout=120) == 0
         answered = {handle.id for handle in handles if handle.ready()}
         waiting = store.llen("embed")
@@ -100,7 +104,7 @@ def test_outcome_events_only_send_one_named_event_per_message(tmp_path: Path, ti
     events = store.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
     try:
         worker.wait_ready(client)
-        events.psubscribe("*celeryev/task.*")
+        events.psubscribe(f"/{DB}.celeryev/task.*")  # this database's only: pub/sub spans them all
         handles = [client.submit_embed([f"outcome {i}"], model="tiny") for i in range(20)]
         assert all(handle.get()["dim"] == 32 for handle in handles)
         seen: Counter[tuple[str, str]] = Counter()

@@ -231,7 +231,8 @@ def test_api_keys_are_required_when_set_and_the_gateway_never_runs_open_without_
     refused = subprocess.run([sys.executable, "-m", "producer.cli", "gateway", "--port", str(free_port())],
                              env=worker_env(config_path), cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert refused.returncode == 2 and "no API keys are set" in refused.stderr
-    exposed = subprocess.run([sys.executable, "-m", "producer.cli", "gateway", "--open", "--host", "0.0.0.0"],
+    exposed = subprocess.run([sys.executable, "-m", "producer.cli", "gateway", "--open", "--host", "0.0.0.0",
+                              "--port", str(free_port())],
                              env=worker_env(config_path), cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert exposed.returncode == 2 and "only on loopback" in exposed.stderr
 

@@ -18,7 +18,7 @@ import redis
 
 from producer.client import Client
 from producer.settings import Settings
-from tests.conftest import ARTIFACTS, REDIS_HOST, REDIS_PORT, ROOT, worker_env
+from tests.conftest import ARTIFACTS, REDIS_HOST, REDIS_PORT, ROOT, free_port, worker_env
 from workers.supervision.launcher import Launcher, LaunchError, Slot, default_receivers, plan_slots, split_slots
 
 DB = 12  # the launcher's workers must not take the session worker's messages (database 13), nor it theirs
@@ -89,6 +89,11 @@ def test_receivers_run_no_torch_threads_and_know_their_device_process() -> None:
     assert launcher.environment(device)["INFERQ_DEVICE_SERVER_KEY"] == "k"
 
 
+def nowhere() -> dict[str, str]:
+    """An environment whose Redis is a closed port: should a refusal regress, no worker serves a real database."""
+    return {**os.environ, "INFERQ_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["--receivers", "2"], "--receivers needs --gpus"),
     (["--gpus", "none", "--replicas", "2", "--receivers", "2"], "use one or the other"),
@@ -96,14 +101,14 @@ def test_receivers_run_no_torch_threads_and_know_their_device_process() -> None:
 ])
 def test_the_command_line_refuses_receivers_it_cannot_plan(args: list[str], message: str) -> None:
     done = subprocess.run([sys.executable, "-m", "producer.cli", "worker", *args], capture_output=True, text=True,
-                          cwd=ROOT, timeout=60)
+                          cwd=ROOT, env=nowhere(), timeout=60)
     assert done.returncode == 2
     assert message in done.stderr
 
 
 def test_the_command_line_refuses_gpus_this_machine_lacks() -> None:
     done = subprocess.run([sys.executable, "-m", "producer.cli", "worker", "--gpus", "7"], capture_output=True,
-                          text=True, cwd=ROOT, env={**os.environ, "CUDA_VISIBLE_DEVICES": "0"}, timeout=60)
+                          text=True, cwd=ROOT, env={**nowhere(), "CUDA_VISIBLE_DEVICES": "0"}, timeout=60)
     assert done.returncode == 2
     assert "--gpus names 7, but this machine has 0" in done.stderr
 

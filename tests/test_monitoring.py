@@ -252,8 +252,12 @@ def chromium(*args: str) -> subprocess.CompletedProcess[str]:
 
 def test_the_dashboard_shows_the_worker_and_its_processed_counts(flower: Flower, client: Client,
                                                                  worker: WorkerProcess) -> None:
+    def succeeded_seen() -> float:
+        return total(flower.metrics(), "flower_events_total", type="task-succeeded", worker=worker.node)
+
+    before = succeeded_seen()  # earlier tests' tasks count too: only these 30 are this test's
     assert all(handle.get()["dim"] == 384 for handle in [client.submit_embed([f"page {i}"]) for i in range(30)])
-    time.sleep(1.0)  # the events reach Flower
+    wait_for(lambda: succeeded_seen() >= before + 30, 30, "Flower to see the 30 tasks")
     url = flower.base.replace("http://", f"http://{USER}:{PASSWORD}@") + "/"
     shot = ARTIFACTS / "flower-dashboard.png"
     shot.unlink(missing_ok=True)
@@ -267,4 +271,4 @@ def test_the_dashboard_shows_the_worker_and_its_processed_counts(flower: Flower,
     cells = [re.sub(r"<[^>]+>", "", cell).strip() for cell in re.findall(r"<td[^>]*>(.*?)</td>", rows[0], re.S)]
     assert cells[:2] == [worker.node, "Online"], cells
     processed, succeeded = int(cells[3]), int(cells[5])
-    assert processed >= 30 and succeeded >= 30, cells
+    assert processed >= before + 30 and succeeded >= before + 30, (before, cells)

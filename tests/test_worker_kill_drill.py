@@ -62,7 +62,11 @@ def test_a_worker_killed_mid_load_with_the_default_settings(tmp_path: Path) -> N
         while store.llen("embed") or unacked(store).keys() - at_kill.keys():
             assert time.monotonic() < settle, survivor.log()[-2000:]
             time.sleep(0.2)
-        time.sleep(3)  # it finishes what it held at the kill
+        # it finishes what it held at the kill: what is left unacknowledged is what the dead worker received
+        while survivors := [tag for tag in unacked(store).keys() & at_kill.keys()
+                            if survivor.node in events.received_by(at_kill[tag][0])]:
+            assert time.monotonic() < settle, (survivors, survivor.log()[-2000:])
+            time.sleep(0.2)
         held = {tag: at_kill[tag] for tag in unacked(store).keys() & at_kill.keys()}
         assert held, "the killed worker held no unacknowledged work; nothing was tested"
         held_ids = {task_id for task_id, _ in held.values()}
