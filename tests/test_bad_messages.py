@@ -105,14 +105,35 @@ def test_list_entries_that_are_not_messages_go_to_the_dead_letter_list(redis_cli
         "content-type": "application/json", "content-encoding": "utf-8"}))
     redis_client.lpush("embed", b"\x00 not even json")
     redis_client.lpush("classify", json.dumps([1, 2, 3]))
+    redis_client.lpush("embed", "[" * 5000 + "]" * 5000)  # nested past what a JSON decoder recurses into
+    # envelopes the take records, but Kombu could not make a message of: each stopped the worker, and came
+    # back after the visibility timeout to stop the next one
+    for corrupt in ({"headers": ["task", "inferq.embed"]}, {"headers": "inferq.embed"},
+                    {"content-type": 7}, {"body": "not base64!"},
+                    {"properties": {"body_encoding": "rot13"}}, {"properties": {"body_encoding": ["base64"]}}):
+        _, message = raw_message("inferq.embed", {"texts": ["x"]})
+        for key, value in corrupt.items():
+            if key == "properties":
+                message["properties"].update(value)
+            else:
+                message[key] = value
+        redis_client.lpush("embed", json.dumps(message))
     assert client.embed(["after garbage"])["dim"] == 384
     assert client.classify(["after garbage"], labels=["a", "b"])["model"] == "minilm"
-    assert refused(client, worker)["not_an_envelope"] == before + 3
+    assert refused(client, worker)["not_an_envelope"] == before + 10
     kept = [json.loads(raw) for raw in redis_client.lrange(DEAD_LETTER_KEY, 0, -1)]
-    assert sorted(entry["queue"] for entry in kept) == ["classify", "embed", "embed"]
+    assert sorted(entry["queue"] for entry in kept) == ["classify"] + ["embed"] * 9
     reasons = " | ".join(entry["reason"] for entry in kept)
     assert "lacks 'exchange' or 'routing_key'" in reasons
     assert "the entry is not JSON" in reasons
+    assert "RecursionError" in reasons
     assert "the entry is JSON list, not a message envelope object" in reasons
+    assert "the envelope's 'headers' is JSON list, not an object" in reasons
+    assert "the envelope's 'headers' is JSON str, not an object" in reasons
+    assert "the envelope's 'content-type' is not a string" in reasons
+    assert "the envelope's body is not base64" in reasons
+    assert "body_encoding 'rot13' is not base64 or utf-8" in reasons
+    assert "body_encoding \"['base64']\" is not base64 or utf-8" in reasons
+    assert redis_client.hlen("unacked") == 0  # none of them left recorded, to come back
     assert "dropped an entry of queue 'embed' that is not a message" in worker.log()
     redis_client.delete(DEAD_LETTER_KEY)

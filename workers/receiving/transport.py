@@ -44,6 +44,7 @@ after room frees.
 from __future__ import annotations
 
 import atexit
+import base64
 import contextlib
 import json
 import logging
@@ -135,20 +136,37 @@ def _text(value: bytes | str) -> str:
 
 
 def envelope_problem(payload: Any) -> str | None:
-    """Why a decoded list entry cannot be delivered as a message; None when it can."""
+    """Why a decoded list entry cannot be delivered as a message; None when it can. Everything Kombu reads to
+    build its message is checked here: what it cannot read there raises in the consumer and stops the worker,
+    and the message, recorded as unacknowledged, would come back to stop the next one."""
     if not isinstance(payload, dict):
         return f"the entry is JSON {type(payload).__name__}, not a message envelope object"
     properties = payload.get("properties")
     if not isinstance(properties, dict):
         return "the envelope has no 'properties' object"
+    if not isinstance(payload.get("headers") or {}, dict):
+        return f"the envelope's 'headers' is JSON {type(payload['headers']).__name__}, not an object"
+    for field in ("content-type", "content-encoding"):
+        if not isinstance(payload.get(field) or "", str):
+            return f"the envelope's {field!r} is not a string"
     info = properties.get("delivery_info")
     if not isinstance(info, dict) or not isinstance(info.get("exchange"), str) \
             or not isinstance(info.get("routing_key"), str):
         return "the envelope's properties.delivery_info lacks 'exchange' or 'routing_key'"
     if not isinstance(properties.get("delivery_tag"), str):
         return "the envelope's properties lack a string 'delivery_tag'"
-    if not isinstance(payload.get("body"), str):
+    body = payload.get("body")
+    if not isinstance(body, str):
         return "the envelope has no string 'body'"
+    encoding = properties.get("body_encoding")
+    if encoding is None or (isinstance(encoding, str) and encoding.lower() == "utf-8"):
+        return None
+    if encoding != "base64":  # the only codec Kombu's channels know
+        return f"the envelope's properties.body_encoding {str(encoding)[:40]!r} is not base64 or utf-8"
+    try:
+        base64.b64decode(body)  # as Kombu will decode it (about a microsecond for a task's body)
+    except ValueError as exc:
+        return f"the envelope's body is not base64 ({exc})"
     return None
 
 
@@ -352,8 +370,8 @@ class Channel(kombu_redis.Channel):
             if payload is None:  # the standard library accepts a little more (NaN) and names what is wrong
                 payload = json.loads(_text(item))
             problem = envelope_problem(payload)
-        except (ValueError, UnicodeDecodeError) as exc:
-            problem = f"the entry is not JSON ({type(exc).__name__}: {exc})"
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: nested too deep
+            problem = f"the entry is not JSON ({type(exc).__name__}: {str(exc)[:200]})"
         if problem is not None:
             self._dead_letter(queue, item, problem)
             return None
