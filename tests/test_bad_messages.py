@@ -82,6 +82,38 @@ def test_a_body_that_is_not_a_task_triple_fails_with_invalid_message(redis_clien
     assert client.embed(["still serving"])["dim"] == 384
 
 
+@pytest.mark.parametrize("path", ["fast", "celery"])
+def test_a_triple_of_the_wrong_shapes_fails_with_invalid_message_on_either_path(
+        redis_client: redis.Redis, client: Client, worker: WorkerProcess, path: str) -> None:
+    """Celery's own path (a redelivered message, one with an eta) acknowledged some of these unanswered, and
+    failed others in the pool where nothing was stored or acknowledged, so they came back forever."""
+    bodies = {"kwargs are JSON list, not an object": [[], ["x"], {}],
+              "kwargs are JSON str, not an object": [[], "abc", {}],
+              "args are JSON int, not an array": [7, {"texts": ["x"]}, {}],
+              "embed is JSON str, not an object or null": [[], {"texts": ["x"]}, "x"],
+              "the body is JSON list of 2": [[], {"texts": ["x"]}]}
+    sent = {}
+    for says, body in bodies.items():
+        task_id, message = raw_message("inferq.embed", {})
+        message["body"] = base64.b64encode(json.dumps(body).encode()).decode()
+        if path == "celery":
+            message["properties"]["delivery_info"]["redelivered"] = True  # as Kombu marks a restored one
+        redis_client.lpush("embed", json.dumps(message))
+        sent[task_id] = says
+    for task_id, says in sent.items():
+        meta = stored(redis_client, task_id)
+        assert meta["result"]["exc_type"] == "InvalidMessage", meta
+        assert says in meta["result"]["exc_message"], meta
+    # a kwarg named like the task's own first parameter is an unknown argument, not a TypeError
+    task_id, message = raw_message("inferq.embed", {"texts": ["x"], "task": 1})
+    if path == "celery":
+        message["properties"]["delivery_info"]["redelivered"] = True
+    redis_client.lpush("embed", json.dumps(message))
+    meta = stored(redis_client, task_id)
+    assert meta["result"]["exc_type"] == "InvalidInput" and "task" in meta["result"]["exc_message"], meta
+    assert client.embed(["still serving"])["dim"] == 384
+
+
 def test_an_unknown_task_name_fails_with_invalid_message_naming_the_tasks(redis_client: redis.Redis, client: Client,
                                                                          worker: WorkerProcess) -> None:
     before = refused(client, worker).get("unknown_task", 0)

@@ -34,6 +34,23 @@ def count_refused(reason: str) -> None:
     _refused.add(reason)
 
 
+def triple_problem(body: Any) -> str | None:
+    """Why a decoded protocol-2 body is not an ``[args, kwargs, embed]`` triple Celery can call a task with;
+    None when it is (or when it is a protocol-1 body, a dict Celery converts and checks itself)."""
+    if isinstance(body, dict):
+        return None
+    if not isinstance(body, list | tuple) or len(body) != 3:
+        return f"the body is JSON {type(body).__name__}{f' of {len(body)}' if isinstance(body, list) else ''}"
+    args, kwargs, embed = body
+    if not isinstance(args, list | tuple):
+        return f"its args are JSON {type(args).__name__}, not an array"
+    if not isinstance(kwargs, dict):
+        return f"its kwargs are JSON {type(kwargs).__name__}, not an object"
+    if embed is not None and not isinstance(embed, dict):
+        return f"its embed is JSON {type(embed).__name__}, not an object or null"
+    return None
+
+
 def _undecodable(message: Any, exc: Exception) -> str:
     return (f"the message could not be decoded ({type(exc).__name__}: {exc}); inferq accepts only JSON task "
             f"messages (content type {message.content_type!r})")
@@ -43,6 +60,14 @@ def _undecodable(message: Any, exc: Exception) -> str:
 # up to 30 s, and Celery gives no setting for it. A Sentinel failover takes about 2 s (tests/test_sentinel_drill.py:
 # the worker came back 6.2 s after the master's loss with Kombu's steps); so do short Redis restarts.
 RECONNECT_INTERVALS = {"interval_start": 0.25, "interval_step": 0.25, "interval_max": 2.0}
+
+
+def _body_problem(message: Any) -> str | None:
+    try:
+        body = message.decode()  # kept by the message: Celery's request does not decode it again
+    except Exception:  # Celery refuses what it cannot decode, and counts it (on_invalid_task)
+        return None
+    return triple_problem(body)
 
 
 class InferqConsumer(Consumer):  # type: ignore[misc]
@@ -58,14 +83,23 @@ class InferqConsumer(Consumer):  # type: ignore[misc]
         passes = tuple(self.connection_errors) + tuple(self.channel_errors) + (MemoryError,)
         fast = getattr(self.app, "inferq_fast_path", None)
         direct: dict[Any, Any] = fast.direct if fast is not None else {}
+        ours = {task_name(kind) for kind in KINDS}
 
         def on_task_received(message: Any) -> Any:
             try:
                 headers = message.headers
-                take = direct.get(headers.get("task")) if type(headers) is dict else None
+                name = headers.get("task") if type(headers) is dict else None
+                take = direct.get(name)
                 # (with per-message callbacks registered, the autoscaler's, every message goes Celery's way)
                 if take is not None and not self.on_task_message and take(message):
                     return None  # an ordinary message of ours: the fast path took it
+                if name in ours and (problem := _body_problem(message)) is not None:
+                    # Celery's own path would acknowledge it unanswered, or fail it in the pool where nothing
+                    # is stored nor acknowledged and it comes back every visibility timeout
+                    self._refuse(message, "invalid_task", f"the task message is malformed: {problem}; the body "
+                                                          "must be [args, kwargs, embed]")
+                    message.reject_log_error(log, self.connection_errors)
+                    return None
                 return handle(message)
             except passes:
                 raise  # the consumer reconnects on these

@@ -39,6 +39,7 @@ from producer.contract import message_priority
 from producer.errors import InferqError
 from producer.settings import Kind
 from workers.device.runtime import Pending, Runtime, stream_requested
+from workers.receiving.consumer import triple_problem
 from workers.receiving.counters import SharedCounter
 from workers.receiving.events import plain, send_task_events
 from workers.receiving.result_repr import result_repr
@@ -154,14 +155,12 @@ class FastPath:
             return None
         try:
             payload = message.decode()
-            if not isinstance(payload, list | tuple):  # a protocol-1 body (a dict with "args"), or not a task
-                return None
-            args, kwargs, _embed = payload
         except Exception:  # Celery's path refuses it with the right error and counts it
             return None
-        if not isinstance(args, list | tuple) or not isinstance(kwargs, dict):
+        # a protocol-1 body (a dict with "args") goes Celery's way; a malformed one the consumer refuses
+        if not isinstance(payload, list | tuple) or triple_problem(payload) is not None:
             return None
-        return args, kwargs
+        return payload[0], payload[1]
 
     def _runtime_or_none(self) -> Runtime | None:
         try:

@@ -30,7 +30,7 @@ def _register(app: Celery, kind: Kind, runtime: Callable[[], Runtime], settings:
     # back as InvalidInput, not as a TypeError from Python's call machinery.
     wait = getattr(settings.time_limits, kind)
 
-    def run(task: Any, *args: Any, **kwargs: Any) -> Result:
+    def run(task: Any, /, *args: Any, **kwargs: Any) -> Result:  # `/`: a kwarg named "task" reaches validation
         try:
             with quarantined(app, task.request, settings.max_deliveries, keep, wait) as earlier:
                 if earlier is not None:
