@@ -128,3 +128,14 @@ def test_the_cache_bytes_per_token_are_what_a_real_cache_holds(generator: Causal
                for layer in cache.layers)
     rows, _, tokens, _ = cache.layers[0].keys.shape
     assert held == rows * tokens * generator.cache_bytes_per_token
+
+
+@torch.inference_mode()
+def test_the_tiniest_temperature_and_top_p_the_contract_allows_sample_the_likeliest_token(
+        generator: CausalGenerator) -> None:
+    """Divided by 1e-45 the logits overflowed to inf (NaN probabilities), and a top_p of 5e-46 is 0 in float32
+    (no token left): either made the sampler raise, and with it every request of its batch."""
+    greedy = run(start(generator, GREEDY))[0]
+    for extreme in ({"temperature": 1e-45}, {"temperature": 0.9, "top_p": 5e-46},
+                    {"temperature": 1e-45, "top_p": 5e-46}):
+        assert run(start(generator, {**GREEDY, **extreme, "seed": 3}))[0].tokens == greedy.tokens, extreme

@@ -52,11 +52,15 @@ def pick(logits: torch.Tensor, row: Row) -> int:
     """The next token of one row from its float32 logits over the vocabulary."""
     if row.temperature <= 0:
         return int(logits.argmax())
-    probs = torch.softmax(logits / row.temperature, dim=-1)
+    # less the largest first: divided by a tiny temperature (the contract allows any above 0) the logits would
+    # overflow to inf, and the softmax of inf is NaN; this way the largest is 0 and the rest at most 0
+    probs = torch.softmax((logits - logits.max()) / row.temperature, dim=-1)
     if row.top_p < 1.0:
         sorted_probs, sorted_ids = probs.sort(descending=True)
-        # keep the smallest prefix whose mass reaches top_p (the first token always stays)
+        # keep the smallest prefix whose mass reaches top_p; the first token always stays, even for a top_p
+        # so small that it is 0 in float32
         outside = sorted_probs.cumsum(-1) - sorted_probs >= row.top_p
+        outside[0] = False
         sorted_probs = sorted_probs.masked_fill(outside, 0.0)
         choice = torch.multinomial(sorted_probs, 1, generator=row.generator)
         return int(sorted_ids[choice])
