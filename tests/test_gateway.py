@@ -147,6 +147,23 @@ def test_bad_input_and_unknown_models_are_openai_errors_with_our_message(gateway
     with pytest.raises(openai.BadRequestError, match="tools: not supported"):
         sdk.chat.completions.create(model="smollm2", messages=CHAT,
                                     tools=[{"type": "function", "function": {"name": "f"}}])
+    # a field that is not OpenAI's, or one OpenAI has that would change the answer, is refused by name, not
+    # ignored; one that changes nothing passes
+    with pytest.raises(openai.BadRequestError, match=r"unrecognized field.*'top_k'"):
+        sdk.chat.completions.create(model="smollm2", messages=CHAT, extra_body={"top_k": 5})
+    with pytest.raises(openai.BadRequestError, match=r"unrecognized field.*'normalize'"):
+        sdk.embeddings.create(model="minilm", input="x", extra_body={"normalize": False})
+    assert sdk.chat.completions.create(model="smollm2", messages=CHAT, max_tokens=1, user="u1",
+                                       metadata={"team": "a"}).choices[0].finish_reason == "length"
+    # JSON's own types: no true as a temperature, no "0.5" as a number, no 5.0 as a token count
+    for wrong in ({"temperature": True}, {"top_p": "0.5"}, {"max_tokens": 5.0}, {"stream": "yes"}):
+        with pytest.raises(openai.BadRequestError, match=next(iter(wrong))):
+            sdk.post("/chat/completions", body={"model": "smollm2", "messages": CHAT, **wrong}, cast_to=object)
+    with pytest.raises(openai.BadRequestError, match=r"messages\[0\]\.content\[0\]\.text must be a string"):
+        sdk.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": [
+            {"type": "text", "text": None}]}])  # type: ignore[list-item]
+    with pytest.raises(openai.BadRequestError, match=r"messages\[0\]: 'name' not supported"):
+        sdk.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "hi", "name": "bob"}])
     with pytest.raises(openai.NotFoundError, match="nope") as missing:
         sdk.embeddings.create(model="nope", input="x")
     assert missing.value.code == "model_not_found"
@@ -213,7 +230,7 @@ def test_a_client_that_goes_away_mid_stream_cancels_its_generation(gateway: Gate
 def test_api_keys_are_required_when_set_and_the_gateway_never_runs_open_without_being_told(
         config_path: Path, worker: WorkerProcess) -> None:
     keyed = Gateway(config_path, ARTIFACTS / "gateway-keyed.log",
-                    INFERQ_GATEWAY__API_KEYS=json.dumps({"webapp": KEY}))
+                    INFERQ_GATEWAY__API_KEYS=json.dumps({"webapp": KEY}), INFERQ_GATEWAY__MAX_BODY_MB="0.01")
     try:
         with pytest.raises(openai.AuthenticationError):
             keyed.sdk("sk-wrong").models.list()
@@ -225,6 +242,16 @@ def test_api_keys_are_required_when_set_and_the_gateway_never_runs_open_without_
         assert 'inferq_gateway_errors_total{route="/v1/models",type="invalid_api_key"} 1.0' in page
         assert KEY not in page
         assert httpx.get(f"{keyed.url}/health", timeout=10).status_code == 200  # a load balancer needs no key
+        # a body over INFERQ_GATEWAY__MAX_BODY_MB (here 10 KiB): 413, whether its length is declared or not
+        big = json.dumps({"model": "minilm", "input": ["x" * 20_000]}).encode()
+        authorized = {"authorization": f"Bearer {KEY}", "content-type": "application/json"}
+        declared = httpx.post(f"{keyed.url}/v1/embeddings", content=big, headers=authorized, timeout=30)
+        assert declared.status_code == 413 and "MAX_BODY_MB" in declared.json()["error"]["message"]
+        chunked = httpx.post(f"{keyed.url}/v1/embeddings", headers=authorized, timeout=30,
+                             content=(big[at:at + 4096] for at in range(0, len(big), 4096)))
+        assert chunked.status_code == 413
+        assert httpx.post(f"{keyed.url}/v1/embeddings", json={"model": "minilm", "input": "small"},
+                          headers=authorized, timeout=30).status_code == 200
     finally:
         keyed.stop()
     assert KEY not in (ARTIFACTS / "gateway-keyed.log").read_text()

@@ -139,12 +139,27 @@ def create_app(settings: Settings, open_access: bool = False, client: Client | N
         raise GatewayError(401, "a valid API key is needed: Authorization: Bearer <key>", "invalid_request_error",
                            "invalid_api_key")
 
+    max_body = int(settings.gateway.max_body_mb * 2**20)
+
+    def too_large() -> GatewayError:
+        return GatewayError(413, f"the body is over {settings.gateway.max_body_mb:g} MiB "
+                                 "(INFERQ_GATEWAY__MAX_BODY_MB)", "invalid_request_error")
+
     async def body_of(request: Request) -> Any:
         caller(request)
         if not keys and not request.headers.get("content-type", "").startswith("application/json"):
             raise GatewayError(415, "send the body as application/json", "invalid_request_error")
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > max_body:
+            raise too_large()
+        chunks, size = [], 0
+        async for chunk in request.stream():  # a body sent without its length is counted as it comes
+            size += len(chunk)
+            if size > max_body:
+                raise too_large()
+            chunks.append(chunk)
         try:
-            return orjson.loads(await request.body())
+            return orjson.loads(b"".join(chunks))
         except orjson.JSONDecodeError as exc:
             raise GatewayError(400, f"the body is not valid JSON ({exc})", "invalid_request_error") from None
 

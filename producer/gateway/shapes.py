@@ -3,8 +3,11 @@
 Only what inferq can honour is accepted: a field it cannot keep (``n`` > 1, token-id inputs, ``dimensions``,
 tools, log probabilities) is refused with InvalidInput naming it. A field given as null means its default,
 as OpenAI reads it; the no-op values of refused fields (``tool_choice: "none"``, ``response_format`` of
-type text) pass, and other fields that change nothing about the answer (``user``, ``metadata``, ``store``,
-...) are ignored.
+type text) pass, and the OpenAI fields that change nothing about the answer (``user``, ``metadata``,
+``store``, ...; ``IGNORED``) are ignored. Any other field is refused by name, as OpenAI refuses an argument it
+does not know: ignoring it (``top_k``, ``repetition_penalty``, a misspelt ``labels``) would answer another
+question than the one asked. Values are taken as JSON gives them: ``true`` is no temperature, ``"0.5"`` no
+number, ``5.0`` no token count.
 """
 
 from __future__ import annotations
@@ -26,10 +29,17 @@ UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "logprobs",
                "audio", "modalities", "prediction")
 NO_OPS: dict[str, Any] = {"tool_choice": "none", "response_format": {"type": "text"}, "presence_penalty": 0,
                           "frequency_penalty": 0, "best_of": 1}
+# Fields of the OpenAI API that change nothing about the answer: accepted and ignored.
+IGNORED = frozenset({"user", "metadata", "store", "service_tier", "parallel_tool_calls", "safety_identifier",
+                     "prompt_cache_key"})
+# What a chat message may carry besides its role and content when empty (a conversation replayed from
+# OpenAI's own answers has "refusal": null, "annotations": [], ...); refused with a value
+MESSAGE_FIELDS = frozenset({"role", "content"})
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="allow")  # checked by _refuse_unsupported, then ignored
+    # strict: JSON's own types only (no true as 1.0, no "5" as 5); extra: checked by parse, then ignored
+    model_config = ConfigDict(extra="allow", strict=True)
 
     model: str | None = None
     user: str | None = None
@@ -85,6 +95,11 @@ def parse(shape: type[_Body], body: Any) -> Any:
                if body.get(name) not in (None, False, [], {}) and body.get(name) != NO_OPS.get(name)]
     if refused:
         raise InvalidInput(f"{', '.join(refused)}: not supported by inferq")
+    unknown = sorted(set(parsed.model_extra or ()) - IGNORED - set(UNSUPPORTED))
+    if unknown:
+        named = ", ".join(repr(name[:40]) for name in unknown[:5]) + (" ..." if len(unknown) > 5 else "")
+        raise InvalidInput(f"unrecognized field(s) {named}: this route takes "
+                           f"{', '.join(sorted(shape.model_fields))}")
     return parsed
 
 
@@ -137,11 +152,19 @@ def chat_kwargs(body: ChatBody, default_max_tokens: int) -> dict[str, Any]:
     limit; here the worker's ``max_new_tokens`` limit)."""
     messages = []
     for index, message in enumerate(body.messages):
+        extra = [key for key, value in message.items()
+                 if key not in MESSAGE_FIELDS and value not in (None, False, [], {}, "")]
+        if extra:
+            raise InvalidInput(f"messages[{index}]: {', '.join(repr(key[:40]) for key in extra[:5])} not supported; "
+                               "a message is its role and content")
         content = message.get("content")
         if isinstance(content, list):  # content parts: only text ones
             if any(not isinstance(part, dict) or part.get("type") != "text" for part in content):
                 raise InvalidInput(f"messages[{index}].content: only text parts are supported")
-            content = "".join(str(part.get("text", "")) for part in content)
+            for at, part in enumerate(content):
+                if not isinstance(part.get("text"), str):
+                    raise InvalidInput(f"messages[{index}].content[{at}].text must be a string")
+            content = "".join(part["text"] for part in content)
         role = message.get("role")
         if role == "developer":  # OpenAI's newer name for the system role
             role = "system"
