@@ -13,7 +13,7 @@ import math
 import threading
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Generic, TypeVar, cast
@@ -255,10 +255,10 @@ class Client:
                         model: str | None = None, stream: bool = False,
                         priority: Lane = "interactive") -> Handle[GenerateResult]:
         return self.submit("generate", priority=priority, prompt=prompt,
-                           messages=[dict(m) for m in messages] if messages is not None else None,
+                           messages=_as_messages(messages) if messages is not None else None,
                            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                            stop=_as_list(stop) if stop is not None else None, seed=seed, model=model,
-                           stream=True if stream else None)
+                           stream=stream or None)  # stream="no" reaches validation, which refuses it
 
     def generate(self, prompt: str | None = None, *, timeout: float | None = None,
                  **options: Any) -> GenerateResult:
@@ -284,6 +284,14 @@ def _both(settings: Settings) -> str:
     return broker if broker == backend else f"{broker} / {backend}"
 
 
-def _as_list(values: Sequence[str]) -> Any:
-    # A bare string is a sequence of characters: leave it as it is so validation names the mistake.
-    return values if isinstance(values, str) else list(values)
+def _as_list(values: Any) -> Any:
+    """A tuple or other sequence as the list the contract takes; anything else as it is, so validation names the
+    mistake (a bare string is a sequence of characters, 5 none at all)."""
+    return list(values) if isinstance(values, Sequence) and not isinstance(values, str | bytes) else values
+
+
+def _as_messages(messages: Any) -> Any:
+    """Each message as a plain dict (a TypedDict, a mapping); anything else as it is, for validation to name."""
+    if not isinstance(messages, Sequence) or isinstance(messages, str | bytes):
+        return messages
+    return [dict(message) if isinstance(message, Mapping) else message for message in messages]

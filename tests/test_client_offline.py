@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,18 @@ def test_bad_input_is_refused_before_anything_is_sent(offline_client: Client) ->
         offline_client.embed(["x"] * 257)
     with pytest.raises(InvalidInput, match="texts must be a non-empty list of strings; got string 'one text'"):
         offline_client.embed("one text")
+    # the typed helpers pass what they were given on to validation: no TypeError or ValueError of their own
+    wrong: list[tuple[Callable[[], Any], str]] = [
+        (lambda: offline_client.embed(5), "texts"),  # type: ignore[arg-type]
+        (lambda: offline_client.embed(("a", "b"), normalize="yes"), "normalize"),  # type: ignore[arg-type]
+        (lambda: offline_client.classify(["a"], labels=5), "labels"),  # type: ignore[arg-type]
+        (lambda: offline_client.generate(messages="hello"), "messages"),  # type: ignore[arg-type]
+        (lambda: offline_client.generate(messages=["hi"]), "messages"),  # type: ignore[list-item]
+        (lambda: offline_client.generate("x", stop=5), "stop"),
+        (lambda: offline_client.generate("x", stream="no"), "stream")]
+    for call, names in wrong:
+        with pytest.raises(InvalidInput, match=names):
+            call()
 
 
 def test_a_dead_broker_raises_a_connection_error_within_seconds(offline_client: Client) -> None:
