@@ -49,6 +49,10 @@ class CausalGenerator:
         self._eos: set[int] = set(eos) if isinstance(eos, list) else ({eos} if eos is not None else set())
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(self._eos), 0)
         self._pad = int(pad)
+        # The model's control tokens as text ("<|im_start|>", ...): the rendered chat is tokenised whole, so
+        # one written inside a message would become the real token and let its writer forge another turn.
+        self._control = tuple(sorted({token.content for token in tokenizer.added_tokens_decoder.values()
+                                      if token.special and token.content}))
 
     @classmethod
     def load(cls, alias: str, entry: ModelEntry, device: torch.device, weights: bool = True,
@@ -67,6 +71,11 @@ class CausalGenerator:
             if not tokenizer.chat_template:
                 raise InvalidInput(f"model {self.loaded.alias!r} has no chat template; send prompt instead of "
                                    "messages")
+            for index, message in enumerate(request.messages):
+                forged = next((token for token in self._control if token in message.content), None)
+                if forged is not None:
+                    raise InvalidInput(f"messages[{index}].content holds {forged!r}, a control token of model "
+                                       f"{self.loaded.alias!r}; a message may not write one")
             chat = [message.model_dump() for message in request.messages]
             rendered = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
             prompt = encoder.encode(str(rendered), add_special_tokens=False).ids
