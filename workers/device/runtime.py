@@ -31,7 +31,7 @@ from producer.contract import (
     GenerateResult,
     validate,
 )
-from producer.errors import Cancelled, InferqError, InvalidInput, OutOfMemory, TaskTimeout, UnknownModel
+from producer.errors import Cancelled, InferqError, InputTooLarge, InvalidInput, OutOfMemory, TaskTimeout, UnknownModel
 from producer.settings import Kind, Settings
 from workers.device.loop import DeviceLoop
 from workers.device.passes import EncodeJob, Models, load_models, start_loop
@@ -359,7 +359,12 @@ class Runtime:
         with self._label_lock:
             known = {text: self._label_vectors.get((alias, text)) for text in label_texts}
         missing = [text for text, vector in known.items() if vector is None]
-        ids = embedder.tokenize(texts) + (embedder.tokenize(missing, "labels") if missing else [])
+        ids = embedder.tokenize(texts)
+        try:
+            ids += embedder.tokenize(missing, "labels") if missing else []
+        except InputTooLarge:  # named by its place among the cached ones too: tokenise them all to say where
+            embedder.tokenize(label_texts, "labels")
+            raise
 
         def build(rows: torch.Tensor) -> ClassifyResult:
             with self._label_lock:
