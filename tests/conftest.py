@@ -60,6 +60,20 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def stop(process: subprocess.Popen[Any], timeout: float = 20) -> None:
+    """SIGTERM, then SIGKILL if it is still running after ``timeout``: a process that hangs on its way out
+    must not outlive its test (a worker would go on serving its database). A hang fails the test."""
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+        raise AssertionError(f"{process.args!r} did not stop within {timeout:g} s of SIGTERM; killed") from None
+
+
 def start_redis_server(workdir: Path, args: list[str], probe: redis.Redis,
                        launcher: Sequence[str] = ()) -> subprocess.Popen[bytes]:
     """A redis-server of a test's own (`args`: its options, a later --bind replacing loopback), returned once
@@ -74,7 +88,10 @@ def start_redis_server(workdir: Path, args: list[str], probe: redis.Redis,
             return server
         except redis.ConnectionError:
             assert server.poll() is None, "redis-server exited"
-            assert time.monotonic() < deadline, "redis-server did not start"
+            if time.monotonic() > deadline:
+                server.kill()
+                server.wait()
+                raise AssertionError("redis-server did not start within 20 s") from None
             time.sleep(0.05)
 
 

@@ -128,25 +128,29 @@ def test_a_receiver_refuses_a_device_process_without_its_models_or_its_key(tmp_p
     address, key = str(tmp_path / "device.sock"), "the-key"
     server = DeviceServer(served, ("embed",), address, key.encode())
     server.load()
-    threading.Thread(target=server.serve, daemon=True).start()
-    with pytest.raises(AuthenticationError):
-        RemoteDevice(address, b"another key", wait_s=30)
-    wanting = Settings.model_validate({"device_server": address, "device_server_key": key, "models": {
-        "embed": {"tiny": tiny}, "classify": {"tiny-sentiment": tiny}, "generate": {}}})
-    with pytest.raises(WorkerError, match="does not serve classify/tiny-sentiment"):
-        Runtime(wanting, ("embed", "classify")).load()
-    other = {**tiny, "max_length": 32}  # the same alias with another token limit is another model
-    differing = Settings.model_validate({"device_server": address, "device_server_key": key, "models": {
-        "embed": {"tiny": other}, "classify": {}, "generate": {}}})
-    with pytest.raises(WorkerError, match="does not serve embed/tiny as this worker configures it"):
-        Runtime(differing, ("embed",)).load()
-    # the same registry and kinds: it answers, with the vectors the device process computed
-    matching = Settings.model_validate({"device_server": address, "device_server_key": key, "models": {
-        "embed": {"tiny": tiny}, "classify": {}, "generate": {}}})
-    runtime = Runtime(matching, ("embed",))
-    runtime.load()
     try:
-        result = runtime.handle("embed", (), {"texts": ["one", "two"], "model": "tiny"})
-        assert result["dim"] == 32 and len(result["embeddings"]) == 2
-    finally:
-        runtime.close()
+        threading.Thread(target=server.serve, daemon=True).start()
+        with pytest.raises(AuthenticationError):
+            RemoteDevice(address, b"another key", wait_s=30)
+        wanting = Settings.model_validate({"device_server": address, "device_server_key": key, "models": {
+            "embed": {"tiny": tiny}, "classify": {"tiny-sentiment": tiny}, "generate": {}}})
+        with pytest.raises(WorkerError, match="does not serve classify/tiny-sentiment"):
+            Runtime(wanting, ("embed", "classify")).load()
+        other = {**tiny, "max_length": 32}  # the same alias with another token limit is another model
+        differing = Settings.model_validate({"device_server": address, "device_server_key": key, "models": {
+            "embed": {"tiny": other}, "classify": {}, "generate": {}}})
+        with pytest.raises(WorkerError, match="does not serve embed/tiny as this worker configures it"):
+            Runtime(differing, ("embed",)).load()
+        # the same registry and kinds: it answers, with the vectors the device process computed
+        matching = Settings.model_validate({"device_server": address, "device_server_key": key, "models": {
+            "embed": {"tiny": tiny}, "classify": {}, "generate": {}}})
+        runtime = Runtime(matching, ("embed",))
+        runtime.load()
+        try:
+            result = runtime.handle("embed", (), {"texts": ["one", "two"], "model": "tiny"})
+            assert result["dim"] == 32 and len(result["embeddings"]) == 2
+        finally:
+            runtime.close()
+    finally:  # the loop and its stall watch would live on in this test process otherwise
+        assert server.loop is not None
+        server.loop.stop()

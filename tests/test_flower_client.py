@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import REDIS_URL, WorkerProcess, free_port
+from tests.conftest import REDIS_URL, WorkerProcess, free_port, stop
 
 pytestmark = pytest.mark.integration
 
@@ -52,8 +52,7 @@ def flower(worker: WorkerProcess) -> Iterator[str]:
                 time.sleep(0.3)
         yield base
     finally:
-        process.terminate()
-        process.wait(timeout=20)
+        stop(process, 20)
 
 
 def result_of(base: str, task_id: str) -> dict[str, Any]:

@@ -39,6 +39,7 @@ from tests.conftest import (
     device_counts,
     free_port,
     start_redis_server,
+    stop,
     worker_env,
 )
 
@@ -69,8 +70,7 @@ class Gateway:
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0, timeout=120)
 
     def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(timeout=20)
+        stop(self.process, 20)
         self._log.close()
 
 
@@ -323,8 +323,7 @@ def test_a_full_queue_is_refused_with_429_and_an_unserved_kind_with_503_and_noth
     finally:
         if full is not None:
             full.stop()
-        server.terminate()
-        server.wait(timeout=10)
+        stop(server, 10)
 
 
 async def _admit_all(admission: Admission, kinds: list[str]) -> list[str]:
@@ -355,8 +354,7 @@ def test_admission_counts_the_interactive_list_and_reads_it_once_per_window(tmp_
         assert asyncio.run(_admit_all(Admission(url, limit=None, cache_s=0, retry_after=1, connect_timeout=2.0),
                                       ["classify"])) == ["admitted"]
     finally:
-        server.terminate()
-        server.wait(timeout=10)
+        stop(server, 10)
 
 
 async def _waits(client: Client) -> None:

@@ -19,7 +19,7 @@ from producer.client import Client
 from producer.contract import LANE_PRIORITY, queue_keys
 from producer.errors import InvalidInput
 from producer.settings import Settings
-from tests.conftest import REDIS_HOST, ROOT, WorkerProcess, free_port, start_redis_server
+from tests.conftest import REDIS_HOST, ROOT, WorkerProcess, free_port, start_redis_server, stop
 
 pytestmark = pytest.mark.integration
 BULK = 600  # single-text messages: about a second and a half of this worker's device time on two cores
@@ -49,8 +49,7 @@ def test_the_client_files_bulk_work_in_the_queues_last_list(tmp_path: Path) -> N
         client.close()
         handles.clear()
         gc.collect()  # their results let go of their subscriptions while this Redis still answers
-        server.terminate()
-        server.wait(timeout=10)
+        stop(server, 10)
 
 
 def test_the_cli_sends_one_job_interactive_unless_told_bulk(tmp_path: Path) -> None:
@@ -70,8 +69,7 @@ def test_the_cli_sends_one_job_interactive_unless_told_bulk(tmp_path: Path) -> N
         lengths = {kind: [store.llen(key) for key in queue_keys(kind)] for kind in ("embed", "classify", "generate")}
         assert lengths == {"embed": [1, 0, 0, 1], "classify": [0, 0, 0, 1], "generate": [0, 0, 0, 2]}
     finally:
-        server.terminate()
-        server.wait(timeout=10)
+        stop(server, 10)
 
 
 def test_an_interactive_request_overtakes_queued_bulk_work(client: Client, worker: WorkerProcess) -> None:

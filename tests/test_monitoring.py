@@ -26,7 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from producer.client import Client
 from producer.contract import PRIORITY_SEP, SENT_HEADER
 from producer.monitoring import QueueDepthCollector
-from tests.conftest import ARTIFACTS, REDIS_HOST, REDIS_PORT, REDIS_URL, ROOT, WorkerProcess, free_port
+from tests.conftest import ARTIFACTS, REDIS_HOST, REDIS_PORT, REDIS_URL, ROOT, WorkerProcess, free_port, stop
 
 pytestmark = pytest.mark.integration
 USER, PASSWORD = "admin", "flower-test-password"
@@ -87,8 +87,7 @@ def flower(worker: WorkerProcess, config_path: Path) -> Iterator[Flower]:
         wait_for(up, 60, "flower to start")
         yield flower
     finally:
-        process.terminate()
-        process.wait(timeout=20)
+        stop(process, 20)
     assert PASSWORD not in (ARTIFACTS / "flower.log").read_text()  # nor in its argv: it came by environment
 
 
@@ -230,8 +229,7 @@ def test_prometheus_scrapes_flower_and_the_worker_and_every_dashboard_query_answ
         answers = {target["expr"]: query(target["expr"])
                    for panel in dashboard["panels"] for target in panel["targets"]}
     finally:
-        process.terminate()
-        process.wait(timeout=20)
+        stop(process, 20)
     empty = [expr for expr, series in answers.items() if not series and not any(what in expr for what in NO_DATA_HERE)]
     assert not empty, f"dashboard queries with no data: {empty}"
     rates = {series["metric"]["task"]: float(series["value"][1]) for series in

@@ -20,7 +20,7 @@ from kombu import Queue as KombuQueue
 from producer.client import Client, Handle
 from producer.errors import InferqConnectionError
 from producer.settings import Settings
-from tests.conftest import ARTIFACTS, WorkerProcess, free_port, start_redis_server, worker_env
+from tests.conftest import ARTIFACTS, WorkerProcess, free_port, start_redis_server, stop, worker_env
 from workers.receiving.transport import Transport
 
 pytestmark = pytest.mark.integration
@@ -106,8 +106,7 @@ def test_a_redis_restart_mid_load(how: str, tmp_path: Path) -> None:
     finally:
         worker.stop()
         client.close()
-        server.terminate()
-        server.wait(timeout=20)
+        stop(server, 20)
 
 
 def test_a_message_popped_as_redis_stops_is_put_back_when_it_returns(tmp_path: Path) -> None:
@@ -140,8 +139,7 @@ def test_a_message_popped_as_redis_stops_is_put_back_when_it_returns(tmp_path: P
             assert again.delivery_tag == message.delivery_tag and not again.delivery_info.get("redelivered")
             store.close()
     finally:
-        server.terminate()
-        server.wait(timeout=20)
+        stop(server, 20)
 
 
 def test_coalesced_calls_across_a_redis_restart_get_their_answer_or_a_clear_error(tmp_path: Path) -> None:
@@ -184,5 +182,4 @@ def test_coalesced_calls_across_a_redis_restart_get_their_answer_or_a_clear_erro
     finally:
         worker.stop()
         client.close()
-        server.terminate()
-        server.wait(timeout=20)
+        stop(server, 20)

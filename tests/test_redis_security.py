@@ -18,7 +18,7 @@ import redis
 from producer.client import Client
 from producer.errors import InferqConnectionError
 from producer.settings import Settings
-from tests.conftest import ARTIFACTS, ROOT, WorkerProcess, free_port, start_redis_server, worker_env
+from tests.conftest import ARTIFACTS, ROOT, WorkerProcess, free_port, start_redis_server, stop, worker_env
 
 pytestmark = pytest.mark.integration
 PASSWORD = "s3cret-Redis-pw"
@@ -37,8 +37,7 @@ def guarded_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     server = start_redis(port, tmp_path_factory.mktemp("redis"), probe)
     yield f"redis://:{PASSWORD}@127.0.0.1:{port}/0"
     probe.close()
-    server.terminate()
-    server.wait(timeout=20)
+    stop(server, 20)
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +62,7 @@ def tls_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, P
     yield (f"rediss://:{PASSWORD}@127.0.0.1:{port}/0?ssl_cert_reqs=required&ssl_ca_certs={certs / 'ca.crt'}",
            certs)
     probe.close()
-    server.terminate()
-    server.wait(timeout=20)
+    stop(server, 20)
 
 
 def test_a_worker_and_a_producer_speak_tls_and_refuse_an_unverified_server(tls_redis: tuple[str, Path],
@@ -136,7 +134,6 @@ def test_worker_producer_and_flower_work_and_never_show_the_password(guarded_red
                  if PASSWORD in text or "wrong-pw" in text]
         assert not leaks, f"the password appears in: {leaks}"
     finally:
-        flower.terminate()
-        flower.wait(timeout=20)
+        stop(flower, 20)
         worker.stop()
         client.close()

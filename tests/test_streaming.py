@@ -37,6 +37,7 @@ from tests.conftest import (
     free_port,
     serving,
     start_redis_server,
+    stop,
     worker_env,
 )
 
@@ -393,6 +394,5 @@ def test_stream_writes_made_while_redis_is_away_are_written_once_when_it_answers
         assert "".join(texts) == "Hello world!" and len(entries) == len(texts) + 1, entries
         assert 0 < away.ttl(stream_key(task_id)) <= 600
     finally:
-        server.terminate()
-        server.wait(timeout=10)
+        stop(server, 10)
         away.close()

@@ -13,7 +13,7 @@ from typing import Any
 import redis
 from celery import Celery
 
-from tests.conftest import free_port, start_redis_server
+from tests.conftest import free_port, start_redis_server, stop
 from workers.receiving.events import ThreadSafeTaskEvents, send_task_events
 
 
@@ -53,8 +53,7 @@ def test_events_held_through_a_lost_broker_are_published_once_it_is_back(tmp_pat
     try:
         send_task_events(first, [("task-succeeded", {"uuid": "sent-before", "runtime": 0.5, "result": "[1.0]"})],
                          all_plain=True)
-        server.terminate()
-        server.wait(timeout=10)
+        stop(server, 10)
         first.flush()  # Redis is gone: the batch is kept where Celery keeps what it could not publish
         assert [event["uuid"] for batch, _ in first._outbound_buffer for event in batch] == ["sent-before"]
         send_task_events(first, [("task-started", {"uuid": "sent-while-down"})], all_plain=True)
@@ -76,5 +75,4 @@ def test_events_held_through_a_lost_broker_are_published_once_it_is_back(tmp_pat
         assert events[0]["runtime"] == 0.5 and events[0]["result"] == "[1.0]"
         pubsub.close()
     finally:
-        server.terminate()
-        server.wait(timeout=10)
+        stop(server, 10)

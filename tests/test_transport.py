@@ -18,7 +18,7 @@ from kombu import Connection, Consumer, Producer
 from kombu import Queue as KombuQueue
 
 from producer.contract import queue_keys
-from tests.conftest import REDIS_HOST, REDIS_PORT, flushed_db, free_port, start_redis_server
+from tests.conftest import REDIS_HOST, REDIS_PORT, flushed_db, free_port, start_redis_server, stop
 from workers.receiving.dead_letter import DEAD_LETTER_KEY
 from workers.receiving.transport import Transport
 from workers.receiving.waiting import porter_lease, tracking_prefixes
@@ -54,8 +54,7 @@ def own_redis(workdir: Path, *args: str) -> Iterator[redis.Redis]:
     try:
         yield client
     finally:
-        server.terminate()
-        server.wait(timeout=10)
+        stop(server, 10)
         client.close()
 
 
