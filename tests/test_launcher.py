@@ -18,7 +18,7 @@ import redis
 
 from producer.client import Client
 from producer.settings import Settings
-from tests.conftest import ARTIFACTS, REDIS_HOST, REDIS_PORT, ROOT, free_port, worker_env
+from tests.conftest import ARTIFACTS, REDIS_HOST, REDIS_PORT, ROOT, free_port, stop, worker_env
 from workers.supervision.launcher import Launcher, LaunchError, Slot, default_receivers, plan_slots, split_slots
 
 DB = 12  # the launcher's workers must not take the session worker's messages (database 13), nor it theirs
@@ -158,22 +158,21 @@ def launched(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Launched]:
     ARTIFACTS.mkdir(exist_ok=True)
     log_path = ARTIFACTS / "launcher.log"
     env = worker_env(config, URL)
+    # Nobody serves this database yet: the health check must say so (asked before the launcher starts, so it
+    # cannot race its children's start-up).
+    early = run_cli("check", "--local", "--timeout", "0.5")
+    assert early.returncode == 1, early.stdout
+    assert "unhealthy: no worker answered within 0.5 s" in early.stderr
     with log_path.open("wb") as log:
         process = subprocess.Popen([sys.executable, "-m", "producer.cli", "worker", "--gpus", "none", "--replicas",
                                     "2", "--kinds", "embed"], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     client = Client(Settings(redis_url=URL, result_timeout=60))
     launched = Launched(process, log_path, client, NODES)
     try:
-        # Not up yet (the children are still importing torch): the health check must say so.
-        early = run_cli("check", "--local", "--timeout", "0.5")
-        assert early.returncode == 1, early.stdout
-        assert "unhealthy: no worker answered within 0.5 s" in early.stderr
         launched.wait_ready(NODES)
         yield launched
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            process.wait(timeout=60)
+        stop(process, 60)
         client.close()
         store.flushdb()
         store.close()
