@@ -166,7 +166,7 @@ def test_unknown_model_lists_what_is_available(client: Client, worker: WorkerPro
         client.classify(["x"], model="nope")
 
 
-def test_async_variants_run_concurrently(client: Client, worker: WorkerProcess) -> None:
+def test_async_variants_answer_side_by_side_under_gather(client: Client, worker: WorkerProcess) -> None:
     async def many() -> list[Any]:
         return await asyncio.gather(
             client.aembed(["one"]), client.aembed(["two"]),

@@ -224,13 +224,18 @@ def test_prometheus_scrapes_flower_and_the_worker_and_every_dashboard_query_answ
             for handle in handles:
                 handle.get()
             time.sleep(0.5)
-        time.sleep(2.5)
         dashboard = json.loads((ROOT / "deploy/grafana/dashboards/inferq.json").read_text())
-        answers = {target["expr"]: query(target["expr"])
-                   for panel in dashboard["panels"] for target in panel["targets"]}
+        deadline = time.monotonic() + 30
+        while True:  # until the scrapes after the load have landed (or the deadline says which never did)
+            answers = {target["expr"]: query(target["expr"])
+                       for panel in dashboard["panels"] for target in panel["targets"]}
+            empty = [expr for expr, series in answers.items()
+                     if not series and not any(what in expr for what in NO_DATA_HERE)]
+            if not empty or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
     finally:
         stop(process, 20)
-    empty = [expr for expr, series in answers.items() if not series and not any(what in expr for what in NO_DATA_HERE)]
     assert not empty, f"dashboard queries with no data: {empty}"
     rates = {series["metric"]["task"]: float(series["value"][1]) for series in
              answers['sum by (task) (rate(flower_events_total{type="task-succeeded"}[1m]))']}

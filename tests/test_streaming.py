@@ -369,7 +369,8 @@ def test_a_redelivery_that_decodes_another_text_marks_a_restart_and_writes_it_wh
         client.close()
 
 
-def test_stream_writes_made_while_redis_is_away_are_written_once_when_it_answers(tmp_path: Path) -> None:
+def test_stream_writes_made_while_redis_is_away_are_written_once_when_it_answers(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     from workers.receiving.streams import StreamPublisher
 
     port = free_port()
@@ -380,7 +381,10 @@ def test_stream_writes_made_while_redis_is_away_are_written_once_when_it_answers
     step = publisher.open(task_id, lambda tokens: "".join(pieces[token] for token in tokens))
     step([0])
     step([1])
-    time.sleep(0.5)  # those writes failed: nothing listens on the port yet
+    deadline = time.monotonic() + 10
+    while "could not write to generation streams" not in caplog.text:  # those writes failed: nobody listens
+        assert time.monotonic() < deadline, "the publisher never tried to write while Redis was away"
+        time.sleep(0.05)
     server = start_redis_server(tmp_path, ["--port", str(port)], away)
     try:
         step([2])
