@@ -20,7 +20,8 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def http(settings: Settings, config_path: Path, worker: WorkerProcess) -> Iterator[TestClient]:
-    os.environ["INFERQ_REDIS_URL"] = settings.redis_url
+    saved = os.environ.get("INFERQ_REDIS_URL")
+    os.environ["INFERQ_REDIS_URL"] = settings.redis_url  # the example app reads its settings from the environment
     try:
         from examples import webapp
 
@@ -28,7 +29,10 @@ def http(settings: Settings, config_path: Path, worker: WorkerProcess) -> Iterat
             yield test_client
         webapp.client.close()
     finally:
-        del os.environ["INFERQ_REDIS_URL"]
+        if saved is None:
+            del os.environ["INFERQ_REDIS_URL"]
+        else:
+            os.environ["INFERQ_REDIS_URL"] = saved
 
 
 def error_of(response: Any, status: int) -> dict[str, str]:

@@ -10,11 +10,12 @@ import subprocess
 import sys
 
 import pytest
+import redis
 import torch
 
 from producer.client import Client
 from producer.settings import ModelRegistry, Settings
-from tests.conftest import ARTIFACTS, REDIS_HOST, REDIS_PORT, ROOT
+from tests.conftest import ARTIFACTS, REDIS_HOST, REDIS_PORT, ROOT, stop
 from tests.test_launcher import Launched
 from workers.device.runtime import Runtime
 from workers.supervision.launcher import visible_gpus
@@ -34,21 +35,28 @@ def test_embed_on_cuda_matches_cpu_in_half_precision() -> None:
     registry = only("embed")
     gpu = Runtime(Settings(models=registry, device="cuda"), ("embed",))
     cpu = Runtime(Settings(models=registry, device="cpu"), ("embed",))
-    gpu.load()
-    cpu.load()
-    described = gpu.describe()["models"]["embed"]["minilm"]
-    assert described["device"].startswith("cuda")
-    assert described["dtype"] in ("bfloat16", "float16")
-    on_gpu = torch.tensor(gpu.handle("embed", (), {"texts": TEXTS})["embeddings"])  # type: ignore[typeddict-item]
-    on_cpu = torch.tensor(cpu.handle("embed", (), {"texts": TEXTS})["embeddings"])  # type: ignore[typeddict-item]
+    try:
+        gpu.load()
+        cpu.load()
+        described = gpu.describe()["models"]["embed"]["minilm"]
+        assert described["device"].startswith("cuda")
+        assert described["dtype"] in ("bfloat16", "float16")
+        on_gpu = torch.tensor(gpu.handle("embed", (), {"texts": TEXTS})["embeddings"])  # type: ignore[typeddict-item]
+        on_cpu = torch.tensor(cpu.handle("embed", (), {"texts": TEXTS})["embeddings"])  # type: ignore[typeddict-item]
+    finally:
+        gpu.close()
+        cpu.close()
     cosine = (on_gpu * on_cpu).sum(-1)
     assert bool((cosine > 0.99).all()), cosine
 
 
 def test_generate_on_cuda() -> None:
     runtime = Runtime(Settings(models=only("generate"), device="cuda"), ("generate",))
-    runtime.load()
-    result = runtime.handle("generate", (), {"prompt": "The capital of France is", "max_new_tokens": 8})
+    try:
+        runtime.load()
+        result = runtime.handle("generate", (), {"prompt": "The capital of France is", "max_new_tokens": 8})
+    finally:
+        runtime.close()
     assert result["completion_tokens"] >= 1  # type: ignore[typeddict-item]
 
 
@@ -81,6 +89,7 @@ def test_the_launcher_pins_one_worker_to_each_gpu_in_half_precision() -> None:
         launched.wait_ready([nodes[0]], timeout=300, not_pid=pid)
         assert client.embed(["back on the GPU"])["dim"] > 0
     finally:
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=120) == 0
+        stop(process, 120)
         client.close()
+        redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=5).flushdb()
+    assert process.returncode == 0  # a clean exit on SIGTERM
