@@ -1,5 +1,9 @@
 """Task events the fast path buffers survive a lost broker: a batch that could not be published is sent
-again once Redis is back, through the dispatcher a restarted consumer makes, as Celery does with its own."""
+again once Redis is back, through the dispatcher a restarted consumer makes, as Celery does with its own.
+
+The consumer here is only what the step reads of it (``hub`` and ``event_dispatcher``, the dispatcher a real
+one, made as Celery's consumer makes it): a whole worker cannot be made to lose its broker between a batch's
+publish and its retry on cue, and the drills that restart Redis under a real worker cover the rest."""
 
 from __future__ import annotations
 
