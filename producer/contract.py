@@ -289,6 +289,12 @@ def _check_text(where: str, text: str, limits: Limits) -> None:
         raise InputTooLarge(f"{where} has {len(text)} characters; at most {limits.max_chars} are allowed")
 
 
+def _visible(text: str) -> bool:
+    """Whether the text has a character that shows: not only spaces, nor format or control characters alone
+    (a zero-width space, a byte-order mark, NUL), which embed as nothing."""
+    return any(char.isprintable() and not char.isspace() for char in text)
+
+
 def _check_texts(texts: list[str], limits: Limits) -> None:
     if not texts:
         raise InvalidInput("texts must be a non-empty list of strings; got []")
@@ -296,8 +302,9 @@ def _check_texts(texts: list[str], limits: Limits) -> None:
         raise InputTooLarge(f"texts has {len(texts)} items; at most {limits.max_texts} are allowed per request")
     for i, text in enumerate(texts):
         _check_text(f"texts[{i}]", text, limits)
-        if not text.strip():  # as for labels: nothing to embed or classify but padding
-            raise InvalidInput(f"texts[{i}] has only whitespace; each text must have visible characters")
+        if not _visible(text):  # as for labels: nothing to embed or classify but padding
+            raise InvalidInput(f"texts[{i}] has only whitespace or invisible characters; each text must have "
+                               "visible characters")
 
 
 def _check_labels(labels: list[str], limits: Limits) -> None:
@@ -305,17 +312,19 @@ def _check_labels(labels: list[str], limits: Limits) -> None:
         raise InvalidInput("labels must be a non-empty list of distinct strings, or omitted; got []")
     if len(labels) > limits.max_labels:
         raise InputTooLarge(f"labels has {len(labels)} items; at most {limits.max_labels} are allowed")
-    seen: set[str] = set()
+    seen: dict[str, int] = {}
     for i, label in enumerate(labels):
         _check_unicode(f"labels[{i}]", label)
-        if not label.strip():
+        if not _visible(label):
             raise InvalidInput(f"labels[{i}] is empty; each label must have visible characters")
         if len(label) > limits.max_label_chars:
             raise InputTooLarge(f"labels[{i}] has {len(label)} characters; at most {limits.max_label_chars} "
                                 "are allowed")
-        if label in seen:
-            raise InvalidInput(f"labels[{i}] repeats {label!r}; labels must be distinct")
-        seen.add(label)
+        # "x" and "x " tokenise alike: their scores would split one label's evenly
+        first = seen.setdefault(label.strip(), i)
+        if first != i:
+            raise InvalidInput(f"labels[{i}] repeats labels[{first}] ({label.strip()!r}, spaces aside); labels must "
+                               "be distinct")
 
 
 _PHRASES = {

@@ -38,7 +38,9 @@ def test_good_requests_pass_with_defaults() -> None:
     ({"texts": "just one"}, "texts must be a non-empty list of strings; got string 'just one'"),
     ({}, "texts is required"),
     ({"texts": ["ok", ""]}, "texts[1] is an empty string"),
-    ({"texts": ["ok", " \n\t"]}, "texts[1] has only whitespace; each text must have visible characters"),
+    ({"texts": ["ok", " \n\t"]}, "texts[1] has only whitespace or invisible characters"),
+    ({"texts": ["\u200b"]}, "texts[0] has only whitespace or invisible characters"),  # a zero-width space
+    ({"texts": ["ok", "\x00\ufeff "]}, "texts[1] has only whitespace or invisible characters"),
     ({"texts": [["nested"]]}, "texts[0] must be a string; got list"),
     ({"texts": ["x"], "normalize": 1}, "normalize must be true or false; got int"),
     ({"texts": ["x"], "normalize": "yes"}, "normalize must be true or false; got string 'yes'"),
@@ -66,7 +68,9 @@ def test_limits_raise_input_too_large(kwargs: dict[str, Any], expected: str) -> 
 
 @pytest.mark.parametrize(("kwargs", "error", "expected"), [
     ({"texts": ["a"], "labels": []}, InvalidInput, "labels must be a non-empty list"),
-    ({"texts": ["a"], "labels": ["x", "x"]}, InvalidInput, "labels[1] repeats 'x'"),
+    ({"texts": ["a"], "labels": ["x", "x"]}, InvalidInput, "labels[1] repeats labels[0] ('x', spaces aside)"),
+    ({"texts": ["a"], "labels": ["y", "x", " x "]}, InvalidInput, "labels[2] repeats labels[1]"),
+    ({"texts": ["a"], "labels": ["x", "\u200b"]}, InvalidInput, "labels[1] is empty"),
     ({"texts": ["a"], "labels": ["x", " "]}, InvalidInput, "labels[1] is empty"),
     ({"texts": ["a"], "labels": ["a", "b", "c", "d"]}, InputTooLarge, "labels has 4 items; at most 3"),
     ({"texts": ["a"], "top_k": 0}, InvalidInput, "top_k must be an integer >= 1; got 0"),
