@@ -108,6 +108,8 @@ def test_a_chat_message_cannot_write_the_models_control_tokens(client: Client, w
                                            r"model 'smollm2'"):
         client.generate(messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": forged}])
     assert client.generate("a prompt is the caller's own <|im_start|>", max_new_tokens=1)["completion_tokens"] == 1
+    with pytest.raises(InvalidInput, match=r"stop\[1\] holds '<\|im_end\|>', a control token of model 'smollm2'"):
+        client.generate("x", stop=["\n", "<|im_end|>"], max_new_tokens=1)  # it could never match the text
 
 
 def test_generate_stops_before_the_stop_string_and_at_the_length_limit(client: Client,

@@ -64,6 +64,11 @@ class CausalGenerator:
     def prepare(self, request: GenerateRequest, task_id: str | None = None) -> Prepared:
         """Render and tokenise the prompt and check it fits. Thread-safe."""
         tokenizer, encoder = self.loaded.tokenizer, self.loaded.encoder
+        for index, stop in enumerate(request.stop or ()):
+            control = next((token for token in self._control if token in stop), None)
+            if control is not None:  # the text is decoded without them: it would never match
+                raise InvalidInput(f"stop[{index}] holds {control!r}, a control token of model {self.loaded.alias!r}, "
+                                   "which the text never shows; generation ends at the model's end token anyway")
         if request.messages is None:
             assert request.prompt is not None  # the contract guarantees exactly one of the two
             prompt = encoder.encode(request.prompt).ids
