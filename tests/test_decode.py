@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from producer.contract import GenerateRequest
+from producer.errors import InputTooLarge
 from producer.settings import ModelEntry
 from workers.models.decode import MIN_CHUNK_COLUMNS
 from workers.models.generate import CausalGenerator, Completion, GenerationBatch
@@ -139,3 +140,14 @@ def test_the_tiniest_temperature_and_top_p_the_contract_allows_sample_the_likeli
     for extreme in ({"temperature": 1e-45}, {"temperature": 0.9, "top_p": 5e-46},
                     {"temperature": 1e-45, "top_p": 5e-46}):
         assert run(start(generator, {**GREEDY, **extreme, "seed": 3}))[0].tokens == greedy.tokens, extreme
+
+
+def test_truncate_keeps_the_prompts_end_and_leaves_room_for_the_new_tokens(tiny_models: dict[str, Path]) -> None:
+    entry = ModelEntry(source=str(tiny_models["lm"]), max_length=128, truncate=True)
+    truncating = CausalGenerator.load("tiny-lm", entry, torch.device("cpu"), weights=False)
+    whole = truncating.loaded.encoder.encode(" ".join(f"word{i}" for i in range(200))).ids
+    prepared = truncating.prepare(GenerateRequest(prompt=" ".join(f"word{i}" for i in range(200)),
+                                                  max_new_tokens=20))
+    assert prepared.prompt == whole[-108:]  # 128 - 20: its end, where the continuation starts
+    with pytest.raises(InputTooLarge, match="max_new_tokens is 128"):  # no room at all for the prompt
+        truncating.prepare(GenerateRequest(prompt="word", max_new_tokens=128))

@@ -53,6 +53,9 @@ class CausalGenerator:
         # one written inside a message would become the real token and let its writer forge another turn.
         self._control = tuple(sorted({token.content for token in tokenizer.added_tokens_decoder.values()
                                       if token.special and token.content}))
+        # truncate = true: a prompt keeps its end, cut in prepare to leave room for max_new_tokens; the
+        # tokenizer's own truncation would keep its start, and to max_length, leaving no room at all
+        loaded.encoder.no_truncation()
 
     @classmethod
     def load(cls, alias: str, entry: ModelEntry, device: torch.device, weights: bool = True,
@@ -85,6 +88,9 @@ class CausalGenerator:
             rendered = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
             prompt = encoder.encode(str(rendered), add_special_tokens=False).ids
         limit = self.loaded.entry.max_length
+        room = limit - request.max_new_tokens
+        if len(prompt) > room and self.loaded.entry.truncate and room >= 1:
+            prompt = prompt[-room:]  # the end of the prompt: what the continuation follows
         if len(prompt) + request.max_new_tokens > limit:
             raise InputTooLarge(
                 f"the prompt is {len(prompt)} tokens and max_new_tokens is {request.max_new_tokens}; model "
