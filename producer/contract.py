@@ -255,8 +255,11 @@ def validate(kind: Kind, kwargs: Any, limits: Limits, args: Any = ()) -> Request
         named = ", ".join(repr(name) if len(name) <= 40 else repr(name[:40] + "...") for name in unknown[:5])
         more = f" (and {len(unknown) - 5} more)" if len(unknown) > 5 else ""
         raise InvalidInput(f"unknown argument(s) {named}{more} for inferq.{kind}; allowed: {_allowed_names(kind)}")
+    # null means the argument's default, for every argument alike (as the Python client leaves None out, and
+    # as OpenAI reads null); it was refused for some (top_k, normalize) and taken for others (seed, model)
+    given = {key: value for key, value in kwargs.items() if value is not None}
     try:
-        return REQUEST_TYPES[kind].model_validate(kwargs, context=limits)
+        return REQUEST_TYPES[kind].model_validate(given, context=limits)
     except ValidationError as exc:
         raise InvalidInput(_describe(exc.errors())) from None
 

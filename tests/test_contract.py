@@ -30,6 +30,14 @@ def test_good_requests_pass_with_defaults() -> None:
     assert (generate.max_new_tokens, generate.temperature, generate.top_p) == (64, 0.0, 1.0)
     # JSON numbers: an integer is a fine temperature
     assert validate("generate", {"prompt": "x", "temperature": 1}, LIMITS).temperature == 1.0  # type: ignore[union-attr]
+    # null is an argument's default, whichever argument it is
+    assert validate("embed", {"texts": ["a"], "normalize": None, "model": None}, LIMITS) == \
+        EmbedRequest(texts=["a"], normalize=True, model=None)
+    nulls = validate("generate", {"prompt": "x", "messages": None, "max_new_tokens": None, "temperature": None,
+                                  "top_p": None, "stop": None, "seed": None, "stream": None}, LIMITS)
+    assert nulls == validate("generate", {"prompt": "x"}, LIMITS)
+    assert validate("classify", {"texts": ["a"], "top_k": None, "labels": None}, LIMITS) == \
+        validate("classify", {"texts": ["a"]}, LIMITS)
 
 
 @pytest.mark.parametrize(("kwargs", "expected"), [
