@@ -13,7 +13,7 @@ import math
 import threading
 import time
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Generic, TypeVar, cast
@@ -285,13 +285,17 @@ def _both(settings: Settings) -> str:
 
 
 def _as_list(values: Any) -> Any:
-    """A tuple or other sequence as the list the contract takes; anything else as it is, so validation names the
-    mistake (a bare string is a sequence of characters, 5 none at all)."""
-    return list(values) if isinstance(values, Sequence) and not isinstance(values, str | bytes) else values
+    """Any iterable (a tuple, a generator, a numpy array, a pandas Series) as the list the contract takes;
+    anything else as it is, so validation names the mistake: a bare string is an iterable of characters, a
+    mapping one of its keys, and 5 none at all."""
+    if isinstance(values, str | bytes | Mapping) or not isinstance(values, Iterable):
+        return values
+    return list(values)
 
 
 def _as_messages(messages: Any) -> Any:
     """Each message as a plain dict (a TypedDict, a mapping); anything else as it is, for validation to name."""
-    if not isinstance(messages, Sequence) or isinstance(messages, str | bytes):
-        return messages
-    return [dict(message) if isinstance(message, Mapping) else message for message in messages]
+    listed = _as_list(messages)
+    if not isinstance(listed, list):
+        return listed
+    return [dict(message) if isinstance(message, Mapping) else message for message in listed]

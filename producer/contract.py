@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+import unicodedata
 from typing import Any, Literal, NotRequired, TypedDict
 
 from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, model_validator
@@ -251,10 +252,9 @@ def validate(kind: Kind, kwargs: Any, limits: Limits, args: Any = ()) -> Request
     if not isinstance(kwargs, dict):
         raise InvalidInput(f"inferq.{kind} kwargs must be an object; got {json_type_name(kwargs)}")
     unknown = sorted(str(key) for key in kwargs if key not in REQUEST_TYPES[kind].model_fields)
-    if unknown:  # a name cut short, and a few of them: the error is stored and logged, whatever was sent
-        named = ", ".join(repr(name) if len(name) <= 40 else repr(name[:40] + "...") for name in unknown[:5])
-        more = f" (and {len(unknown) - 5} more)" if len(unknown) > 5 else ""
-        raise InvalidInput(f"unknown argument(s) {named}{more} for inferq.{kind}; allowed: {_allowed_names(kind)}")
+    if unknown:
+        raise InvalidInput(f"unknown argument(s) {few_names(unknown)} for inferq.{kind}; allowed: "
+                           f"{_allowed_names(kind)}")
     # null means the argument's default, for every argument alike (as the Python client leaves None out, and
     # as OpenAI reads null); it was refused for some (top_k, normalize) and taken for others (seed, model)
     given = {key: value for key, value in kwargs.items() if value is not None}
@@ -294,8 +294,12 @@ def _check_text(where: str, text: str, limits: Limits) -> None:
 
 def _visible(text: str) -> bool:
     """Whether the text has a character that shows: not only spaces, nor format or control characters alone
-    (a zero-width space, a byte-order mark, NUL), which embed as nothing."""
-    return any(char.isprintable() and not char.isspace() for char in text)
+    (a zero-width space, a byte-order mark, NUL), which embed as nothing. By category, not isprintable(): a
+    character newer than this Python's Unicode data (an emoji, say) is unassigned to it, not invisible."""
+    return any(not char.isspace() and unicodedata.category(char) not in _INVISIBLE for char in text)
+
+
+_INVISIBLE = frozenset({"Cc", "Cf", "Zs", "Zl", "Zp"})  # control, format and separator characters
 
 
 def _check_texts(texts: list[str], limits: Limits) -> None:
@@ -319,7 +323,7 @@ def _check_labels(labels: list[str], limits: Limits) -> None:
     for i, label in enumerate(labels):
         _check_unicode(f"labels[{i}]", label)
         if not _visible(label):
-            raise InvalidInput(f"labels[{i}] is empty; each label must have visible characters")
+            raise InvalidInput(f"labels[{i}] has no visible characters; each label must have some")
         if len(label) > limits.max_label_chars:
             raise InputTooLarge(f"labels[{i}] has {len(label)} characters; at most {limits.max_label_chars} "
                                 "are allowed")
@@ -379,6 +383,13 @@ def _value_summary(error: ErrorDetails) -> str:
     if isinstance(value, str) and len(value) <= 40:
         return f"string {value!r}"
     return json_type_name(value)
+
+
+def few_names(names: list[str], most: int = 5, longest: int = 40) -> str:
+    """Names a caller sent, for an error message: a few, each cut short. The error is stored and logged,
+    whatever was sent (a 100 kB argument name, thousands of them)."""
+    shown = ", ".join(repr(name) if len(name) <= longest else repr(name[:longest] + "...") for name in names[:most])
+    return shown + (f" (and {len(names) - most} more)" if len(names) > most else "")
 
 
 def json_type_name(value: Any) -> str:

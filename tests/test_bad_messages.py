@@ -87,13 +87,17 @@ def test_a_triple_of_the_wrong_shapes_fails_with_invalid_message_on_either_path(
         redis_client: redis.Redis, client: Client, worker: WorkerProcess, path: str) -> None:
     """Celery's own path (a redelivered message, one with an eta) acknowledged some of these unanswered, and
     failed others in the pool where nothing was stored or acknowledged, so they came back forever."""
-    bodies = {"kwargs are JSON list, not an object": [[], ["x"], {}],
-              "kwargs are JSON str, not an object": [[], "abc", {}],
-              "args are JSON int, not an array": [7, {"texts": ["x"]}, {}],
-              "embed is JSON str, not an object or null": [[], {"texts": ["x"]}, "x"],
-              "the body is JSON list of 2": [[], {"texts": ["x"]}]}
+    bodies: list[tuple[str, Any]] = [
+        ("kwargs are JSON list, not an object", [[], ["x"], {}]),
+        ("kwargs are JSON string, not an object", [[], "abc", {}]),
+        ("args are JSON int, not a list", [7, {"texts": ["x"]}, {}]),
+        ("embed is JSON string, not an object or null", [[], {"texts": ["x"]}, "x"]),
+        ("the body is JSON list of 2", [[], {"texts": ["x"]}]),
+        # Celery would unpack an object of three keys as the triple, and fail in the pool unanswered
+        ("the body is a JSON object without 'args'", {"a": 1, "b": 2, "c": 3}),
+        ("kwargs are JSON list, not an object", {"args": [], "kwargs": ["x"]})]  # a protocol-1 body
     sent = {}
-    for says, body in bodies.items():
+    for says, body in bodies:
         task_id, message = raw_message("inferq.embed", {})
         message["body"] = base64.b64encode(json.dumps(body).encode()).decode()
         if path == "celery":

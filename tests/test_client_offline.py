@@ -51,6 +51,11 @@ def test_bad_input_is_refused_before_anything_is_sent(offline_client: Client) ->
     for call, names in wrong:
         with pytest.raises(InvalidInput, match=names):
             call()
+    # ... and take any iterable of strings as the list it stands for (numpy and pandas give their own)
+    with pytest.raises(InputTooLarge, match="texts has 257 items"):  # validated as a list, before sending
+        offline_client.embed(f"text {i}" for i in range(257))
+    with pytest.raises(InputTooLarge, match="labels has 1001 items"):
+        offline_client.classify(["x"], labels={f"label {i}" for i in range(1001)})
 
 
 def test_a_dead_broker_raises_a_connection_error_within_seconds(offline_client: Client) -> None:

@@ -30,6 +30,8 @@ def test_good_requests_pass_with_defaults() -> None:
     assert (generate.max_new_tokens, generate.temperature, generate.top_p) == (64, 0.0, 1.0)
     # JSON numbers: an integer is a fine temperature
     assert validate("generate", {"prompt": "x", "temperature": 1}, LIMITS).temperature == 1.0  # type: ignore[union-attr]
+    # private-use characters, and ones newer than this Python's Unicode data, are visible (an emoji of 2022)
+    assert validate("embed", {"texts": ["\ue000", "\U0001fae8"]}, LIMITS)
     # null is an argument's default, whichever argument it is
     assert validate("embed", {"texts": ["a"], "normalize": None, "model": None}, LIMITS) == \
         EmbedRequest(texts=["a"], normalize=True, model=None)
@@ -78,8 +80,8 @@ def test_limits_raise_input_too_large(kwargs: dict[str, Any], expected: str) -> 
     ({"texts": ["a"], "labels": []}, InvalidInput, "labels must be a non-empty list"),
     ({"texts": ["a"], "labels": ["x", "x"]}, InvalidInput, "labels[1] repeats labels[0] ('x', spaces aside)"),
     ({"texts": ["a"], "labels": ["y", "x", " x "]}, InvalidInput, "labels[2] repeats labels[1]"),
-    ({"texts": ["a"], "labels": ["x", "\u200b"]}, InvalidInput, "labels[1] is empty"),
-    ({"texts": ["a"], "labels": ["x", " "]}, InvalidInput, "labels[1] is empty"),
+    ({"texts": ["a"], "labels": ["x", "\u200b"]}, InvalidInput, "labels[1] has no visible characters"),
+    ({"texts": ["a"], "labels": ["x", " "]}, InvalidInput, "labels[1] has no visible characters"),
     ({"texts": ["a"], "labels": ["a", "b", "c", "d"]}, InputTooLarge, "labels has 4 items; at most 3"),
     ({"texts": ["a"], "top_k": 0}, InvalidInput, "top_k must be an integer >= 1; got 0"),
     ({"texts": ["a"], "top_k": 1.5}, InvalidInput, "top_k must be an integer >= 1; got float"),

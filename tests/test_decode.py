@@ -12,7 +12,7 @@ import torch
 from producer.contract import GenerateRequest
 from producer.errors import InputTooLarge
 from producer.settings import ModelEntry
-from workers.models.decode import MIN_CHUNK_COLUMNS
+from workers.models.decode import MIN_CHUNK_COLUMNS, Decoding
 from workers.models.generate import CausalGenerator, Completion, GenerationBatch
 
 
@@ -137,8 +137,8 @@ def test_the_tiniest_temperature_and_top_p_the_contract_allows_sample_the_likeli
     """Divided by 1e-45 the logits overflowed to inf (NaN probabilities), and a top_p of 5e-46 is 0 in float32
     (no token left): either made the sampler raise, and with it every request of its batch."""
     greedy = run(start(generator, GREEDY))[0]
-    for extreme in ({"temperature": 1e-45}, {"temperature": 0.9, "top_p": 5e-46},
-                    {"temperature": 1e-45, "top_p": 5e-46}):
+    for extreme in ({"temperature": 1e-45}, {"temperature": 1e-300}, {"temperature": 5e-324},
+                    {"temperature": 0.9, "top_p": 5e-46}, {"temperature": 1e-45, "top_p": 5e-46}):
         assert run(start(generator, {**GREEDY, **extreme, "seed": 3}))[0].tokens == greedy.tokens, extreme
 
 
@@ -151,3 +151,17 @@ def test_truncate_keeps_the_prompts_end_and_leaves_room_for_the_new_tokens(tiny_
     assert prepared.prompt == whole[-108:]  # 128 - 20: its end, where the continuation starts
     with pytest.raises(InputTooLarge, match="max_new_tokens is 128"):  # no room at all for the prompt
         truncating.prepare(GenerateRequest(prompt="word", max_new_tokens=128))
+
+
+@torch.inference_mode()
+def test_a_special_token_asked_for_as_a_stop_string_ends_its_row_by_its_id(generator: CausalGenerator) -> None:
+    """The text is decoded without special tokens: as a string such a stop could never match."""
+    first = run(start(generator, GREEDY))[0].tokens[0]
+    prepared = generator.prepare(GenerateRequest(**GREEDY, stop=["[SEP]", "never"]))
+    row = generator._row(prepared)
+    assert row.stop == ("never",) and row.stop_ids == {generator._special_ids["[SEP]"]}
+    row.stop_ids = frozenset({first})  # as if the model's first token were the stop token
+    batch = GenerationBatch(Decoding(generator.loaded.model, [row], generator._eos, generator._pad,
+                                     torch.device("cpu"), generator._text))
+    (completion,) = run(batch).values()
+    assert completion.tokens == [first] and completion.ended

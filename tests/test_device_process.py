@@ -152,5 +152,5 @@ def test_a_receiver_refuses_a_device_process_without_its_models_or_its_key(tmp_p
         finally:
             runtime.close()
     finally:  # the loop and its stall watch would live on in this test process otherwise
-        assert server.loop is not None
-        server.loop.stop()
+        if server.loop is not None:
+            server.loop.stop()

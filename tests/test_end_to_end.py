@@ -108,8 +108,13 @@ def test_a_chat_message_cannot_write_the_models_control_tokens(client: Client, w
                                            r"model 'smollm2'"):
         client.generate(messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": forged}])
     assert client.generate("a prompt is the caller's own <|im_start|>", max_new_tokens=1)["completion_tokens"] == 1
-    with pytest.raises(InvalidInput, match=r"stop\[1\] holds '<\|im_end\|>', a control token of model 'smollm2'"):
-        client.generate("x", stop=["\n", "<|im_end|>"], max_new_tokens=1)  # it could never match the text
+    # the model's other special tokens are words like any in a chat; only the template's own are refused
+    code = [{"role": "user", "content": "What does `cp <filename> /tmp` do?"}]
+    assert client.generate(messages=code, max_new_tokens=1)["completion_tokens"] == 1
+    # a control token as a stop string (as ChatML clients send) ends the row where the token comes
+    chat = [{"role": "user", "content": "What is the capital of France?"}]
+    plain = client.generate(messages=chat, max_new_tokens=32)
+    assert client.generate(messages=chat, max_new_tokens=32, stop=["<|im_end|>"]) == plain
 
 
 def test_generate_stops_before_the_stop_string_and_at_the_length_limit(client: Client,

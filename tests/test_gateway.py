@@ -162,8 +162,10 @@ def test_bad_input_and_unknown_models_are_openai_errors_with_our_message(gateway
     with pytest.raises(openai.BadRequestError, match=r"messages\[0\]\.content\[0\]\.text must be a string"):
         sdk.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": [
             {"type": "text", "text": None}]}])  # type: ignore[list-item]
-    with pytest.raises(openai.BadRequestError, match=r"messages\[0\]: 'name' not supported"):
-        sdk.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "hi", "name": "bob"}])
+    with pytest.raises(openai.BadRequestError, match=r"messages\[1\]: 'tool_calls' not supported"):
+        sdk.post("/chat/completions", cast_to=object, body={"model": "smollm2", "messages": [
+            {"role": "user", "content": "hi", "name": "bob"},  # a name is taken (and not shown to the model)
+            {"role": "assistant", "content": "", "refusal": None, "tool_calls": [{"id": "call_1"}]}]})
     with pytest.raises(openai.NotFoundError, match="nope") as missing:
         sdk.embeddings.create(model="nope", input="x")
     assert missing.value.code == "model_not_found"

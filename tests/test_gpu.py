@@ -89,7 +89,9 @@ def test_the_launcher_pins_one_worker_to_each_gpu_in_half_precision() -> None:
         launched.wait_ready([nodes[0]], timeout=300, not_pid=pid)
         assert client.embed(["back on the GPU"])["dim"] > 0
     finally:
-        stop(process, 120)
-        client.close()
-        redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=5).flushdb()
+        try:
+            stop(process, 120)
+        finally:
+            client.close()
+            redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=5).flushdb()
     assert process.returncode == 0  # a clean exit on SIGTERM

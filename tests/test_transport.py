@@ -270,11 +270,14 @@ def test_a_lease_left_by_a_dead_porter_delays_a_message_by_one_wait_at_most(own_
         with Consumer(channel, [queue], callbacks=[lambda body, message: delivered.append(message)]):
             drain(connection, 0.3)
             assert channel._in_flight == "bell" and store.get(porter_lease("embed")) == b"a porter that died"
+            lease_left = store.pttl(porter_lease("embed")) / 1000
+            assert lease_left > 3, f"the set-up took too long: the dead porter's lease has {lease_left} s left"
             producer.publish("while nobody rings", routing_key="embed", declare=[queue])
             started = time.monotonic()
             connection.drain_events(timeout=5)
             assert [message.payload for message in delivered] == ["while nobody rings"]
-            assert time.monotonic() - started < 4  # the end of one bell wait (2 s), and a take: not the lease's 5
+            # the end of one bell wait (2 s) and a take, before the lease ran out and a porter could ring
+            assert time.monotonic() - started < lease_left - 0.5
             assert_waits_on_bells_again(channel, store)  # the lease ran out; this channel's porter holds it
             producer.publish("rung", routing_key="embed", declare=[queue])
             started = time.monotonic()

@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from producer.contract import ClassifyResult, EmbedResult, GenerateResult
+from producer.contract import ClassifyResult, EmbedResult, GenerateResult, few_names
 from producer.errors import InvalidInput
 
 # Fields of the OpenAI API that inferq cannot honour: refused with their name rather than ignored.
@@ -31,10 +31,11 @@ NO_OPS: dict[str, Any] = {"tool_choice": "none", "response_format": {"type": "te
                           "frequency_penalty": 0, "best_of": 1}
 # Fields of the OpenAI API that change nothing about the answer: accepted and ignored.
 IGNORED = frozenset({"user", "metadata", "store", "service_tier", "parallel_tool_calls", "safety_identifier",
-                     "prompt_cache_key"})
-# What a chat message may carry besides its role and content when empty (a conversation replayed from
-# OpenAI's own answers has "refusal": null, "annotations": [], ...); refused with a value
-MESSAGE_FIELDS = frozenset({"role", "content"})
+                     "prompt_cache_key", "prompt_cache_retention"})
+# The keys a chat message may give a value: its role and content, and the participant's name, which clients
+# (AutoGen, LangChain) send and the chat templates do not show. Any other must be empty (a conversation
+# replayed from OpenAI's own answers has "refusal": null, "annotations": [], ...).
+MESSAGE_FIELDS = frozenset({"role", "content", "name"})
 
 
 class _Body(BaseModel):
@@ -97,8 +98,7 @@ def parse(shape: type[_Body], body: Any) -> Any:
         raise InvalidInput(f"{', '.join(refused)}: not supported by inferq")
     unknown = sorted(set(parsed.model_extra or ()) - IGNORED - set(UNSUPPORTED))
     if unknown:
-        named = ", ".join(repr(name[:40]) for name in unknown[:5]) + (" ..." if len(unknown) > 5 else "")
-        raise InvalidInput(f"unrecognized field(s) {named}: this route takes "
+        raise InvalidInput(f"unrecognized field(s) {few_names(unknown)}: this route takes "
                            f"{', '.join(sorted(shape.model_fields))}")
     return parsed
 
@@ -155,8 +155,8 @@ def chat_kwargs(body: ChatBody, default_max_tokens: int) -> dict[str, Any]:
         extra = [key for key, value in message.items()
                  if key not in MESSAGE_FIELDS and value not in (None, False, [], {}, "")]
         if extra:
-            raise InvalidInput(f"messages[{index}]: {', '.join(repr(key[:40]) for key in extra[:5])} not supported; "
-                               "a message is its role and content")
+            raise InvalidInput(f"messages[{index}]: {few_names(extra)} not supported; a message is its role and "
+                               "content (and a name)")
         content = message.get("content")
         if isinstance(content, list):  # content parts: only text ones
             if any(not isinstance(part, dict) or part.get("type") != "text" for part in content):

@@ -39,22 +39,25 @@ class Row:
     top_p: float = 1.0
     generator: torch.Generator | None = None
     stop: tuple[str, ...] = ()
+    stop_ids: frozenset[int] = frozenset()  # control tokens asked for as stop strings: the text never shows them
     completion: list[int] = field(default_factory=list)
-    ended_by_eos: bool = False
+    ended_by_token: bool = False  # an end-of-sequence token, or a control token asked for as a stop
     ended_by_stop: bool = False
 
     @property
     def done(self) -> bool:
-        return self.ended_by_eos or self.ended_by_stop or len(self.completion) >= self.max_new_tokens
+        return self.ended_by_token or self.ended_by_stop or len(self.completion) >= self.max_new_tokens
 
 
 def pick(logits: torch.Tensor, row: Row) -> int:
     """The next token of one row from its float32 logits over the vocabulary."""
     if row.temperature <= 0:
         return int(logits.argmax())
-    # less the largest first: divided by a tiny temperature (the contract allows any above 0) the logits would
-    # overflow to inf, and the softmax of inf is NaN; this way the largest is 0 and the rest at most 0
-    probs = torch.softmax((logits - logits.max()) / row.temperature, dim=-1)
+    # less the largest first, and by a temperature no smaller than float32's smallest normal number: divided
+    # by a tiny one (the contract allows any above 0) the logits overflowed to inf, or a temperature that is 0
+    # in float32 gave 0/0, and the softmax of either is NaN; this way the largest is 0 and the rest at most 0
+    temperature = max(row.temperature, torch.finfo(logits.dtype).tiny)
+    probs = torch.softmax((logits - logits.max()) / temperature, dim=-1)
     if row.top_p < 1.0:
         sorted_probs, sorted_ids = probs.sort(descending=True)
         # keep the smallest prefix whose mass reaches top_p; the first token always stays, even for a top_p
@@ -124,8 +127,8 @@ class Decoding:
             row = self.row(index)
             token = greedy[slot] if row.temperature <= 0 else pick(logits[slot], row)
             row.completion.append(token)
-            if token in self._eos:
-                row.ended_by_eos = True
+            if token in self._eos or token in row.stop_ids:
+                row.ended_by_token = True
             elif row.stop:
                 text = self._text_of(row.completion)
                 row.ended_by_stop = any(stop in text for stop in row.stop)

@@ -10,7 +10,7 @@ import hashlib
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from transformers import AutoModelForCausalLM
@@ -49,10 +49,15 @@ class CausalGenerator:
         self._eos: set[int] = set(eos) if isinstance(eos, list) else ({eos} if eos is not None else set())
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(self._eos), 0)
         self._pad = int(pad)
-        # The model's control tokens as text ("<|im_start|>", ...): the rendered chat is tokenised whole, so
-        # one written inside a message would become the real token and let its writer forge another turn.
-        self._control = tuple(sorted({token.content for token in tokenizer.added_tokens_decoder.values()
-                                      if token.special and token.content}))
+        special = {token.content: int(index) for index, token in tokenizer.added_tokens_decoder.items()
+                   if token.special and token.content}
+        # Special tokens asked for as stop strings end the row as its end token does: the text is decoded
+        # without them, so as strings they would never match ("<|endoftext|>" on a raw completion, say).
+        self._special_ids = special
+        # The chat template's own control tokens as text ("<|im_start|>", ...): the rendered chat is tokenised
+        # whole, so one written inside a message would become the real token and forge another turn. Only
+        # those the template writes: a model's other special tokens ("<filename>") are ordinary words in a chat.
+        self._control = _template_tokens(tokenizer, special)
         # truncate = true: a prompt keeps its end, cut in prepare to leave room for max_new_tokens; the
         # tokenizer's own truncation would keep its start, and to max_length, leaving no room at all
         loaded.encoder.no_truncation()
@@ -67,11 +72,6 @@ class CausalGenerator:
     def prepare(self, request: GenerateRequest, task_id: str | None = None) -> Prepared:
         """Render and tokenise the prompt and check it fits. Thread-safe."""
         tokenizer, encoder = self.loaded.tokenizer, self.loaded.encoder
-        for index, stop in enumerate(request.stop or ()):
-            control = next((token for token in self._control if token in stop), None)
-            if control is not None:  # the text is decoded without them: it would never match
-                raise InvalidInput(f"stop[{index}] holds {control!r}, a control token of model {self.loaded.alias!r}, "
-                                   "which the text never shows; generation ends at the model's end token anyway")
         if request.messages is None:
             assert request.prompt is not None  # the contract guarantees exactly one of the two
             prompt = encoder.encode(request.prompt).ids
@@ -89,8 +89,10 @@ class CausalGenerator:
             prompt = encoder.encode(str(rendered), add_special_tokens=False).ids
         limit = self.loaded.entry.max_length
         room = limit - request.max_new_tokens
-        if len(prompt) > room and self.loaded.entry.truncate and room >= 1:
-            prompt = prompt[-room:]  # the end of the prompt: what the continuation follows
+        if len(prompt) > room and self.loaded.entry.truncate and room >= 2:
+            # the end of the prompt, what the continuation follows; a leading BOS stays where it was
+            bos = prompt[:1] if prompt[0] == tokenizer.bos_token_id else []
+            prompt = bos + prompt[len(prompt) - room + len(bos):]
         if len(prompt) + request.max_new_tokens > limit:
             raise InputTooLarge(
                 f"the prompt is {len(prompt)} tokens and max_new_tokens is {request.max_new_tokens}; model "
@@ -101,7 +103,7 @@ class CausalGenerator:
     def finish(self, prepared: Prepared, completion: Completion) -> GenerateResult:
         """Decode the completion and cut it before the first stop string. Thread-safe."""
         text = self._text(completion.tokens)
-        cut = _first_stop(text, prepared.request.stop or ())
+        cut = _first_stop(text, self._text_stops(prepared.request))
         if cut >= 0:
             text = text[:cut]
         finish: Literal["stop", "length"] = "stop" if completion.ended or cut >= 0 else "length"
@@ -111,7 +113,11 @@ class CausalGenerator:
     def settled(self, prepared: Prepared, tokens: list[int]) -> str:
         """The text of a completion under way that can be shown now: what the final text will start with
         (see ``settled_text``). Thread-safe."""
-        return settled_text(self._text(tokens), prepared.request.stop or ())
+        return settled_text(self._text(tokens), self._text_stops(prepared.request))
+
+    def _text_stops(self, request: GenerateRequest) -> tuple[str, ...]:
+        """The stop strings matched in the text (the special tokens among them end the row by their id)."""
+        return tuple(stop for stop in request.stop or () if stop not in self._special_ids)
 
     # --- device thread --------------------------------------------------------------------------------
 
@@ -148,7 +154,9 @@ class CausalGenerator:
             generator = torch.Generator(device=self.loaded.device)
             generator.manual_seed(request.seed if request.seed is not None else _seed_of(prepared.task_id))
         return Row(prompt=prepared.prompt, max_new_tokens=request.max_new_tokens, temperature=request.temperature,
-                   top_p=request.top_p, generator=generator, stop=tuple(request.stop or ()))
+                   top_p=request.top_p, generator=generator, stop=self._text_stops(request),
+                   stop_ids=frozenset(self._special_ids[stop] for stop in request.stop or ()
+                                      if stop in self._special_ids))
 
     def _text(self, tokens: list[int]) -> str:
         return str(self.loaded.encoder.decode(tokens, skip_special_tokens=True))
@@ -193,6 +201,22 @@ class GenerationBatch:
         return decoded
 
 
+def _template_tokens(tokenizer: Any, special: dict[str, int]) -> tuple[str, ...]:
+    """The special tokens a model's chat template writes around the messages (none without a template)."""
+    if not getattr(tokenizer, "chat_template", None):
+        return ()
+    rendered = ""
+    for chat in ([{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
+                  {"role": "assistant", "content": "a"}, {"role": "user", "content": "v"}],
+                 [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"},
+                  {"role": "user", "content": "v"}]):
+        try:  # some templates refuse a system message, or any order but theirs
+            rendered += str(tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False))
+        except Exception:  # the next sample chat may suit it
+            continue
+    return tuple(sorted(token for token in special if token in rendered))
+
+
 def settled_text(text: str, stops: Sequence[str]) -> str:
     """What of a completion's text so far is final: cut before the first stop string, as ``finish`` cuts;
     without a trailing replacement character (the first bytes of a multi-byte character whose other bytes
@@ -217,4 +241,4 @@ def _seed_of(task_id: str | None) -> int:
 
 
 def _completion(row: Row) -> Completion:
-    return Completion(row.completion, row.ended_by_eos or row.ended_by_stop)
+    return Completion(row.completion, row.ended_by_token or row.ended_by_stop)

@@ -47,4 +47,5 @@ def _register(app: Celery, kind: Kind, runtime: Callable[[], Runtime], settings:
     # Strategy: how the consumer hands this task's messages on; the fast path runs ordinary ones itself
     # and gives the rest to Celery's default strategy (the pool, with `run` above).
     options: dict[str, Any] = {"Strategy": staticmethod(fast.strategy(kind))} if fast is not None else {}
-    app.task(name=task_name(kind), bind=True, throws=(InferqError,), acks_late=True, **options)(run)
+    # typing=False: Celery's own argument check would refuse (TypeError) what validation must name (InvalidInput)
+    app.task(name=task_name(kind), bind=True, throws=(InferqError,), acks_late=True, typing=False, **options)(run)

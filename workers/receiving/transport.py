@@ -159,13 +159,13 @@ def envelope_problem(payload: Any) -> str | None:
     if not isinstance(body, str):
         return "the envelope has no string 'body'"
     encoding = properties.get("body_encoding")
-    if encoding is None or (isinstance(encoding, str) and encoding.lower() == "utf-8"):
+    if not encoding or (isinstance(encoding, str) and encoding.lower() == "utf-8"):  # as Kombu skips decoding
         return None
     if encoding != "base64":  # the only codec Kombu's channels know
         return f"the envelope's properties.body_encoding {str(encoding)[:40]!r} is not base64 or utf-8"
     try:
-        base64.b64decode(body)  # as Kombu will decode it (about a microsecond for a task's body)
-    except ValueError as exc:
+        base64.b64decode(body.encode())  # as Kombu will decode it (0.6 us for a task's body)
+    except ValueError as exc:  # UnicodeEncodeError (a lone surrogate) too, where Kombu would raise it
         return f"the envelope's body is not base64 ({exc})"
     return None
 
