@@ -53,16 +53,6 @@ def triple_problem(body: Any) -> str | None:
     if embed is not None and not isinstance(embed, dict):
         return f"its embed is JSON {json_type_name(embed)}, not an object or null"
     return None
-    if not isinstance(body, list | tuple) or len(body) != 3:
-        return f"the body is JSON {type(body).__name__}{f' of {len(body)}' if isinstance(body, list) else ''}"
-    args, kwargs, embed = body
-    if not isinstance(args, list | tuple):
-        return f"its args are JSON {type(args).__name__}, not an array"
-    if not isinstance(kwargs, dict):
-        return f"its kwargs are JSON {type(kwargs).__name__}, not an object"
-    if embed is not None and not isinstance(embed, dict):
-        return f"its embed is JSON {type(embed).__name__}, not an object or null"
-    return None
 
 
 def _undecodable(message: Any, exc: Exception) -> str:
