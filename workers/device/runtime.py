@@ -33,6 +33,7 @@ from producer.contract import (
 )
 from producer.errors import Cancelled, InferqError, InputTooLarge, InvalidInput, OutOfMemory, TaskTimeout, UnknownModel
 from producer.settings import Kind, Settings
+from workers.device.label_cache import LabelVectors
 from workers.device.loop import DeviceLoop
 from workers.device.passes import EncodeJob, Models, load_models, start_loop
 from workers.device.process import DeviceProcess
@@ -49,9 +50,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Result = EmbedResult | ClassifyResult | GenerateResult
-# Zero-shot label vectors kept per (embedding model, label text): label sets repeat across requests, and a
-# cached label costs nothing on the device. Oldest entries go first once the cache is full.
-LABEL_CACHE_SIZE = 4096
+LABEL_CACHE_SIZE = 4096  # zero-shot label vectors kept (workers/device/label_cache.py)
 NORM_EPS = 1e-12  # torch.nn.functional.normalize's default
 # A receiver waits this long for its device process to listen: it listens once its models are loaded,
 # which the first time on a host can include downloading them.
@@ -83,8 +82,7 @@ class Runtime:
         self.loaded_at: float | None = None
         self.loop: DeviceLoop | RemoteDevice | None = None
         self.device_process: DeviceProcess | None = None
-        self._label_vectors: dict[tuple[str, str], torch.Tensor] = {}
-        self._label_lock = threading.Lock()
+        self._labels = LabelVectors(LABEL_CACHE_SIZE)
         # Streams and cancels need the result backend's Redis: the receiving side sets them (WorkerApp).
         self.streams: StreamPublisher | None = None
         self.cancels: CancelWatch | None = None
@@ -356,8 +354,7 @@ class Runtime:
         """Text vectors, and label vectors from the cache or computed in the same batch as the texts."""
         embedder = self.embedders[alias]
         label_texts = [self.settings.classify_label_template.format(label) for label in labels]
-        with self._label_lock:
-            known = {text: self._label_vectors.get((alias, text)) for text in label_texts}
+        known = self._labels.lookup(alias, label_texts)
         missing = [text for text, vector in known.items() if vector is None]
         ids = embedder.tokenize(texts)
         try:
@@ -367,13 +364,7 @@ class Runtime:
             raise
 
         def build(rows: torch.Tensor) -> ClassifyResult:
-            with self._label_lock:
-                for text, vector in zip(missing, rows[len(texts):], strict=True):
-                    # a copy: the row is a view that would keep its whole batch's (or reply's) rows alive
-                    known[text] = vector = vector.clone()
-                    self._label_vectors[(alias, text)] = vector
-                while len(self._label_vectors) > LABEL_CACHE_SIZE:
-                    self._label_vectors.pop(next(iter(self._label_vectors)))
+            known.update(self._labels.keep(alias, missing, rows[len(texts):]))
             label_rows = torch.stack([row for row in (known[text] for text in label_texts) if row is not None])
             scores = zero_shot(rows[: len(texts)], label_rows, self.settings.classify_temperature)
             return ClassifyResult(model=alias, results=top_k(scores, labels, k))
