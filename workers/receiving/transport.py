@@ -13,8 +13,8 @@ crosses the old window.
 
 Anyone who can LPUSH to a queue can put anything there. Kombu decodes each popped entry as a JSON envelope
 inside its event loop: an entry that is not JSON stops the worker ("Unrecoverable error"), and an envelope
-without delivery info makes the consumer reconnect again and again. Here such an entry is logged, counted
-and moved to the dead-letter list instead; the worker goes on. The worker's Celery app uses this transport
+without delivery info makes the consumer reconnect again and again. Here such an entry (envelopes.py says
+which) is logged, counted and moved to the dead-letter list instead; the worker goes on. The worker's Celery app uses this transport
 (``broker_transport``); producers keep Kombu's own.
 
 It also survives losing Redis. When the connection drops, the consumer closes its channel; the channel then
@@ -29,8 +29,8 @@ And it keeps the messages Redis hands out in the instant the connection drops. B
 queue; only then does Kombu record it as unacknowledged (in Redis, where the visibility timeout brings it
 back if the worker dies). A message popped just before Redis stopped cannot be recorded: Kombu raised and
 forgot it, and a clean Redis restart lost it (1 of 397 in our drill). Here such a message is kept in the
-worker's memory and put back at the head of its queue by the first channel that reaches Redis again; if the
-worker stops first, it is logged in full at CRITICAL so nothing is lost without a trace.
+worker's memory (stranded.py) and put back at the head of its queue by the first channel that reaches Redis
+again; if the worker stops first, it is logged in full at CRITICAL so nothing is lost without a trace.
 
 And it keeps room for interactive work. The bulk lane (messages of a priority above 0, in their queues' own
 lists) may fill only ``BULK_LANE_SHARE`` of the prefetch limit: a worker whose window is full of bulk work
@@ -43,12 +43,9 @@ after room frees.
 
 from __future__ import annotations
 
-import atexit
-import base64
 import contextlib
 import json
 import logging
-import threading
 import time
 from queue import Empty
 from typing import Any, cast
@@ -57,13 +54,14 @@ import orjson
 import redis
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual as kombu_virtual
-from kombu.utils.json import dumps
 
 from producer.contract import message_priority
 from producer.transport import FindsTheMaster
 from workers.receiving import dead_letter
 from workers.receiving.consumer import count_refused
+from workers.receiving.envelopes import envelope_problem
 from workers.receiving.serialization import orjson_reads_exactly
+from workers.receiving.stranded import stranded
 from workers.receiving.waiting import RING_FUNCTION, Porter, bell, porter_lease
 
 log = logging.getLogger(__name__)
@@ -135,82 +133,6 @@ def _text(value: bytes | str) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else value
 
 
-def envelope_problem(payload: Any) -> str | None:
-    """Why a decoded list entry cannot be delivered as a message; None when it can. Everything Kombu reads to
-    build its message is checked here: what it cannot read there raises in the consumer and stops the worker,
-    and the message, recorded as unacknowledged, would come back to stop the next one."""
-    if not isinstance(payload, dict):
-        return f"the entry is JSON {type(payload).__name__}, not a message envelope object"
-    properties = payload.get("properties")
-    if not isinstance(properties, dict):
-        return "the envelope has no 'properties' object"
-    if not isinstance(payload.get("headers") or {}, dict):
-        return f"the envelope's 'headers' is JSON {type(payload['headers']).__name__}, not an object"
-    for field in ("content-type", "content-encoding"):
-        if not isinstance(payload.get(field) or "", str):
-            return f"the envelope's {field!r} is not a string"
-    info = properties.get("delivery_info")
-    if not isinstance(info, dict) or not isinstance(info.get("exchange"), str) \
-            or not isinstance(info.get("routing_key"), str):
-        return "the envelope's properties.delivery_info lacks 'exchange' or 'routing_key'"
-    if not isinstance(properties.get("delivery_tag"), str):
-        return "the envelope's properties lack a string 'delivery_tag'"
-    body = payload.get("body")
-    if not isinstance(body, str):
-        return "the envelope has no string 'body'"
-    encoding = properties.get("body_encoding")
-    if not encoding or (isinstance(encoding, str) and encoding.lower() == "utf-8"):  # as Kombu skips decoding
-        return None
-    if encoding != "base64":  # the only codec Kombu's channels know
-        return f"the envelope's properties.body_encoding {str(encoding)[:40]!r} is not base64 or utf-8"
-    try:
-        base64.b64decode(body.encode())  # as Kombu will decode it (0.6 us for a task's body)
-    except ValueError as exc:  # UnicodeEncodeError (a lone surrogate) too, where Kombu would raise it
-        return f"the envelope's body is not base64 ({exc})"
-    return None
-
-
-class _Stranded:
-    """Messages popped off their queue that could not be recorded as unacknowledged: they live only here."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._messages: dict[str, tuple[dict[str, Any], str, str]] = {}  # delivery tag -> (raw, exchange, key)
-
-    def keep(self, tag: str, raw: dict[str, Any], exchange: str, routing_key: str) -> None:
-        with self._lock:
-            self._messages[tag] = (raw, exchange, routing_key)
-        log.warning("Redis went away as message %s was delivered; it is kept here and put back on its queue "
-                    "once Redis answers", tag)
-
-    def __len__(self) -> int:
-        return len(self._messages)
-
-    def put_back(self, channel: Channel) -> None:
-        """Back at the head of their queues; those Redis does not take stay here for the next channel."""
-        with self._lock:
-            for tag, (raw, exchange, routing_key) in list(self._messages.items()):
-                with channel.client.pipeline(transaction=True) as pipe:
-                    # Had the record reached Redis after all, the visibility timeout must not bring it back too.
-                    pipe.zrem(channel.unacked_index_key, tag).hdel(channel.unacked_key, tag)
-                    for queue in channel._lookup(exchange, routing_key):
-                        priority = channel._get_message_priority(raw, reverse=False)
-                        pipe.rpush(channel._q_for_pri(queue, priority), dumps(raw))  # BRPOP's next
-                    pipe.execute()
-                del self._messages[tag]
-                log.warning("message %s put back on its queue", tag)
-
-    def report_lost(self) -> None:
-        with self._lock:
-            for tag, (raw, _, routing_key) in self._messages.items():
-                log.critical("the worker stops with message %s of queue %r that Redis never took back; its "
-                             "envelope, to LPUSH by hand: %s", tag, routing_key, dumps(raw))
-
-
-_stranded = _Stranded()
-atexit.register(_stranded.report_lost)
-
-
 class QoS(kombu_redis.QoS):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -236,7 +158,7 @@ class QoS(kombu_redis.QoS):
             super().append(message, delivery_tag)
         except self.channel.connection_errors:
             info = message.delivery_info
-            _stranded.keep(delivery_tag, message._raw, info["exchange"], info["routing_key"])
+            stranded.keep(delivery_tag, message._raw, info["exchange"], info["routing_key"])
             raise  # the consumer reconnects, as before; the message is not run from this delivery
 
     def ack_many(self, messages: list[Any]) -> None:
@@ -263,11 +185,11 @@ class Channel(kombu_redis.Channel):
         self.porter: Porter | None = None  # this channel's candidate porter (waiting.py), from its first take
         self._take_room = 0  # the prefetch room of the take in flight: one that fills it may leave more behind
         super().__init__(*args, **kwargs)  # connects, or raises a connection error
-        if len(_stranded):
+        if len(stranded):
             try:
-                _stranded.put_back(self)
+                stranded.put_back(self)
             except self.connection_errors as exc:  # Redis went again: the next channel tries
-                log.warning("could not put %d message(s) back yet: %s", len(_stranded), exc)
+                log.warning("could not put %d message(s) back yet: %s", len(stranded), exc)
 
     def _connparams(self, asynchronous: bool = False) -> Any:
         # Kombu reads the connection details from the transport whenever it makes a connection pool; once the
