@@ -82,8 +82,11 @@ def run_bulk(client: Client, kind: Kind, lines: Iterable[str], out: TextIO, *,
             try:
                 pending.append((number, client.submit(kind, priority=priority,
                                                       **line_kwargs(kind, raw, defaults or {}))))
-            except InferqConnectionError:
-                raise  # no point going on: every other line would fail the same way
+            except InferqConnectionError as exc:  # no point going on: every other line would fail the same way
+                pending.append((number, exc))
+                while pending:  # but every line sent so far, and this one, is reported first
+                    emit()
+                raise
             except InferqError as exc:  # rejected before sending: same output shape as a worker's error
                 pending.append((number, exc))
             while len(pending) >= window:

@@ -76,7 +76,7 @@ class Handle(Generic[T]):
 
     def get(self, timeout: float | None = None) -> T:
         """The result; raises the task's own error (InvalidInput, UnknownModel, ...) if it failed."""
-        wait = self._default_timeout if timeout is None else timeout
+        wait = _seconds(timeout, self._default_timeout)
         deadline = time.monotonic() + wait
         with self._translate_errors():
             # Celery's result consumer waits in steps of one second, so its get() overshoots any fraction
@@ -97,7 +97,7 @@ class Handle(Generic[T]):
 
     async def wait(self, timeout: float | None = None) -> T:
         """Like get(), without blocking the event loop: polls the result backend with a short backoff."""
-        wait = self._default_timeout if timeout is None else timeout
+        wait = _seconds(timeout, self._default_timeout)
         deadline = time.monotonic() + wait
         delay = 0.005
         while not await asyncio.to_thread(self.ready):
@@ -126,16 +126,16 @@ class FutureHandle(Handle[T]):
         return self._future.done()
 
     def get(self, timeout: float | None = None) -> T:
-        wait = self._default_timeout if timeout is None else timeout
+        wait = _seconds(timeout, self._default_timeout)
         try:
-            return self._future.result(timeout=wait)
+            return self._future.result(timeout=wait if math.isfinite(wait) else None)
         except FutureTimeout:
             raise ResultTimeout(f"a coalesced request gave no result within {wait:g} s") from None
 
     async def wait(self, timeout: float | None = None) -> T:
-        wait = self._default_timeout if timeout is None else timeout
-        try:
-            return await asyncio.wait_for(asyncio.wrap_future(self._future), wait)
+        wait = _seconds(timeout, self._default_timeout)
+        try:  # the future is running: timing out here cancels the wrapper only, and it can be awaited again
+            return await asyncio.wait_for(asyncio.wrap_future(self._future), wait if math.isfinite(wait) else None)
         except TimeoutError:
             raise ResultTimeout(f"a coalesced request gave no result within {wait:g} s") from None
 
@@ -152,12 +152,13 @@ class Client:
         self._backends_lock = threading.Lock()  # a WeakSet changed while close() reads it would raise
         self._coalescer: Coalescer | None = None
         if self.settings.coalesce_ms > 0:
+            # a merged message unanswered a minute past the callers' wait is given up (a Redis that lost it)
             self._coalescer = Coalescer(self.app, self.settings.coalesce_ms / 1000, self.settings.limits.max_texts,
-                                        self._send)
+                                        self._send, expire_after=self.settings.result_timeout + 60)
 
     # --- generic --------------------------------------------------------------------------------------
 
-    def submit(self, kind: Kind, *, priority: Lane = "interactive", **kwargs: Any) -> Handle[Any]:
+    def submit(self, kind: Kind, /, *, priority: Lane = "interactive", **kwargs: Any) -> Handle[Any]:
         """Validate kwargs against the contract and enqueue them; None values are left out.
 
         ``priority``: ``"bulk"`` work waits behind every interactive message of its queue, in Redis and on
@@ -282,6 +283,14 @@ class Client:
 def _both(settings: Settings) -> str:
     broker, backend = redact(settings.broker), redact(settings.backend)
     return broker if broker == backend else f"{broker} / {backend}"
+
+
+def _seconds(timeout: Any, default: float) -> float:
+    """A wait in seconds (``inf``: no bound); NaN or a negative one would wait forever or not at all."""
+    wait = default if timeout is None else timeout
+    if isinstance(wait, bool) or not isinstance(wait, int | float) or math.isnan(wait) or wait < 0:
+        raise InvalidInput(f"timeout must be a number of seconds >= 0 (or None for the default); got {wait!r}")
+    return float(wait)
 
 
 def _as_list(values: Any) -> Any:

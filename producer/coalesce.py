@@ -15,18 +15,24 @@ Like Nagle's algorithm, the window only applies while earlier messages are in fl
 nothing in flight goes out at once, so a lone request pays no window.
 
 A merged message that fails is sent again one request per message, so a bad request fails alone and
-its neighbours still get their answers. The message stays an ordinary ``inferq.embed`` /
+its neighbours still get their answers. Each caller gets exactly one outcome, whatever the others do: a
+caller that gives up waiting (an asyncio timeout cancels what it awaits) cannot cancel the future its
+neighbours' answers are set on, and no exception of one group ends the thread that serves them all. A
+group that is never answered (its message lost with a Redis that kept nothing) fails with ResultTimeout
+once ``expire_after`` seconds have passed, and a closed client fails what is still in flight after a
+grace period, so nothing waits forever and the thread ends. The message stays an ordinary ``inferq.embed`` /
 ``inferq.classify`` task: workers, Flower and foreign clients see nothing special.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 import uuid
 from collections.abc import Callable, Hashable
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,7 +40,7 @@ from celery import Celery
 
 from producer.connection import ConnectionErrors
 from producer.contract import queue_name, sent_now, task_name
-from producer.errors import InferqError
+from producer.errors import InferqConnectionError, ResultTimeout
 from producer.results import final_meta, outcome
 from producer.settings import Kind, redact
 
@@ -42,6 +48,7 @@ log = logging.getLogger(__name__)
 SWEEP_SECONDS = 1.0  # how often the stored results of what is still in flight are read
 MIN_WAIT = 0.001  # the shortest wait for answers: a group due sooner goes out at most this late
 OUTAGE_WAIT = 0.1  # between attempts to reach Redis again for notices
+CLOSE_GRACE = 5.0  # how long a closed client's thread still waits for the answers in flight
 
 
 @dataclass
@@ -80,8 +87,10 @@ def split_result(kind: Kind, result: dict[str, Any], sizes: list[int]) -> list[d
 
 class Coalescer:
     def __init__(self, app: Celery, window: float, max_texts: int,
-                 send_alone: Callable[[Kind, dict[str, Any], int], Any]) -> None:
+                 send_alone: Callable[[Kind, dict[str, Any], int], Any], expire_after: float) -> None:
         self._app = app
+        self._expire_after = expire_after  # an in-flight group unanswered this long fails with ResultTimeout
+        self._closed_at: float | None = None
         self._window = window
         self._max_texts = max_texts
         self._send_alone = send_alone  # the client's normal path, for retrying a failed merge one by one
@@ -97,6 +106,9 @@ class Coalescer:
 
     def submit(self, kind: Kind, texts: list[str], options: dict[str, Any], priority: int = 0) -> Future[Any]:
         future: Future[Any] = Future()
+        # running: a caller that stops waiting (asyncio's wait_for cancels the future it wraps) cannot cancel it,
+        # and so cannot make setting its outcome raise in the thread that answers its whole group
+        future.set_running_or_notify_cancel()
         key = (kind, priority, tuple(sorted((k, _hashable(v)) for k, v in options.items())))
         with self._lock:
             if self._closed:
@@ -114,8 +126,9 @@ class Coalescer:
     def close(self) -> None:
         with self._lock:
             self._closed = True
+            self._closed_at = time.monotonic()
             self._lock.notify()
-        self._thread.join(timeout=5)
+        self._thread.join(timeout=CLOSE_GRACE + 5)
 
     # --- the background thread: the only one that sends, subscribes and reads answers -------------------
 
@@ -124,28 +137,38 @@ class Coalescer:
         last_sweep = time.monotonic()
         try:
             while True:
-                with self._lock:
-                    now = time.monotonic()
-                    idle = not self._inflight  # nothing to wait for: merging would only add latency
-                    due, self._full = self._full, []
-                    due += [self._open.pop(key) for key in [k for k, g in self._open.items()
-                                                             if idle or now - g.opened >= self._window or self._closed]]
-                    if not due and idle:
-                        if self._closed:
-                            return
-                        waits = [g.opened + self._window - now for g in self._open.values()]
-                        self._lock.wait(timeout=max(min(waits), 0.0) if waits else None)
-                        continue
-                    # new calls do not wake a thread waiting on the socket: wake when the next group is due
-                    wait = min([g.opened + self._window - now for g in self._open.values()] + [self._window])
-                for group in due:
-                    self._send(group, answers)
-                self._receive(answers, max(wait, MIN_WAIT))
+                try:
+                    if not self._turn(answers):
+                        return
+                except Exception:  # a bug here must not strand every call of the process: log it, go on
+                    log.exception("the coalescer's thread failed a turn; it goes on")
+                    time.sleep(OUTAGE_WAIT)
                 if time.monotonic() - last_sweep >= SWEEP_SECONDS:
                     last_sweep = time.monotonic()
                     self._sweep(answers)
         finally:
             answers.close()
+
+    def _turn(self, answers: Any) -> bool:
+        """Send what is due and take the answers that came; False once closed with nothing left to do."""
+        with self._lock:
+            now = time.monotonic()
+            idle = not self._inflight  # nothing to wait for: merging would only add latency
+            due, self._full = self._full, []
+            due += [self._open.pop(key) for key in [k for k, g in self._open.items()
+                                                     if idle or now - g.opened >= self._window or self._closed]]
+            if not due and idle:
+                if self._closed:
+                    return False
+                waits = [g.opened + self._window - now for g in self._open.values()]
+                self._lock.wait(timeout=max(min(waits), 0.0) if waits else SWEEP_SECONDS)
+                return True
+            # new calls do not wake a thread waiting on the socket: wake when the next group is due
+            wait = min([g.opened + self._window - now for g in self._open.values()] + [self._window])
+        for group in due:
+            self._send(group, answers)
+        self._receive(answers, max(wait, MIN_WAIT))
+        return True
 
     def _send(self, group: _Group, answers: Any) -> None:
         """Subscribe to the answer's channel, then publish one merged message."""
@@ -163,8 +186,7 @@ class Coalescer:
                                     queue=queue_name(group.kind), task_id=task_id, priority=group.priority or None,
                                     headers=sent_now())
         except Exception as exc:  # each caller gets the error a call of its own would have raised
-            for call in group.calls:
-                call.future.set_exception(exc)
+            _fail(group, exc)
             return
         with self._lock:
             self._inflight[key] = group
@@ -194,8 +216,23 @@ class Coalescer:
             self._notices_lost = False
 
     def _sweep(self, answers: Any) -> None:
+        """Read the stored results of what is in flight (a notice lost, or sent before the subscription took
+        effect); fail the groups unanswered past ``expire_after``, or past the grace of a closed client."""
+        now = time.monotonic()
         with self._lock:
+            closing = self._closed_at is not None and now - self._closed_at >= CLOSE_GRACE
+            expired = {key: group for key, group in self._inflight.items()
+                       if closing or now - group.opened >= self._expire_after}
+            for key in expired:
+                del self._inflight[key]
             keys = list(self._inflight)
+        for group in expired.values():
+            _fail(group, ResultTimeout(
+                f"a coalesced {group.kind} request gave no result within {now - group.opened:.0f} s"
+                + ("; the client was closed" if closing else "")))
+        if expired:
+            with contextlib.suppress(Exception):  # Redis away: the connection's subscriptions go with it
+                answers.unsubscribe(*expired)
         if not keys:
             return
         try:
@@ -219,14 +256,20 @@ class Coalescer:
         if group is None:
             return False
         if meta["status"] == "SUCCESS":
-            for call, part in zip(group.calls, split_result(group.kind, meta["result"],
-                                                             [len(c.texts) for c in group.calls]), strict=True):
-                call.future.set_result(part)
+            try:  # every part before any caller is told: a result that does not split fails them all alike
+                parts = split_result(group.kind, meta["result"], [len(c.texts) for c in group.calls])
+            except Exception as exc:
+                _fail(group, exc)
+                return True
+            for call, part in zip(group.calls, parts, strict=True):
+                _settle(call.future, result=part)
         elif len(group.calls) == 1:
             try:
                 outcome(backend, meta)
             except Exception as exc:
-                group.calls[0].future.set_exception(exc)
+                _settle(group.calls[0].future, exc=exc)
+            else:  # a failure status whose error does not raise: never so, but never left unanswered
+                _settle(group.calls[0].future, exc=RuntimeError(f"the task ended {meta['status']}"))
         else:
             log.info("a merged %s message of %d requests failed; sending them one by one", group.kind,
                      len(group.calls))
@@ -234,18 +277,37 @@ class Coalescer:
         return True
 
     def _one_by_one(self, group: _Group) -> None:
+        deadline = group.opened + self._expire_after  # the callers' own wait, not one more per call
         handles = []
-        for call in group.calls:
+        for index, call in enumerate(group.calls):
             try:
                 handles.append((call, self._send_alone(group.kind, {**group.options, "texts": call.texts},
                                                        group.priority)))
-            except InferqError as exc:
-                call.future.set_exception(exc)
+            except InferqConnectionError as exc:  # the broker is away for the rest too: tell them now
+                for left in group.calls[index:]:
+                    _settle(left.future, exc=exc)
+                break
+            except Exception as exc:  # its own bad input, or anything else: its own outcome
+                _settle(call.future, exc=exc)
         for call, handle in handles:
             try:
-                call.future.set_result(handle.get())
+                _settle(call.future, result=handle.get(max(deadline - time.monotonic(), 0.01)))
             except Exception as exc:  # each caller gets its own outcome, whatever it is
-                call.future.set_exception(exc)
+                _settle(call.future, exc=exc)
+
+
+def _settle(future: Future[Any], result: Any = None, exc: BaseException | None = None) -> None:
+    """A caller's outcome, set once: a second (a group failed after its callers were answered) is dropped."""
+    with contextlib.suppress(InvalidStateError):
+        if exc is not None:
+            future.set_exception(exc)
+        else:
+            future.set_result(result)
+
+
+def _fail(group: _Group, exc: BaseException) -> None:
+    for call in group.calls:
+        _settle(call.future, exc=exc)
 
 
 def _hashable(value: Any) -> Hashable:

@@ -56,19 +56,17 @@ class GenerationStream:
         self._cancel(self.id)
 
     def result(self, timeout: float | None = None) -> GenerateResult:
-        """The stored result (the stream read to its end first, if it was not)."""
-        if self.finish_reason is None:
-            for _ in self:
-                pass
-        result: GenerateResult = self._handle.get(timeout)
-        return result
+        """The stored result, within ``timeout`` (the stream's text is then the result's; what is left of the
+        stream unread is not read: the result holds it all, and a restarted stream's text was void)."""
+        return self._took(self._handle.get(timeout))
 
     async def aresult(self, timeout: float | None = None) -> GenerateResult:
         """result(), without blocking the event loop."""
-        if self.finish_reason is None:
-            async for _ in self:
-                pass
-        result: GenerateResult = await self._handle.wait(timeout)
+        return self._took(await self._handle.wait(timeout))
+
+    def _took(self, result: GenerateResult) -> GenerateResult:
+        self.text, self.finish_reason, self.model = result["text"], result["finish_reason"], result["model"]
+        self.prompt_tokens, self.completion_tokens = result["prompt_tokens"], result["completion_tokens"]
         return result
 
     def __iter__(self) -> Iterator[str]:
@@ -144,9 +142,10 @@ class GenerationStream:
             error = TASK_ERRORS.get(fields.get("type", ""), InferqError)
             raise error(fields.get("message", "the generation failed"))
         elif event == "restart":
+            void, self.text = len(self.text), ""  # reading on gives the new delivery's text, from its start
             raise StreamRestarted(f"the worker streaming task {self.id} died, and its next delivery decoded a "
-                                  f"different text; the {len(self.text)} characters read are void: read the stream "
-                                  "again from the start, or wait for result()")
+                                  f"different text; the {void} characters read are void: read on for the new "
+                                  "text from its start, or wait for result()")
         return ""
 
     def _from_result(self) -> Iterator[str]:

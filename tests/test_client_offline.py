@@ -4,6 +4,8 @@ clear, bounded error rather than a hang, and get() gives up at its own timeout."
 from __future__ import annotations
 
 import gc
+import io
+import json
 import os
 import subprocess
 import sys
@@ -19,7 +21,7 @@ import redis
 from producer.client import Client, Handle
 from producer.errors import InferqConnectionError, InputTooLarge, InvalidInput, ResultTimeout
 from producer.settings import Limits, Settings
-from tests.conftest import REDIS_HOST, REDIS_PORT, ROOT, free_port, start_redis_server
+from tests.conftest import REDIS_HOST, REDIS_PORT, ROOT, free_port, start_redis_server, stop
 
 
 def silent_url() -> str:
@@ -51,6 +53,12 @@ def test_bad_input_is_refused_before_anything_is_sent(offline_client: Client) ->
     for call, names in wrong:
         with pytest.raises(InvalidInput, match=names):
             call()
+    # an argument named like submit's own parameter, or a timeout that would wait forever, is bad input too
+    with pytest.raises(InvalidInput, match=r"unknown argument.*'kind'"):
+        offline_client.submit("embed", texts=["a"], **{"kind": "classify"})
+    for never in (float("nan"), -1.0, "5"):
+        with pytest.raises(InvalidInput, match="timeout must be a number of seconds >= 0"):
+            Handle(offline_client.app.AsyncResult("some-id"), 1.0, silent_url()).get(never)  # type: ignore[arg-type]
     # ... and take any iterable of strings as the list it stands for (numpy and pandas give their own)
     with pytest.raises(InputTooLarge, match="texts has 257 items"):  # validated as a list, before sending
         offline_client.embed(f"text {i}" for i in range(257))
@@ -127,3 +135,34 @@ def test_a_script_that_exits_on_a_result_timeout_prints_only_its_error() -> None
     assert done.returncode == 1
     assert "producer.errors.ResultTimeout: task" in done.stderr
     assert "Exception ignored" not in done.stderr, done.stderr
+
+
+@pytest.mark.integration
+def test_a_bulk_run_cut_off_by_a_lost_broker_reports_every_line_it_sent(tmp_path: Path) -> None:
+    """It stops at the first line it cannot send (every later one would fail the same way), but each line
+    before it, and that one, gets its output record: the lines it had in flight were dropped unreported."""
+    from producer.bulk import run_bulk
+
+    port = free_port()
+    store = redis.Redis(host=REDIS_HOST, port=port)
+    server = start_redis_server(tmp_path, ["--port", str(port)], store)  # no worker reads it
+    client = Client(Settings(redis_url=f"redis://{REDIS_HOST}:{port}/0", connect_timeout=0.5, result_timeout=2))
+
+    def lines() -> Any:
+        yield '"first"'
+        yield '"second"'
+        stop(server, 10)  # the broker goes away with two lines in flight
+        yield '"third"'
+        yield '"never sent"'
+
+    out = io.StringIO()
+    try:
+        with pytest.raises(InferqConnectionError):
+            run_bulk(client, "embed", lines(), out, window=8, progress=False)
+        records = [json.loads(line) for line in out.getvalue().splitlines()]
+        assert [record["line"] for record in records] == [1, 2, 3]
+        assert all("error" in record for record in records), records
+        assert records[2]["error"]["type"] == "InferqConnectionError"
+    finally:
+        stop(server, 10)
+        client.close()

@@ -15,7 +15,7 @@ import torch
 
 from producer.client import Client
 from producer.contract import queue_name
-from producer.errors import InputTooLarge
+from producer.errors import InputTooLarge, ResultTimeout
 from producer.settings import Settings
 from tests.conftest import REDIS_HOST, REDIS_PORT, WorkerProcess
 
@@ -110,4 +110,81 @@ def test_an_answer_stored_without_a_notice_is_still_read() -> None:
         assert handle.get(timeout=5) == answer
     finally:
         client.close()
+        store.flushdb()
+
+
+def _queued(store: redis.Redis, count: int, timeout: float = 10) -> None:
+    """Until the coalescer has sent ``count`` messages that nobody took yet."""
+    deadline = time.monotonic() + timeout
+    while store.llen(queue_name("embed")) < count:
+        assert time.monotonic() < deadline, f"the coalescer sent {store.llen(queue_name('embed'))} of {count}"
+        time.sleep(0.01)
+
+
+def _play_worker(store: redis.Redis, answers: list[dict[str, Any]], timeout: float = 10) -> list[str]:
+    """Take the coalescer's messages off the queue, as many as answers, and store each answer under its task
+    id (with the PUBLISH a worker sends): the task ids, in order."""
+    task_ids: list[str] = []
+    deadline = time.monotonic() + timeout
+    while len(task_ids) < len(answers):
+        raw = store.rpop(queue_name("embed"))
+        if raw is None:
+            assert time.monotonic() < deadline, f"the coalescer sent {len(task_ids)} of {len(answers)} messages"
+            time.sleep(0.01)
+            continue
+        task_ids.append(json.loads(raw)["headers"]["id"])
+    for task_id, answer in zip(task_ids, answers, strict=True):
+        meta = json.dumps({"status": "SUCCESS", "result": answer, "traceback": None, "task_id": task_id})
+        store.set(f"celery-task-meta-{task_id}", meta)
+        store.publish(f"celery-task-meta-{task_id}", meta)
+    return task_ids
+
+
+def test_a_caller_that_gives_up_takes_nothing_from_its_neighbours_nor_the_coalescer() -> None:
+    """An asyncio caller's timeout cancels what it awaits: that cancelled the future its whole merged group
+    was answered on, so setting the answer raised in the coalescer's thread, its neighbours were never
+    answered, and a broker error at that moment ended the thread for every later call of the process."""
+    url = f"redis://{REDIS_HOST}:{REDIS_PORT}/11"  # no worker listens here: this test plays the worker
+    store = redis.Redis.from_url(url)
+    store.flushdb()
+    client = Client(Settings(redis_url=url, coalesce_ms=200.0))
+    try:
+        first = client.submit("embed", texts=["alone"])  # nothing in flight: it goes out at once
+        _queued(store, 1)
+        impatient = client.submit("embed", texts=["a"])  # these two ride in one message, 200 ms later
+        patient = client.submit("embed", texts=["b"])
+        with pytest.raises(ResultTimeout):
+            asyncio.run(impatient.wait(0.01))
+        _play_worker(store, [{"model": "m", "dim": 1, "embeddings": [[0.0]]},
+                             {"model": "m", "dim": 1, "embeddings": [[1.0], [2.0]]}])
+        assert first.get(timeout=5)["embeddings"] == [[0.0]]
+        assert patient.get(timeout=5)["embeddings"] == [[2.0]]
+        assert impatient.get(timeout=5)["embeddings"] == [[1.0]]  # the handle that timed out stays valid
+        assert asyncio.run(impatient.wait(5))["embeddings"] == [[1.0]]
+        # a merged answer that does not split fails its callers, each with the error, and the thread goes on
+        broken = client.submit("embed", texts=["x", "y"])
+        _play_worker(store, [{"model": "m", "dim": 1, "embeddings": [[1.0]]}])
+        with pytest.raises(RuntimeError, match="has 1 rows for 2 texts"):
+            broken.get(timeout=5)
+        after = client.submit("embed", texts=["still served"])
+        _play_worker(store, [{"model": "m", "dim": 1, "embeddings": [[3.0]]}])
+        assert after.get(timeout=5)["embeddings"] == [[3.0]]
+    finally:
+        client.close()
+        store.flushdb()
+
+
+def test_a_closed_client_fails_what_is_still_in_flight_and_its_thread_ends() -> None:
+    url = f"redis://{REDIS_HOST}:{REDIS_PORT}/11"  # no worker listens here: nothing is ever answered
+    store = redis.Redis.from_url(url)
+    store.flushdb()
+    client = Client(Settings(redis_url=url, coalesce_ms=5.0))
+    try:
+        unanswered = client.submit("embed", texts=["nobody answers this"])
+        _queued(store, 1)
+        client.close()  # after its grace for the answers in flight
+        with pytest.raises(ResultTimeout, match="the client was closed"):
+            unanswered.get(timeout=1)
+        assert client._coalescer is not None and not client._coalescer._thread.is_alive()
+    finally:
         store.flushdb()

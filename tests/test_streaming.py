@@ -364,7 +364,9 @@ def test_a_redelivery_that_decodes_another_text_marks_a_restart_and_writes_it_wh
         read: list[str] = []
         with pytest.raises(StreamRestarted, match="9 characters read are void"):
             read.extend(stream)
-        assert read == ["Hello", " wor"]
+        assert read == ["Hello", " wor"] and stream.text == ""
+        assert "".join(stream) == stream.text == "Hello there"  # reading on: the new delivery's text, whole
+        assert stream.finish_reason is not None
     finally:
         client.close()
 

@@ -14,8 +14,8 @@ crosses the old window.
 Anyone who can LPUSH to a queue can put anything there. Kombu decodes each popped entry as a JSON envelope
 inside its event loop: an entry that is not JSON stops the worker ("Unrecoverable error"), and an envelope
 without delivery info makes the consumer reconnect again and again. Here such an entry (envelopes.py says
-which) is logged, counted and moved to the dead-letter list instead; the worker goes on. The worker's Celery app uses this transport
-(``broker_transport``); producers keep Kombu's own.
+which) is logged, counted and moved to the dead-letter list instead; the worker goes on. The worker's Celery
+app uses this transport (``broker_transport``); producers keep Kombu's own.
 
 It also survives losing Redis. When the connection drops, the consumer closes its channel; the channel then
 puts its unacknowledged messages back on their queues, and task threads still acknowledge the messages they
