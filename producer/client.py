@@ -228,7 +228,9 @@ class Client:
 
     async def aembed(self, texts: Sequence[str], *, model: str | None = None, normalize: bool = True,
                      timeout: float | None = None, priority: Lane = "interactive") -> EmbedResult:
-        return await self.submit_embed(texts, model=model, normalize=normalize, priority=priority).wait(timeout)
+        # sent from a thread: a send blocks for up to connect_timeout (and WAIT for replicas) where Redis is slow
+        handle = await asyncio.to_thread(self.submit_embed, texts, model=model, normalize=normalize, priority=priority)
+        return await handle.wait(timeout)
 
     # --- classify -------------------------------------------------------------------------------------
 
@@ -245,8 +247,9 @@ class Client:
     async def aclassify(self, texts: Sequence[str], *, labels: Sequence[str] | None = None, top_k: int = 1,
                         model: str | None = None, timeout: float | None = None,
                         priority: Lane = "interactive") -> ClassifyResult:
-        return await self.submit_classify(texts, labels=labels, top_k=top_k, model=model,
-                                          priority=priority).wait(timeout)
+        handle = await asyncio.to_thread(self.submit_classify, texts, labels=labels, top_k=top_k, model=model,
+                                         priority=priority)  # sent from a thread, as aembed's
+        return await handle.wait(timeout)
 
     # --- generate -------------------------------------------------------------------------------------
 
@@ -277,7 +280,8 @@ class Client:
 
     async def agenerate(self, prompt: str | None = None, *, timeout: float | None = None,
                         **options: Any) -> GenerateResult:
-        return await self.submit_generate(prompt, **options).wait(timeout)
+        handle = await asyncio.to_thread(self.submit_generate, prompt, **options)  # sent from a thread, as aembed's
+        return await handle.wait(timeout)
 
 
 def _both(settings: Settings) -> str:
