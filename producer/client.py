@@ -13,7 +13,7 @@ import math
 import threading
 import time
 import weakref
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Generic, TypeVar, cast
@@ -37,7 +37,7 @@ from producer.contract import (
     task_name,
     validate,
 )
-from producer.errors import InvalidInput, ResultTimeout
+from producer.errors import InferqError, InvalidInput, ResultTimeout
 from producer.settings import Kind, Settings, redact
 from producer.streaming import GenerationStream, request_cancel
 
@@ -154,7 +154,9 @@ class Client:
         if self.settings.coalesce_ms > 0:
             # a merged message unanswered a minute past the callers' wait is given up (a Redis that lost it)
             self._coalescer = Coalescer(self.app, self.settings.coalesce_ms / 1000, self.settings.limits.max_texts,
-                                        self._send, expire_after=self.settings.result_timeout + 60)
+                                        _weak_send(self), expire_after=self.settings.result_timeout + 60)
+            # a client dropped without close() lets its thread end: the thread holds it only weakly
+            weakref.finalize(self, self._coalescer.close, False)
 
     # --- generic --------------------------------------------------------------------------------------
 
@@ -282,6 +284,19 @@ class Client:
                         **options: Any) -> GenerateResult:
         handle = await asyncio.to_thread(self.submit_generate, prompt, **options)  # sent from a thread, as aembed's
         return await handle.wait(timeout)
+
+
+def _weak_send(client: Client) -> Callable[[Kind, dict[str, Any], int], Handle[Any]]:
+    """``client._send`` for the coalescer's thread, without keeping the client alive."""
+    send = weakref.WeakMethod(client._send)
+
+    def send_alone(kind: Kind, kwargs: dict[str, Any], priority: int) -> Handle[Any]:
+        method = send()
+        if method is None:
+            raise InferqError("the client was dropped before its merged message could be sent again")
+        return method(kind, kwargs, priority)
+
+    return send_alone
 
 
 def _both(settings: Settings) -> str:

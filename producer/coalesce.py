@@ -123,12 +123,16 @@ class Coalescer:
             self._lock.notify()
         return future
 
-    def close(self) -> None:
+    def close(self, wait: bool = True) -> None:
+        """Send what is open, answer or fail what is in flight (``CLOSE_GRACE``), and end the thread; with
+        ``wait`` false (a client being collected), without waiting for it."""
         with self._lock:
+            if self._closed_at is None:
+                self._closed_at = time.monotonic()
             self._closed = True
-            self._closed_at = time.monotonic()
             self._lock.notify()
-        self._thread.join(timeout=CLOSE_GRACE + 5)
+        if wait:
+            self._thread.join(timeout=CLOSE_GRACE + 5)
 
     # --- the background thread: the only one that sends, subscribes and reads answers -------------------
 

@@ -166,3 +166,18 @@ def test_a_bulk_run_cut_off_by_a_lost_broker_reports_every_line_it_sent(tmp_path
     finally:
         stop(server, 10)
         client.close()
+
+
+def test_a_coalescing_client_dropped_without_close_lets_its_thread_end() -> None:
+    def coalescers() -> int:
+        return sum(thread.name == "inferq-coalescer" and thread.is_alive() for thread in threading.enumerate())
+
+    before = coalescers()
+    client = Client(Settings(redis_url=silent_url(), coalesce_ms=5.0))
+    assert coalescers() == before + 1
+    del client
+    gc.collect()
+    deadline = time.monotonic() + 10
+    while coalescers() > before:  # its thread held it, so it was never collected and the thread never ended
+        assert time.monotonic() < deadline, "the dropped client's coalescer thread lives on"
+        time.sleep(0.05)
