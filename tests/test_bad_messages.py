@@ -165,7 +165,7 @@ def test_list_entries_that_are_not_messages_go_to_the_dead_letter_list(redis_cli
     assert "RecursionError" in reasons
     assert "the entry is JSON list, not a message envelope object" in reasons
     assert "the envelope's 'headers' is JSON list, not an object" in reasons
-    assert "the envelope's 'headers' is JSON str, not an object" in reasons
+    assert "the envelope's 'headers' is JSON string, not an object" in reasons
     assert "the envelope's 'content-type' is not a string" in reasons
     assert "the envelope's body is not base64" in reasons
     assert "body_encoding 'rot13' is not base64 or utf-8" in reasons

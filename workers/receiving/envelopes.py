@@ -10,18 +10,20 @@ from __future__ import annotations
 import base64
 from typing import Any
 
+from producer.contract import json_type_name
+
 
 def envelope_problem(payload: Any) -> str | None:
     """Why a decoded list entry cannot be delivered as a message; None when it can. Everything Kombu reads to
     build its message is checked here: what it cannot read there raises in the consumer and stops the worker,
     and the message, recorded as unacknowledged, would come back to stop the next one."""
     if not isinstance(payload, dict):
-        return f"the entry is JSON {type(payload).__name__}, not a message envelope object"
+        return f"the entry is JSON {json_type_name(payload)}, not a message envelope object"
     properties = payload.get("properties")
     if not isinstance(properties, dict):
         return "the envelope has no 'properties' object"
     if not isinstance(payload.get("headers") or {}, dict):
-        return f"the envelope's 'headers' is JSON {type(payload['headers']).__name__}, not an object"
+        return f"the envelope's 'headers' is JSON {json_type_name(payload['headers'])}, not an object"
     for field in ("content-type", "content-encoding"):
         if not isinstance(payload.get(field) or "", str):
             return f"the envelope's {field!r} is not a string"
