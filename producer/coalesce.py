@@ -90,7 +90,7 @@ class Coalescer:
                  send_alone: Callable[[Kind, dict[str, Any], int], Any], expire_after: float) -> None:
         self._app = app
         self._expire_after = expire_after  # an in-flight group unanswered this long fails with ResultTimeout
-        self._closed_at: float | None = None
+        self._closed_at: float | None = None  # when close() was called; None while open
         self._window = window
         self._max_texts = max_texts
         self._send_alone = send_alone  # the client's normal path, for retrying a failed merge one by one
@@ -99,7 +99,6 @@ class Coalescer:
         self._open: dict[Hashable, _Group] = {}
         self._full: list[_Group] = []  # groups closed by size, for the thread to send at once
         self._inflight: dict[str, _Group] = {}  # result key -> its group
-        self._closed = False
         self._notices_lost = False  # the thread's own: whether the last wait for notices failed
         self._thread = threading.Thread(target=self._run, name="inferq-coalescer", daemon=True)
         self._thread.start()
@@ -129,10 +128,13 @@ class Coalescer:
         with self._lock:
             if self._closed_at is None:
                 self._closed_at = time.monotonic()
-            self._closed = True
             self._lock.notify()
         if wait:
             self._thread.join(timeout=CLOSE_GRACE + 5)
+
+    @property
+    def _closed(self) -> bool:
+        return self._closed_at is not None
 
     # --- the background thread: the only one that sends, subscribes and reads answers -------------------
 
