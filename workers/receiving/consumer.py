@@ -16,10 +16,11 @@ from typing import Any
 from celery.worker.consumer import Consumer
 from kombu.exceptions import ContentDisallowed, DecodeError
 
-from producer.contract import json_type_name, task_name
+from producer.contract import task_name
 from producer.errors import InvalidMessage
 from producer.settings import KINDS
 from workers.receiving.counters import SharedCounter
+from workers.receiving.envelopes import triple_problem
 
 log = logging.getLogger(__name__)
 
@@ -32,27 +33,6 @@ def refused_counts() -> dict[str, int]:
 
 def count_refused(reason: str) -> None:
     _refused.add(reason)
-
-
-def triple_problem(body: Any) -> str | None:
-    """Why a decoded body is not one Celery can call a task with; None when it is. A protocol-2 body is an
-    ``[args, kwargs, embed]`` triple; an object with "args" is a protocol-1 body, which Celery converts (any
-    other object it would unpack as a triple of its keys, and fail in the pool, where nothing is answered)."""
-    if isinstance(body, dict):
-        if "args" not in body:
-            return "the body is a JSON object without 'args'"
-        args, kwargs, embed = body["args"], body.get("kwargs") or {}, None
-    elif not isinstance(body, list | tuple) or len(body) != 3:
-        return f"the body is JSON {json_type_name(body)}" + (f" of {len(body)}" if isinstance(body, list) else "")
-    else:
-        args, kwargs, embed = body
-    if not isinstance(args, list | tuple):
-        return f"its args are JSON {json_type_name(args)}, not a list"
-    if not isinstance(kwargs, dict):
-        return f"its kwargs are JSON {json_type_name(kwargs)}, not an object"
-    if embed is not None and not isinstance(embed, dict):
-        return f"its embed is JSON {json_type_name(embed)}, not an object or null"
-    return None
 
 
 def _undecodable(message: Any, exc: Exception) -> str:

@@ -1,8 +1,11 @@
-"""Whether an entry popped off a queue list is a message envelope Kombu can make a message of.
+"""What a message must be before Kombu and Celery read it: an envelope Kombu can make a message of, and a
+body Celery can call a task with.
 
 Anyone who can LPUSH to a queue can put anything there, and Kombu reads what it pops inside the worker's event
 loop: what it cannot read stops the worker, and a message the take recorded as unacknowledged would come back
-after the visibility timeout to stop the next one. The transport dead-letters an entry this check refuses.
+after the visibility timeout to stop the next one. The transport dead-letters an entry ``envelope_problem``
+refuses. A body of the wrong shape Celery acknowledges unanswered, or fails in its pool where nothing is
+stored nor acknowledged; the consumer refuses one ``triple_problem`` names, whichever path would run it.
 """
 
 from __future__ import annotations
@@ -45,4 +48,25 @@ def envelope_problem(payload: Any) -> str | None:
         base64.b64decode(body.encode())  # as Kombu will decode it (0.6 us for a task's body)
     except ValueError as exc:  # UnicodeEncodeError (a lone surrogate) too, where Kombu would raise it
         return f"the envelope's body is not base64 ({exc})"
+    return None
+
+
+def triple_problem(body: Any) -> str | None:
+    """Why a decoded body is not one Celery can call a task with; None when it is. A protocol-2 body is an
+    ``[args, kwargs, embed]`` triple; an object with "args" is a protocol-1 body, which Celery converts (any
+    other object it would unpack as a triple of its keys, and fail in the pool, where nothing is answered)."""
+    if isinstance(body, dict):
+        if "args" not in body:
+            return "the body is a JSON object without 'args'"
+        args, kwargs, embed = body["args"], body.get("kwargs") or {}, None
+    elif not isinstance(body, list | tuple) or len(body) != 3:
+        return f"the body is JSON {json_type_name(body)}" + (f" of {len(body)}" if isinstance(body, list) else "")
+    else:
+        args, kwargs, embed = body
+    if not isinstance(args, list | tuple):
+        return f"its args are JSON {json_type_name(args)}, not a list"
+    if not isinstance(kwargs, dict):
+        return f"its kwargs are JSON {json_type_name(kwargs)}, not an object"
+    if embed is not None and not isinstance(embed, dict):
+        return f"its embed is JSON {json_type_name(embed)}, not an object or null"
     return None

@@ -39,8 +39,8 @@ from producer.contract import message_priority
 from producer.errors import InferqError
 from producer.settings import Kind
 from workers.device.runtime import Pending, Runtime, stream_requested
-from workers.receiving.consumer import triple_problem
 from workers.receiving.counters import SharedCounter
+from workers.receiving.envelopes import triple_problem
 from workers.receiving.events import plain, send_task_events
 from workers.receiving.result_repr import result_repr
 
