@@ -256,13 +256,14 @@ class Client:
     # --- generate -------------------------------------------------------------------------------------
 
     def submit_generate(self, prompt: str | None = None, *, messages: Sequence[dict[str, str]] | None = None,
-                        max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
-                        stop: Sequence[str] | None = None, seed: int | None = None,
+                        max_new_tokens: int = 64, fit_new_tokens: bool = False, temperature: float = 0.0,
+                        top_p: float = 1.0, stop: Sequence[str] | None = None, seed: int | None = None,
                         model: str | None = None, stream: bool = False,
                         priority: Lane = "interactive") -> Handle[GenerateResult]:
         return self.submit("generate", priority=priority, prompt=prompt,
                            messages=_as_messages(messages) if messages is not None else None,
-                           max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                           max_new_tokens=max_new_tokens, fit_new_tokens=fit_new_tokens or None,
+                           temperature=temperature, top_p=top_p,
                            stop=_as_list(stop) if stop is not None else None, seed=seed, model=model,
                            stream=stream or None)  # stream="no" reaches validation, which refuses it
 

@@ -140,6 +140,9 @@ class GenerateRequest(_Request):
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
     max_new_tokens: int = 64
+    # true: a prompt that leaves the model less room than max_new_tokens generates what room there is (ending
+    # with finish_reason "length"), as OpenAI's chat does without max_tokens, instead of being refused
+    fit_new_tokens: bool = False
     temperature: float = 0.0
     top_p: float = 1.0
     stop: list[str] | None = None
@@ -201,6 +204,7 @@ ALLOWED: dict[str, str] = {
     "prompt": "prompt must be a string",
     "messages": "messages must be a non-empty list of {\"role\": system|user|assistant, \"content\": string}",
     "max_new_tokens": "max_new_tokens must be an integer >= 1",
+    "fit_new_tokens": "fit_new_tokens must be true or false",
     "temperature": "temperature must be a number from 0 to 2",
     "top_p": "top_p must be a number in (0, 1]",
     "stop": "stop must be a list of strings, or omitted",

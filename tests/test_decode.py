@@ -154,6 +154,27 @@ def test_truncate_keeps_the_prompts_end_and_leaves_room_for_the_new_tokens(tiny_
 
 
 @torch.inference_mode()
+def test_fit_new_tokens_generates_what_room_the_prompt_leaves_instead_of_refusing(
+        generator: CausalGenerator) -> None:
+    """What the gateway sends for a chat without max_tokens: OpenAI runs such a chat to the context's end."""
+    long = " ".join(f"word{i}" for i in range(40))
+    prompt = generator.loaded.encoder.encode(long).ids
+    room = 128 - len(prompt)
+    assert 0 < room < 64
+    with pytest.raises(InputTooLarge, match="max_new_tokens is 64"):
+        generator.prepare(GenerateRequest(prompt=long, max_new_tokens=64))
+    prepared = generator.prepare(GenerateRequest(prompt=long, max_new_tokens=64, fit_new_tokens=True))
+    assert prepared.prompt == prompt and prepared.max_new_tokens == room and prepared.total_tokens == 128
+    (completion,) = run(generator.start([prepared])).values()
+    assert len(completion.tokens) == room or completion.ended
+    assert len(completion.tokens) <= room
+    # a request that fits is not touched, and a prompt that fills the limit alone is still refused
+    assert generator.prepare(GenerateRequest(prompt="hi", max_new_tokens=64, fit_new_tokens=True)).max_new_tokens == 64
+    with pytest.raises(InputTooLarge):
+        generator.prepare(GenerateRequest(prompt=" ".join(f"word{i}" for i in range(200)), fit_new_tokens=True))
+
+
+@torch.inference_mode()
 def test_a_special_token_asked_for_as_a_stop_string_ends_its_row_by_its_id(generator: CausalGenerator) -> None:
     """The text is decoded without special tokens: as a string such a stop could never match."""
     first = run(start(generator, GREEDY))[0].tokens[0]

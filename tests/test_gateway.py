@@ -121,6 +121,23 @@ def test_chat_completions_give_the_queues_greedy_text_streamed_or_not(gateway: G
     assert nulls.choices[0].message.content == direct["text"]
 
 
+def test_a_chat_without_max_tokens_runs_to_what_the_context_leaves(gateway: Gateway) -> None:
+    """OpenAI's chat without max_tokens generates up to the context's end: a prompt near smollm2's 2,048 tokens
+    (less than the worker's 256-token limit left) is answered, not refused."""
+    sdk = gateway.sdk()
+    long = [{"role": "user", "content": " ".join(["red green blue"] * 124)}] * 5  # 2,000 characters a message
+    prompt_tokens = sdk.chat.completions.create(model="smollm2", messages=long, max_tokens=1,
+                                                temperature=0).usage.prompt_tokens
+    room = 2048 - prompt_tokens
+    assert 0 < room < 256, prompt_tokens
+    with pytest.raises(openai.BadRequestError, match="accepts at most 2048 tokens"):
+        sdk.chat.completions.create(model="smollm2", messages=long, max_tokens=room + 1)
+    response = sdk.chat.completions.create(model="smollm2", messages=long, temperature=0)
+    choice, usage = response.choices[0], response.usage
+    assert usage is not None and usage.prompt_tokens == prompt_tokens
+    assert usage.completion_tokens == room if choice.finish_reason == "length" else usage.completion_tokens < room
+
+
 def test_completions_take_a_plain_prompt(gateway: Gateway, client: Client) -> None:
     direct = client.generate("1, 2, 3, 4,", max_new_tokens=12)
     sdk = gateway.sdk()

@@ -149,7 +149,7 @@ def _sampling(body: _GenerateBody) -> dict[str, Any]:
 
 def chat_kwargs(body: ChatBody, default_max_tokens: int) -> dict[str, Any]:
     """``default_max_tokens``: what a chat without max_tokens may generate (OpenAI's: up to the model's
-    limit; here the worker's ``max_new_tokens`` limit)."""
+    context; here the worker's ``max_new_tokens`` limit, fitted to what the context leaves)."""
     messages = []
     for index, message in enumerate(body.messages):
         extra = [key for key, value in message.items()
@@ -170,8 +170,10 @@ def chat_kwargs(body: ChatBody, default_max_tokens: int) -> dict[str, Any]:
             role = "system"
         messages.append({"role": role, "content": content})
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    return {"messages": messages, "max_new_tokens": default_max_tokens if max_tokens is None else max_tokens,
-            **_sampling(body)}
+    if max_tokens is None:  # as OpenAI: up to the limit, or what the model's context leaves after the prompt
+        return {"messages": messages, "max_new_tokens": default_max_tokens, "fit_new_tokens": True,
+                **_sampling(body)}
+    return {"messages": messages, "max_new_tokens": max_tokens, **_sampling(body)}
 
 
 def completion_kwargs(body: CompletionBody) -> dict[str, Any]:

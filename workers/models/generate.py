@@ -29,10 +29,11 @@ class Prepared:
     # An unseeded sampled request draws its seed from its task id where it has one: a message delivered again
     # (its worker died) samples the same text again, so its stream resumes where it stopped.
     task_id: str | None = None
+    max_new_tokens: int = 0  # what the row may generate: the request's, or less where fit_new_tokens fitted it
 
     @property
     def total_tokens(self) -> int:
-        return len(self.prompt) + self.request.max_new_tokens
+        return len(self.prompt) + self.max_new_tokens
 
 
 @dataclass
@@ -88,17 +89,20 @@ class CausalGenerator:
             rendered = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
             prompt = encoder.encode(str(rendered), add_special_tokens=False).ids
         limit = self.loaded.entry.max_length
-        room = limit - request.max_new_tokens
+        new_tokens = request.max_new_tokens
+        if request.fit_new_tokens and len(prompt) < limit:
+            new_tokens = min(new_tokens, limit - len(prompt))
+        room = limit - new_tokens
         if len(prompt) > room and self.loaded.entry.truncate and room >= 2:
             # the end of the prompt, what the continuation follows; a leading BOS stays where it was
             bos = prompt[:1] if prompt[0] == tokenizer.bos_token_id else []
             prompt = bos + prompt[len(prompt) - room + len(bos):]
-        if len(prompt) + request.max_new_tokens > limit:
+        if len(prompt) + new_tokens > limit:
             raise InputTooLarge(
-                f"the prompt is {len(prompt)} tokens and max_new_tokens is {request.max_new_tokens}; model "
+                f"the prompt is {len(prompt)} tokens and max_new_tokens is {new_tokens}; model "
                 f"{self.loaded.alias!r} accepts at most {limit} tokens in all"
             )
-        return Prepared(request, prompt, task_id)
+        return Prepared(request, prompt, task_id, new_tokens)
 
     def finish(self, prepared: Prepared, completion: Completion) -> GenerateResult:
         """Decode the completion and cut it before the first stop string. Thread-safe."""
@@ -153,7 +157,7 @@ class CausalGenerator:
         if request.temperature > 0:
             generator = torch.Generator(device=self.loaded.device)
             generator.manual_seed(request.seed if request.seed is not None else _seed_of(prepared.task_id))
-        return Row(prompt=prepared.prompt, max_new_tokens=request.max_new_tokens, temperature=request.temperature,
+        return Row(prompt=prepared.prompt, max_new_tokens=prepared.max_new_tokens, temperature=request.temperature,
                    top_p=request.top_p, generator=generator, stop=self._text_stops(request),
                    stop_ids=frozenset(self._special_ids[stop] for stop in request.stop or ()
                                       if stop in self._special_ids))
