@@ -74,7 +74,9 @@ class GenerationStream:
         while self.finish_reason is None:
             with self._errors():
                 reply = self._client.xread({self._key: self._last}, count=COUNT, block=self._block_ms(deadline))
-                if not reply and self._handle.ready():
+                if reply:
+                    deadline = time.monotonic() + self._timeout
+                elif self._handle.ready():
                     reply = self._client.xread({self._key: self._last}, count=COUNT)  # its last entries, if written
                     if not reply:
                         yield from self._from_result()
@@ -94,7 +96,9 @@ class GenerationStream:
             while self.finish_reason is None:
                 with self._errors():
                     reply = await client.xread({self._key: self._last}, count=COUNT, block=self._block_ms(deadline))
-                    if not reply and await asyncio.to_thread(self._handle.ready):
+                    if reply:
+                        deadline = time.monotonic() + self._timeout
+                    elif await asyncio.to_thread(self._handle.ready):
                         reply = await client.xread({self._key: self._last}, count=COUNT)
                         if not reply:
                             for piece in await asyncio.to_thread(lambda: list(self._from_result())):
@@ -114,10 +118,11 @@ class GenerationStream:
         return ConnectionErrors(f"the result backend at {redact(self._backend_url)}")
 
     def _block_ms(self, deadline: float) -> int:
-        """How long the next XREAD may block; ResultTimeout once the stream's time is up."""
+        """How long the next XREAD may block; ResultTimeout once the stream has been silent for its timeout
+        (a stream's whole length is not bounded: a long generation goes on while its pieces come)."""
         left = deadline - time.monotonic()
         if left <= 0:
-            raise ResultTimeout(f"the stream of task {self.id} did not end within {self._timeout:g} s; the task "
+            raise ResultTimeout(f"the stream of task {self.id} gave nothing for {self._timeout:g} s; the task "
                                 "may still run")
         return max(1, int(min(left, BLOCK_S) * 1000))
 

@@ -29,7 +29,7 @@ from producer.errors import (
     TaskTimeout,
 )
 from producer.gateway.admission import Admission, QueueFull
-from producer.gateway.app import from_task_error
+from producer.gateway.app import ClientGone, from_failure, from_task_error, still_runs
 from producer.gateway.results import ResultWaiter
 from tests.conftest import (
     ARTIFACTS,
@@ -151,12 +151,18 @@ def test_completions_take_a_plain_prompt(gateway: Gateway, client: Client) -> No
 def test_models_lists_the_aliases_the_workers_serve(gateway: Gateway) -> None:
     listed = {model.id for model in gateway.sdk().models.list()}
     assert {"minilm", "smollm2", "tiny-lm", "tiny-sentiment"} <= listed
+    assert gateway.sdk().models.retrieve("smollm2").id == "smollm2"  # what frameworks ask to check a name
+    with pytest.raises(openai.NotFoundError, match="no live worker serves a model named 'nope'") as missing:
+        gateway.sdk().models.retrieve("nope")
+    assert missing.value.code == "model_not_found"
 
 
 def test_bad_input_and_unknown_models_are_openai_errors_with_our_message(gateway: Gateway) -> None:
     sdk = gateway.sdk()
     with pytest.raises(openai.BadRequestError, match="n: only 1 completion"):
         sdk.chat.completions.create(model="smollm2", messages=CHAT, n=2)
+    with pytest.raises(openai.BadRequestError, match="stream_options: only allowed with stream"):
+        sdk.chat.completions.create(model="smollm2", messages=CHAT, stream_options={"include_usage": True})
     with pytest.raises(openai.BadRequestError, match="messages must"):
         sdk.chat.completions.create(model="smollm2", messages=[])
     with pytest.raises(openai.BadRequestError, match="token ids are not accepted"):
@@ -246,6 +252,21 @@ def test_a_client_that_goes_away_mid_stream_cancels_its_generation(gateway: Gate
         time.sleep(0.2)
 
 
+def test_a_client_that_gives_up_on_a_plain_generation_cancels_it(gateway: Gateway, client: Client,
+                                                                  worker: WorkerProcess) -> None:
+    """The SDK's own timeout (and its retries after it) must not leave generations running for nobody."""
+    before = device_counts(client, worker).get("generate/smollm2:cancelled", 0)
+    body = {"model": "smollm2", "prompt": "1, 2, 3, 4,", "max_tokens": 256, "temperature": 0}
+    with pytest.raises(httpx.ReadTimeout):  # 256 tokens take SmolLM2 far longer than 1.5 s on a CPU
+        httpx.post(f"{gateway.url}/v1/completions", json=body, timeout=httpx.Timeout(10, read=1.5))
+    deadline = time.monotonic() + 20
+    while device_counts(client, worker).get("generate/smollm2:cancelled", 0) == before:
+        assert time.monotonic() < deadline, "the generation was not cancelled"
+        time.sleep(0.2)
+    page = httpx.get(f"{gateway.url}/metrics", timeout=10).text
+    assert 'route="/v1/completions",status="499"' in page
+
+
 def test_api_keys_are_required_when_set_and_the_gateway_never_runs_open_without_being_told(
         config_path: Path, worker: WorkerProcess) -> None:
     keyed = Gateway(config_path, ARTIFACTS / "gateway-keyed.log",
@@ -291,6 +312,15 @@ def test_errors_a_retry_cannot_mend_tell_the_sdk_not_to_retry() -> None:
     assert from_task_error(OutOfMemory("too big")).status == 400  # too big even alone: bad input for this device
     away = from_task_error(InferqConnectionError("redis away")).response()  # a retry may well succeed
     assert away.status_code == 503 and "x-should-retry" not in away.headers
+    # once the request was sent, Redis lost is a 503 not to retry: the task is queued and may still run
+    sent = from_failure(InferqConnectionError("redis away")).response()
+    assert sent.status_code == 503 and sent.headers["x-should-retry"] == "false"
+    assert b"may still run" in sent.body
+    # a task that failed with an error not inferq's (Celery rebuilds a worker's RuntimeError as one) is the
+    # task's failure, not the gateway's, and a retry would run it again
+    failed = from_failure(RuntimeError("CUDA error: an illegal memory access"))
+    assert failed.status == 500 and not failed.retry and str(failed).startswith("the task failed: RuntimeError")
+    assert not still_runs(Cancelled("x")) and still_runs(ResultTimeout("x")) and still_runs(ClientGone())
 
 
 def test_classify_health_and_metrics(gateway: Gateway, client: Client, worker: WorkerProcess) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -24,7 +25,7 @@ import torch
 
 from producer.client import Client
 from producer.contract import GenerateResult, queue_name, stream_key, task_name
-from producer.errors import Cancelled, InvalidInput, StreamRestarted
+from producer.errors import Cancelled, InvalidInput, ResultTimeout, StreamRestarted
 from producer.settings import Limits, Settings
 from producer.streaming import GenerationStream
 from tests.conftest import (
@@ -367,6 +368,42 @@ def test_a_redelivery_that_decodes_another_text_marks_a_restart_and_writes_it_wh
         assert read == ["Hello", " wor"] and stream.text == ""
         assert "".join(stream) == stream.text == "Hello there"  # reading on: the new delivery's text, whole
         assert stream.finish_reason is not None
+    finally:
+        client.close()
+
+
+def test_a_stream_times_out_on_silence_never_on_its_length(store: redis.Redis) -> None:
+    """A long generation whose pieces keep coming is never cut at the timeout (the gateway's streams read with
+    the result timeout); a stream that falls silent for it raises ResultTimeout, sync or async."""
+    client = Client(Settings(redis_url=URL, result_timeout=5))
+
+    def written_slowly(task_id: str) -> threading.Thread:  # ten pieces over 2 s, then the last entry
+        def write() -> None:
+            for index in range(10):
+                store.xadd(stream_key(task_id), {"event": "text", "text": f"{index} "})
+                time.sleep(0.2)
+            store.xadd(stream_key(task_id), {"event": "end", "finish_reason": "length", "model": "m",
+                                             "prompt_tokens": 1, "completion_tokens": 10})
+        thread = threading.Thread(target=write)
+        thread.start()
+        return thread
+
+    async def read_async(stream: GenerationStream) -> str:
+        return "".join([piece async for piece in stream])
+
+    try:
+        for read in ("".join, lambda stream: asyncio.run(read_async(stream))):
+            task_id = str(uuid.uuid4())
+            writer, started = written_slowly(task_id), time.monotonic()
+            stream = GenerationStream(client.handle(task_id), store, 1.5, URL, client.cancel)
+            assert read(stream) == "".join(f"{index} " for index in range(10))  # type: ignore[no-untyped-call]
+            assert time.monotonic() - started > 1.5 and stream.finish_reason == "length"
+            writer.join()
+            silent = str(uuid.uuid4())
+            store.xadd(stream_key(silent), {"event": "text", "text": "and then nothing"})
+            with pytest.raises(ResultTimeout, match=r"gave nothing for 1\.5 s"):
+                read(GenerationStream(client.handle(silent), store, 1.5, URL, client.cancel))
+        store.delete(*store.keys("inferq:stream:*"))
     finally:
         client.close()
 

@@ -21,8 +21,8 @@ import contextlib
 import hmac
 import logging
 import time
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, TypeVar
 
 import orjson
 from fastapi import FastAPI, Request
@@ -41,6 +41,7 @@ from producer.errors import (
     OutOfMemory,
     PoisonMessage,
     ResultTimeout,
+    StreamRestarted,
     TaskTimeout,
     UnknownModel,
 )
@@ -54,6 +55,7 @@ from producer.inventory import worker_statuses
 from producer.settings import Kind, Settings
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 STATUS_TIMEOUT_S = 1.0  # how long one broadcast waits for the workers' status replies
 STATUS_REFRESH_S = 5.0  # how often the workers are asked what they serve (GET /v1/models, the 503 check)
 STATUS_REMEMBER_S = 30.0  # how long a worker that stopped answering still counts as serving its kinds
@@ -80,6 +82,10 @@ class GatewayError(Exception):
         return JSONResponse(self.body(), status_code=self.status, headers=headers)
 
 
+class ClientGone(Exception):
+    """The client closed its connection before its answer was ready."""
+
+
 def from_task_error(exc: InferqError) -> GatewayError:
     """Our typed errors as OpenAI's: their message kept, the status a client and its SDK act on."""
     name = type(exc).__name__
@@ -94,6 +100,29 @@ def from_task_error(exc: InferqError) -> GatewayError:
     if isinstance(exc, Cancelled):
         return GatewayError(409, str(exc), "cancelled", name, retry=False)
     return GatewayError(500, str(exc), "server_error", name, retry=not isinstance(exc, PoisonMessage))
+
+
+def from_failure(exc: Exception, sent: bool = True) -> GatewayError:
+    """Any error met waiting for a request's answer, once it was ``sent``. Redis lost after the send is a 503
+    a retry must not follow: the task is queued and may still run. An error that is not inferq's is the
+    task's own (Celery rebuilds a worker's RuntimeError, or a revoke, as such): the task failed, a retry would
+    run it again."""
+    if isinstance(exc, GatewayError):
+        return exc
+    if isinstance(exc, InferqConnectionError) and sent:
+        return GatewayError(503, f"{exc}; the request was sent and may still run", "service_unavailable",
+                            type(exc).__name__, retry=False)
+    if isinstance(exc, InferqError):
+        return from_task_error(exc)
+    return GatewayError(500, f"the task failed: {type(exc).__name__}: {exc}", "server_error", type(exc).__name__,
+                        retry=False)
+
+
+def still_runs(exc: BaseException) -> bool:
+    """Whether a generation whose answer met ``exc`` may still be decoding: all but the task's own errors (and
+    its result's), which it reported as it ended."""
+    return (not isinstance(exc, InferqError | GatewayError)
+            or isinstance(exc, ResultTimeout | InferqConnectionError | StreamRestarted))
 
 
 def create_app(settings: Settings, open_access: bool = False, client: Client | None = None) -> FastAPI:
@@ -193,9 +222,17 @@ def create_app(settings: Settings, open_access: bool = False, client: Client | N
 
     async def result_of(handle: Handle[Any]) -> Any:
         """A task's result, told by pub/sub; a coalesced call's comes from its shared message's."""
-        if isinstance(handle, FutureHandle):
-            return await handle.wait()
-        return await waiter.wait(handle.id, settings.result_timeout)
+        try:
+            if isinstance(handle, FutureHandle):
+                return await handle.wait()
+            return await waiter.wait(handle.id, settings.result_timeout)
+        except Exception as exc:
+            raise from_failure(exc) from None
+
+    @app.exception_handler(ClientGone)
+    async def client_gone(request: Request, exc: ClientGone) -> JSONResponse:
+        # nginx's 499 (client closed request), for the metrics: nobody reads the answer
+        return answer(request, GatewayError(499, str(exc), "client_gone", retry=False))
 
     async def admit(kind: Kind) -> None:
         """429 while the kind's queue is over its limit; 503 while no live worker serves the kind."""
@@ -236,9 +273,10 @@ def create_app(settings: Settings, open_access: bool = False, client: Client | N
         if not body.stream:
             handle = await send("generate", kwargs)
             try:
-                result = await result_of(handle)
-            except (ResultTimeout, asyncio.CancelledError):  # nobody will read it: stop the generation
-                _cancel_soon(queue, handle.id)
+                result = await unless_gone(request, result_of(handle))
+            except BaseException as exc:  # given up (a timeout, the client gone): nobody will read it
+                if still_runs(exc):
+                    _cancel_soon(queue, handle.id)
                 raise
             return shapes.Generation(id=prefix + handle.id, chat=chat).response(result)
         await admit("generate")
@@ -246,11 +284,14 @@ def create_app(settings: Settings, open_access: bool = False, client: Client | N
         generation = shapes.Generation(id=prefix + stream.id, chat=chat)
         pieces = aiter(stream)
         try:  # the first piece before the response starts: an error before it still gets its own status
-            first: str | None = await anext(pieces)
+            first: str | None = await unless_gone(request, anext(pieces))
         except StopAsyncIteration:
             first = None
-        except BaseException:
-            _cancel_soon(queue, stream.id)
+        except BaseException as exc:
+            if still_runs(exc):
+                _cancel_soon(queue, stream.id)
+            if isinstance(exc, Exception) and not isinstance(exc, ClientGone):
+                raise from_failure(exc) from None
             raise
         model = body.model or default_model
         events = _events(stream, pieces, first, generation, model, bool((body.stream_options or {}).get(
@@ -266,16 +307,29 @@ def create_app(settings: Settings, open_access: bool = False, client: Client | N
     async def completions(request: Request) -> Any:
         return await generate(request, chat=False)
 
-    @app.get("/v1/models")
-    async def models(request: Request) -> dict[str, Any]:
-        caller(request)
+    def served_models() -> dict[str, dict[str, Any]]:
+        """The aliases the live workers serve, as OpenAI's model objects."""
         aliases: dict[str, set[str]] = {}
         for status in served.statuses():
             for kind, group in (status.get("models") or {}).items():
                 for alias in group:
                     aliases.setdefault(alias, set()).add(kind)
-        return {"object": "list", "data": [{"id": alias, "object": "model", "created": 0, "owned_by": "inferq",
-                                            "kinds": sorted(kinds)} for alias, kinds in sorted(aliases.items())]}
+        return {alias: {"id": alias, "object": "model", "created": 0, "owned_by": "inferq", "kinds": sorted(kinds)}
+                for alias, kinds in sorted(aliases.items())}
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> dict[str, Any]:
+        caller(request)
+        return {"object": "list", "data": list(served_models().values())}
+
+    @app.get("/v1/models/{name:path}")
+    async def model(request: Request, name: str) -> dict[str, Any]:
+        caller(request)
+        found = served_models().get(name)
+        if found is None:
+            raise GatewayError(404, f"no live worker serves a model named {name!r}", "invalid_request_error",
+                               "model_not_found", "model")
+        return found
 
     @app.get("/health")
     async def health(request: Request) -> JSONResponse:
@@ -301,6 +355,27 @@ def create_app(settings: Settings, open_access: bool = False, client: Client | N
 
     app.state.client = queue
     return app
+
+
+async def unless_gone(request: Request, awaitable: Awaitable[T]) -> T:
+    """``awaitable``'s result, unless the client goes away first: then ClientGone, and it is cancelled. A
+    request's body is read by then, so what the server sends next on ``receive`` is the disconnect."""
+    work = asyncio.ensure_future(awaitable)
+    gone = asyncio.ensure_future(_until_gone(request))
+    try:
+        await asyncio.wait((work, gone), return_when=asyncio.FIRST_COMPLETED)
+    finally:  # also when this handler is cancelled itself
+        gone.cancel()
+        if not work.done():
+            work.cancel()
+    if work.done() and not work.cancelled():
+        return work.result()
+    raise ClientGone("the client closed its connection before the answer")
+
+
+async def _until_gone(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _cancel_soon(queue: Client, task_id: str) -> None:
@@ -335,9 +410,11 @@ async def _events(stream: Any, pieces: AsyncIterator[str], first: str | None, ge
             yield _sse(generation.chunk(model, usage={**result, "total_tokens": sum(result.values())}))
         finished = True
         yield _sse(b"[DONE]")
-    except InferqError as exc:  # mid-stream the status is sent already: the error is the last event
-        finished = not isinstance(exc, ResultTimeout)  # a timeout leaves the generation running: cancel it
-        yield _sse(from_task_error(exc).body())
+    except Exception as exc:  # mid-stream the status is sent already: the error is the last event
+        finished = not still_runs(exc)  # a timeout, a lost Redis, a restart leave it running: cancel it
+        if not isinstance(exc, InferqError):
+            log.error("stream %s failed: %s: %s", stream.id, type(exc).__name__, exc)
+        yield _sse(from_failure(exc).body())
         yield _sse(b"[DONE]")
     finally:
         if not finished:  # the client went away (the response was cancelled), or gave up: stop its generation

@@ -141,6 +141,8 @@ def embeddings_response(result: EmbedResult, encoding: str) -> dict[str, Any]:
 def _sampling(body: _GenerateBody) -> dict[str, Any]:
     if body.n not in (None, 1):
         raise InvalidInput(f"n: only 1 completion per request is supported; got {body.n}")
+    if body.stream_options is not None and not body.stream:
+        raise InvalidInput("stream_options: only allowed with stream: true")  # as OpenAI answers
     stop = [body.stop] if isinstance(body.stop, str) else body.stop
     return {"temperature": 1.0 if body.temperature is None else body.temperature,
             "top_p": 1.0 if body.top_p is None else body.top_p, "stop": stop or None, "seed": body.seed,
