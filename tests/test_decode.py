@@ -82,6 +82,7 @@ def test_a_batch_that_lives_on_as_rows_join_and_leave_keeps_only_what_its_live_r
         for _ in range(10):
             finished.update(batch.step())
             widths.append(batch.decoding.width)
+            assert len(batch.decoding.rows) == batch.decoding.live_rows  # nothing kept of the rows that left
         joining = start(generator, request)
         joining.step()
         indices = batch.absorb(joining)

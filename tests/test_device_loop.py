@@ -154,6 +154,9 @@ class Countdown:
             return []
         self.log.append(("step", tuple(self.payloads[index] for index in self.left)))
         time.sleep(self.pace)
+        if Countdown.fail_next_step:
+            Countdown.fail_next_step = False
+            raise RuntimeError("a device hiccup")
         if any(self.payloads[index] == -1 for index in self.left):
             raise ValueError("-1 breaks the step")
         for index in self.left:
@@ -166,6 +169,11 @@ class Countdown:
         return [(index, self.payloads[index]) for index in finished]
 
     refuse: str | None = None  # "none": its batches cannot be merged; "raise": merging fails (out of memory)
+    fail_next_step = False  # set: the next step of any batch fails once (a device hiccup)
+    stop_fails = False  # set: taking a row out fails (out of memory selecting the others' cache)
+
+    def produced(self, index: int) -> list[int]:
+        return list(range(self.payloads[index] - self.left.get(index, 0)))
 
     def absorb(self, other: Countdown) -> list[int] | None:
         if self.refuse == "raise":
@@ -180,6 +188,8 @@ class Countdown:
         return [offset + index for index in range(len(other.payloads))]
 
     def stop(self, index: int) -> int:
+        if self.stop_fails:
+            raise RuntimeError("out of memory in batch_select_indices")
         steps = self.payloads[index] - self.left.pop(index)
         self.log.append(("stop", (self.payloads[index],)))
         return steps
@@ -419,5 +429,46 @@ def test_a_cancelled_row_frees_its_slot_for_a_waiting_request() -> None:
         with pytest.raises(Cancelled, match="cancelled by its caller after"):
             running.result(timeout=5)
         assert loop.counts["count:cancelled"] == 1
+    finally:
+        loop.stop()
+
+
+def test_a_row_that_fails_to_leave_is_answered_and_its_mate_starts_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    loop, log = stepped_loop(pace=0.01)
+    try:
+        doomed = loop.submit("count", 10_000, items=1, longest=1, timeout=30)
+        mate = loop.submit("count", 40, items=1, longest=1, timeout=30)
+        wait_started(log, 10_000, 40, what="step")
+        monkeypatch.setattr(Countdown, "stop_fails", True)
+        loop.cancel(doomed)
+        with pytest.raises(Cancelled, match="cancelled by its caller"):
+            doomed.result(timeout=5)
+        monkeypatch.setattr(Countdown, "stop_fails", False)
+        assert mate.result(timeout=10) == 40  # the lone mate started again; it did not fail for the other
+        assert ("start", (40,)) in log
+    finally:
+        loop.stop()
+
+
+def test_a_row_started_again_after_a_failed_step_tells_its_listener_to_start_over(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A streamed row told of its tokens before a failed step is told None (void) before its new run's tokens."""
+    loop, log = stepped_loop(pace=0.01)
+    told: dict[int, list[list[int] | None]] = {20: [], 21: []}
+    try:
+        futures = {n: loop.submit("count", n, items=1, longest=1, timeout=30, progress=told[n].append)
+                   for n in (20, 21)}
+        wait_started(log, 20, 21)
+        deadline = time.monotonic() + 5
+        while len(told[20]) < 3:
+            assert time.monotonic() < deadline, told
+            time.sleep(0.005)
+        monkeypatch.setattr(Countdown, "fail_next_step", True)
+        for n, future in futures.items():
+            assert future.result(timeout=10) == n
+            restart = told[n].index(None)
+            before, after = told[n][:restart], told[n][restart + 1:]
+            assert before and all(piece is not None for piece in after)
+            assert sum(len(piece) for piece in after if piece is not None) == n - 1, told[n]  # from scratch
     finally:
         loop.stop()

@@ -315,9 +315,11 @@ def test_a_stream_whose_worker_is_killed_resumes_on_another_without_a_seam(tmp_p
     assert result["completion_tokens"] == 60 and result["finish_reason"] == "length"
 
 
-def _published(store: redis.Redis, earlier: list[dict[str, str]], pieces: list[str], text: str) -> list[dict[str, str]]:
+def _published(store: redis.Redis, earlier: list[dict[str, str]], pieces: list[str], text: str,
+               steps: list[list[int] | None] | None = None) -> list[dict[str, str]]:
     """A stream an earlier delivery wrote ``earlier`` to, then this delivery's publisher given ``pieces``
-    one step at a time (a token's text each) and the result ``text``: the entries the stream ends with."""
+    one step at a time (a token's text each; or the token ids of ``steps``, None where the device loop starts
+    the row again) and the result ``text``: the entries the stream ends with."""
     from workers.receiving.streams import StreamPublisher
 
     task_id = str(uuid.uuid4())
@@ -325,8 +327,8 @@ def _published(store: redis.Redis, earlier: list[dict[str, str]], pieces: list[s
         store.xadd(stream_key(task_id), fields)  # type: ignore[arg-type]
     publisher = StreamPublisher(store, ttl=600, max_entries=100)
     step = publisher.open(task_id, lambda tokens: "".join(pieces[token] for token in tokens))
-    for token in range(len(pieces)):
-        step([token])
+    for told in steps if steps is not None else [[token] for token in range(len(pieces))]:
+        step(told)
     publisher.end(task_id, {"text": text, "finish_reason": "length", "model": "m", "prompt_tokens": 3,
                             "completion_tokens": len(pieces)}, requested=True)
     deadline = time.monotonic() + 10
@@ -370,6 +372,49 @@ def test_a_redelivery_that_decodes_another_text_marks_a_restart_and_writes_it_wh
         assert stream.finish_reason is not None
     finally:
         client.close()
+
+
+def test_a_stream_that_holds_more_than_the_result_ends_with_a_restart_and_the_result_whole(
+        store: redis.Redis) -> None:
+    """An earlier delivery streamed further than this one's result (its batch changed its numbers): the
+    stream must not end holding text the result lacks."""
+    earlier = [{"event": "text", "text": "Hello world"}, {"event": "text", "text": ", and more"}]
+    entries = _published(store, earlier, ["Hello", " world"], "Hello world")
+    events = [entry["event"] for entry in entries]
+    assert events[2:] == ["restart", "text", "end"], events
+    assert entries[3]["text"] == "Hello world"
+
+
+def test_a_row_the_device_loop_starts_again_restarts_its_stream_where_its_text_differs(store: redis.Redis) -> None:
+    from workers.receiving.streams import StreamPublisher
+
+    pieces = ["Hello", " world", "Bye", " now"]
+    publisher = StreamPublisher(store, ttl=600, max_entries=100)
+    for again, text in (([2], "Bye"), ([0, 1], "Hello world")):  # decoded differently; then the same again
+        task_id = str(uuid.uuid4())
+        step = publisher.open(task_id, lambda tokens: "".join(pieces[token] for token in tokens))
+        step([0])
+        step([1])
+        deadline = time.monotonic() + 10
+        while b"".join(fields.get(b"text", b"") for _, fields in store.xrange(stream_key(task_id))) != b"Hello world":
+            assert time.monotonic() < deadline, store.xrange(stream_key(task_id))
+            time.sleep(0.02)
+        step(None)  # its batch failed a step: the row runs again from scratch
+        step(again)
+        publisher.end(task_id, {"text": text, "finish_reason": "length", "model": "m", "prompt_tokens": 3,
+                                "completion_tokens": len(again)}, requested=True)
+        deadline = time.monotonic() + 10
+        while (entries := store.xrange(stream_key(task_id)))[-1][1][b"event"] != b"end":
+            assert time.monotonic() < deadline, entries
+            time.sleep(0.02)
+        events = [fields[b"event"].decode() for _, fields in entries]
+        written = [fields.get(b"text", b"").decode() for _, fields in entries]
+        if text == "Bye":
+            restart = events.index("restart")  # (steps that came together may share an entry)
+            assert "".join(written[:restart]) == "Hello world" and events[restart:] == ["restart", "text", "end"]
+            assert written[restart + 1] == "Bye", entries
+        else:  # the same text: nothing void, nothing written twice
+            assert "restart" not in events and "".join(written) == "Hello world", entries
 
 
 def test_a_stream_times_out_on_silence_never_on_its_length(store: redis.Redis) -> None:

@@ -5,4 +5,5 @@ takes a request from validation to its result."""
 # The wire protocol between receivers and a device process (workers/device/server.py). A device process
 # announces it in its hello; a receiver of another version refuses to start rather than misread replies.
 # 2: a reply's encoder rows travel stacked, one array per row shape.
-WIRE_VERSION = 2
+# 3: a prepared generate request carries the new tokens its row may generate (fit_new_tokens).
+WIRE_VERSION = 3

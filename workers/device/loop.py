@@ -43,6 +43,9 @@ log = logging.getLogger(__name__)
 
 # runs one batch of payloads; returns one result (or exception) per payload, in order
 Runner = Callable[[list[Any]], Sequence[Any]]
+# told what a stepped request produced in each step; None: it starts again from scratch (its batch failed a
+# step and runs again), so what it was told before is void
+Progress = Callable[[list[Any] | None], None]
 
 
 @dataclass
@@ -58,7 +61,7 @@ class _Job:
     timeout: float
     deadline: float
     longest: int  # tokens of its longest input (for a generate request, prompt + max_new_tokens)
-    progress: Callable[[list[Any]], None] | None = None  # told what a stepped request produced, step by step
+    progress: Progress | None = None  # told what a stepped request produced, step by step
     reported: int = 0  # how much of what it produced progress was told of
 
 
@@ -88,7 +91,7 @@ class DeviceLoop:
     # --- task threads ---------------------------------------------------------------------------------
 
     def submit(self, key: str, payload: Any, items: int, longest: int, timeout: float,
-               progress: Callable[[list[Any]], None] | None = None, priority: int = 0) -> Future[Any]:
+               progress: Progress | None = None, priority: int = 0) -> Future[Any]:
         """Queue a request; ``priority`` is its message's (lower runs first: 0 interactive, 9 bulk)."""
         future: Future[Any] = Future()
         now = self._clock()
@@ -242,6 +245,10 @@ class DeviceLoop:
     # --- stepped batches ------------------------------------------------------------------------------
 
     def _start(self, key: str, jobs: list[_Job], into: RunningBatch[_Job] | None = None) -> None:
+        for job in jobs:  # a restart from scratch (after a failed step): what was told of it is void
+            if job.reported and job.progress is not None:
+                job.reported = 0
+                self._tell(key, job, None)
         try:
             stepping = self._stepped.kinds[key].start([job.payload for job in jobs])
         except Exception as exc:  # a step's restart from scratch: in halves, as a failed step
@@ -284,17 +291,13 @@ class DeviceLoop:
             for index, job in list(running.jobs.items()):
                 if job.deadline <= now:
                     # its caller answers TaskTimeout at the same limit: stop spending the device on it
-                    steps = self._stop(running, index, "stopped")
                     outcomes["TaskTimeout"] += 1
-                    job.future.set_exception(TaskTimeout(f"the request ran past its limit of {job.timeout:g} s and "
-                                                         f"was stopped after {steps} steps"))
+                    self._stop(running, index, "stopped", _ran_late)
                 elif job.future in self._cancelled:
                     with self._wake:
                         self._cancelled.discard(job.future)
-                    steps = self._stop(running, index, "cancelled")
                     outcomes["Cancelled"] += 1
-                    job.future.set_exception(Cancelled(f"the request was cancelled by its caller after {steps} "
-                                                       "steps"))
+                    self._stop(running, index, "cancelled", _was_cancelled)
             prefill = running.stepping.prefilling
             if not prefill:
                 self.counts[f"{running.key}:step_rows"] += len(running.jobs)  # occupancy: rows per step
@@ -309,8 +312,14 @@ class DeviceLoop:
         except Exception as exc:
             self._metrics[running.key].finished(outcomes)
             self._running.remove(running)
-            # the rows still decoding start again from scratch (a seeded row gives the same text again)
-            self._halve(running.key, list(running.jobs.values()), exc, self._start)
+            # the rows still decoding start again from scratch (a seeded row gives the same text again); a row
+            # that failed to leave is no fault of theirs, so even a lone one starts again rather than fail
+            if isinstance(exc, _LeavingFailed):
+                log.warning("a row could not leave its %s batch (%s); the rest start again", running.key, exc)
+                if running.jobs:
+                    self._start(running.key, list(running.jobs.values()))
+            else:
+                self._halve(running.key, list(running.jobs.values()), exc, self._start)
             return
         self._metrics[running.key].finished(outcomes)
         running.steps += 1
@@ -336,10 +345,18 @@ class DeviceLoop:
             for job in running.jobs.values():
                 metrics.first_token.observe(now - (job.deadline - job.timeout))  # deadline - timeout: its arrival
 
-    def _stop(self, running: RunningBatch[_Job], index: int, counted: str) -> int:
-        del running.jobs[index]
+    def _stop(self, running: RunningBatch[_Job], index: int, counted: str,
+              error: Callable[[_Job, int | None], Exception]) -> None:
+        """Take a row out of its batch and answer it with ``error`` (given the steps it ran); answered even
+        when taking it out fails (out of memory selecting the others' cache), which restarts the others."""
+        job = running.jobs.pop(index)
         self.counts[f"{running.key}:{counted}"] += 1
-        return running.stepping.stop(index)
+        try:
+            steps = running.stepping.stop(index)
+        except Exception as exc:
+            job.future.set_exception(error(job, None))
+            raise _LeavingFailed(exc) from exc
+        job.future.set_exception(error(job, steps))
 
     def _report(self, running: RunningBatch[_Job], index: int, job: _Job) -> None:
         assert job.progress is not None
@@ -347,10 +364,14 @@ class DeviceLoop:
         if len(produced) <= job.reported:
             return
         new, job.reported = produced[job.reported:], len(produced)
+        self._tell(running.key, job, new)
+
+    def _tell(self, key: str, job: _Job, new: list[Any] | None) -> None:
+        assert job.progress is not None
         try:
             job.progress(new)
         except Exception:  # the listener's fault, not the batch's: the request still gets its answer
-            log.exception("a %s request's progress listener failed", running.key)
+            log.exception("a %s request's progress listener failed", key)
 
     def _halve(self, key: str, jobs: list[_Job], exc: Exception, again: Callable[[str, list[_Job]], None]) -> None:
         """A batch that raised: a lone request fails with the error; the rest run ``again`` in halves, so the
@@ -382,6 +403,22 @@ class DeviceLoop:
             for job, outcome in zip(jobs, outcomes, strict=True):
                 answered[_answer(job, outcome)] += 1
         self._metrics[key].finished(answered)
+
+
+def _ran_late(job: _Job, steps: int | None) -> TaskTimeout:
+    return TaskTimeout(f"the request ran past its limit of {job.timeout:g} s and was stopped{_after(steps)}")
+
+
+def _was_cancelled(job: _Job, steps: int | None) -> Cancelled:
+    return Cancelled(f"the request was cancelled by its caller{_after(steps)}")
+
+
+def _after(steps: int | None) -> str:
+    return "" if steps is None else f" after {steps} steps"
+
+
+class _LeavingFailed(Exception):
+    """Taking a stopped row out of its batch failed (out of memory selecting the other rows' cache, say)."""
 
 
 def _answer(job: _Job, outcome: Any) -> str:

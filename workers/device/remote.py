@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from workers.device import WIRE_VERSION
+from workers.device.loop import Progress
 from workers.device.stall import EXIT_DEVICE_FAILED
 from workers.errors import WorkerError
 
@@ -55,7 +56,7 @@ class RemoteDevice:
         self._ids = itertools.count()
         self._futures: dict[int, Future[Any]] = {}
         self._ids_of: dict[Future[Any], int] = {}  # for cancel
-        self._progress: dict[int, Callable[[list[Any]], None]] = {}
+        self._progress: dict[int, Progress] = {}
         self._waiting: collections.deque[tuple[Any, ...]] = collections.deque()
         self._send_at = 0.0  # when what is waiting must go (monotonic): now, or the end of a hold
         self._wake = threading.Condition()
@@ -67,7 +68,7 @@ class RemoteDevice:
         threading.Thread(target=self._read_loop, name="inferq-device-reader", daemon=True).start()
 
     def submit(self, key: str, payload: Any, items: int, longest: int, timeout: float,
-               progress: Callable[[list[Any]], None] | None = None, priority: int = 0) -> Future[Any]:
+               progress: Progress | None = None, priority: int = 0) -> Future[Any]:
         future: Future[Any] = Future()
         now = time.monotonic()
         with self._wake:

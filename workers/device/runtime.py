@@ -34,7 +34,7 @@ from producer.contract import (
 from producer.errors import Cancelled, InferqError, InputTooLarge, InvalidInput, OutOfMemory, TaskTimeout, UnknownModel
 from producer.settings import Kind, Settings
 from workers.device.label_cache import LabelVectors
-from workers.device.loop import DeviceLoop
+from workers.device.loop import DeviceLoop, Progress
 from workers.device.passes import EncodeJob, Models, load_models, start_loop
 from workers.device.process import DeviceProcess
 from workers.device.remote import RemoteDevice
@@ -298,7 +298,7 @@ class Runtime:
                            f"inputs, or fewer new tokens; {exc}")
 
     def _submit(self, kind: Kind, key: str, payload: Any, items: int, longest: int, priority: int,
-                build: Callable[[Any], Result], progress: Callable[[list[Any]], None] | None = None) -> Pending:
+                build: Callable[[Any], Result], progress: Progress | None = None) -> Pending:
         if self.loop is None:
             raise RuntimeError("the runtime is not loaded")
         limit = getattr(self.settings.time_limits, kind)

@@ -132,8 +132,12 @@ class DeviceServer:
                 elif tag == "stats":
                     outbox.put_stats(body, {"pid": os.getpid(), **self.loop.stats()})
         except (EOFError, OSError):
-            pass  # the receiver is gone: what it had in flight runs, and its answers go nowhere
+            pass  # the receiver is gone: its messages come back to the queue for another delivery
         finally:
+            # nobody will read what it had in flight: what still waits never runs, a generation stops at
+            # its next step, so neither holds the device or its cache beside the messages' next delivery
+            for future in list(running.values()):
+                self.loop.cancel(future)
             outbox.close()
             conn.close()
 

@@ -75,9 +75,10 @@ class Decoding:
 
     def __init__(self, model: Any, rows: list[Row], eos: set[int], pad: int, device: torch.device,
                  text_of: Callable[[list[int]], str], prefill_chunk: int = 0) -> None:
-        # every row that ever was in the batch, by index; a finished row is released (None) once collected, so
-        # a batch that lives on as rows join and leave keeps only its live rows
-        self.rows: list[Row | None] = list(rows)
+        # the rows by index, until released once their completion was collected: a batch that lives on as
+        # rows join and leave keeps only its live rows (a list of released slots grew with every request)
+        self.rows: dict[int, Row] = dict(enumerate(rows))
+        self._indices = len(rows)  # indices given so far: a joined row gets the next
         self._model, self._eos, self._pad, self._device, self._text_of = model, eos, pad, device, text_of
         # the rows still decoding, in the order of the tensors' batch dimension
         self._live = [index for index, row in enumerate(rows) if not row.done]
@@ -167,15 +168,16 @@ class Decoding:
         for layer, (keys, values) in zip(self._cache.layers, merged, strict=True):
             layer.keys, layer.values = keys, values
         self._mask, self._inputs, self._positions = mask, inputs, positions
-        offset = len(self.rows)
-        self.rows.extend(other.rows)
+        offset = self._indices
+        self.rows.update((offset + index, row) for index, row in other.rows.items())
+        self._indices += other._indices
         self._live.extend(offset + index for index in other._live)
         other._live, other._cache = [], None  # its rows live here now
         self._trim()
-        return [offset + index for index in range(len(other.rows))]
+        return [offset + index for index in range(other._indices)]
 
     def row(self, index: int) -> Row:
-        row = self.rows[index]
+        row = self.rows.get(index)
         if row is None:
             raise RuntimeError(f"row {index} was released")
         return row
@@ -183,7 +185,7 @@ class Decoding:
     def release(self, index: int) -> None:
         """Forget a row that left the batch, once its completion was collected."""
         if index not in self._live:
-            self.rows[index] = None
+            self.rows.pop(index, None)
 
     @property
     def live_rows(self) -> int:

@@ -26,10 +26,10 @@ from workers.models.loading import LoadedModel, load_model
 class Prepared:
     request: GenerateRequest
     prompt: list[int]
+    max_new_tokens: int  # what the row may generate: the request's, or less where fit_new_tokens fitted it
     # An unseeded sampled request draws its seed from its task id where it has one: a message delivered again
     # (its worker died) samples the same text again, so its stream resumes where it stopped.
     task_id: str | None = None
-    max_new_tokens: int = 0  # what the row may generate: the request's, or less where fit_new_tokens fitted it
 
     @property
     def total_tokens(self) -> int:
@@ -102,7 +102,7 @@ class CausalGenerator:
                 f"the prompt is {len(prompt)} tokens and max_new_tokens is {new_tokens}; model "
                 f"{self.loaded.alias!r} accepts at most {limit} tokens in all"
             )
-        return Prepared(request, prompt, task_id, new_tokens)
+        return Prepared(request, prompt, new_tokens, task_id)
 
     def finish(self, prepared: Prepared, completion: Completion) -> GenerateResult:
         """Decode the completion and cut it before the first stop string. Thread-safe."""

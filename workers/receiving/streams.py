@@ -69,8 +69,9 @@ class StreamPublisher:
         self._warned_at = 0.0
         threading.Thread(target=self._run, name="inferq-streams", daemon=True).start()
 
-    def open(self, task_id: str, settled: Callable[[list[int]], str]) -> Callable[[list[int]], None]:
-        """Start a task's stream; returns what the device side calls with each step's new tokens."""
+    def open(self, task_id: str, settled: Callable[[list[int]], str]) -> Callable[[list[int] | None], None]:
+        """Start a task's stream; returns what the device side calls with each step's new tokens (None: the
+        generation starts again from scratch, its batch having failed a step)."""
         stream = _Stream(task_id, settled)
         with self._lock:
             self._open[task_id] = stream
@@ -102,7 +103,9 @@ class StreamPublisher:
                 except queue.Empty:
                     break
             for tag, stream, value in items:
-                if tag == "tokens":
+                if tag == "tokens" and value is None:
+                    stream.tokens = []  # decoded again from the start: text it differs in restarts the stream
+                elif tag == "tokens":
                     stream.tokens.extend(value)
                 elif tag == "end":
                     stream.outcome, stream.ended = value, True
@@ -165,7 +168,7 @@ class StreamPublisher:
             if isinstance(outcome, BaseException):
                 entries.append({"event": "error", "type": type(outcome).__name__, "message": str(outcome)})
             else:
-                shown = self._text(entries, shown, str(outcome["text"]))
+                shown = self._text(entries, shown, str(outcome["text"]), final=True)
                 entries.append({"event": "end", "finish_reason": outcome["finish_reason"], "model": outcome["model"],
                                 "prompt_tokens": outcome["prompt_tokens"],
                                 "completion_tokens": outcome["completion_tokens"]})
@@ -178,13 +181,14 @@ class StreamPublisher:
             pipe.expire(key, self._ttl)  # with every write: the TTL counts from the stream's last entry
         return shown, stream.ended
 
-    def _text(self, entries: list[dict[str, Any]], shown: str, text: str) -> str:
-        """Entries that take a stream holding ``shown`` to ``text``; returns what it then holds."""
+    def _text(self, entries: list[dict[str, Any]], shown: str, text: str, final: bool = False) -> str:
+        """Entries that take a stream holding ``shown`` to ``text``; returns what it then holds. ``final``: the
+        result's text, which the stream must end holding exactly."""
         if text.startswith(shown):
             if len(text) > len(shown):
                 entries.append({"event": "text", "text": text[len(shown):]})
             return text
-        if shown.startswith(text):  # still catching up with an earlier delivery's text
+        if shown.startswith(text) and not final:  # still catching up with an earlier delivery's text
             return shown
         entries.append({"event": "restart"})  # it differs from what an earlier delivery wrote
         return self._text(entries, "", text)
