@@ -36,8 +36,8 @@ def start_redis(port: int, data: Path) -> subprocess.Popen[bytes]:
         probe.close()
 
 
-def redis_and_worker(tmp_path: Path, name: str, extra_config: str = "") -> tuple[int, subprocess.Popen[bytes], str,
-                                                                                 WorkerProcess]:
+def redis_and_worker(tmp_path: Path, name: str, extra_config: str = "",
+                     **env: str) -> tuple[int, subprocess.Popen[bytes], str, WorkerProcess]:
     """A Redis of the test's own (append-only) and an embed worker on it, with short limits."""
     port = free_port()
     server = start_redis(port, tmp_path)
@@ -45,7 +45,7 @@ def redis_and_worker(tmp_path: Path, name: str, extra_config: str = "") -> tuple
     config = tmp_path / "inferq.toml"
     config.write_text(f"{extra_config}visibility_timeout = 10\n[time_limits]\nembed = 5\nclassify = 5\n"
                       "generate = 5\n[models]\ngenerate = {}\n")
-    worker = WorkerProcess(worker_env(config, url), ARTIFACTS / f"restart-{name}-worker.log",
+    worker = WorkerProcess(worker_env(config, url, **env), ARTIFACTS / f"restart-{name}-worker.log",
                            f"restart-{name}-{os.getpid()}@localhost", ("--kinds", "embed"))
     return port, server, url, worker
 
@@ -183,3 +183,37 @@ def test_coalesced_calls_across_a_redis_restart_get_their_answer_or_a_clear_erro
         worker.stop()
         client.close()
         stop(server, 20)
+
+
+def test_results_a_refusing_result_redis_could_not_store_are_answered_once_it_takes_writes(tmp_path: Path) -> None:
+    """A result Redis that refuses writes with an error of its own (READONLY here; OOM under maxmemory and
+    MISCONF alike) while it answers: the messages stay unacknowledged and come back after the visibility
+    timeout. They used to stay in the receiver's prefetch window too, which filled for good: the worker took
+    nothing more, ever, while its health check passed."""
+    (tmp_path / "results").mkdir()
+    results_port = free_port()
+    results = redis.Redis(port=results_port)
+    results_server = start_redis_server(tmp_path / "results", ["--port", str(results_port)], results)
+    results_url = f"redis://127.0.0.1:{results_port}/0"
+    _, server, url, worker = redis_and_worker(tmp_path, "refused-store", "worker_concurrency = 2\n",
+                                                 INFERQ_RESULT_BACKEND=results_url)
+    client = Client(Settings(redis_url=url, result_backend=results_url, result_timeout=60, connect_timeout=2))
+    try:
+        worker.wait_ready(client)
+        results.replicaof("127.0.0.1", free_port())  # a replica of a master that is not there: read-only
+        handles = [client.submit_embed([f"task {i}"]) for i in range(40)]
+        deadline = time.monotonic() + 60
+        while "could not store" not in worker.log():
+            assert time.monotonic() < deadline, worker.log()[-3000:]
+            time.sleep(0.2)
+        time.sleep(1.0)  # more windows' worth of stores refused
+        results.replicaof("NO", "ONE")
+        answers = [handle.get(timeout=60) for handle in handles]  # the visibility timeout is 10 s
+        assert [answer["dim"] for answer in answers] == [384] * len(handles)
+        assert worker.process.poll() is None
+    finally:
+        worker.stop()
+        client.close()
+        stop(server, 20)
+        stop(results_server, 20)
+        results.close()

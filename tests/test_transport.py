@@ -401,6 +401,23 @@ def test_the_bulk_lane_fills_only_its_share_of_the_prefetch_window(store: redis.
             assert store.llen(bulk_list) == 11
 
 
+def test_a_prefetch_of_one_still_takes_bulk_work(store: redis.Redis) -> None:
+    """A worker of concurrency 1: three quarters of one message is none, and bulk work waited for ever."""
+    delivered: list[Any] = []
+    with Connection(URL, transport=Transport) as connection:
+        channel = connection.channel()
+        queue = KombuQueue("embed", routing_key="embed")
+        Producer(channel).publish("bulk", routing_key="embed", declare=[queue], priority=9)
+        channel.basic_qos(0, 1, False)
+        with Consumer(channel, [queue], callbacks=[lambda body, message: delivered.append(message)]):
+            deadline = time.monotonic() + 5
+            while not delivered and time.monotonic() < deadline:
+                with contextlib.suppress(socket.timeout, TimeoutError):
+                    connection.drain_events(timeout=0.3)
+            assert [m.payload for m in delivered] == ["bulk"]
+            delivered[0].ack()
+
+
 def test_while_the_bulk_lane_holds_its_share_bulk_pushes_do_not_wake_the_channel(own_store: redis.Redis) -> None:
     """With the bulk lane's share full, only interactive messages can be taken before room frees: the bulk
     lists' bells must not send a take each (the channel waits on the interactive ones, 50 ms at a time)."""

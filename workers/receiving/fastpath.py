@@ -373,6 +373,9 @@ class FastPath:
                 fields["name"] = task.name
         self._send_events(events, all_plain=True)  # ids, names, reprs and a runtime
         self._acknowledge(stored)
+        if len(stored) < len(tasks):
+            kept = {id(task) for task in stored}
+            self._let_go([task for task in tasks if id(task) not in kept])
         for task in tasks:
             task.let_go()
         with self._idle:
@@ -380,15 +383,26 @@ class FastPath:
             self._idle.notify_all()
 
     def _acknowledge(self, tasks: list[_Task]) -> None:
-        by_channel: dict[int, list[Any]] = {}
-        for task in tasks:
-            by_channel.setdefault(id(task.message.channel), []).append(task.message)
-        for messages in by_channel.values():
+        for messages in _by_channel(tasks):
             try:
                 messages[0].channel.qos.ack_many(messages)
             except Exception as exc:  # Redis went away: they come back, find their answers, and are not rerun
                 log.error("could not acknowledge %d messages (%s); they come back after the visibility timeout",
                           len(messages), exc)
+
+    def _let_go(self, tasks: list[_Task]) -> None:
+        """Messages whose results could not be stored: unacknowledged, out of their channel's prefetch window."""
+        for messages in _by_channel(tasks):
+            let_go = getattr(messages[0].channel.qos, "let_go", None)  # our transport's QoS
+            if let_go is not None:
+                let_go(messages)
+
+
+def _by_channel(tasks: list[_Task]) -> list[list[Any]]:
+    by_channel: dict[int, list[Any]] = {}
+    for task in tasks:
+        by_channel.setdefault(id(task.message.channel), []).append(task.message)
+    return list(by_channel.values())
 
 
 class DrainFastPath(bootsteps.StartStopStep):  # type: ignore[misc]

@@ -145,7 +145,8 @@ class QoS(kombu_redis.QoS):
             return None
         # the consumer's thread alone changes _bulk and _delivered; _dirty (acknowledged) is only tested
         self._bulk = {tag for tag in self._bulk if tag in self._delivered and tag not in self._dirty}
-        return max(0, int(self.prefetch_count * BULK_LANE_SHARE) - len(self._bulk))
+        # at least one: a prefetch of 1 (a worker of concurrency 1) would otherwise never take bulk work
+        return max(0, max(1, int(self.prefetch_count * BULK_LANE_SHARE)) - len(self._bulk))
 
     def append(self, message: Any, delivery_tag: str) -> None:
         if message_priority((message.properties or {}).get("priority")) > 0:
@@ -173,6 +174,14 @@ class QoS(kombu_redis.QoS):
         for message in messages:
             kombu_virtual.QoS.ack(self, message.delivery_tag)
             message._state = "ACK"
+
+
+    def let_go(self, messages: list[Any]) -> None:
+        """Frees the room of messages in this channel's prefetch window without acknowledging them: Redis keeps
+        their unacknowledged record, so the visibility sweep hands them out again (their results could not be
+        stored). Kept in the window, they filled it for good, and the channel stopped taking anything."""
+        for message in messages:
+            kombu_virtual.QoS.ack(self, message.delivery_tag)
 
 
 class Channel(kombu_redis.Channel):
