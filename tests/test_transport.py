@@ -401,6 +401,33 @@ def test_the_bulk_lane_fills_only_its_share_of_the_prefetch_window(store: redis.
             assert store.llen(bulk_list) == 11
 
 
+def test_a_closing_channel_puts_back_what_it_holds_but_not_what_the_fast_path_still_runs(store: redis.Redis) -> None:
+    """A lost connection closes the consumer's channel, which puts its messages back at once: one the fast path
+    still runs would run again beside it, on another receiver, and the first acknowledgement would delete the
+    second delivery's record. It keeps its record instead, until it is answered (or the visibility timeout)."""
+    delivered: list[Any] = []
+    connection = Connection(URL, transport=Transport)
+    try:
+        channel = connection.channel()
+        queue = KombuQueue("embed", routing_key="embed")
+        for body in ("running", "waiting"):
+            Producer(channel).publish(body, routing_key="embed", declare=[queue])
+        consumer = Consumer(channel, [queue], callbacks=[lambda body, message: delivered.append(message)])
+        consumer.consume()
+        connection.drain_events(timeout=5)
+        running, waiting = sorted(delivered, key=lambda message: message.payload != "running")
+        assert (running.payload, waiting.payload) == ("running", "waiting")
+        channel.qos.hold(running.delivery_tag)  # as the fast path does as it takes a message
+        channel.close()
+        back = [json.loads(entry)["properties"]["delivery_tag"] for entry in store.lrange("embed", 0, -1)]
+        assert back == [waiting.delivery_tag]  # only the other one is back on the queue
+        assert store.hkeys("unacked") == [running.delivery_tag.encode()]
+        channel.qos.ack_many([running])  # answered after the close: its own record goes
+        assert store.hlen("unacked") == 0
+    finally:
+        connection.release()
+
+
 def test_a_prefetch_of_one_still_takes_bulk_work(store: redis.Redis) -> None:
     """A worker of concurrency 1: three quarters of one message is none, and bulk work waited for ever."""
     delivered: list[Any] = []

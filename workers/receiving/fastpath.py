@@ -43,6 +43,7 @@ from workers.receiving.counters import SharedCounter
 from workers.receiving.envelopes import triple_problem
 from workers.receiving.events import plain, send_task_events
 from workers.receiving.result_repr import result_repr
+from workers.receiving.transport import put_back_running_at_close
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +173,9 @@ class FastPath:
         headers = message.headers
         task = _Task(headers["id"], name, kind, message, time.monotonic(), order=next(self._order),
                      stream=kind == "generate" and stream_requested(kwargs))
+        hold = getattr(message.channel.qos, "hold", None)  # our transport's QoS
+        if hold is not None:
+            hold(message.delivery_tag)
         with self._lock:
             self._in_flight += 1
         runtime = self._runtime()
@@ -417,6 +421,7 @@ class DrainFastPath(bootsteps.StartStopStep):  # type: ignore[misc]
             return
         fast.hand_over_deadlines()  # those of the last turn's messages: their limits still hold while draining
         left = fast.drain(timeout=max(fast.longest_limit(), 1.0) + 5.0)
+        put_back_running_at_close()
         if left:
             log.warning("stopping with %d fast-path message(s) unanswered; they go back to their queue", left)
         dispatcher = getattr(consumer, "event_dispatcher", None)

@@ -138,6 +138,23 @@ class QoS(kombu_redis.QoS):
         super().__init__(*args, **kwargs)
         self._recorded: set[str] = set()  # delivery tags record_all wrote to Redis ahead of their delivery
         self._bulk: set[str] = set()  # delivery tags of bulk-lane messages delivered here (some acknowledged since)
+        self._running: set[str] = set()  # delivery tags the fast path runs, not answered yet (see restore_unacked)
+
+    def hold(self, delivery_tag: str) -> None:
+        """The fast path runs this message: should the channel close first, it is not put back (see below)."""
+        self._running.add(delivery_tag)
+
+    def restore_unacked(self, client: Any = None) -> Any:
+        """At close (a lost connection: a socket timeout, a killed client, a Sentinel that names another
+        master), what the channel holds goes back to its queue at once; but not what the fast path still runs:
+        put back now, another receiver would run it beside this one, and of the two acknowledgements (the same
+        delivery tag) the first would delete the other's record. Those keep their record, and are answered and
+        acknowledged as they finish, or handed out again after the visibility timeout. At a warm shutdown the
+        fast path has answered its messages first (``DrainFastPath``), and what it could not is put back."""
+        if _KEEP_RUNNING_AT_CLOSE:
+            for tag in self._running & self._delivered.keys():
+                del self._delivered[tag]
+        return super().restore_unacked(client)
 
     def bulk_room(self) -> int | None:
         """How many more bulk-lane messages this channel may take (None: no prefetch limit, no cap)."""
@@ -171,6 +188,7 @@ class QoS(kombu_redis.QoS):
         with self.channel.client.pipeline(transaction=False) as pipe:
             pipe.zrem(self.unacked_index_key, *tags).hdel(self.unacked_key, *tags)
             pipe.execute()
+        self._running.difference_update(tags)
         for message in messages:
             kombu_virtual.QoS.ack(self, message.delivery_tag)
             message._state = "ACK"
@@ -181,7 +199,18 @@ class QoS(kombu_redis.QoS):
         their unacknowledged record, so the visibility sweep hands them out again (their results could not be
         stored). Kept in the window, they filled it for good, and the channel stopped taking anything."""
         for message in messages:
+            self._running.discard(message.delivery_tag)
             kombu_virtual.QoS.ack(self, message.delivery_tag)
+
+
+def put_back_running_at_close() -> None:
+    """From now on (a warm shutdown, once the fast path drained), closing channels put back every message they
+    hold, those the fast path could not finish too: the process is leaving."""
+    global _KEEP_RUNNING_AT_CLOSE
+    _KEEP_RUNNING_AT_CLOSE = False
+
+
+_KEEP_RUNNING_AT_CLOSE = True
 
 
 class Channel(kombu_redis.Channel):
