@@ -428,6 +428,24 @@ def test_a_closing_channel_puts_back_what_it_holds_but_not_what_the_fast_path_st
         connection.release()
 
 
+def test_a_stranded_message_goes_back_to_its_queue_even_before_the_queues_are_declared_again(
+        store: redis.Redis) -> None:
+    """A Redis that restarted empty (no persistence) has no queue bindings until the consumer declares them:
+    the first channel used to drop the stranded message there (and log that it was put back)."""
+    from workers.receiving.stranded import stranded
+
+    raw = {"body": "W1tdLHt9LHt9XQ==", "content-encoding": "utf-8", "content-type": "application/json",
+           "headers": {"task": "inferq.embed", "id": "stranded-1"},
+           "properties": {"delivery_tag": "stranded-tag", "body_encoding": "base64", "priority": 0,
+                          "delivery_info": {"exchange": "embed", "routing_key": "embed"}}}
+    assert not store.keys("_kombu.binding.*")
+    stranded.keep("stranded-tag", raw, "embed", "embed")
+    with Connection(URL, transport=Transport) as connection:
+        connection.channel()  # the first channel to reach Redis puts it back
+        assert len(stranded) == 0
+        assert [json.loads(entry)["headers"]["id"] for entry in store.lrange("embed", 0, -1)] == ["stranded-1"]
+
+
 def test_a_prefetch_of_one_still_takes_bulk_work(store: redis.Redis) -> None:
     """A worker of concurrency 1: three quarters of one message is none, and bulk work waited for ever."""
     delivered: list[Any] = []

@@ -42,7 +42,9 @@ class Stranded:
                 with channel.client.pipeline(transaction=True) as pipe:
                     # Had the record reached Redis after all, the visibility timeout must not bring it back too.
                     pipe.zrem(channel.unacked_index_key, tag).hdel(channel.unacked_key, tag)
-                    for queue in channel._lookup(exchange, routing_key):
+                    # without bindings (a Redis that restarted empty, before the queues are declared again) the
+                    # routing key names the queue: inferq routes every message to the queue of its name
+                    for queue in channel._lookup(exchange, routing_key) or [routing_key]:
                         priority = channel._get_message_priority(raw, reverse=False)
                         pipe.rpush(channel._q_for_pri(queue, priority), dumps(raw))  # BRPOP's next
                     pipe.execute()
