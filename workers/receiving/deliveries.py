@@ -57,6 +57,11 @@ def quarantined(app: Celery, request: Any, max_deliveries: int, keep_seconds: in
     # Bounded: a redelivered message that cannot get the quarantine in time runs beside another one.
     alone = _quarantine.acquire(timeout=wait)
     try:
+        earlier = app.backend.get_task_meta(request.id, cache=False)
+        if earlier.get("status") == "SUCCESS":  # another delivery of it answered while this one waited
+            _counts.add("already_answered")
+            yield earlier.get("result")
+            return
         key = KEY.format(request.id)
         with app.pool.acquire(block=True) as connection:
             client = connection.default_channel.client
