@@ -417,6 +417,28 @@ def test_a_row_the_device_loop_starts_again_restarts_its_stream_where_its_text_d
             assert "restart" not in events and "".join(written) == "Hello world", entries
 
 
+def test_a_stream_key_redis_refuses_stops_no_other_stream(store: redis.Redis) -> None:
+    """Something else at one task's stream key (a string here): that stream is given up, the others go on."""
+    from workers.receiving.streams import StreamPublisher
+
+    publisher = StreamPublisher(store, ttl=600, max_entries=100)
+    blocked, fine = str(uuid.uuid4()), str(uuid.uuid4())
+    store.set(stream_key(blocked), "not a stream")
+    for task_id in (blocked, fine):
+        step = publisher.open(task_id, lambda tokens: "".join("ab"[token] for token in tokens))
+        step([0])
+        step([1])
+        publisher.end(task_id, {"text": "ab", "finish_reason": "length", "model": "m", "prompt_tokens": 1,
+                                "completion_tokens": 2}, requested=True)
+    deadline = time.monotonic() + 10
+    while not (entries := store.xrange(stream_key(fine))) or entries[-1][1][b"event"] != b"end":
+        assert time.monotonic() < deadline, entries
+        time.sleep(0.02)
+    assert b"".join(fields.get(b"text", b"") for _, fields in entries) == b"ab"
+    assert store.get(stream_key(blocked)) == b"not a stream"
+    store.delete(stream_key(blocked), stream_key(fine))
+
+
 def test_a_stream_times_out_on_silence_never_on_its_length(store: redis.Redis) -> None:
     """A long generation whose pieces keep coming is never cut at the timeout (the gateway's streams read with
     the result timeout); a stream that falls silent for it raises ResultTimeout, sync or async."""

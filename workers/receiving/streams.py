@@ -123,19 +123,32 @@ class StreamPublisher:
         """Write what each stream lacks. Nothing here is taken as written until Redis said so: after a
         failure (even a pipeline half applied) a stream is read back from Redis before its next write."""
         self._resume([stream for stream in streams if not stream.synced])
-        writes: list[tuple[_Stream, str, bool]] = []  # each stream's text and closed state once written
+        writes: list[tuple[_Stream, str, bool, int]] = []  # each stream's text and closed state once written
         with self._client.pipeline(transaction=False) as pipe:
             for stream in streams:
-                writes.append((stream, *self._write(pipe, stream)))
+                writes.append((stream, *self._write(pipe, stream), len(pipe)))
             try:
-                pipe.execute()
+                replies = pipe.execute(raise_on_error=False)
             except Exception:
                 for stream in streams:
                     stream.synced = False
                 raise
-        for stream, shown, closed in writes:
-            stream.shown, stream.closed = shown, closed
+        start = 0
+        for stream, shown, closed, end in writes:
+            refused = next((reply for reply in replies[start:end] if isinstance(reply, Exception)), None)
+            start = end
+            if refused is not None:  # this stream's key alone: the others' writes stand
+                self._drop(stream, refused)
+            else:
+                stream.shown, stream.closed = shown, closed
             del self._dirty[stream]
+
+    def _drop(self, stream: _Stream, error: Exception) -> None:
+        """A stream Redis refuses to keep (its key holds something else, say): written no more, so one such key
+        never stops every other stream; its result is stored as always."""
+        log.warning("stream of task %s cannot be written (%s: %s); it is given up, its result is stored as always",
+                    stream.task_id, type(error).__name__, error)
+        stream.closed = stream.synced = True
 
     def _resume(self, streams: list[_Stream]) -> None:
         """What Redis holds of these streams: what earlier deliveries (or failed writes) left there."""
@@ -144,13 +157,16 @@ class StreamPublisher:
         with self._client.pipeline(transaction=False) as pipe:
             for stream in streams:
                 pipe.xrange(stream_key(stream.task_id))
-            written = pipe.execute()
+            written = pipe.execute(raise_on_error=False)
         for stream, entries in zip(streams, written, strict=True):
+            if isinstance(entries, Exception):
+                self._drop(stream, entries)
+                continue
             stream.shown, stream.closed, stream.synced = "", False, True
             for _, fields in entries:
                 event = fields.get(b"event")
                 if event == b"text":
-                    stream.shown += fields.get(b"text", b"").decode()
+                    stream.shown += fields.get(b"text", b"").decode(errors="replace")  # a foreign writer's bytes
                 elif event == b"restart":
                     stream.shown = ""
                 elif event in (b"end", b"error"):
