@@ -472,3 +472,32 @@ def test_a_row_started_again_after_a_failed_step_tells_its_listener_to_start_ove
             assert sum(len(piece) for piece in after if piece is not None) == n - 1, told[n]  # from scratch
     finally:
         loop.stop()
+
+
+def test_an_older_request_waiting_for_cache_room_is_not_overtaken_by_another_models_newer_ones() -> None:
+    """Two stepped kinds share one device's cache budget: room that frees goes to the oldest request waiting
+    for it, whatever its model. Newer requests of the other model kept taking it, and the older one waited
+    until its deadline."""
+    log: list[tuple[str, tuple[int, ...]]] = []
+    kinds: dict[str, Any] = {key: SteppedKind(lambda payloads: Countdown(payloads, log, 0.005),
+                                              BatchLimits(8, 10_000, 0.0), 4, False, cache_bytes_per_token=1)
+                             for key in ("a", "b")}
+    loop = DeviceLoop(kinds, cache_budget=10)
+    loop.start()
+    stop = threading.Event()
+
+    def feed_b() -> None:  # a request of b every 15 ms, each 6 steps long and reserving 4 of the 10
+        while not stop.is_set():
+            loop.submit("b", 6, items=1, longest=4, timeout=30)
+            time.sleep(0.015)
+
+    feeder = threading.Thread(target=feed_b)
+    feeder.start()
+    try:
+        time.sleep(0.1)
+        big = loop.submit("a", 3, items=1, longest=8, timeout=3)  # 8 of the 10: it fits once b's rows leave
+        assert big.result(timeout=5) == 3
+    finally:
+        stop.set()
+        feeder.join()
+        loop.stop()

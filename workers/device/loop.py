@@ -29,24 +29,18 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
-from producer.errors import Cancelled, TaskTimeout
+from producer.errors import TaskTimeout
 from workers.device.batching import BatchLimits, BatchQueue, Waiting
+from workers.device.jobs import Job, LeavingFailed, Progress, Runner, answer, ran_late, was_cancelled
 from workers.device.metrics import ModelMetrics, outcome_label
 from workers.device.stepping import RunningBatch, RunningBatches, SteppedKind
 
 log = logging.getLogger(__name__)
-
-# runs one batch of payloads; returns one result (or exception) per payload, in order
-Runner = Callable[[list[Any]], Sequence[Any]]
-# told what a stepped request produced in each step; None: it starts again from scratch (its batch failed a
-# step and runs again), so what it was told before is void
-Progress = Callable[[list[Any] | None], None]
-
 
 @dataclass
 class BatchKind:
@@ -54,32 +48,22 @@ class BatchKind:
     limits: BatchLimits
 
 
-@dataclass(slots=True)
-class _Job:
-    payload: Any
-    future: Future[Any]
-    timeout: float
-    deadline: float
-    longest: int  # tokens of its longest input (for a generate request, prompt + max_new_tokens)
-    progress: Progress | None = None  # told what a stepped request produced, step by step
-    reported: int = 0  # how much of what it produced progress was told of
-
-
 class DeviceLoop:
     def __init__(self, kinds: dict[str, BatchKind | SteppedKind],
                  clock: Callable[[], float] = time.monotonic, cache_budget: int | None = None) -> None:
         self._kinds = kinds
         # stepped batches under way, and the cache bytes they may reserve; only the loop thread touches them
-        self._stepped: RunningBatches[_Job] = RunningBatches(
+        self._stepped: RunningBatches[Job] = RunningBatches(
             {key: kind for key, kind in kinds.items() if isinstance(kind, SteppedKind)}, cache_budget)
         self._running = self._stepped.batches  # the same list, for the loop's many reads
         self._cache_reserved = 0  # what they reserved at the end of the last turn (read by stats())
-        self._queues: dict[str, BatchQueue[_Job]] = {key: BatchQueue(kind.limits) for key, kind in kinds.items()}
+        self._queues: dict[str, BatchQueue[Job]] = {key: BatchQueue(kind.limits) for key, kind in kinds.items()}
         self._clock = clock
         self._wake = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._cancelled: set[Future[Any]] = set()  # running requests to stop before their next step
+        self._no_room = False  # the last _take found no cache room for its key's oldest request
         self.busy_since: float | None = None  # when the running batch started; None while idle
         # what a batch's requests are answered inside (``Runtime.answer_together``)
         self.answering: Callable[[], contextlib.AbstractContextManager[None]] = contextlib.nullcontext
@@ -98,7 +82,7 @@ class DeviceLoop:
         with self._wake:
             if self._stopping:
                 raise RuntimeError("the device loop is stopping")
-            self._queues[key].put(_Job(payload, future, timeout, now + timeout, longest, progress), items, longest,
+            self._queues[key].put(Job(payload, future, timeout, now + timeout, longest, progress), items, longest,
                                   now, deadline=now + timeout, priority=priority)
             self._wake.notify()
         return future
@@ -186,7 +170,7 @@ class DeviceLoop:
             metrics.busy.inc(took)
             metrics.run.observe(took)
 
-    def _next(self, now: float) -> tuple[str, list[Waiting[_Job]], RunningBatch[_Job] | None] | None:
+    def _next(self, now: float) -> tuple[str, list[Waiting[Job]], RunningBatch[Job] | None] | None:
         """Expire late requests; then take a batch from the ready queue whose oldest request is oldest, with
         the stepped batch it is to join, if any."""
         for key, queue in self._queues.items():
@@ -201,14 +185,21 @@ class DeviceLoop:
         ready = [(queue.oldest_arrival() or 0.0, key) for key, queue in self._queues.items()
                  if (queue.ready(now) or (self._stopping and len(queue)))
                  and (key not in self._stepped.kinds or self._stepped.may_take(key))]
+        waits_for_room = False  # an older request of a stepped kind waits for cache room
         for _, key in sorted(ready):
+            if waits_for_room and self._stepped.cache_room(key) is not None:
+                continue  # the room that frees is kept for it: newer requests of other models took it first
             picked = self._take(key)
             if picked is not None:  # else its oldest does not fit beside the batches under way: the next key
                 return picked
+            waits_for_room = waits_for_room or self._no_room
         return None
 
-    def _take(self, key: str) -> tuple[str, list[Waiting[_Job]], RunningBatch[_Job] | None] | None:
+    def _take(self, key: str) -> tuple[str, list[Waiting[Job]], RunningBatch[Job] | None] | None:
+        """The batch to run next of this key, if its oldest request can start; ``_no_room`` says whether it
+        could not for want of cache room."""
         queue, stepped = self._queues[key], self._stepped
+        self._no_room = False
         if key not in stepped.kinds:
             return key, queue.take(), None
         into = stepped.roomiest(key)
@@ -217,6 +208,7 @@ class DeviceLoop:
             # a batch of its own, unless it fits into the roomiest one (see _start)
             batch = queue.take(room=room, alone=not self._running)
             if not batch:  # no room in the cache for its oldest request: it waits for rows to finish
+                self._no_room = room is not None
                 return None
             fits = into is not None and stepped.fits(into, sum(waiting.items for waiting in batch),
                                                      max(waiting.longest for waiting in batch))
@@ -229,7 +221,7 @@ class DeviceLoop:
         waits = [w for w in (q.seconds_until_ready(now) for q in self._queues.values()) if w is not None]
         return min(waits) if waits else None
 
-    def _execute(self, key: str, jobs: list[_Job], into: RunningBatch[_Job] | None = None) -> None:
+    def _execute(self, key: str, jobs: list[Job], into: RunningBatch[Job] | None = None) -> None:
         live = [job for job in jobs if job.future.set_running_or_notify_cancel()]
         if not live:
             return
@@ -244,7 +236,7 @@ class DeviceLoop:
 
     # --- stepped batches ------------------------------------------------------------------------------
 
-    def _start(self, key: str, jobs: list[_Job], into: RunningBatch[_Job] | None = None) -> None:
+    def _start(self, key: str, jobs: list[Job], into: RunningBatch[Job] | None = None) -> None:
         for job in jobs:  # a restart from scratch (after a failed step): what was told of it is void
             if job.reported and job.progress is not None:
                 job.reported = 0
@@ -258,7 +250,7 @@ class DeviceLoop:
         # then it joins ``into`` (see _step).
         self._running.append(RunningBatch(key, dict(enumerate(jobs)), stepping, len(jobs), target=into))
 
-    def _join(self, started: RunningBatch[_Job]) -> None:
+    def _join(self, started: RunningBatch[Job]) -> None:
         """A new batch whose prefill is done joins the running batch it was taken for, if that still runs
         and still has room (in its limits and in the cache budget); else it goes on beside it."""
         into, key, stepped = started.target, started.key, self._stepped
@@ -283,7 +275,7 @@ class DeviceLoop:
         into.size += started.size
         self.counts[f"{key}:joined"] += len(started.jobs)
 
-    def _step(self, running: RunningBatch[_Job], alone: bool = False) -> None:
+    def _step(self, running: RunningBatch[Job], alone: bool = False) -> None:
         now = self._clock()
         outcomes: Counter[str] = Counter()
         started = time.perf_counter()
@@ -292,12 +284,12 @@ class DeviceLoop:
                 if job.deadline <= now:
                     # its caller answers TaskTimeout at the same limit: stop spending the device on it
                     outcomes["TaskTimeout"] += 1
-                    self._stop(running, index, "stopped", _ran_late)
+                    self._stop(running, index, "stopped", ran_late)
                 elif job.future in self._cancelled:
                     with self._wake:
                         self._cancelled.discard(job.future)
                     outcomes["Cancelled"] += 1
-                    self._stop(running, index, "cancelled", _was_cancelled)
+                    self._stop(running, index, "cancelled", was_cancelled)
             prefill = running.stepping.prefilling
             if not prefill:
                 self.counts[f"{running.key}:step_rows"] += len(running.jobs)  # occupancy: rows per step
@@ -305,7 +297,7 @@ class DeviceLoop:
             self._count_tokens(running, prefill, started)
             for index, outcome in finished:
                 if index in running.jobs:
-                    outcomes[_answer(running.jobs.pop(index), outcome)] += 1
+                    outcomes[answer(running.jobs.pop(index), outcome)] += 1
             for index, job in running.jobs.items():
                 if job.progress is not None:
                     self._report(running, index, job)
@@ -314,7 +306,7 @@ class DeviceLoop:
             self._running.remove(running)
             # the rows still decoding start again from scratch (a seeded row gives the same text again); a row
             # that failed to leave is no fault of theirs, so even a lone one starts again rather than fail
-            if isinstance(exc, _LeavingFailed):
+            if isinstance(exc, LeavingFailed):
                 log.warning("a row could not leave its %s batch (%s); the rest start again", running.key, exc)
                 if running.jobs:
                     self._start(running.key, list(running.jobs.values()))
@@ -333,7 +325,7 @@ class DeviceLoop:
         elif running.target is not None and not running.stepping.prefilling:
             self._join(running)
 
-    def _count_tokens(self, running: RunningBatch[_Job], prefill: bool, started: float) -> None:
+    def _count_tokens(self, running: RunningBatch[Job], prefill: bool, started: float) -> None:
         """A decoding step gave each of its rows a token; the prefill's last chunk gave each its first."""
         metrics = self._metrics[running.key]
         if not prefill:
@@ -345,8 +337,8 @@ class DeviceLoop:
             for job in running.jobs.values():
                 metrics.first_token.observe(now - (job.deadline - job.timeout))  # deadline - timeout: its arrival
 
-    def _stop(self, running: RunningBatch[_Job], index: int, counted: str,
-              error: Callable[[_Job, int | None], Exception]) -> None:
+    def _stop(self, running: RunningBatch[Job], index: int, counted: str,
+              error: Callable[[Job, int | None], Exception]) -> None:
         """Take a row out of its batch and answer it with ``error`` (given the steps it ran); answered even
         when taking it out fails (out of memory selecting the others' cache), which restarts the others."""
         job = running.jobs.pop(index)
@@ -355,10 +347,10 @@ class DeviceLoop:
             steps = running.stepping.stop(index)
         except Exception as exc:
             job.future.set_exception(error(job, None))
-            raise _LeavingFailed(exc) from exc
+            raise LeavingFailed(exc) from exc
         job.future.set_exception(error(job, steps))
 
-    def _report(self, running: RunningBatch[_Job], index: int, job: _Job) -> None:
+    def _report(self, running: RunningBatch[Job], index: int, job: Job) -> None:
         assert job.progress is not None
         produced = running.stepping.produced(index)
         if len(produced) <= job.reported:
@@ -366,14 +358,14 @@ class DeviceLoop:
         new, job.reported = produced[job.reported:], len(produced)
         self._tell(running.key, job, new)
 
-    def _tell(self, key: str, job: _Job, new: list[Any] | None) -> None:
+    def _tell(self, key: str, job: Job, new: list[Any] | None) -> None:
         assert job.progress is not None
         try:
             job.progress(new)
         except Exception:  # the listener's fault, not the batch's: the request still gets its answer
             log.exception("a %s request's progress listener failed", key)
 
-    def _halve(self, key: str, jobs: list[_Job], exc: Exception, again: Callable[[str, list[_Job]], None]) -> None:
+    def _halve(self, key: str, jobs: list[Job], exc: Exception, again: Callable[[str, list[Job]], None]) -> None:
         """A batch that raised: a lone request fails with the error; the rest run ``again`` in halves, so the
         request that breaks the batch ends up failing alone and its neighbours are still answered."""
         if not jobs:
@@ -387,7 +379,7 @@ class DeviceLoop:
         again(key, jobs[:middle])
         again(key, jobs[middle:])
 
-    def _run_isolated(self, key: str, jobs: list[_Job]) -> None:
+    def _run_isolated(self, key: str, jobs: list[Job]) -> None:
         kind = self._kinds[key]
         assert isinstance(kind, BatchKind)
         try:
@@ -401,30 +393,5 @@ class DeviceLoop:
         answered: Counter[str] = Counter()
         with self.answering():
             for job, outcome in zip(jobs, outcomes, strict=True):
-                answered[_answer(job, outcome)] += 1
+                answered[answer(job, outcome)] += 1
         self._metrics[key].finished(answered)
-
-
-def _ran_late(job: _Job, steps: int | None) -> TaskTimeout:
-    return TaskTimeout(f"the request ran past its limit of {job.timeout:g} s and was stopped{_after(steps)}")
-
-
-def _was_cancelled(job: _Job, steps: int | None) -> Cancelled:
-    return Cancelled(f"the request was cancelled by its caller{_after(steps)}")
-
-
-def _after(steps: int | None) -> str:
-    return "" if steps is None else f" after {steps} steps"
-
-
-class _LeavingFailed(Exception):
-    """Taking a stopped row out of its batch failed (out of memory selecting the other rows' cache, say)."""
-
-
-def _answer(job: _Job, outcome: Any) -> str:
-    """Answers the job; its outcome's label for the metrics."""
-    if isinstance(outcome, BaseException):
-        job.future.set_exception(outcome)
-        return outcome_label(outcome)
-    job.future.set_result(outcome)
-    return "ok"

@@ -21,7 +21,8 @@ import torch
 
 from producer.settings import Kind, Settings
 from workers.device.batching import BatchLimits
-from workers.device.loop import BatchKind, DeviceLoop, Runner
+from workers.device.jobs import Runner
+from workers.device.loop import BatchKind, DeviceLoop
 from workers.device.metrics import sample_device_memory
 from workers.device.stall import exit_on_stall
 from workers.device.stepping import SteppedKind, Stepping

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from workers.device import WIRE_VERSION
-from workers.device.loop import Progress
+from workers.device.jobs import Progress
 from workers.device.stall import EXIT_DEVICE_FAILED
 from workers.errors import WorkerError
 

@@ -33,8 +33,9 @@ from producer.contract import (
 )
 from producer.errors import Cancelled, InferqError, InputTooLarge, InvalidInput, OutOfMemory, TaskTimeout, UnknownModel
 from producer.settings import Kind, Settings
+from workers.device.jobs import Progress
 from workers.device.label_cache import LabelVectors
-from workers.device.loop import DeviceLoop, Progress
+from workers.device.loop import DeviceLoop
 from workers.device.passes import EncodeJob, Models, load_models, start_loop
 from workers.device.process import DeviceProcess
 from workers.device.remote import RemoteDevice
