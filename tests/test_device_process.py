@@ -4,8 +4,11 @@ in-process, and the child goes away with its worker."""
 from __future__ import annotations
 
 import json
+import multiprocessing.connection
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -15,7 +18,7 @@ import redis
 
 from producer.client import Client
 from producer.settings import Settings
-from tests.conftest import ARTIFACTS, REDIS_HOST, REDIS_PORT, WorkerProcess, worker_env
+from tests.conftest import ARTIFACTS, REDIS_HOST, REDIS_PORT, ROOT, WorkerProcess, stop, worker_env
 
 pytestmark = pytest.mark.integration
 DB = 8
@@ -154,3 +157,51 @@ def test_a_receiver_refuses_a_device_process_without_its_models_or_its_key(tmp_p
     finally:  # the loop and its stall watch would live on in this test process otherwise
         if server.loop is not None:
             server.loop.stop()
+
+
+def test_a_device_process_signalled_with_its_receivers_stays_until_they_are_gone(tmp_path: Path,
+                                                                                 tiny_models: dict[str, Path]) -> None:
+    """systemd (and a container's init) signals every process of a worker at once: the device process must
+    not die under receivers still finishing their work on it (they exited mid-drain, code 70)."""
+    tiny = {"source": str(tiny_models["classifier"]), "max_length": 64}
+    config = tmp_path / "inferq.toml"
+    config.write_text(f"[models]\nembed = {{tiny = {{source = {json.dumps(tiny['source'])}, max_length = 64}}}}\n"
+                      "classify = {}\ngenerate = {}\n")
+    address, key = str(tmp_path / "device.sock"), "the-key"
+    env = {**worker_env(config, URL), "INFERQ_DEVICE_SERVER_KEY": key, "INFERQ_DEVICE": "cpu"}
+
+    def started() -> subprocess.Popen[bytes]:
+        process = subprocess.Popen([sys.executable, "-m", "producer.cli", "device-server", "--listen", address,
+                                    "--kinds", "embed"], env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 120
+        while not os.path.exists(address):
+            assert process.poll() is None and time.monotonic() < deadline, "the device process did not listen"
+            time.sleep(0.1)
+        return process
+
+    server, alone = started(), None
+    try:
+        # a receiver as the wire sees it (a RemoteDevice would end this process were its device process to die)
+        receiver = multiprocessing.connection.Client(address, "AF_UNIX", authkey=key.encode())
+        try:
+            assert receiver.recv()[0] == "hello"
+            server.send_signal(signal.SIGTERM)
+            time.sleep(1.0)
+            assert server.poll() is None, "it died under its receiver"
+            receiver.send(("stats", 7))
+            assert receiver.poll(10), "it stopped answering its receiver"
+            tag, (request_id, stats) = receiver.recv()
+            assert (tag, request_id) == ("stats", 7) and stats["pid"] == server.pid
+        finally:
+            receiver.close()
+        assert server.wait(timeout=20) == 0  # its receiver gone, it ends by itself
+        if os.path.exists(address):
+            os.unlink(address)
+        alone = started()  # signalled with nobody connected: it ends at once
+        alone.send_signal(signal.SIGTERM)
+        assert alone.wait(timeout=20) == 0
+    finally:
+        for process in (server, alone):
+            if process is not None and process.poll() is None:
+                stop(process, 10)

@@ -32,12 +32,14 @@ import functools
 import logging
 import os
 import pickle
+import signal
 import socket
 import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future
 from multiprocessing.connection import Connection, Listener
+from types import FrameType
 from typing import Any
 
 import torch
@@ -51,6 +53,7 @@ from workers.errors import WorkerError
 from workers.models.loading import device_label, pick_device, prepare_collector_for_serving
 
 log = logging.getLogger(__name__)
+LEAVING_MARGIN_S = 15.0  # after SIGTERM, beside the longest time limit, for receivers to answer and leave
 
 
 class DeviceServer:
@@ -62,6 +65,40 @@ class DeviceServer:
         self.loop: DeviceLoop | None = None
         self.hello: dict[str, Any] = {}
         self.connections = 0
+        self._connected = 0  # receivers connected now
+        self._disconnected = threading.Condition()
+        self._leaving = False
+
+    def stay_for_receivers(self, grace: float) -> None:
+        """On SIGTERM, end once the receivers connected are gone (at most ``grace`` seconds), not at once: a
+        stop that signals every process of a group together (systemd's default, a container's init, the
+        launcher's own death) reaches the receivers in their warm shutdown, and they finish what they run
+        on this process first. With no receiver connected, or at a second SIGTERM, it ends at once."""
+
+        def on_term(signum: int, frame: FrameType | None) -> None:
+            with self._disconnected:
+                if not self._connected or self._leaving:
+                    raise SystemExit(0)
+                self._leaving = True
+                waiting = self._connected
+            log.warning("SIGTERM: the device process ends once its %d receiver(s) are gone (at most %.0f s)",
+                        waiting, grace)
+            threading.Thread(target=self._leave_when_alone, args=(grace,), name="inferq-leaving", daemon=True).start()
+
+        signal.signal(signal.SIGTERM, on_term)
+
+    def _leave_when_alone(self, grace: float) -> None:
+        deadline = time.monotonic() + grace
+        with self._disconnected:
+            while self._connected and deadline > time.monotonic():
+                self._disconnected.wait(deadline - time.monotonic())
+            left = self._connected
+        if left:
+            log.error("%d receiver(s) still connected after %.0f s; the device process ends anyway", left, grace)
+        else:
+            log.info("its receivers are gone; the device process ends")
+        logging.shutdown()
+        os._exit(0)
 
     def load(self) -> None:
         started = time.perf_counter()
@@ -103,6 +140,8 @@ class DeviceServer:
 
     def _serve_connection(self, conn: Connection) -> None:
         assert self.loop is not None
+        with self._disconnected:
+            self._connected += 1
         outbox = _Outbox(conn)
         running: dict[int, Future[Any]] = {}  # this receiver's requests not answered yet, for its cancels
 
@@ -140,6 +179,9 @@ class DeviceServer:
                 self.loop.cancel(future)
             outbox.close()
             conn.close()
+            with self._disconnected:
+                self._connected -= 1
+                self._disconnected.notify_all()
 
 
 class _Outbox:
@@ -271,5 +313,7 @@ def _answers(address: str) -> bool:
 def run_device_server(settings: Settings, kinds: tuple[Kind, ...], address: str, authkey: bytes,
                       until_first_client_leaves: bool = False) -> None:
     server = DeviceServer(settings, kinds, address, authkey)
+    if threading.current_thread() is threading.main_thread():  # where signals can be handled
+        server.stay_for_receivers(settings.time_limits.longest + LEAVING_MARGIN_S)
     server.load()
     server.serve(until_first_client_leaves)
