@@ -482,6 +482,7 @@ def test_an_older_request_waiting_for_cache_room_is_not_overtaken_by_another_mod
     kinds: dict[str, Any] = {key: SteppedKind(lambda payloads: Countdown(payloads, log, 0.005),
                                               BatchLimits(8, 10_000, 0.0), 4, False, cache_bytes_per_token=1)
                              for key in ("a", "b")}
+    kinds["square"] = BatchKind(lambda payloads: [p * p for p in payloads], BatchLimits(8, 10_000, 0.0))
     loop = DeviceLoop(kinds, cache_budget=10)
     loop.start()
     stop = threading.Event()
@@ -496,7 +497,10 @@ def test_an_older_request_waiting_for_cache_room_is_not_overtaken_by_another_mod
     try:
         time.sleep(0.1)
         big = loop.submit("a", 3, items=1, longest=8, timeout=3)  # 8 of the 10: it fits once b's rows leave
+        squares = [loop.submit("square", n, items=1, longest=1, timeout=3) for n in range(5)]  # no cache: no wait
+        assert [square.result(timeout=5) for square in squares] == [n * n for n in range(5)]
         assert big.result(timeout=5) == 3
+        assert not loop.died
     finally:
         stop.set()
         feeder.join()

@@ -189,6 +189,8 @@ def test_a_device_process_signalled_with_its_receivers_stays_until_they_are_gone
             server.send_signal(signal.SIGTERM)
             time.sleep(1.0)
             assert server.poll() is None, "it died under its receiver"
+            with pytest.raises(OSError):  # it takes no new receiver meanwhile (its socket is gone)
+                multiprocessing.connection.Client(address, "AF_UNIX", authkey=key.encode())
             receiver.send(("stats", 7))
             assert receiver.poll(10), "it stopped answering its receiver"
             tag, (request_id, stats) = receiver.recv()

@@ -321,6 +321,9 @@ def test_errors_a_retry_cannot_mend_tell_the_sdk_not_to_retry() -> None:
     failed = from_failure(RuntimeError("CUDA error: an illegal memory access"))
     assert failed.status == 500 and not failed.retry and str(failed).startswith("the task failed: RuntimeError")
     assert not still_runs(Cancelled("x")) and still_runs(ResultTimeout("x")) and still_runs(ClientGone())
+    # what the gateway's handlers see is the converted error: it still says whether the task may run on
+    assert still_runs(from_failure(ResultTimeout("x"))) and still_runs(from_failure(InferqConnectionError("x")))
+    assert not still_runs(from_failure(Cancelled("x"))) and not still_runs(failed)
 
 
 def test_classify_health_and_metrics(gateway: Gateway, client: Client, worker: WorkerProcess) -> None:

@@ -28,7 +28,7 @@ def test_a_message_that_crashes_its_worker_every_time_ends_in_the_dead_letter_li
     store = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=DB)
     store.flushdb()
     config = tmp_path_factory.mktemp("poison") / "inferq.toml"
-    config.write_text('fault_crash_on_text = "POISON"\nmax_deliveries = 3\nvisibility_timeout = 8\n'
+    config.write_text('fault_crash_on_text = "POISON"\nmax_deliveries = 3\nvisibility_timeout = 4\n'
                       "worker_concurrency = 16\n[time_limits]\nembed = 3\nclassify = 3\ngenerate = 3\n"
                       "[models]\ngenerate = {}\n")
     env = worker_env(config, URL)
@@ -51,7 +51,7 @@ def test_a_message_that_crashes_its_worker_every_time_ends_in_the_dead_letter_li
         dead = [json.loads(raw) for raw in store.lrange(DEAD_LETTER_KEY, 0, -1)]
         assert [entry["task_id"] for entry in dead] == [poison.id]
         assert dead[0]["queue"] == "embed" and "a POISON pill" in dead[0]["raw"]
-        time.sleep(10)  # past another visibility timeout: nothing comes back
+        time.sleep(6)  # past another visibility timeout: nothing comes back
         assert store.llen("embed") == 0 and store.hlen("unacked") == 0
         assert log_path.read_text().count("exited with code 86") == 3
         assert client.embed(["still serving"])["dim"] == 384

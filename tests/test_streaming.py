@@ -439,6 +439,35 @@ def test_a_stream_key_redis_refuses_stops_no_other_stream(store: redis.Redis) ->
     store.delete(stream_key(blocked), stream_key(fine))
 
 
+def test_streams_a_read_only_redis_refused_are_written_once_it_takes_writes(tmp_path: Path) -> None:
+    """READONLY (a failover under way), like OOM or MISCONF, is Redis's state, not one stream's: retried."""
+    from workers.receiving.streams import StreamPublisher
+
+    port = free_port()
+    server_store = redis.Redis(host="127.0.0.1", port=port)
+    server = start_redis_server(tmp_path, ["--port", str(port)], server_store)
+    try:
+        server_store.replicaof("127.0.0.1", free_port())  # a replica of a master that is not there: read-only
+        publisher = StreamPublisher(server_store, ttl=600, max_entries=100)
+        task_id = str(uuid.uuid4())
+        step = publisher.open(task_id, lambda tokens: "".join("ab"[token] for token in tokens))
+        step([0])
+        step([1])
+        publisher.end(task_id, {"text": "ab", "finish_reason": "length", "model": "m", "prompt_tokens": 1,
+                                "completion_tokens": 2}, requested=True)
+        time.sleep(1.5)  # a write or two refused
+        assert server_store.xrange(stream_key(task_id)) == []
+        server_store.replicaof("NO", "ONE")
+        deadline = time.monotonic() + 10
+        while not (entries := server_store.xrange(stream_key(task_id))) or entries[-1][1][b"event"] != b"end":
+            assert time.monotonic() < deadline, entries
+            time.sleep(0.05)
+        assert b"".join(fields.get(b"text", b"") for _, fields in entries) == b"ab"
+    finally:
+        stop(server, 10)
+        server_store.close()
+
+
 def test_a_stream_times_out_on_silence_never_on_its_length(store: redis.Redis) -> None:
     """A long generation whose pieces keep coming is never cut at the timeout (the gateway's streams read with
     the result timeout); a stream that falls silent for it raises ResultTimeout, sync or async."""

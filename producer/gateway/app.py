@@ -68,9 +68,10 @@ class GatewayError(Exception):
     """An error answered in OpenAI's shape, with its HTTP status."""
 
     def __init__(self, status: int, message: str, kind: str, code: str | None = None,
-                 param: str | None = None, retry: bool = True) -> None:
+                 param: str | None = None, retry: bool = True, still_running: bool = False) -> None:
         super().__init__(message)
         self.status, self.kind, self.code, self.param, self.retry = status, kind, code, param, retry
+        self.still_running = still_running  # the task it answers for may still run (see still_runs)
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": str(self), "type": self.kind, "param": self.param, "code": self.code}}
@@ -110,18 +111,24 @@ def from_failure(exc: Exception, sent: bool = True) -> GatewayError:
     if isinstance(exc, GatewayError):
         return exc
     if isinstance(exc, InferqConnectionError) and sent:
-        return GatewayError(503, f"{exc}; the request was sent and may still run", "service_unavailable",
-                            type(exc).__name__, retry=False)
-    if isinstance(exc, InferqError):
-        return from_task_error(exc)
-    return GatewayError(500, f"the task failed: {type(exc).__name__}: {exc}", "server_error", type(exc).__name__,
-                        retry=False)
+        error = GatewayError(503, f"{exc}; the request was sent and may still run", "service_unavailable",
+                             type(exc).__name__, retry=False)
+    elif isinstance(exc, InferqError):
+        error = from_task_error(exc)
+    else:
+        log.warning("a request failed with %s: %s (taken as its task's failure)", type(exc).__name__, exc)
+        error = GatewayError(500, f"the task failed: {type(exc).__name__}: {exc}", "server_error",
+                             type(exc).__name__, retry=False)
+    error.still_running = isinstance(exc, InferqError) and still_runs(exc)  # else: the task failed, it is over
+    return error
 
 
 def still_runs(exc: BaseException) -> bool:
     """Whether a generation whose answer met ``exc`` may still be decoding: all but the task's own errors (and
     its result's), which it reported as it ended."""
-    return (not isinstance(exc, InferqError | GatewayError)
+    if isinstance(exc, GatewayError):
+        return exc.still_running
+    return (not isinstance(exc, InferqError)
             or isinstance(exc, ResultTimeout | InferqConnectionError | StreamRestarted))
 
 

@@ -187,7 +187,7 @@ class DeviceLoop:
                  and (key not in self._stepped.kinds or self._stepped.may_take(key))]
         waits_for_room = False  # an older request of a stepped kind waits for cache room
         for _, key in sorted(ready):
-            if waits_for_room and self._stepped.cache_room(key) is not None:
+            if waits_for_room and key in self._stepped.kinds and self._stepped.cache_room(key) is not None:
                 continue  # the room that frees is kept for it: newer requests of other models took it first
             picked = self._take(key)
             if picked is not None:  # else its oldest does not fit beside the batches under way: the next key
@@ -301,18 +301,27 @@ class DeviceLoop:
             for index, job in running.jobs.items():
                 if job.progress is not None:
                     self._report(running, index, job)
+        except LeavingFailed as exc:
+            self._metrics[running.key].finished(outcomes)
+            self._running.remove(running)
+            log.warning("a row could not leave its %s batch (%s); the rest start again", running.key, exc)
+            restart = list(running.jobs.values())
         except Exception as exc:
             self._metrics[running.key].finished(outcomes)
             self._running.remove(running)
-            # the rows still decoding start again from scratch (a seeded row gives the same text again); a row
-            # that failed to leave is no fault of theirs, so even a lone one starts again rather than fail
-            if isinstance(exc, LeavingFailed):
-                log.warning("a row could not leave its %s batch (%s); the rest start again", running.key, exc)
-                if running.jobs:
-                    self._start(running.key, list(running.jobs.values()))
-            else:
-                self._halve(running.key, list(running.jobs.values()), exc, self._start)
+            # the rows still decoding start again from scratch (a seeded row gives the same text again)
+            self._halve(running.key, list(running.jobs.values()), exc, self._start)
             return
+        else:
+            self._stepped_on(running, prefill, outcomes)
+            return
+        # A row that failed to leave is no fault of the others': even a lone one starts again rather than fail.
+        # Out of the except block, so the failed batch (its frames in the traceback, their cache) is gone.
+        if restart:
+            self._start(running.key, restart)
+
+    def _stepped_on(self, running: RunningBatch[Job], prefill: bool, outcomes: Counter[str]) -> None:
+        """After a step that went well: count it; end the batch, or join it to its target once prefilled."""
         self._metrics[running.key].finished(outcomes)
         running.steps += 1
         self.counts[f"{running.key}:{'prefill_passes' if prefill else 'steps'}"] += 1

@@ -68,6 +68,7 @@ class DeviceServer:
         self._connected = 0  # receivers connected now
         self._disconnected = threading.Condition()
         self._leaving = False
+        self._listener: Listener | None = None
 
     def stay_for_receivers(self, grace: float) -> None:
         """On SIGTERM, end once the receivers connected are gone (at most ``grace`` seconds), not at once: a
@@ -81,6 +82,8 @@ class DeviceServer:
                     raise SystemExit(0)
                 self._leaving = True
                 waiting = self._connected
+            if self._listener is not None:  # no new receiver meanwhile: it would only hold the process longer
+                self._listener.close()
             log.warning("SIGTERM: the device process ends once its %d receiver(s) are gone (at most %.0f s)",
                         waiting, grace)
             threading.Thread(target=self._leave_when_alone, args=(grace,), name="inferq-leaving", daemon=True).start()
@@ -124,11 +127,14 @@ class DeviceServer:
                                   "--listen path")
             os.unlink(self.address)  # a socket left by a device process that was killed
         with Listener(self.address, "AF_UNIX", authkey=self.authkey) as listener:
+            self._listener = listener
             log.info("device process %d listens on %s", os.getpid(), self.address)
             while True:
                 try:
                     conn = listener.accept()
                 except Exception as exc:  # a client with the wrong key, or one gone mid-handshake
+                    if self._leaving:  # the listener is closed: the receivers connected are waited for
+                        threading.Event().wait()
                     log.warning("refused a connection to the device process: %s", exc)
                     continue
                 self.connections += 1

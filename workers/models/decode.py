@@ -210,7 +210,11 @@ class Decoding:
         chosen = torch.tensor(slots, device=self._device)
         self._inputs, self._mask, self._positions = self._inputs[chosen], self._mask[chosen], self._positions[chosen]
         if self._cache is not None:
-            self._cache.batch_select_indices(chosen)
+            try:
+                self._cache.batch_select_indices(chosen)
+            except Exception:  # out of memory, say: this batch is over; give its cache back before rows restart
+                self._cache, self._live = None, []
+                raise
             self._trim()
 
     def _trim(self) -> None:

@@ -393,13 +393,19 @@ class FastPath:
             except Exception as exc:  # Redis went away: they come back, find their answers, and are not rerun
                 log.error("could not acknowledge %d messages (%s); they come back after the visibility timeout",
                           len(messages), exc)
+                _free_room(messages)
 
     def _let_go(self, tasks: list[_Task]) -> None:
         """Messages whose results could not be stored: unacknowledged, out of their channel's prefetch window."""
         for messages in _by_channel(tasks):
-            let_go = getattr(messages[0].channel.qos, "let_go", None)  # our transport's QoS
-            if let_go is not None:
-                let_go(messages)
+            _free_room(messages)
+
+
+def _free_room(messages: list[Any]) -> None:
+    """Out of their channel's prefetch window, unacknowledged: kept there, they filled it for good."""
+    let_go = getattr(messages[0].channel.qos, "let_go", None)  # our transport's QoS
+    if let_go is not None:
+        let_go(messages)
 
 
 def _by_channel(tasks: list[_Task]) -> list[list[Any]]:

@@ -129,6 +129,10 @@ class StreamPublisher:
                 writes.append((stream, *self._write(pipe, stream), len(pipe)))
             try:
                 replies = pipe.execute(raise_on_error=False)
+                passing = next((reply for reply in replies if isinstance(reply, Exception) and not _foreign(reply)),
+                               None)
+                if passing is not None:  # READONLY, OOM, MISCONF...: Redis's state, tried again in a second
+                    raise passing
             except Exception:
                 for stream in streams:
                     stream.synced = False
@@ -144,8 +148,8 @@ class StreamPublisher:
             del self._dirty[stream]
 
     def _drop(self, stream: _Stream, error: Exception) -> None:
-        """A stream Redis refuses to keep (its key holds something else, say): written no more, so one such key
-        never stops every other stream; its result is stored as always."""
+        """A stream whose key holds something else: written no more, so one such key never stops every other
+        stream; its result is stored as always."""
         log.warning("stream of task %s cannot be written (%s: %s); it is given up, its result is stored as always",
                     stream.task_id, type(error).__name__, error)
         stream.closed = stream.synced = True
@@ -158,6 +162,9 @@ class StreamPublisher:
             for stream in streams:
                 pipe.xrange(stream_key(stream.task_id))
             written = pipe.execute(raise_on_error=False)
+        passing = next((reply for reply in written if isinstance(reply, Exception) and not _foreign(reply)), None)
+        if passing is not None:
+            raise passing
         for stream, entries in zip(streams, written, strict=True):
             if isinstance(entries, Exception):
                 self._drop(stream, entries)
@@ -208,3 +215,9 @@ class StreamPublisher:
             return shown
         entries.append({"event": "restart"})  # it differs from what an earlier delivery wrote
         return self._text(entries, "", text)
+
+
+def _foreign(error: Exception) -> bool:
+    """An error of one stream's key alone (something else holds it), not of Redis's state (READONLY during a
+    failover, OOM under maxmemory), which passes and is tried again."""
+    return str(error).startswith("WRONGTYPE")

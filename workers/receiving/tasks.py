@@ -14,9 +14,6 @@ from workers.device.runtime import Result, Runtime, stream_requested
 from workers.receiving.deliveries import quarantined
 from workers.receiving.fastpath import FastPath
 
-QUARANTINE_MARGIN_S = 5.0  # of the visibility timeout, kept for the hand-offs around a redelivered message's run
-# (or half of what the timeout leaves beside the time limit, where that is less)
-
 
 def register_tasks(app: Celery, runtime: Callable[[], Runtime], settings: Settings,
                    fast: FastPath | None = None) -> None:
@@ -31,12 +28,7 @@ def _register(app: Celery, kind: Kind, runtime: Callable[[], Runtime], settings:
 
     # *args/**kwargs: a foreign client's unknown or positional arguments must reach validation and come
     # back as InvalidInput, not as a TypeError from Python's call machinery.
-    # A redelivered message waits for the quarantine no longer than the visibility timeout leaves beside its
-    # run (its time limit) and a margin: waiting up to its limit and then running up to it again outlasted the
-    # timeout (generate: 120 + 120 s against 150), and the message was handed out again while it ran.
-    limit = getattr(settings.time_limits, kind)
-    spare = settings.visibility_timeout - limit
-    wait = max(0.0, min(limit, spare - min(QUARANTINE_MARGIN_S, spare / 2)))
+    wait = getattr(settings.time_limits, kind)
 
     def run(task: Any, /, *args: Any, **kwargs: Any) -> Result:  # `/`: a kwarg named "task" reaches validation
         try:
