@@ -18,7 +18,7 @@ import redis
 
 from producer.client import Client
 from producer.settings import Settings
-from tests.conftest import ARTIFACTS, REDIS_HOST, REDIS_PORT, ROOT, free_port, stop, worker_env
+from tests.conftest import ARTIFACTS, REDIS_HOST, REDIS_PORT, ROOT, free_port, start_redis_server, stop, worker_env
 from workers.supervision.launcher import Launcher, LaunchError, Slot, default_receivers, plan_slots, split_slots
 
 DB = 12  # the launcher's workers must not take the session worker's messages (database 13), nor it theirs
@@ -253,3 +253,56 @@ def test_sigterm_stops_every_worker_and_the_launcher(launched: Launched) -> None
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
     assert "all workers stopped" in launched.log()
+
+
+def _live_children(pid: int) -> list[int]:
+    return [int(child) for task in Path(f"/proc/{pid}/task").iterdir()
+            for child in (task / "children").read_text().split()]
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def test_the_children_of_a_launcher_that_is_killed_end_with_it(tmp_path: Path) -> None:
+    """SIGKILL leaves the launcher no time to stop its children: each asks, as it starts, for SIGTERM when it
+    dies (a receiver then stops warm, its device process once the receiver is gone), so none lives on
+    unsupervised, holding a device."""
+    port = free_port()
+    store = redis.Redis(host=REDIS_HOST, port=port)
+    server = start_redis_server(tmp_path, ["--port", str(port)], store)
+    config = tmp_path / "inferq.toml"
+    config.write_text("worker_concurrency = 4\nvisibility_timeout = 20\n[time_limits]\nembed = 10\nclassify = 10\n"
+                      "generate = 10\n[models]\ngenerate = {}\n")
+    url = f"redis://{REDIS_HOST}:{port}/0"
+    client = Client(Settings(redis_url=url, result_timeout=60))
+    ARTIFACTS.mkdir(exist_ok=True)
+    with (ARTIFACTS / "launcher-killed.log").open("wb") as log:
+        launcher = subprocess.Popen([sys.executable, "-m", "producer.cli", "worker", "--gpus", "none", "--receivers",
+                                     "1", "--kinds", "embed"], env=worker_env(config, url), stdout=log,
+                                    stderr=subprocess.STDOUT, cwd=ROOT)
+    children: list[int] = []
+    try:
+        deadline = time.monotonic() + 180
+        while not client.app.control.broadcast("inferq_status", reply=True, timeout=1.0):  # its receiver is up
+            assert launcher.poll() is None and time.monotonic() < deadline, "the launcher's receiver never started"
+        children = _live_children(launcher.pid)
+        assert len(children) == 2  # the device process and its receiver
+        launcher.kill()
+        launcher.wait(timeout=10)
+        deadline = time.monotonic() + 60
+        while not all(_gone(child) for child in children):
+            assert time.monotonic() < deadline, f"children outlived the launcher: {children}"
+            time.sleep(0.2)
+    finally:
+        for child in children:
+            if not _gone(child):
+                os.kill(child, signal.SIGKILL)
+        if launcher.poll() is None:
+            stop(launcher, 10)
+        client.close()
+        stop(server, 10)
+        store.close()

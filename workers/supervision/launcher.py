@@ -129,11 +129,22 @@ def visible_gpus() -> list[str]:
     return [line.strip() for line in listing.splitlines() if line.strip()]
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: get SIGTERM if the launcher dies, so no worker outlives it unsupervised."""
+LAUNCHER_PID = "INFERQ_LAUNCHER_PID"  # set in a child's environment: the launcher that supervises it
+
+
+def die_with_launcher() -> None:
+    """In a child of the launcher, first thing: get SIGTERM if the launcher dies, so no worker outlives it
+    unsupervised; and end now if it died already (between the start and this call). Set here, after the
+    exec, rather than in a preexec_fn: code run between fork and exec in a process with threads (the
+    launcher's metrics server) can deadlock on a lock another thread held at the fork."""
+    launcher = os.environ.get(LAUNCHER_PID)
+    if not launcher:
+        return
     # Not Linux (no prctl): the children simply outlive a killed launcher.
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if str(os.getppid()) != launcher:
+        raise SystemExit(f"the launcher (pid {launcher}) that started this process is gone")
 
 
 @dataclass
@@ -176,6 +187,7 @@ class Launcher:
 
     def environment(self, slot: Slot) -> dict[str, str]:
         env = dict(os.environ, CUDA_VISIBLE_DEVICES=slot.visible_devices, INFERQ_DEVICE=slot.device)
+        env[LAUNCHER_PID] = str(os.getpid())  # see die_with_launcher
         if slot.device_server is not None:
             # A receiver runs no model: torch's thread pools (and OpenMP's spinning threads, measured at
             # 540-618 us of CPU per message) would only take cores from the device process and the others.
@@ -193,7 +205,7 @@ class Launcher:
         child.process = subprocess.Popen(self.command(child.slot), env=self.environment(child.slot),
                                          # its own session: a terminal's Ctrl-C reaches only the launcher,
                                          # which then stops each child exactly once
-                                         start_new_session=True, preexec_fn=_die_with_parent)
+                                         start_new_session=True)
         child.started_at = time.monotonic()
         child.restart_at = None
         log.info("started %s (pid %d, CUDA_VISIBLE_DEVICES=%r)", child.slot.name, child.process.pid,

@@ -18,6 +18,7 @@ from workers.supervision.launcher import (
     Launcher,
     LaunchError,
     default_receivers,
+    die_with_launcher,
     plan_slots,
     split_slots,
     visible_gpus,
@@ -27,6 +28,7 @@ from workers.supervision.metrics_server import host_metrics
 
 def run_worker(settings: Settings, kinds: tuple[Kind, ...], concurrency: int | None = None,
                node_name: str | None = None) -> None:
+    die_with_launcher()
     with host_metrics(settings):  # before the worker's modules import prometheus_client
         _run_worker(settings, kinds, concurrency, node_name)
 
@@ -100,6 +102,7 @@ def run_launcher(settings: Settings, kinds: tuple[Kind, ...], gpus: str, replica
 def run_device_server_process(settings: Settings, kinds: tuple[Kind, ...], listen: str, name: str) -> None:
     """`inferq device-server`: the device process of receivers on this host (the launcher starts one per
     device for --receivers; or start it by hand, with the same INFERQ_DEVICE_SERVER_KEY as its workers)."""
+    die_with_launcher()
     from workers.device.server import run_device_server  # torch comes in here
 
     logs.configure(settings.log_level, name)
