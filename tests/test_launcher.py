@@ -306,3 +306,15 @@ def test_the_children_of_a_launcher_that_is_killed_end_with_it(tmp_path: Path) -
         client.close()
         stop(server, 10)
         store.close()
+
+
+def test_a_child_whose_launcher_is_gone_before_it_asked_for_the_signal_ends_at_once() -> None:
+    """The signal is asked for after the exec: a launcher that died in between is noticed by its pid."""
+    code = "from workers.supervision.launcher import die_with_launcher; die_with_launcher(); print('lived on')"
+    orphan = subprocess.run([sys.executable, "-c", code], env={**os.environ, "INFERQ_LAUNCHER_PID": "1"}, cwd=ROOT,
+                            capture_output=True, text=True, timeout=60)  # its parent is this test, not pid 1
+    assert orphan.returncode == 1 and "the launcher (pid 1) that started this process is gone" in orphan.stderr
+    parent = {**os.environ, "INFERQ_LAUNCHER_PID": str(os.getpid())}
+    supervised = subprocess.run([sys.executable, "-c", code], env=parent, cwd=ROOT, capture_output=True, text=True,
+                                timeout=60)
+    assert supervised.returncode == 0 and supervised.stdout.strip() == "lived on", supervised.stderr
