@@ -95,6 +95,10 @@ class Gateway(BaseModel):
     # character at most: 58.6 MiB)
     max_body_mb: float = Field(64.0, gt=0, description="refuse a request body larger than this with 413, "
                                "before reading the rest of it")
+    # Under Docker's default stop grace (10 s, then SIGKILL): a SIGKILL would cut the streams still open
+    # without a word and leave their generations running for nobody; closed here, their generations stop.
+    shutdown_grace_s: int = Field(8, ge=0, description="on SIGTERM, how long requests under way may take "
+                                    "to finish; then open streams are closed and their generations cancelled")
 
 
 class TimeLimits(BaseModel):

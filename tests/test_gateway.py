@@ -4,7 +4,9 @@ stream) against a real `inferq gateway` process, in front of the session's real 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -265,6 +267,33 @@ def test_a_client_that_gives_up_on_a_plain_generation_cancels_it(gateway: Gatewa
         time.sleep(0.2)
     page = httpx.get(f"{gateway.url}/metrics", timeout=10).text
     assert 'route="/v1/completions",status="499"' in page
+
+
+def test_a_gateway_stopped_mid_stream_closes_it_within_its_grace_and_cancels_the_generation(
+        config_path: Path, client: Client, worker: WorkerProcess) -> None:
+    """A rolling deploy's SIGTERM: the stream still open after INFERQ_GATEWAY__SHUTDOWN_GRACE_S is closed and
+    its generation stopped, rather than cut by the SIGKILL that follows, with the generation left running."""
+    stopping = Gateway(config_path, ARTIFACTS / "gateway-stopping.log", "--open", INFERQ_GATEWAY__SHUTDOWN_GRACE_S="1")
+    try:
+        before = device_counts(client, worker).get("generate/smollm2:cancelled", 0)
+        body = {"model": "smollm2", "prompt": "1, 2, 3, 4,", "max_tokens": 256, "temperature": 0, "stream": True}
+        with httpx.stream("POST", f"{stopping.url}/v1/completions", json=body, timeout=60) as response:
+            lines = response.iter_lines()
+            assert [line for line, _ in zip((line for line in lines if line.startswith("data: ")), range(2),
+                                            strict=False)]
+            stopping.process.send_signal(signal.SIGTERM)
+            started = time.monotonic()
+            with contextlib.suppress(httpx.HTTPError):
+                rest = list(lines)  # the stream ends, closed by the gateway, within its grace
+                assert "data: [DONE]" not in rest  # 256 tokens take SmolLM2 longer than 1 s on a CPU
+            assert time.monotonic() - started < 10
+        assert stopping.process.wait(timeout=20) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal it handled
+        deadline = time.monotonic() + 20
+        while device_counts(client, worker).get("generate/smollm2:cancelled", 0) == before:
+            assert time.monotonic() < deadline, "the generation of the closed stream was not cancelled"
+            time.sleep(0.2)
+    finally:
+        stopping.stop()
 
 
 def test_api_keys_are_required_when_set_and_the_gateway_never_runs_open_without_being_told(

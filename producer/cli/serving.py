@@ -103,7 +103,7 @@ def gateway(host: str | None, port: int | None, open_access: bool) -> None:
             raise click.UsageError(f"--open runs without API keys, so only on loopback (127.0.0.1, ::1, "
                                    f"localhost); not on {host}")
     uvicorn.run(create_app(settings, open_access=not settings.gateway.api_keys), host=host, port=port,
-                log_level="warning", access_log=False)
+                log_level="warning", access_log=False, timeout_graceful_shutdown=settings.gateway.shutdown_grace_s)
 
 
 @click.command()

@@ -60,6 +60,7 @@ STATUS_TIMEOUT_S = 1.0  # how long one broadcast waits for the workers' status r
 STATUS_REFRESH_S = 5.0  # how often the workers are asked what they serve (GET /v1/models, the 503 check)
 STATUS_REMEMBER_S = 30.0  # how long a worker that stopped answering still counts as serving its kinds
 HEALTH_TIMEOUT_S = 1.0  # how long GET /health waits for the workers' check replies
+SHUTDOWN_CANCELS_S = 5.0  # at shutdown, how long the cancels of generations nobody reads may take to be sent
 HEALTH_CACHE_S = 5.0  # a load balancer probing every second costs the workers one check per 5 s
 LOOPBACK_HOSTS = ["localhost", "127.0.0.1", "::1", "[::1]"]
 
@@ -143,11 +144,13 @@ def create_app(settings: Settings, open_access: bool = False, client: Client | N
                      settings.gateway.retry_after_s, settings.connect_timeout, settings.sentinel_master)
     metrics = GatewayMetrics()
     waiter = ResultWaiter(queue.app.backend, settings.backend, settings.connect_timeout, settings.sentinel_master)
+    cancels = Cancels(queue)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await served.start()
         yield
+        await cancels.settle(SHUTDOWN_CANCELS_S)
         await served.stop()
         await gate.close()
         await waiter.close()
@@ -283,7 +286,7 @@ def create_app(settings: Settings, open_access: bool = False, client: Client | N
                 result = await unless_gone(request, result_of(handle))
             except BaseException as exc:  # given up (a timeout, the client gone): nobody will read it
                 if still_runs(exc):
-                    _cancel_soon(queue, handle.id)
+                    cancels.soon(handle.id)
                 raise
             return shapes.Generation(id=prefix + handle.id, chat=chat).response(result)
         await admit("generate")
@@ -296,13 +299,13 @@ def create_app(settings: Settings, open_access: bool = False, client: Client | N
             first = None
         except BaseException as exc:
             if still_runs(exc):
-                _cancel_soon(queue, stream.id)
+                cancels.soon(stream.id)
             if isinstance(exc, Exception) and not isinstance(exc, ClientGone):
                 raise from_failure(exc) from None
             raise
         model = body.model or default_model
         events = _events(stream, pieces, first, generation, model, bool((body.stream_options or {}).get(
-            "include_usage")), queue)
+            "include_usage")), cancels)
         return StreamingResponse(events, media_type="text/event-stream",
                                  headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
 
@@ -385,17 +388,37 @@ async def _until_gone(request: Request) -> None:
         pass
 
 
-def _cancel_soon(queue: Client, task_id: str) -> None:
-    """Cancel a generation from a thread, not waiting for it: this runs where its caller is being cancelled,
-    and any await there would be cancelled again."""
+class Cancels:
+    """Generations to stop, each cancelled from a thread (a cancel waits on Redis), not waited for where it is
+    asked: that runs where its caller is being cancelled, and any await there would be cancelled again. The
+    gateway's shutdown waits for them, and cancels the streams still open: once its grace is over uvicorn
+    cancels their tasks and then re-raises SIGTERM, which ended the process before a cancel asked in a
+    stream's last moments had been sent (or before a stream cancelled while it was writing was closed at all)."""
 
-    def cancel() -> None:
+    def __init__(self, queue: Client) -> None:
+        self._queue = queue
+        self._pending: set[asyncio.Future[None]] = set()
+        self.streaming: set[str] = set()  # task ids of the streams open now
+
+    def soon(self, task_id: str) -> None:
+        future = asyncio.get_running_loop().run_in_executor(None, self._cancel, task_id)
+        self._pending.add(future)
+        future.add_done_callback(self._pending.discard)
+
+    async def settle(self, timeout: float) -> None:
+        """At shutdown: cancel the streams still open, and wait for every cancel under way."""
+        for task_id in list(self.streaming):
+            log.info("the gateway stops with the stream of %s open; cancelling it", task_id)
+            self.soon(task_id)
+        self.streaming.clear()
+        if self._pending:
+            await asyncio.wait(set(self._pending), timeout=timeout)
+
+    def _cancel(self, task_id: str) -> None:
         try:
-            queue.cancel(task_id)
+            self._queue.cancel(task_id)
         except InferqError as exc:
             log.warning("could not cancel %s (%s)", task_id, exc)
-
-    asyncio.get_running_loop().run_in_executor(None, cancel)
 
 
 def _sse(payload: Any) -> bytes:
@@ -403,10 +426,11 @@ def _sse(payload: Any) -> bytes:
 
 
 async def _events(stream: Any, pieces: AsyncIterator[str], first: str | None, generation: shapes.Generation,
-                  model: str, include_usage: bool, queue: Client) -> AsyncIterator[bytes]:
+                  model: str, include_usage: bool, cancels: Cancels) -> AsyncIterator[bytes]:
     """A streamed generation as OpenAI's server-sent events, from its first piece (read before the response
     started) on; the generation is cancelled if the client goes away."""
     finished = False
+    cancels.streaming.add(stream.id)
     try:
         yield _sse(generation.chunk(model, first, first=True))
         async for piece in pieces:
@@ -424,6 +448,7 @@ async def _events(stream: Any, pieces: AsyncIterator[str], first: str | None, ge
         yield _sse(from_failure(exc).body())
         yield _sse(b"[DONE]")
     finally:
+        cancels.streaming.discard(stream.id)
         if not finished:  # the client went away (the response was cancelled), or gave up: stop its generation
             log.info("the client of %s is gone; cancelling it", stream.id)
-            _cancel_soon(queue, stream.id)
+            cancels.soon(stream.id)
