@@ -104,14 +104,14 @@ def from_task_error(exc: InferqError) -> GatewayError:
     return GatewayError(500, str(exc), "server_error", name, retry=not isinstance(exc, PoisonMessage))
 
 
-def from_failure(exc: Exception, sent: bool = True) -> GatewayError:
-    """Any error met waiting for a request's answer, once it was ``sent``. Redis lost after the send is a 503
+def from_failure(exc: Exception) -> GatewayError:
+    """Any error met waiting for a request's answer, once it was sent. Redis lost after the send is a 503
     a retry must not follow: the task is queued and may still run. An error that is not inferq's is the
     task's own (Celery rebuilds a worker's RuntimeError, or a revoke, as such): the task failed, a retry would
     run it again."""
     if isinstance(exc, GatewayError):
         return exc
-    if isinstance(exc, InferqConnectionError) and sent:
+    if isinstance(exc, InferqConnectionError):
         error = GatewayError(503, f"{exc}; the request was sent and may still run", "service_unavailable",
                              type(exc).__name__, retry=False)
     elif isinstance(exc, InferqError):

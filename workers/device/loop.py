@@ -42,6 +42,7 @@ from workers.device.stepping import RunningBatch, RunningBatches, SteppedKind
 
 log = logging.getLogger(__name__)
 
+
 @dataclass
 class BatchKind:
     runner: Runner
@@ -63,7 +64,6 @@ class DeviceLoop:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._cancelled: set[Future[Any]] = set()  # running requests to stop before their next step
-        self._no_room = False  # the last _take found no cache room for its key's oldest request
         self.busy_since: float | None = None  # when the running batch started; None while idle
         # what a batch's requests are answered inside (``Runtime.answer_together``)
         self.answering: Callable[[], contextlib.AbstractContextManager[None]] = contextlib.nullcontext
@@ -192,14 +192,14 @@ class DeviceLoop:
             picked = self._take(key)
             if picked is not None:  # else its oldest does not fit beside the batches under way: the next key
                 return picked
-            waits_for_room = waits_for_room or self._no_room
+            # its oldest request found no cache room (not its batches' limits, which are its own)
+            waits_for_room = waits_for_room or (key in self._stepped.kinds and self._stepped.below_max_running(key)
+                                                and self._stepped.cache_room(key) is not None)
         return None
 
     def _take(self, key: str) -> tuple[str, list[Waiting[Job]], RunningBatch[Job] | None] | None:
-        """The batch to run next of this key, if its oldest request can start; ``_no_room`` says whether it
-        could not for want of cache room."""
+        """The batch to run next of this key, if its oldest request can start."""
         queue, stepped = self._queues[key], self._stepped
-        self._no_room = False
         if key not in stepped.kinds:
             return key, queue.take(), None
         into = stepped.roomiest(key)
@@ -208,7 +208,6 @@ class DeviceLoop:
             # a batch of its own, unless it fits into the roomiest one (see _start)
             batch = queue.take(room=room, alone=not self._running)
             if not batch:  # no room in the cache for its oldest request: it waits for rows to finish
-                self._no_room = room is not None
                 return None
             fits = into is not None and stepped.fits(into, sum(waiting.items for waiting in batch),
                                                      max(waiting.longest for waiting in batch))

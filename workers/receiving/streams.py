@@ -128,11 +128,7 @@ class StreamPublisher:
             for stream in streams:
                 writes.append((stream, *self._write(pipe, stream), len(pipe)))
             try:
-                replies = pipe.execute(raise_on_error=False)
-                passing = next((reply for reply in replies if isinstance(reply, Exception) and not _foreign(reply)),
-                               None)
-                if passing is not None:  # READONLY, OOM, MISCONF...: Redis's state, tried again in a second
-                    raise passing
+                replies = _per_key(pipe.execute(raise_on_error=False))
             except Exception:
                 for stream in streams:
                     stream.synced = False
@@ -161,10 +157,7 @@ class StreamPublisher:
         with self._client.pipeline(transaction=False) as pipe:
             for stream in streams:
                 pipe.xrange(stream_key(stream.task_id))
-            written = pipe.execute(raise_on_error=False)
-        passing = next((reply for reply in written if isinstance(reply, Exception) and not _foreign(reply)), None)
-        if passing is not None:
-            raise passing
+            written = _per_key(pipe.execute(raise_on_error=False))
         for stream, entries in zip(streams, written, strict=True):
             if isinstance(entries, Exception):
                 self._drop(stream, entries)
@@ -217,7 +210,12 @@ class StreamPublisher:
         return self._text(entries, "", text)
 
 
-def _foreign(error: Exception) -> bool:
-    """An error of one stream's key alone (something else holds it), not of Redis's state (READONLY during a
-    failover, OOM under maxmemory), which passes and is tried again."""
-    return str(error).startswith("WRONGTYPE")
+def _per_key(replies: list[Any]) -> list[Any]:
+    """A pipeline's replies, where an error may only be one stream key's own (something else holds it):
+    an error of Redis's state (READONLY during a failover, OOM under maxmemory, MISCONF) is raised, and the
+    writes are tried again in a second."""
+    passing = next((reply for reply in replies if isinstance(reply, Exception)
+                    and not str(reply).startswith("WRONGTYPE")), None)
+    if passing is not None:
+        raise passing
+    return replies
