@@ -7,16 +7,20 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 import redis
+from celery.exceptions import Reject
 
 from producer.client import Client
 from producer.errors import PoisonMessage
 from producer.settings import Settings
 from tests.conftest import ARTIFACTS, REDIS_HOST, REDIS_PORT, ROOT, worker_env
 from workers.receiving.dead_letter import DEAD_LETTER_KEY
+from workers.receiving.deliveries import KEY, MIN_WAIT_S, quarantine_wait, quarantined, redelivery_counts
 
 pytestmark = pytest.mark.integration
 DB = 9
@@ -96,3 +100,54 @@ def already_answered(client: Client) -> int:
     statuses = [status for reply in replies for status in reply.values()]
     assert len(statuses) == 1, statuses
     return int(statuses[0]["already_answered"])
+
+
+def test_a_redelivered_message_that_cannot_get_the_quarantine_in_time_goes_back_to_its_queue() -> None:
+    """Waiting on would let Redis hand it out again while it runs, and running beside the quarantined message
+    would blame a crash on the wrong one: it goes back uncounted, and runs alone when its turn comes."""
+    store = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=DB)
+    store.flushdb()
+    client = Client(Settings(redis_url=URL))
+
+    def redelivered(task_id: str) -> SimpleNamespace:
+        return SimpleNamespace(id=task_id, task="inferq.embed", args=(), kwargs={"texts": ["x"]},
+                               delivery_info={"redelivered": True, "routing_key": "embed"})
+
+    entered, leave = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with quarantined(client.app, redelivered("holder"), 3, 60, 1.0):
+            entered.set()
+            leave.wait(30)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert entered.wait(30)
+        before = redelivery_counts()["quarantine_full"]
+        with pytest.raises(Reject) as rejected, quarantined(client.app, redelivered("waiter"), 3, 60, 0.2):
+            pytest.fail("the redelivered message ran beside the quarantined one")
+        assert rejected.value.requeue and "goes back to its queue" in str(rejected.value.reason)
+        assert redelivery_counts()["quarantine_full"] == before + 1
+        assert store.get(KEY.format("waiter")) is None  # not counted against it: it did not run
+        leave.set()
+        holder.join(30)
+        with quarantined(client.app, redelivered("waiter"), 3, 60, 0.2) as earlier:
+            assert earlier is None
+            assert store.get(KEY.format("waiter")) == b"1"
+        assert store.get(KEY.format("waiter")) is None
+    finally:
+        leave.set()
+        holder.join(30)
+        client.close()
+        store.flushdb()
+        store.close()
+
+
+def test_the_quarantine_wait_leaves_the_run_within_the_visibility_timeout() -> None:
+    settings = Settings()
+    generate = quarantine_wait(settings.visibility_timeout, settings.time_limits.generate)
+    assert generate + settings.time_limits.generate < settings.visibility_timeout
+    assert generate == (150 - 120) / 2
+    assert quarantine_wait(1000, 30) == 30  # never longer than the run it waits for
+    assert quarantine_wait(30.5, 30) == MIN_WAIT_S  # no busy loop of messages going back and forth

@@ -9,6 +9,11 @@ died, and not to the messages that were merely prefetched beside it. Past ``max_
 fails with PoisonMessage without running, and is kept in the dead-letter list with the reason. First
 deliveries, the normal path, cost nothing.
 
+A redelivered message waits for the quarantine only as long as its run still ends within the visibility
+timeout (``quarantine_wait``). One that waited that long goes back to the end of its queue, uncounted, and
+waits again on its next delivery: running it beside the other would break the quarantine, and running it
+after a longer wait would let Redis hand it out again while it runs, to run twice at once.
+
 A worker can also die after it stored a result and before it acknowledged the message. The redelivered
 message then finds its SUCCESS stored: it is not run again, and the stored result is its answer (the
 result backend never overwrites a SUCCESS either, so a caller can never see two different answers).
@@ -23,6 +28,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from celery import Celery
+from celery.exceptions import Reject
 
 from producer.errors import PoisonMessage
 from workers.receiving import dead_letter
@@ -30,12 +36,23 @@ from workers.receiving.counters import SharedCounter
 
 KEY = "inferq:deliveries:{}"
 _quarantine = threading.Lock()
-_counts = SharedCounter("redelivered", "already_answered")
+_counts = SharedCounter("redelivered", "already_answered", "quarantine_full")
+# A floor, so that a visibility timeout barely above a time limit does not turn waiting into a busy loop of
+# messages going back to their queue and coming straight back.
+MIN_WAIT_S = 1.0
 
 
 def redelivery_counts() -> dict[str, int]:
-    """Redelivered messages this worker received, and how many of them an earlier delivery had answered."""
+    """Redelivered messages this worker received, how many of them an earlier delivery had answered, and how
+    many went back to their queue because the quarantine stayed busy."""
     return _counts.snapshot()
+
+
+def quarantine_wait(visibility_timeout: float, time_limit: float) -> float:
+    """How long a redelivered message may wait for the quarantine: half of what the visibility timeout leaves
+    beyond its run (the other half is for the time it spent prefetched before it started), and never more
+    than one run of the message holding it."""
+    return max(MIN_WAIT_S, min(time_limit, (visibility_timeout - time_limit) / 2))
 
 
 @contextmanager
@@ -54,8 +71,11 @@ def quarantined(app: Celery, request: Any, max_deliveries: int, keep_seconds: in
         _counts.add("already_answered")
         yield earlier.get("result")
         return
-    # Bounded: a redelivered message that cannot get the quarantine in time runs beside another one.
-    alone = _quarantine.acquire(timeout=wait)
+    if not _quarantine.acquire(timeout=wait):
+        _counts.add("quarantine_full")
+        raise Reject(f"redelivered message {request.id} waited {wait:g} s for the quarantine, which another "
+                     "redelivered message holds; it goes back to its queue, so that its run, when it comes, ends "
+                     "within the visibility timeout", requeue=True)
     try:
         earlier = app.backend.get_task_meta(request.id, cache=False)
         if earlier.get("status") == "SUCCESS":  # another delivery of it answered while this one waited
@@ -75,8 +95,7 @@ def quarantined(app: Celery, request: Any, max_deliveries: int, keep_seconds: in
         with app.pool.acquire(block=True) as connection:
             connection.default_channel.client.delete(key)  # it ran to the end: it is not what killed a worker
     finally:
-        if alone:
-            _quarantine.release()
+        _quarantine.release()
 
 
 def _bury(client: Any, request: Any, info: dict[str, Any], deliveries: int, max_deliveries: int) -> None:

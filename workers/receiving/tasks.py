@@ -11,7 +11,7 @@ from producer.contract import message_priority, task_name
 from producer.errors import InferqError, PoisonMessage
 from producer.settings import KINDS, Kind, Settings
 from workers.device.runtime import Result, Runtime, stream_requested
-from workers.receiving.deliveries import quarantined
+from workers.receiving.deliveries import quarantine_wait, quarantined
 from workers.receiving.fastpath import FastPath
 
 
@@ -25,10 +25,10 @@ def _register(app: Celery, kind: Kind, runtime: Callable[[], Runtime], settings:
               fast: FastPath | None) -> None:
     # A redelivery counter outlives the redeliveries it counts: each comes about one visibility timeout apart.
     keep = int(settings.visibility_timeout * (settings.max_deliveries + 2)) + 60
+    wait = quarantine_wait(settings.visibility_timeout, getattr(settings.time_limits, kind))
 
     # *args/**kwargs: a foreign client's unknown or positional arguments must reach validation and come
     # back as InvalidInput, not as a TypeError from Python's call machinery.
-    wait = getattr(settings.time_limits, kind)
 
     def run(task: Any, /, *args: Any, **kwargs: Any) -> Result:  # `/`: a kwarg named "task" reaches validation
         try:
