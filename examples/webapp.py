@@ -7,8 +7,9 @@
 POST /v1/{embed|classify|generate} waits for the result (the task's kwargs are the JSON body);
 POST /v1/{kind}/async returns 202 with a task id at once; GET /v1/tasks/{id} polls it.
 Every error is {"error": {"type": ..., "message": ...}}: bad input (a body that is not a JSON object of the
-kind's kwargs) 422 with the typed error, an unknown kind or a task id that is not a UUID 404, a result that
-takes too long 504, Redis down 503.
+kind's kwargs, an unknown model, too long an input) 422 with the typed error, an unknown kind or a task id
+that is not a UUID 404, a cancelled generation 409, a task or its result that takes too long 504, Redis
+down 503, and a task that failed on the worker's side (PoisonMessage, ...) 500.
 """
 
 from __future__ import annotations
@@ -23,8 +24,19 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from producer import Client, InferqConnectionError, InferqError, InvalidInput, ResultTimeout, Settings
+from producer import (
+    Client,
+    InferqConnectionError,
+    InferqError,
+    InputTooLarge,
+    InvalidInput,
+    OutOfMemory,
+    ResultTimeout,
+    Settings,
+    TaskTimeout,
+)
 from producer.contract import validate
+from producer.errors import Cancelled, UnknownModel
 from producer.settings import KINDS, Kind
 
 app = FastAPI(title="inferq example")
@@ -35,10 +47,21 @@ def _error(status: int, kind: str, message: str, headers: Mapping[str, str] | No
     return JSONResponse({"error": {"type": kind, "message": message}}, status_code=status, headers=headers)
 
 
+def _status(exc: InferqError) -> int:
+    if isinstance(exc, InvalidInput | UnknownModel | InputTooLarge | OutOfMemory):  # OutOfMemory: too big alone
+        return 422
+    if isinstance(exc, ResultTimeout | TaskTimeout):
+        return 504
+    if isinstance(exc, InferqConnectionError):
+        return 503
+    if isinstance(exc, Cancelled):
+        return 409
+    return 500  # the request was fine and the worker's side failed it: PoisonMessage, ...
+
+
 @app.exception_handler(InferqError)
 async def typed_error(_: Request, exc: InferqError) -> JSONResponse:
-    status = 504 if isinstance(exc, ResultTimeout) else 503 if isinstance(exc, InferqConnectionError) else 422
-    return _error(status, type(exc).__name__, str(exc))
+    return _error(_status(exc), type(exc).__name__, str(exc))
 
 
 @app.exception_handler(StarletteHTTPException)  # the app's own 404s, and the framework's 404 and 405

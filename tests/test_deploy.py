@@ -90,7 +90,9 @@ def test_compose_wires_redis_flower_workers_and_the_web_app() -> None:
 
 
 def test_a_second_host_points_its_workers_at_the_first_hosts_redis() -> None:
-    done = compose("config", env={**COMPOSE_ENV, "REDIS_HOST": "10.1.2.3"})
+    # The variables of the README's command for a second host, and no others.
+    done = compose("config", env={"REDIS_HOST": "10.1.2.3", "REDIS_PASSWORD": "compose-test-password",
+                                  "FLOWER_BASIC_AUTH": "unused", "INFERQ_API_KEYS": "{}"})
     assert done.returncode == 0, done.stderr
     assert "redis://:compose-test-password@10.1.2.3:6379/0" in done.stdout
 
@@ -107,6 +109,19 @@ def test_the_worker_image_checks_its_health_and_pins_cuda_torch() -> None:
     assert dockerfile.startswith("#") and "FROM nvidia/cuda:" in dockerfile
     assert 'HEALTHCHECK' in dockerfile and '"inferq", "check", "--local"' in dockerfile
     assert 'pip install "torch==2.13.0"' in dockerfile
+
+
+def test_prometheus_finds_every_compose_service_that_serves_worker_metrics() -> None:
+    import yaml
+
+    config = yaml.safe_load((ROOT / "deploy/prometheus.yml").read_text())
+    workers = next(job for job in config["scrape_configs"] if job["job_name"] == "inferq-workers")
+    discovered = {(name, sd["port"]) for sd in workers["dns_sd_configs"] for name in sd["names"]}
+    serving = {(name, int(service["environment"]["INFERQ_METRICS_PORT"]))
+               for name, service in resolved()["services"].items()
+               if "INFERQ_METRICS_PORT" in service.get("environment", {})}
+    assert serving == {("worker", 9810), ("worker-cpu", 9810)}
+    assert serving <= discovered
 
 
 def test_the_prometheus_config_passes_promtool() -> None:

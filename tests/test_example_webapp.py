@@ -110,3 +110,19 @@ def test_a_task_id_that_is_not_a_uuid_is_a_404(http: TestClient) -> None:
     # A well-formed id the app never issued cannot be told from a task still queued (see the README).
     never_issued = str(uuid.uuid4())
     assert http.get(f"/v1/tasks/{never_issued}").json() == {"id": never_issued, "ready": False}
+
+
+def test_a_cancelled_generation_is_a_409_not_bad_input(http: TestClient) -> None:
+    """Failures that are not the request's fault keep their own status: a 422 would tell the caller to fix a
+    request that was fine."""
+    from examples import webapp
+
+    task_id = http.post("/v1/generate/async", json={"prompt": "Count to a thousand: 1, 2, 3,",
+                                                    "max_new_tokens": 256}).json()["id"]
+    webapp.client.cancel(task_id)
+    deadline = time.monotonic() + 60
+    while (response := http.get(f"/v1/tasks/{task_id}")).status_code == 200:
+        assert not response.json()["ready"], "the generation was not cancelled"
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert error_of(response, 409)["type"] == "Cancelled"

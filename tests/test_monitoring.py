@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 import redis
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from producer.client import Client
@@ -189,10 +190,14 @@ def test_prometheus_scrapes_flower_and_the_worker_and_every_dashboard_query_answ
     prometheus = shutil.which("prometheus")
     assert prometheus, "prometheus is missing: scripts/test.sh installs it"
     target = urllib.parse.urlparse(flower.base).netloc
-    config = (ROOT / "deploy/prometheus.yml").read_text().replace("flower:5555", target) \
-        .replace("worker:9810", f"127.0.0.1:{worker.metrics_port}") \
-        .replace("scrape_interval: 15s", "scrape_interval: 1s")
-    (tmp_path / "prometheus.yml").write_text(config)
+    # The shipped config, with this test's addresses where Docker's names would resolve.
+    config = yaml.safe_load((ROOT / "deploy/prometheus.yml").read_text())
+    config["global"]["scrape_interval"] = "1s"
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    jobs["inferq-flower"]["static_configs"] = [{"targets": [target]}]
+    del jobs["inferq-workers"]["dns_sd_configs"]
+    jobs["inferq-workers"]["static_configs"] = [{"targets": [f"127.0.0.1:{worker.metrics_port}"]}]
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
     port = free_port()
     with (ARTIFACTS / "prometheus.log").open("wb") as log:
         process = subprocess.Popen([prometheus, f"--config.file={tmp_path / 'prometheus.yml'}",
