@@ -36,28 +36,30 @@ def test_none_gives_numbered_cpu_workers_that_see_no_gpu() -> None:
 
 def test_all_and_ids_pin_one_worker_to_each_gpu() -> None:
     # each child sees only its own GPU, which it calls cuda:0
-    assert plan_slots("all", 1, "h", lambda: ["0", "1"]) == [Slot("gpu0@h", "0", "cuda:0"),
+    assert plan_slots("all", None, "h", lambda: ["0", "1"]) == [Slot("gpu0@h", "0", "cuda:0"),
                                                               Slot("gpu1@h", "1", "cuda:0")]
-    assert plan_slots("0, 2", 1, "h", lambda: ["0", "1", "2"]) == [Slot("gpu0@h", "0", "cuda:0"),
+    assert plan_slots("0, 2", None, "h", lambda: ["0", "1", "2"]) == [Slot("gpu0@h", "0", "cuda:0"),
                                                                     Slot("gpu2@h", "2", "cuda:0")]
 
 
 @pytest.mark.parametrize(("gpus", "replicas", "present", "message"), [
-    ("all", 1, [], "--gpus all: no GPU found"),
-    ("3", 1, ["0", "1"], "--gpus names 3, but this machine has 0, 1"),
-    ("0", 1, [], "--gpus names 0, but this machine has no GPU"),
-    ("0,0", 1, ["0"], "--gpus names a GPU twice"),
-    (",", 1, ["0"], "--gpus must be all, none or GPU ids"),
+    ("all", None, [], "--gpus all: no GPU found"),
+    ("3", None, ["0", "1"], "--gpus names 3, but this machine has 0, 1"),
+    ("0", None, [], "--gpus names 0, but this machine has no GPU"),
+    ("0,0", None, ["0"], "--gpus names a GPU twice"),
+    (",", None, ["0"], "--gpus must be all, none or GPU ids"),
     ("all", 2, ["0"], "--replicas is for --gpus none"),
+    ("0", 1, ["0"], "--replicas is for --gpus none"),
     ("none", 0, [], "--replicas must be at least 1; got 0"),
 ])
-def test_impossible_requests_say_what_is_wrong(gpus: str, replicas: int, present: list[str], message: str) -> None:
+def test_impossible_requests_say_what_is_wrong(gpus: str, replicas: int | None, present: list[str],
+                                               message: str) -> None:
     with pytest.raises(LaunchError, match=message):
         plan_slots(gpus, replicas, "h", lambda: present)
 
 
 def test_receivers_share_one_device_process_per_device() -> None:
-    slots = plan_slots("0,1", 1, "h", lambda: ["0", "1"])
+    slots = plan_slots("0,1", None, "h", lambda: ["0", "1"])
     assert split_slots(slots, 2, "/run/x") == [
         Slot("gpu0-device", "0", "cuda:0", listen="/run/x/gpu0.sock"),
         # receivers never see the GPU: only the device process initialises CUDA

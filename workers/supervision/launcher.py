@@ -84,18 +84,18 @@ def split_slots(slots: list[Slot], receivers: int, folder: str) -> list[Slot]:
     return split
 
 
-def plan_slots(gpus: str, replicas: int, host: str, available: Callable[[], list[str]]) -> list[Slot]:
-    """``--gpus all|none|0,2`` and ``--replicas N`` as the worker processes to run.
+def plan_slots(gpus: str, replicas: int | None, host: str, available: Callable[[], list[str]]) -> list[Slot]:
+    """``--gpus all|none|0,2`` and ``--replicas N`` (None: not given) as the worker processes to run.
 
     GPU ids are what ``nvidia-smi`` (or this process's CUDA_VISIBLE_DEVICES) calls them; the child sees its
     GPU as cuda:0.
     """
-    if replicas < 1:
+    if replicas is not None and replicas < 1:
         raise LaunchError(f"--replicas must be at least 1; got {replicas}")
     spec = gpus.strip().lower()
     if spec == "none":
-        return [Slot(f"cpu{i}@{host}", "", "cpu") for i in range(replicas)]
-    if replicas != 1:
+        return [Slot(f"cpu{i}@{host}", "", "cpu") for i in range(replicas or 1)]
+    if replicas is not None:  # even --replicas 1: asked for on GPUs, it would be silently ignored
         # Two processes on one GPU would each hold a copy of the models and contend for the same device.
         raise LaunchError("--replicas is for --gpus none: each GPU gets exactly one worker, which batches for it")
     present = available()

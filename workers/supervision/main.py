@@ -72,7 +72,7 @@ def run_launcher(settings: Settings, kinds: tuple[Kind, ...], gpus: str, replica
     if receivers is not None and replicas is not None:  # even --replicas 1: asked for, it cannot be had
         raise LaunchError("--replicas starts whole CPU workers, each with its own models; --receivers shares one "
                           "device process between receivers: use one or the other")
-    slots = plan_slots(gpus, replicas or 1, socket.gethostname(), visible_gpus)
+    slots = plan_slots(gpus, replicas, socket.gethostname(), visible_gpus)
     cores = os.cpu_count() or 1
     on_gpus = bool(slots) and slots[0].device != "cpu"
     devices = len(slots)
