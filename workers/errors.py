@@ -9,3 +9,9 @@ class WorkerError(Exception):
 
 class ModelLoadError(WorkerError):
     """A configured model could not be found or loaded."""
+
+
+class ResultNotStored(Exception):
+    """The result backend refused to store a task's outcome (READONLY during a failover, OOM under maxmemory,
+    MISCONF, or still unreachable after the retries): its message stays unacknowledged and comes back after the
+    visibility timeout, to run again once Redis takes writes."""

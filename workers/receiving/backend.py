@@ -7,6 +7,9 @@
   values back), about 20 times faster for a result of floats (an embedding of 384 floats: 10 us against
   215 us, a fifth of a worker's per-message CPU on a small machine). A non-finite float is written as null
   (kombu writes the non-JSON ``NaN``); anything orjson cannot encode falls back to kombu's encoder.
+- A store that Redis refuses (READONLY, OOM, MISCONF, or unreachable past the retries) raises
+  ResultNotStored: the message must stay unacknowledged, and nothing is stored in its place (a stored
+  failure would answer the caller with the store's trouble instead of the task's outcome).
 - A result is stored in one atomic round trip that refuses to overwrite a stored SUCCESS. Celery does
   the same check as a GET before its SET + PUBLISH: two round trips per message, and a window in which a
   redelivered task's late answer could still overwrite the first one. A batch's results go in one script
@@ -20,11 +23,12 @@ from typing import Any
 import orjson
 from celery.backends.redis import RedisBackend
 from celery.exceptions import BackendStoreError
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, RedisError
 
 from producer.errors import InferqError
 from producer.redis_clients import MasterWatch
 from producer.result_backend import SentinelBackend
+from workers.errors import ResultNotStored
 
 # KEYS: result keys; ARGV[1]: seconds to keep them (0: forever); ARGV[1 + i]: the encoded meta of KEYS[i].
 # Each is stored and published unless a SUCCESS is stored under its key already. One call stores a whole
@@ -77,8 +81,17 @@ class InferqRedisBackend(RedisBackend):  # type: ignore[misc]
         meta["task_id"] = task_id.decode() if isinstance(task_id, bytes) else str(task_id)
         value = self._checked_size(self.encode(meta))
         expires = int(self.expires) if self.expires else 0
-        self.ensure(self._store_all, ([(self.get_key_for_task(task_id), value)], expires))
+        try:
+            self.ensure(self._store_all, ([(self.get_key_for_task(task_id), value)], expires))
+        except RedisError as exc:
+            raise ResultNotStored(f"the result backend refused to store the {state} of task {meta['task_id']} "
+                                  f"({type(exc).__name__}: {exc})") from exc
         return result
+
+    def mark_as_failure(self, task_id: str, exc: BaseException, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(exc, ResultNotStored):  # Celery's tracer stores a failed store as the task's failure
+            return None
+        return super().mark_as_failure(task_id, exc, *args, **kwargs)
 
     def _store_script(self) -> Any:
         script = getattr(self, "_inferq_store_script", None)

@@ -43,7 +43,7 @@ from workers.receiving.counters import SharedCounter
 from workers.receiving.envelopes import triple_problem
 from workers.receiving.events import plain, send_task_events
 from workers.receiving.result_repr import result_repr
-from workers.receiving.transport import put_back_running_at_close
+from workers.receiving.transport import free_room, put_back_running_at_close
 
 log = logging.getLogger(__name__)
 
@@ -393,19 +393,12 @@ class FastPath:
             except Exception as exc:  # Redis went away: they come back, find their answers, and are not rerun
                 log.error("could not acknowledge %d messages (%s); they come back after the visibility timeout",
                           len(messages), exc)
-                _free_room(messages)
+                free_room(messages)
 
     def _let_go(self, tasks: list[_Task]) -> None:
         """Messages whose results could not be stored: unacknowledged, out of their channel's prefetch window."""
         for messages in _by_channel(tasks):
-            _free_room(messages)
-
-
-def _free_room(messages: list[Any]) -> None:
-    """Out of their channel's prefetch window, unacknowledged: kept there, they filled it for good."""
-    let_go = getattr(messages[0].channel.qos, "let_go", None)  # our transport's QoS
-    if let_go is not None:
-        let_go(messages)
+            free_room(messages)
 
 
 def _by_channel(tasks: list[_Task]) -> list[list[Any]]:

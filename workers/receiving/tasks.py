@@ -13,6 +13,7 @@ from producer.settings import KINDS, Kind, Settings
 from workers.device.runtime import Result, Runtime, stream_requested
 from workers.receiving.deliveries import quarantine_wait, quarantined
 from workers.receiving.fastpath import FastPath
+from workers.receiving.request import InferqRequest
 
 
 def register_tasks(app: Celery, runtime: Callable[[], Runtime], settings: Settings,
@@ -48,4 +49,6 @@ def _register(app: Celery, kind: Kind, runtime: Callable[[], Runtime], settings:
     # and gives the rest to Celery's default strategy (the pool, with `run` above).
     options: dict[str, Any] = {"Strategy": staticmethod(fast.strategy(kind))} if fast is not None else {}
     # typing=False: Celery's own argument check would refuse (TypeError) what validation must name (InvalidInput)
-    app.task(name=task_name(kind), bind=True, throws=(InferqError,), acks_late=True, typing=False, **options)(run)
+    # Request: a result the backend refused to store leaves its message unacknowledged (workers.receiving.request).
+    app.task(name=task_name(kind), bind=True, throws=(InferqError,), acks_late=True, typing=False,
+             Request=InferqRequest, **options)(run)

@@ -203,6 +203,14 @@ class QoS(kombu_redis.QoS):
             kombu_virtual.QoS.ack(self, message.delivery_tag)
 
 
+def free_room(messages: list[Any]) -> None:
+    """Messages of one channel whose results could not be stored: out of its prefetch window, unacknowledged
+    (``QoS.let_go``). Kept in the window, they filled it for good."""
+    let_go = getattr(messages[0].channel.qos, "let_go", None)  # our transport's QoS
+    if let_go is not None:
+        let_go(messages)
+
+
 def put_back_running_at_close() -> None:
     """From now on (a warm shutdown, once the fast path drained), closing channels put back every message they
     hold, those the fast path could not finish too: the process is leaving."""
