@@ -8,6 +8,7 @@ Blank lines are skipped; line numbers count every physical line from 1.
 from __future__ import annotations
 
 import json
+import time
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -28,8 +29,11 @@ class BulkReport:
     errors: dict[str, int] = field(default_factory=dict)
 
 
-def line_kwargs(kind: Kind, raw: str, defaults: dict[str, Any]) -> dict[str, Any]:
-    """The task kwargs one input line stands for; CLI options are defaults that the line may override."""
+def line_kwargs(kind: Kind, raw: str, defaults: dict[str, Any],
+                chat: list[dict[str, str]] | None = None) -> dict[str, Any]:
+    """The task kwargs one input line stands for; CLI options are defaults that the line may override. With
+    ``chat`` (the messages before it, a system message or none), a generate line that is a string is sent as
+    the user's message of a chat, not as a raw prompt."""
     try:
         raw.encode("utf-8")
     except UnicodeEncodeError as exc:  # read with surrogateescape: each undecodable byte is a lone surrogate
@@ -41,7 +45,11 @@ def line_kwargs(kind: Kind, raw: str, defaults: dict[str, Any]) -> dict[str, Any
         raise InvalidInput(f"not valid JSON ({exc.msg} at column {exc.colno}); each line must be a JSON "
                            "string or a JSON object of kwargs") from None
     if isinstance(value, str):
-        return {**defaults, **({"prompt": value} if kind == "generate" else {"texts": [value]})}
+        if kind != "generate":
+            return {**defaults, "texts": [value]}
+        if chat is not None:
+            return {**defaults, "messages": [*chat, {"role": "user", "content": value}]}
+        return {**defaults, "prompt": value}
     if isinstance(value, dict):
         if "priority" in value:  # the lane is the run's (--priority), not a task argument
             raise InvalidInput("'priority' is not a task argument; the whole file's lane is set with --priority")
@@ -52,20 +60,23 @@ def line_kwargs(kind: Kind, raw: str, defaults: dict[str, Any]) -> dict[str, Any
 
 def run_bulk(client: Client, kind: Kind, lines: Iterable[str], out: TextIO, *,
              defaults: dict[str, Any] | None = None, window: int = 256, total: int | None = None,
-             progress: bool = True, priority: Lane = "bulk") -> BulkReport:
+             progress: bool = True, priority: Lane = "bulk", chat: list[dict[str, str]] | None = None) -> BulkReport:
     """Send every line, keeping at most ``window`` tasks in flight, and write results in input order; in the
-    bulk lane by default, so a file never makes interactive callers of the same workers wait."""
+    bulk lane by default, so a file never makes interactive callers of the same workers wait. Each line's
+    result timeout counts from its send: counted from its turn to be written, lines that get no answer (no
+    worker) would time out one after another, a file of N lines taking N timeouts to fail."""
     report = BulkReport()
-    pending: deque[tuple[int, Handle[Any] | InferqError]] = deque()
+    pending: deque[tuple[int, Handle[Any] | InferqError, float]] = deque()
     bar = tqdm(total=total, unit="job", disable=not progress, dynamic_ncols=True)
+    timeout = client.settings.result_timeout
 
     def emit() -> None:
-        number, outcome = pending.popleft()
+        number, outcome, deadline = pending.popleft()
         record: dict[str, Any] = {"line": number}
         try:
             if isinstance(outcome, InferqError):
                 raise outcome
-            record["result"] = outcome.get()
+            record["result"] = outcome.get(timeout=max(deadline - time.monotonic(), 0.0))
             report.ok += 1
         except Exception as exc:  # every failure becomes an output line; the run goes on
             name = type(exc).__name__
@@ -80,15 +91,15 @@ def run_bulk(client: Client, kind: Kind, lines: Iterable[str], out: TextIO, *,
             if not raw.strip():
                 continue
             try:
-                pending.append((number, client.submit(kind, priority=priority,
-                                                      **line_kwargs(kind, raw, defaults or {}))))
+                handle = client.submit(kind, priority=priority, **line_kwargs(kind, raw, defaults or {}, chat))
+                pending.append((number, handle, time.monotonic() + timeout))
             except InferqConnectionError as exc:  # no point going on: every other line would fail the same way
-                pending.append((number, exc))
+                pending.append((number, exc, 0.0))
                 while pending:  # but every line sent so far, and this one, is reported first
                     emit()
                 raise
             except InferqError as exc:  # rejected before sending: same output shape as a worker's error
-                pending.append((number, exc))
+                pending.append((number, exc, 0.0))
             while len(pending) >= window:
                 emit()
         while pending:

@@ -106,6 +106,55 @@ def test_bulk_lines_that_are_not_utf8_fail_alone(env: dict[str, str], worker: Wo
                                                                       "each line must be UTF-8 text"}
 
 
+def test_bulk_reads_a_pipe_and_skips_a_byte_order_mark(env: dict[str, str], worker: WorkerProcess) -> None:
+    """Counting the lines for the progress bar read a pipe to its end first: nothing was sent, and the
+    command said 0 succeeded and exited 0."""
+    script = ('"$0" -m producer.cli embed --file <(printf \'\\xef\\xbb\\xbf"one"\\n"two"\\n"three"\\n\')')
+    done = subprocess.run(["bash", "-c", script, sys.executable], env=env, capture_output=True, text=True,
+                          timeout=180, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert "3 succeeded, 0 failed" in done.stderr
+    assert [json.loads(line)["result"]["dim"] for line in done.stdout.splitlines()] == [384] * 3
+
+
+def test_bulk_chat_sends_each_string_line_as_the_users_message(env: dict[str, str], worker: WorkerProcess) -> None:
+    """--chat and --system in file mode used to be dropped: each line went out as a raw prompt."""
+    line = json.dumps("What is 2+2?") + "\n"
+    plain = inferq("generate", "--file", "-", "--max-new-tokens", "1", env=env, stdin=line)
+    chat = inferq("generate", "--file", "-", "--max-new-tokens", "1", "--chat", "--system", "Answer briefly.",
+                  env=env, stdin=line)
+    assert plain.returncode == 0 and chat.returncode == 0, plain.stderr + chat.stderr
+    plain_tokens = json.loads(plain.stdout)["result"]["prompt_tokens"]
+    one = inferq("generate", "What is 2+2?", "--chat", "--system", "Answer briefly.", "--max-new-tokens", "1",
+                 env=env)
+    assert one.returncode == 0, one.stderr
+    # the same rendered chat as the one-job command's, longer than the bare prompt by the template's turns
+    assert json.loads(chat.stdout)["result"]["prompt_tokens"] == json.loads(one.stdout)["prompt_tokens"]
+    assert json.loads(chat.stdout)["result"]["prompt_tokens"] > plain_tokens + 5
+
+
+def test_a_bulk_lines_timeout_counts_from_its_send(tmp_path: Path) -> None:
+    """With no worker, every line's wait runs at once: counted from each line's turn to be written, N lines
+    took N timeouts to fail."""
+    import io
+
+    from producer.bulk import run_bulk
+    from producer.client import Client
+    from tests.conftest import REDIS_HOST, REDIS_PORT, flushed_db
+
+    with flushed_db(5):  # a database no worker reads
+        client = Client(Settings(redis_url=f"redis://{REDIS_HOST}:{REDIS_PORT}/5", result_timeout=1))
+        try:
+            started = time.monotonic()
+            report = run_bulk(client, "embed", [json.dumps(f"line {i}") for i in range(8)], io.StringIO(),
+                              progress=False)
+            took = time.monotonic() - started
+        finally:
+            client.close()
+    assert report.failed == 8 and report.errors == {"ResultTimeout": 8}
+    assert took < 4, f"8 lines with a 1 s timeout took {took:.1f} s"
+
+
 @pytest.mark.parametrize(("args", "says"), [
     (("embed", "--file", "/nonexistent/in.jsonl"), "'/nonexistent/in.jsonl' does not exist"),
     (("embed", "--file", "-", "--window", "0"), "0 is not in the range x>=1"),

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 import sys
 from typing import Any
 
@@ -21,24 +23,27 @@ def _run_one(kind: Kind, kwargs: dict[str, Any], priority: Lane | None) -> None:
 
 
 def _run_file(kind: Kind, path: str, output: str | None, defaults: dict[str, Any], window: int,
-              priority: Lane | None) -> None:
+              priority: Lane | None, chat: list[dict[str, str]] | None = None) -> None:
     from producer.bulk import run_bulk
 
     # Bytes that are not UTF-8 stay in the text as surrogates, so a bad line fails alone (InvalidInput),
-    # from a file as from stdin, and every good line is still sent.
+    # from a file as from stdin, and every good line is still sent. utf-8-sig: a byte-order mark that an
+    # editor wrote at the start is not part of the first line.
     if path == "-":
-        sys.stdin.reconfigure(encoding="utf-8", errors="surrogateescape")  # type: ignore[union-attr]
+        sys.stdin.reconfigure(encoding="utf-8-sig", errors="surrogateescape")  # type: ignore[union-attr]
         source, total = sys.stdin, None
     else:
-        source = open(path, encoding="utf-8", errors="surrogateescape")  # noqa: SIM115 - closed below
-        with open(path, "rb") as counted:
-            total = sum(1 for line in counted if line.strip())
+        source = open(path, encoding="utf-8-sig", errors="surrogateescape")  # noqa: SIM115 - closed below
+        total = None
+        if stat.S_ISREG(os.stat(path).st_mode):  # counting a pipe (<(zcat ...)) would read it empty
+            with open(path, "rb") as counted:
+                total = sum(1 for line in counted if line.strip())
     out = sys.stdout if output in (None, "-") else open(output, "w", encoding="utf-8")  # noqa: SIM115
     try:
         report = run_bulk(make_client(), kind, source, out, defaults={k: v for k, v in defaults.items()
                                                                    if v is not None},
                           window=window, total=total, progress=sys.stderr.isatty() or output not in (None, "-"),
-                          priority=priority or "bulk")
+                          priority=priority or "bulk", chat=chat)
     except InferqConnectionError as exc:
         click.echo(f"InferqConnectionError: {exc}", err=True)
         sys.exit(EXIT_FAILED)
@@ -117,7 +122,8 @@ def classify(texts: tuple[str, ...], labels: str | None, top_k: int, model: str 
 
 @click.command()
 @click.argument("prompt", required=False)
-@click.option("--chat", is_flag=True, help="send PROMPT as a user message, rendered with the chat template")
+@click.option("--chat", is_flag=True, help="send PROMPT (with --file: each line that is a string) as a user "
+              "message, rendered with the chat template")
 @click.option("--system", help="with --chat: a system message before it")
 @click.option("--max-new-tokens", default=64, show_default=True)
 @click.option("--temperature", default=0.0, show_default=True, help="0 is greedy")
@@ -141,13 +147,12 @@ def generate(prompt: str | None, chat: bool, system: str | None, max_new_tokens:
         raise click.UsageError("--stream prints one generation as it comes; --file runs many: use one of them")
     options: dict[str, Any] = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
                                "stop": list(stop) or None, "seed": seed, "model": model}
-    if file_:
-        _run_file("generate", file_, output, options, window, priority)
+    before = ([{"role": "system", "content": system}] if system else []) if chat else None
+    if file_:  # with --chat, each string line is a user's message
+        _run_file("generate", file_, output, options, window, priority, before)
         return
-    if chat:
-        messages = ([{"role": "system", "content": system}] if system else []) + \
-                   [{"role": "user", "content": prompt or ""}]
-        request: dict[str, Any] = {"messages": messages, **options}
+    if before is not None:
+        request: dict[str, Any] = {"messages": [*before, {"role": "user", "content": prompt or ""}], **options}
     else:
         request = {"prompt": prompt, **options}
     if stream:
