@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import uuid
 from typing import Any
 
 import redis.utils
 from celery import Celery
+from celery.result import AsyncResult
 from kombu import Exchange, Queue  # type: ignore[attr-defined]
 from kombu.transport import TRANSPORT_ALIASES
 
 from producer import result_backend
-from producer.contract import queue_name, task_name
+from producer.contract import queue_name, sent_now, task_name
 from producer.redis_clients import is_sentinel
-from producer.settings import KINDS, Settings
+from producer.settings import KINDS, Kind, Settings
 
 # redis-py looks its own version up in the installed package's metadata for every new connection and every
 # result backend (Celery makes one per thread): 0.9 ms of parsing each time, 10% of a worker's GIL time in
@@ -96,3 +99,19 @@ def producer_transport(settings: Settings) -> dict[str, Any]:
 
 def backend_transport_options(settings: Settings, retry_policy: dict[str, Any]) -> dict[str, Any]:
     return {"retry_policy": retry_policy, **sentinel_options(settings.backend, settings)}
+
+
+def publish(app: Celery, kind: Kind, kwargs: dict[str, Any], priority: int = 0,
+            task_id: str | None = None) -> AsyncResult:
+    """Send one task message to its kind's queue. Celery subscribes to the result's channel before it
+    publishes: a send that fails takes that subscription back, or each failed call (a broker away while the
+    result Redis answers) left one behind for the life of the process."""
+    task_id = task_id or str(uuid.uuid4())
+    try:
+        return app.send_task(task_name(kind), kwargs=kwargs, queue=queue_name(kind), task_id=task_id,
+                             priority=priority or None,  # none: what any Celery client sends
+                             headers=sent_now())
+    except BaseException:
+        with contextlib.suppress(Exception):
+            app.backend.result_consumer.cancel_for(task_id)
+        raise

@@ -22,7 +22,7 @@ from celery import Celery
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import AsyncResult
 
-from producer.app import make_celery
+from producer.app import make_celery, publish
 from producer.coalesce import Coalescer
 from producer.connection import ConnectionErrors
 from producer.contract import (
@@ -32,9 +32,6 @@ from producer.contract import (
     EmbedResult,
     GenerateResult,
     Lane,
-    queue_name,
-    sent_now,
-    task_name,
     validate,
 )
 from producer.errors import InferqError, InvalidInput, ResultTimeout
@@ -167,19 +164,21 @@ class Client:
         the device (for jobs nobody is waiting on: files, backfills); interactive is the default."""
         if priority not in LANE_PRIORITY:
             raise InvalidInput(f"priority must be one of {', '.join(LANES)}, not {priority!r}")
-        sent = {key: value for key, value in kwargs.items() if value is not None}
+        # A tuple (or any iterable) of texts, labels or stop strings is the list the contract takes, here as in
+        # submit_embed() and the others.
+        sent = {key: _as_list(value) if key in LIST_ARGUMENTS else value
+                for key, value in kwargs.items() if value is not None}
         validate(kind, sent, self.settings.limits)
         if self._coalescer is not None and kind != "generate":
             options = {key: value for key, value in sent.items() if key != "texts"}
             future = self._coalescer.submit(kind, sent["texts"], options, LANE_PRIORITY[priority])
-            return FutureHandle(future, self.settings.result_timeout)
+            if future is not None:  # None: the client is closed, and sends it alone
+                return FutureHandle(future, self.settings.result_timeout)
         return self._send(kind, sent, LANE_PRIORITY[priority])
 
     def _send(self, kind: Kind, kwargs: dict[str, Any], priority: int = 0) -> Handle[Any]:
         with ConnectionErrors(f"the broker or result backend at {_both(self.settings)}"):
-            result = self.app.send_task(task_name(kind), kwargs=kwargs, queue=queue_name(kind),
-                                        priority=priority or None,  # none: what any Celery client sends
-                                        headers=sent_now())
+            result = publish(self.app, kind, kwargs, priority)
         self._made_on(result)
         return Handle(result, self.settings.result_timeout, self.settings.backend)
 
@@ -311,6 +310,9 @@ def _seconds(timeout: Any, default: float) -> float:
     if isinstance(wait, bool) or not isinstance(wait, int | float) or math.isnan(wait) or wait < 0:
         raise InvalidInput(f"timeout must be a number of seconds >= 0 (or None for the default); got {wait!r}")
     return float(wait)
+
+
+LIST_ARGUMENTS = frozenset({"texts", "labels", "stop", "messages"})
 
 
 def _as_list(values: Any) -> Any:

@@ -14,14 +14,18 @@ answer is not missed while Redis restarts or if it was published before its subs
 Like Nagle's algorithm, the window only applies while earlier messages are in flight: a call that finds
 nothing in flight goes out at once, so a lone request pays no window.
 
-A merged message that fails is sent again one request per message, so a bad request fails alone and
-its neighbours still get their answers. Each caller gets exactly one outcome, whatever the others do: a
-caller that gives up waiting (an asyncio timeout cancels what it awaits) cannot cancel the future its
-neighbours' answers are set on, and no exception of one group ends the thread that serves them all. A
-group that is never answered (its message lost with a Redis that kept nothing) fails with ResultTimeout
-once ``expire_after`` seconds have passed, and a closed client fails what is still in flight after a
-grace period, so nothing waits forever and the thread ends. The message stays an ordinary ``inferq.embed`` /
-``inferq.classify`` task: workers, Flower and foreign clients see nothing special.
+A merged message that fails with an error that can come from one request's texts (InvalidInput,
+InputTooLarge, OutOfMemory, PoisonMessage, or an error not inferq's own) is sent again one request per
+message, so a bad request fails alone and its neighbours still get their answers. One that fails for all of
+them alike (UnknownModel, TaskTimeout, Cancelled) fails every caller with that error: sent again, each would
+fail the same way, and a merged message that timed out under overload would come back as hundreds.
+Each caller gets exactly one outcome, whatever the others do: a caller that gives up waiting (an asyncio
+timeout cancels what it awaits) cannot cancel the future its neighbours' answers are set on, and no
+exception of one group ends the thread that serves them all. A group that is never answered (its message
+lost with a Redis that kept nothing) fails with ResultTimeout once ``expire_after`` seconds have passed,
+and a closed client fails what is still in flight after a grace period, so nothing waits forever and the
+thread ends; calls made after close() are sent alone, as without coalescing. The message stays an
+ordinary ``inferq.embed`` / ``inferq.classify`` task: workers, Flower and foreign clients see nothing special.
 """
 
 from __future__ import annotations
@@ -38,9 +42,9 @@ from typing import Any
 
 from celery import Celery
 
+from producer.app import publish
 from producer.connection import ConnectionErrors
-from producer.contract import queue_name, sent_now, task_name
-from producer.errors import InferqConnectionError, ResultTimeout
+from producer.errors import Cancelled, InferqConnectionError, ResultTimeout, TaskTimeout, UnknownModel
 from producer.results import final_meta, outcome
 from producer.settings import Kind, redact
 
@@ -49,6 +53,8 @@ SWEEP_SECONDS = 1.0  # how often the stored results of what is still in flight a
 MIN_WAIT = 0.001  # the shortest wait for answers: a group due sooner goes out at most this late
 OUTAGE_WAIT = 0.1  # between attempts to reach Redis again for notices
 CLOSE_GRACE = 5.0  # how long a closed client's thread still waits for the answers in flight
+# A merged message's errors that cannot depend on which texts it carried: every caller gets them as they are.
+SHARED_ERRORS = (UnknownModel, TaskTimeout, Cancelled)
 
 
 @dataclass
@@ -103,7 +109,10 @@ class Coalescer:
         self._thread = threading.Thread(target=self._run, name="inferq-coalescer", daemon=True)
         self._thread.start()
 
-    def submit(self, kind: Kind, texts: list[str], options: dict[str, Any], priority: int = 0) -> Future[Any]:
+    def submit(self, kind: Kind, texts: list[str], options: dict[str, Any],
+               priority: int = 0) -> Future[Any] | None:
+        """The future of one call's answer; None once closed (the caller sends it alone, as it would
+        without coalescing)."""
         future: Future[Any] = Future()
         # running: a caller that stops waiting (asyncio's wait_for cancels the future it wraps) cannot cancel it,
         # and so cannot make setting its outcome raise in the thread that answers its whole group
@@ -111,7 +120,7 @@ class Coalescer:
         key = (kind, priority, tuple(sorted((k, _hashable(v)) for k, v in options.items())))
         with self._lock:
             if self._closed:
-                raise RuntimeError("the client is closed")
+                return None
             group = self._open.get(key)
             if group is not None and group.size + len(texts) > self._max_texts:
                 self._full.append(self._open.pop(key))
@@ -188,10 +197,10 @@ class Coalescer:
                         exc, SWEEP_SECONDS)
         try:
             with ConnectionErrors(self._broker):
-                self._app.send_task(task_name(group.kind), kwargs={**group.options, "texts": texts},
-                                    queue=queue_name(group.kind), task_id=task_id, priority=group.priority or None,
-                                    headers=sent_now())
+                publish(self._app, group.kind, {**group.options, "texts": texts}, group.priority, task_id)
         except Exception as exc:  # each caller gets the error a call of its own would have raised
+            with contextlib.suppress(Exception):  # no answer will come on that channel
+                answers.unsubscribe(key)
             _fail(group, exc)
             return
         with self._lock:
@@ -269,14 +278,15 @@ class Coalescer:
                 return True
             for call, part in zip(group.calls, parts, strict=True):
                 _settle(call.future, result=part)
-        elif len(group.calls) == 1:
+        else:
             try:
                 outcome(backend, meta)
+                failure: Exception = RuntimeError(f"the task ended {meta['status']}")  # never so, but answered
             except Exception as exc:
-                _settle(group.calls[0].future, exc=exc)
-            else:  # a failure status whose error does not raise: never so, but never left unanswered
-                _settle(group.calls[0].future, exc=RuntimeError(f"the task ended {meta['status']}"))
-        else:
+                failure = exc
+            if len(group.calls) == 1 or isinstance(failure, SHARED_ERRORS):
+                _fail(group, failure)
+                return True
             log.info("a merged %s message of %d requests failed; sending them one by one", group.kind,
                      len(group.calls))
             threading.Thread(target=self._one_by_one, args=(group,), daemon=True).start()

@@ -13,11 +13,11 @@ import pytest
 import redis
 import torch
 
-from producer.client import Client
+from producer.client import Client, FutureHandle
 from producer.contract import queue_name
-from producer.errors import InputTooLarge, ResultTimeout
+from producer.errors import InferqConnectionError, InputTooLarge, ResultTimeout, UnknownModel
 from producer.settings import Settings
-from tests.conftest import REDIS_HOST, REDIS_PORT, WorkerProcess
+from tests.conftest import REDIS_HOST, REDIS_PORT, WorkerProcess, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -188,3 +188,57 @@ def test_a_closed_client_fails_what_is_still_in_flight_and_its_thread_ends() -> 
         assert client._coalescer is not None and not client._coalescer._thread.is_alive()
     finally:
         store.flushdb()
+        store.close()
+
+
+def test_an_error_shared_by_a_merged_messages_callers_is_not_sent_again_one_by_one(
+        coalescing: Client, client: Client) -> None:
+    """An unknown model fails every text alike: sent again per caller, 30 calls cost 30 more messages (and a
+    merged message that timed out under overload came back as hundreds)."""
+    store = client.app.backend.client
+    before = len(store.keys("celery-task-meta-*"))
+
+    def call(i: int) -> Any:
+        try:
+            return coalescing.submit("embed", texts=(f"text {i}",), model="no-such-model").get(timeout=60)
+        except UnknownModel as exc:
+            return exc
+
+    with ThreadPoolExecutor(max_workers=30) as pool:
+        outcomes = list(pool.map(call, range(30)))
+    assert all(isinstance(outcome, UnknownModel) for outcome in outcomes), outcomes
+    messages = len(store.keys("celery-task-meta-*")) - before
+    assert messages < 15, f"{messages} messages for 30 calls: the merged ones were sent again one by one"
+
+
+def test_a_closed_client_still_sends_alone_and_a_failed_send_leaves_no_subscription() -> None:
+    """After close(), a coalescing client sends as a plain one does (it raised a bare RuntimeError); and a
+    send that failed leaves no subscription to a channel no answer will come on."""
+    url = f"redis://{REDIS_HOST}:{REDIS_PORT}/11"
+    store = redis.Redis.from_url(url)
+    store.flushdb()
+    client = Client(Settings(redis_url=url, coalesce_ms=5.0))
+    try:
+        client.close()
+        handle = client.submit("embed", texts=["sent after close"])
+        assert not isinstance(handle, FutureHandle)
+        _queued(store, 1)
+    finally:
+        store.flushdb()
+        store.close()
+    results = redis.Redis.from_url(url)
+    subscribed_before = set(results.pubsub_channels("celery-task-meta-*"))
+    offline = Client(Settings(redis_url=url, broker_url=f"redis://{REDIS_HOST}:{free_port()}/0", coalesce_ms=5.0,
+                              connect_timeout=0.5))
+    try:
+        for _ in range(3):
+            with pytest.raises(InferqConnectionError):
+                offline.embed(["the broker is away"])
+        deadline = time.monotonic() + 10
+        while (left := set(results.pubsub_channels("celery-task-meta-*")) - subscribed_before) and \
+                time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not left, f"{len(left)} subscriptions left by failed sends"
+    finally:
+        offline.close()
+        results.close()
