@@ -25,6 +25,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from producer import (
+    Cancelled,
     Client,
     InferqConnectionError,
     InferqError,
@@ -34,9 +35,9 @@ from producer import (
     ResultTimeout,
     Settings,
     TaskTimeout,
+    UnknownModel,
 )
 from producer.contract import validate
-from producer.errors import Cancelled, UnknownModel
 from producer.settings import KINDS, Kind
 
 app = FastAPI(title="inferq example")

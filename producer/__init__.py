@@ -5,6 +5,7 @@ Importing this package never imports torch or transformers.
 
 from producer.client import Client, Handle
 from producer.errors import (
+    Cancelled,
     InferqConnectionError,
     InferqError,
     InputTooLarge,
@@ -13,12 +14,14 @@ from producer.errors import (
     OutOfMemory,
     PoisonMessage,
     ResultTimeout,
+    StreamRestarted,
     TaskTimeout,
     UnknownModel,
 )
 from producer.settings import Settings
 
 __all__ = [
+    "Cancelled",
     "Client",
     "Handle",
     "InferqConnectionError",
@@ -30,6 +33,7 @@ __all__ = [
     "PoisonMessage",
     "ResultTimeout",
     "Settings",
+    "StreamRestarted",
     "TaskTimeout",
     "UnknownModel",
 ]

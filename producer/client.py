@@ -274,11 +274,21 @@ class Client:
                         **options: Any) -> GenerationStream:
         """Generate with the text streamed as it is decoded: iterate over the returned stream (``for``, or
         ``async for``) for pieces of text (joined, they are the result's text); it raises the task's error if
-        it fails."""
-        handle = self.submit_generate(prompt, stream=True, **options)
-        return GenerationStream(handle, self.app.backend.client,
-                                self.settings.result_timeout if timeout is None else timeout, self.settings.backend,
-                                self.cancel, self.settings.connect_timeout, self.settings.sentinel_master)
+        it fails. In an event loop, ``await astream_generate(...)`` sends without blocking the loop."""
+        silence = _seconds(timeout, self.settings.result_timeout)
+        return self._stream(self.submit_generate(prompt, stream=True, **options), silence)
+
+    async def astream_generate(self, prompt: str | None = None, *, timeout: float | None = None,
+                               **options: Any) -> GenerationStream:
+        """``stream_generate`` for an event loop: the send (up to ``connect_timeout``, and a WAIT for replicas)
+        runs in a thread, as ``agenerate``'s does; then ``async for`` over the stream."""
+        silence = _seconds(timeout, self.settings.result_timeout)
+        handle = await asyncio.to_thread(self.submit_generate, prompt, stream=True, **options)
+        return self._stream(handle, silence)
+
+    def _stream(self, handle: Handle[GenerateResult], silence: float) -> GenerationStream:
+        return GenerationStream(handle, self.app.backend.client, silence, self.settings.backend, self.cancel,
+                                self.settings.connect_timeout, self.settings.sentinel_master)
 
     async def agenerate(self, prompt: str | None = None, *, timeout: float | None = None,
                         **options: Any) -> GenerateResult:

@@ -160,12 +160,17 @@ def test_streams_read_side_by_side_in_one_event_loop(streaming: tuple[Client, Wo
         return pieces, await stream.aresult(timeout=10)
 
     async def both() -> list[tuple[list[str], GenerateResult]]:
-        streams = [client.stream_generate(COUNTING, max_new_tokens=tokens) for tokens in (20, 40)]
+        # the async send (from a thread) and the plain one give the same kind of stream
+        streams = [await client.astream_generate(COUNTING, max_new_tokens=20),
+                   client.stream_generate(COUNTING, max_new_tokens=40)]
         return list(await asyncio.gather(*(read(stream) for stream in streams)))
 
     for (pieces, result), tokens in zip(asyncio.run(both()), (20, 40), strict=True):
         assert len(pieces) > 1 and "".join(pieces) == result["text"], (pieces, result)
         assert result["completion_tokens"] == tokens
+    for bad in (float("nan"), -1):  # checked before anything is sent, as Handle.get's timeout is
+        with pytest.raises(InvalidInput, match="timeout must be a number of seconds >= 0"):
+            client.stream_generate(COUNTING, timeout=bad)
 
 
 def test_nothing_a_stop_string_cuts_is_ever_streamed(streaming: tuple[Client, WorkerProcess],
