@@ -24,10 +24,18 @@ from producer.settings import KINDS, Kind, Settings
 redis.utils.get_lib_version = functools.cache(redis.utils.get_lib_version)
 
 
-def make_celery(settings: Settings, main: str = "inferq") -> Celery:
+def make_celery(settings: Settings, main: str = "inferq", worker: bool = False) -> Celery:
     app = Celery(main, broker=settings.broker, backend=settings.backend, set_as_current=False)
     app.loader.override_backends = dict(result_backend.OVERRIDES)
     timeout = settings.connect_timeout
+    # How long one Redis command may go unanswered. A worker's commands include blocking ones, and a worker
+    # rides out a slow Redis (30 s, tried once more). A producer has a caller waiting: a Redis that accepts
+    # connections and stops answering made a get(timeout=0.5) take 60 s, and a send 30 s; its commands
+    # answer at once but for a send's WAIT for replicas, so it gives up after the connect timeout (plus that
+    # WAIT's own).
+    wait_s = settings.broker_wait_timeout_ms / 1000 if settings.broker_wait_replicas else 0.0
+    broker_socket_timeout = max(timeout, 30.0) if worker else timeout + wait_s
+    backend_socket_timeout = max(timeout, 30.0) if worker else timeout
     app.conf.update(
         # The public contract: JSON in, JSON out; nothing else is decoded (no pickle, ever).
         task_serializer="json",
@@ -51,7 +59,7 @@ def make_celery(settings: Settings, main: str = "inferq") -> Celery:
         # Messages a dead worker held come back after visibility_timeout; Kombu's sweep for them runs every
         # interval x throttle seconds (10 x 10 by default: 100 s more), here every 5 s. A worker that dies
         # during a sweep leaves the sweep's lock behind until it expires: 30 s here, not Kombu's 300.
-        broker_transport_options={"socket_connect_timeout": timeout, "socket_timeout": max(timeout, 30.0),
+        broker_transport_options={"socket_connect_timeout": timeout, "socket_timeout": broker_socket_timeout,
                                   "visibility_timeout": settings.visibility_timeout,
                                   "unacked_restore_interval": 5, "unacked_restore_throttle": 1,
                                   "unacked_mutex_expire": 30, **sentinel_options(settings.broker, settings),
@@ -60,8 +68,8 @@ def make_celery(settings: Settings, main: str = "inferq") -> Celery:
         worker_send_task_events=settings.task_events,
         task_send_sent_event=settings.task_sent_events,
         redis_socket_connect_timeout=timeout,
-        redis_socket_timeout=max(timeout, 30.0),
-        redis_retry_on_timeout=True,
+        redis_socket_timeout=backend_socket_timeout,
+        redis_retry_on_timeout=worker,
         # The result backend reconnects a few times, not Celery's default 20 x 1 s, before giving up.
         result_backend_transport_options=backend_transport_options(settings, {
             "max_retries": 3, "interval_start": 0, "interval_step": 0.5, "interval_max": 1.0}),

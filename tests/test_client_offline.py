@@ -3,10 +3,12 @@ clear, bounded error rather than a hang, and get() gives up at its own timeout."
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import io
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -71,6 +73,40 @@ def test_a_dead_broker_raises_a_connection_error_within_seconds(offline_client: 
     with pytest.raises(InferqConnectionError, match=r"could not reach the broker or result backend at redis://127\.0\.0\.1:\d+/0"):
         offline_client.embed(["hello"])
     assert time.monotonic() - started < 30  # bounded by the connect timeout and the publish retry policy
+
+
+def test_a_redis_that_accepts_and_never_answers_is_a_connection_error_after_the_connect_timeout() -> None:
+    """A partition, or a Redis stalled on a fork, after the connection was made: a producer's command waited
+    30 s for its answer, and was then tried once more (a send took 30 s, get(timeout=0.5) 60 s)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    accepted: list[socket.socket] = []
+
+    def accept() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                accepted.append(listener.accept()[0])
+
+    threading.Thread(target=accept, daemon=True).start()
+    hung = f"redis://127.0.0.1:{listener.getsockname()[1]}/0"
+    working = f"redis://{REDIS_HOST}:{REDIS_PORT}/5"
+    sender = Client(Settings(redis_url=working, broker_url=hung, connect_timeout=1))
+    reader = Client(Settings(redis_url=working, result_backend=hung, connect_timeout=1))
+    try:
+        started = time.monotonic()
+        with pytest.raises(InferqConnectionError, match="could not reach the broker"):
+            sender.submit_embed(["hello"])
+        sent_for = time.monotonic() - started
+        started = time.monotonic()
+        with pytest.raises(InferqConnectionError, match="Timeout reading"):
+            reader.handle("6f1c1c3e-7a5c-4d59-9f4f-3d0f6b8b9a11").get(timeout=0.5)
+        read_for = time.monotonic() - started
+        assert sent_for < 10 and read_for < 10, (sent_for, read_for)
+    finally:
+        sender.close()
+        reader.close()
+        listener.close()
+        for connection in accepted:
+            connection.close()
 
 
 @pytest.mark.integration

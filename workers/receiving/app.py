@@ -30,7 +30,7 @@ class WorkerApp:
     def __init__(self, settings: Settings, kinds: tuple[Kind, ...]) -> None:
         self.settings = settings
         self.kinds = kinds
-        self.celery: Celery = make_celery(settings, "inferq-worker")
+        self.celery: Celery = make_celery(settings, "inferq-worker", worker=True)
         self.celery.loader.override_backends = backend.OVERRIDES
         serialization.install()  # messages decoded with orjson
         # counts, logs and answers messages that cannot be run (undecodable, pickled, malformed)
