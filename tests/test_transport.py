@@ -490,3 +490,24 @@ def test_while_the_bulk_lane_holds_its_share_bulk_pushes_do_not_wake_the_channel
             drain(connection, 0.3)
             assert delivered[-1].payload == "interactive"
 
+
+
+def test_a_receiver_that_exits_at_once_still_logs_the_messages_only_it_held() -> None:
+    """A receiver whose device process died (or whose device stalled) leaves with os._exit, which skips
+    atexit: the CRITICAL line with each stranded message's envelope, its only trace, was never written."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    script = """
+import logging
+logging.basicConfig(level="INFO")
+from workers.receiving.stranded import stranded
+from workers.exits import hard_exit
+stranded.keep("kept-tag", {"body": "e30=", "headers": {"id": "only-here"}}, "embed", "embed")
+hard_exit(70)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert done.returncode == 70, done.stderr
+    assert "CRITICAL" in done.stderr and "kept-tag" in done.stderr and "only-here" in done.stderr, done.stderr

@@ -32,6 +32,7 @@ from workers.device import WIRE_VERSION
 from workers.device.jobs import Progress
 from workers.device.stall import EXIT_DEVICE_FAILED
 from workers.errors import WorkerError
+from workers.exits import hard_exit
 
 log = logging.getLogger(__name__)
 # How long held submits wait for the consumer's flush at most (it normally comes within microseconds).
@@ -206,7 +207,7 @@ class RemoteDevice:
             return
         log.critical("the device process is gone (%s, %s: %s); this worker exits without acknowledging, so its "
                      "messages are handed out again", self.address, type(exc).__name__, exc)
-        os._exit(EXIT_DEVICE_FAILED)
+        hard_exit(EXIT_DEVICE_FAILED)
 
 
 def unpack_outcomes(body: tuple[list[tuple[int, bool, Any, Any]], list[Any]]) -> Iterator[tuple[int, bool, Any]]:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import logging
-import os
 import time
 
 from workers.device.loop import DeviceLoop
+from workers.exits import hard_exit
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +23,7 @@ def exit_on_stall(loop: DeviceLoop, limit: float) -> None:
             # so the broker hands this worker's messages to another, and the supervisor restarts us.
             log.critical("the device made no progress for %.0f s (limit %g s); exiting",
                          time.monotonic() - busy_since, limit)
-            os._exit(EXIT_DEVICE_FAILED)
+            hard_exit(EXIT_DEVICE_FAILED)
         if loop.died:
             log.critical("the device loop thread died; exiting so the supervisor restarts this worker")
-            os._exit(EXIT_DEVICE_FAILED)
+            hard_exit(EXIT_DEVICE_FAILED)

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 from kombu.utils.json import dumps
 
+from workers.exits import before_hard_exit
+
 if TYPE_CHECKING:
     from workers.receiving.transport import Channel
 
@@ -52,11 +54,16 @@ class Stranded:
                 log.warning("message %s put back on its queue", tag)
 
     def report_lost(self) -> None:
-        with self._lock:
-            for tag, (raw, _, routing_key) in self._messages.items():
+        locked = self._lock.acquire(timeout=1.0)  # a put_back stuck on Redis must not hold up a failing exit
+        try:
+            for tag, (raw, _, routing_key) in list(self._messages.items()):
                 log.critical("the worker stops with message %s of queue %r that Redis never took back; its "
                              "envelope, to LPUSH by hand: %s", tag, routing_key, dumps(raw))
+        finally:
+            if locked:
+                self._lock.release()
 
 
 stranded = Stranded()
 atexit.register(stranded.report_lost)
+before_hard_exit(stranded.report_lost)  # a receiver whose device process died, or whose device stalled
