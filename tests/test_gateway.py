@@ -203,7 +203,13 @@ def test_bad_input_and_unknown_models_are_openai_errors_with_our_message(gateway
     assert form.status_code == 415
     rebound = httpx.post(f"{gateway.url}/v1/embeddings", json={"input": "x", "model": "minilm"}, timeout=10,
                          headers={"host": "attacker.example"})
-    assert rebound.status_code == 400
+    assert rebound.status_code == 400 and rebound.headers["x-should-retry"] == "false"
+    assert rebound.json()["error"]["code"] == "invalid_host", rebound.text  # OpenAI's shape, not plain text
+    port = gateway.url.rsplit(":", 1)[1]
+    for loopback in (f"[::1]:{port}", f"localhost:{port}", "127.0.0.1"):
+        allowed = httpx.post(f"{gateway.url}/v1/embeddings", json={"input": "x", "model": "minilm"}, timeout=30,
+                             headers={"host": loopback})
+        assert allowed.status_code == 200, (loopback, allowed.text)
     # an error before the first token of a stream still gets its own status
     with pytest.raises(openai.NotFoundError):
         list(sdk.chat.completions.create(model="nope", messages=CHAT, stream=True))

@@ -29,7 +29,6 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from producer.client import Client, FutureHandle, Handle
 from producer.errors import (
@@ -47,6 +46,7 @@ from producer.errors import (
 )
 from producer.gateway import shapes
 from producer.gateway.admission import Admission, QueueFull
+from producer.gateway.loopback import LoopbackOnly
 from producer.gateway.metrics import GatewayMetrics, MetricsMiddleware
 from producer.gateway.results import ResultWaiter
 from producer.gateway.served import ServedKinds
@@ -62,7 +62,6 @@ STATUS_REMEMBER_S = 30.0  # how long a worker that stopped answering still count
 HEALTH_TIMEOUT_S = 1.0  # how long GET /health waits for the workers' check replies
 SHUTDOWN_CANCELS_S = 5.0  # at shutdown, how long the cancels of generations nobody reads may take to be sent
 HEALTH_CACHE_S = 5.0  # a load balancer probing every second costs the workers one check per 5 s
-LOOPBACK_HOSTS = ["localhost", "127.0.0.1", "::1", "[::1]"]
 
 
 class GatewayError(Exception):
@@ -162,7 +161,9 @@ def create_app(settings: Settings, open_access: bool = False, client: Client | N
     if not keys:
         # Open on loopback: a web page in the user's browser must not reach it. A cross-site form post is
         # never application/json, and a DNS-rebound name is not a loopback host.
-        app.add_middleware(TrustedHostMiddleware, allowed_hosts=LOOPBACK_HOSTS)
+        app.add_middleware(LoopbackOnly, refusal=lambda host: GatewayError(
+            400, f"the gateway runs without API keys and answers only requests to a loopback host, not {host!r}",
+            "invalid_request_error", "invalid_host", retry=False).response())
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: it counts what the host check refuses
 
     def caller(request: Request) -> str:
