@@ -287,7 +287,7 @@ class Client:
         return self._stream(handle, silence)
 
     def _stream(self, handle: Handle[GenerateResult], silence: float) -> GenerationStream:
-        return GenerationStream(handle, self.app.backend.client, silence, self.settings.backend, self.cancel,
+        return GenerationStream(handle, silence, self.settings.backend, self.cancel,
                                 self.settings.connect_timeout, self.settings.sentinel_master)
 
     async def agenerate(self, prompt: str | None = None, *, timeout: float | None = None,

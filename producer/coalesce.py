@@ -17,8 +17,10 @@ nothing in flight goes out at once, so a lone request pays no window.
 A merged message that fails with an error that can come from one request's texts (InvalidInput,
 InputTooLarge, OutOfMemory, PoisonMessage, or an error not inferq's own) is sent again one request per
 message, so a bad request fails alone and its neighbours still get their answers. One that fails for all of
-them alike (UnknownModel, TaskTimeout, Cancelled) fails every caller with that error: sent again, each would
-fail the same way, and a merged message that timed out under overload would come back as hundreds.
+them alike (UnknownModel) fails every caller with that error: sent again, each would fail the same way. One
+that ran past its time limit (TaskTimeout) is sent again in two halves, each of which may be halved again:
+the merge may have made it too long to run, but sent again one by one, a merged message that timed out on an
+overloaded device would come back as hundreds.
 Each caller gets exactly one outcome, whatever the others do: a caller that gives up waiting (an asyncio
 timeout cancels what it awaits) cannot cancel the future its neighbours' answers are set on, and no
 exception of one group ends the thread that serves them all. A group that is never answered (its message
@@ -44,7 +46,7 @@ from celery import Celery
 
 from producer.app import publish
 from producer.connection import ConnectionErrors
-from producer.errors import Cancelled, InferqConnectionError, ResultTimeout, TaskTimeout, UnknownModel
+from producer.errors import InferqConnectionError, ResultTimeout, TaskTimeout, UnknownModel
 from producer.results import final_meta, outcome
 from producer.settings import Kind, redact
 
@@ -54,7 +56,7 @@ MIN_WAIT = 0.001  # the shortest wait for answers: a group due sooner goes out a
 OUTAGE_WAIT = 0.1  # between attempts to reach Redis again for notices
 CLOSE_GRACE = 5.0  # how long a closed client's thread still waits for the answers in flight
 # A merged message's errors that cannot depend on which texts it carried: every caller gets them as they are.
-SHARED_ERRORS = (UnknownModel, TaskTimeout, Cancelled)
+SHARED_ERRORS = (UnknownModel,)
 
 
 @dataclass
@@ -286,6 +288,14 @@ class Coalescer:
                 failure = exc
             if len(group.calls) == 1 or isinstance(failure, SHARED_ERRORS):
                 _fail(group, failure)
+                return True
+            if isinstance(failure, TaskTimeout):
+                log.info("a merged %s message of %d requests ran past its time limit; sending it again in two "
+                         "halves", group.kind, len(group.calls))
+                half = len(group.calls) // 2
+                with self._lock:  # for this thread's next turn, with the callers' own deadline (opened)
+                    self._full += [_Group(group.kind, group.options, group.priority, group.opened, calls)
+                                   for calls in (group.calls[:half], group.calls[half:])]
                 return True
             log.info("a merged %s message of %d requests failed; sending them one by one", group.kind,
                      len(group.calls))

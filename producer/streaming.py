@@ -18,7 +18,7 @@ from redis import Redis
 from producer.connection import ConnectionErrors
 from producer.contract import CANCEL_CHANNEL, GenerateResult, cancel_key, stream_key
 from producer.errors import TASK_ERRORS, InferqError, ResultTimeout, StreamRestarted
-from producer.redis_clients import DEFAULT_MASTER, async_redis_client
+from producer.redis_clients import DEFAULT_MASTER, async_redis_client, redis_client
 from producer.settings import redact
 
 BLOCK_S = 1.0  # one XREAD waits at most this long; between them the stored result is checked
@@ -30,12 +30,10 @@ class GenerationStream:
     as it comes. After the iteration, ``finish_reason``, ``prompt_tokens`` and ``completion_tokens`` are set
     as in its result."""
 
-    def __init__(self, handle: Any, client: Redis, timeout: float, backend_url: str,
-                 cancel: Callable[[str], None], connect_timeout: float = 5.0,
-                 sentinel_master: str = DEFAULT_MASTER) -> None:
+    def __init__(self, handle: Any, timeout: float, backend_url: str, cancel: Callable[[str], None],
+                 connect_timeout: float = 5.0, sentinel_master: str = DEFAULT_MASTER) -> None:
         self._handle = handle
         self._cancel = cancel
-        self._client = client
         self._timeout = timeout
         self._backend_url = backend_url
         self._sentinel_master = sentinel_master
@@ -70,27 +68,35 @@ class GenerationStream:
         return result
 
     def __iter__(self) -> Iterator[str]:
+        # A client of its own for the iteration, whose reads may block for BLOCK_S: a producer's shared
+        # clients give a command only the connect timeout (a second at 1), which a silent second outlasts.
+        client = redis_client(self._backend_url, self._sentinel_master, **self._reader_timeouts())
         deadline = time.monotonic() + self._timeout
-        while self.finish_reason is None:
-            with self._errors():
-                reply = self._client.xread({self._key: self._last}, count=COUNT, block=self._block_ms(deadline))
-                if reply:
-                    deadline = time.monotonic() + self._timeout
-                elif self._handle.ready():
-                    reply = self._client.xread({self._key: self._last}, count=COUNT)  # its last entries, if written
-                    if not reply:
-                        yield from self._from_result()
-                        return
-            for piece in self._pieces(reply):
-                if piece:
-                    yield piece
+        try:
+            while self.finish_reason is None:
+                with self._errors():
+                    reply = client.xread({self._key: self._last}, count=COUNT, block=self._block_ms(deadline))
+                    if reply:
+                        deadline = time.monotonic() + self._timeout
+                    elif self._handle.ready():
+                        reply = client.xread({self._key: self._last}, count=COUNT)  # its last entries, if any
+                        if not reply:
+                            yield from self._from_result()
+                            return
+                for piece in self._pieces(reply):
+                    if piece:
+                        yield piece
+        finally:
+            client.close()
+
+    def _reader_timeouts(self) -> dict[str, float]:
+        return {"socket_connect_timeout": self._connect_timeout,
+                "socket_timeout": BLOCK_S + self._connect_timeout}  # a read never hangs
 
     async def __aiter__(self) -> AsyncIterator[str]:
         # A connection of its own for the iteration: an asyncio client belongs to one event loop, and a
         # blocking XREAD holds its connection, so streams read side by side cannot share one anyway.
-        client = async_redis_client(self._backend_url, self._sentinel_master,
-                                    socket_connect_timeout=self._connect_timeout,
-                                    socket_timeout=BLOCK_S + self._connect_timeout)  # a read never hangs
+        client = async_redis_client(self._backend_url, self._sentinel_master, **self._reader_timeouts())
         deadline = time.monotonic() + self._timeout
         try:
             while self.finish_reason is None:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -140,15 +142,26 @@ def _play_worker(store: redis.Redis, answers: list[dict[str, Any]], timeout: flo
     return task_ids
 
 
+@contextmanager
+def playing_the_worker(coalesce_ms: float) -> Iterator[tuple[redis.Redis, Client]]:
+    """A coalescing client on a database no worker listens to (the test plays the worker), emptied after."""
+    url = f"redis://{REDIS_HOST}:{REDIS_PORT}/11"
+    store = redis.Redis.from_url(url)
+    store.flushdb()
+    client = Client(Settings(redis_url=url, coalesce_ms=coalesce_ms))
+    try:
+        yield store, client
+    finally:
+        client.close()
+        store.flushdb()
+        store.close()
+
+
 def test_a_caller_that_gives_up_takes_nothing_from_its_neighbours_nor_the_coalescer() -> None:
     """An asyncio caller's timeout cancels what it awaits: that cancelled the future its whole merged group
     was answered on, so setting the answer raised in the coalescer's thread, its neighbours were never
     answered, and a broker error at that moment ended the thread for every later call of the process."""
-    url = f"redis://{REDIS_HOST}:{REDIS_PORT}/11"  # no worker listens here: this test plays the worker
-    store = redis.Redis.from_url(url)
-    store.flushdb()
-    client = Client(Settings(redis_url=url, coalesce_ms=200.0))
-    try:
+    with playing_the_worker(200.0) as (store, client):
         first = client.submit("embed", texts=["alone"])  # nothing in flight: it goes out at once
         _queued(store, 1)
         impatient = client.submit("embed", texts=["a"])  # these two ride in one message, 200 ms later
@@ -169,9 +182,6 @@ def test_a_caller_that_gives_up_takes_nothing_from_its_neighbours_nor_the_coales
         after = client.submit("embed", texts=["still served"])
         _play_worker(store, [{"model": "m", "dim": 1, "embeddings": [[3.0]]}])
         assert after.get(timeout=5)["embeddings"] == [[3.0]]
-    finally:
-        client.close()
-        store.flushdb()
 
 
 def test_a_closed_client_fails_what_is_still_in_flight_and_its_thread_ends() -> None:
@@ -242,3 +252,30 @@ def test_a_closed_client_still_sends_alone_and_a_failed_send_leaves_no_subscript
     finally:
         offline.close()
         results.close()
+
+
+def test_a_merged_message_that_ran_past_its_limit_goes_again_in_halves() -> None:
+    """The merge may have made it too long to run, so it is not failed whole; but sent again one caller per
+    message, a timeout on an overloaded device came back as hundreds of messages."""
+    with playing_the_worker(200.0) as (store, client):
+        first = client.submit("embed", texts=["alone"])  # nothing in flight: it goes out at once
+        _queued(store, 1)
+        calls = [client.submit("embed", texts=[f"t{i}"]) for i in range(4)]  # one message, 200 ms later
+        _play_worker(store, [{"model": "m", "dim": 1, "embeddings": [[0.0]]}])
+        assert first.get(timeout=5)["embeddings"] == [[0.0]]
+        _queued(store, 1)
+        merged = json.loads(store.rpop(queue_name("embed")) or b"null")
+        assert merged["headers"]["id"] and json.loads(base64.b64decode(merged["body"]))[1]["texts"] == \
+            ["t0", "t1", "t2", "t3"]
+        timed_out = json.dumps({"status": "FAILURE", "traceback": None, "task_id": merged["headers"]["id"],
+                                "result": {"exc_type": "TaskTimeout", "exc_module": "producer.errors",
+                                           "exc_message": "the embed request ran past its limit of 30 s"}})
+        store.set(f"celery-task-meta-{merged['headers']['id']}", timed_out)
+        store.publish(f"celery-task-meta-{merged['headers']['id']}", timed_out)
+        _queued(store, 2)
+        bodies = [json.loads(base64.b64decode(json.loads(raw)["body"]))[1]["texts"]
+                  for raw in store.lrange(queue_name("embed"), 0, -1)]
+        assert sorted(bodies) == [["t0", "t1"], ["t2", "t3"]]
+        _play_worker(store, [{"model": "m", "dim": 1, "embeddings": [[float(text[-1])] for text in texts]}
+                             for texts in reversed(bodies)])  # rpop takes the list's oldest first
+        assert [call.get(timeout=5)["embeddings"] for call in calls] == [[[0.0]], [[1.0]], [[2.0]], [[3.0]]]

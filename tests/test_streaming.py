@@ -368,7 +368,7 @@ def test_a_redelivery_that_decodes_another_text_marks_a_restart_and_writes_it_wh
         task_id = str(uuid.uuid4())
         for fields in entries:
             store.xadd(stream_key(task_id), fields)  # type: ignore[arg-type]
-        stream = GenerationStream(client.handle(task_id), store, 5.0, URL, client.cancel)
+        stream = GenerationStream(client.handle(task_id), 5.0, URL, client.cancel)
         read: list[str] = []
         with pytest.raises(StreamRestarted, match="9 characters read are void"):
             read.extend(stream)
@@ -475,8 +475,10 @@ def test_streams_a_read_only_redis_refused_are_written_once_it_takes_writes(tmp_
 
 def test_a_stream_times_out_on_silence_never_on_its_length(store: redis.Redis) -> None:
     """A long generation whose pieces keep coming is never cut at the timeout (the gateway's streams read with
-    the result timeout); a stream that falls silent for it raises ResultTimeout, sync or async."""
-    client = Client(Settings(redis_url=URL, result_timeout=5))
+    the result timeout); a stream that falls silent for it raises ResultTimeout, sync or async. With a connect
+    timeout under the reads' one-second block: a producer's shared clients give a command only that long, and
+    a plain `for` over a stream failed with InferqConnectionError at its first silent second."""
+    client = Client(Settings(redis_url=URL, result_timeout=5, connect_timeout=0.5))
 
     def written_slowly(task_id: str) -> threading.Thread:  # ten pieces over 2 s, then the last entry
         def write() -> None:
@@ -496,14 +498,14 @@ def test_a_stream_times_out_on_silence_never_on_its_length(store: redis.Redis) -
         for read in ("".join, lambda stream: asyncio.run(read_async(stream))):
             task_id = str(uuid.uuid4())
             writer, started = written_slowly(task_id), time.monotonic()
-            stream = GenerationStream(client.handle(task_id), store, 1.5, URL, client.cancel)
+            stream = client._stream(client.handle(task_id), 1.5)
             assert read(stream) == "".join(f"{index} " for index in range(10))  # type: ignore[no-untyped-call]
             assert time.monotonic() - started > 1.5 and stream.finish_reason == "length"
             writer.join()
             silent = str(uuid.uuid4())
             store.xadd(stream_key(silent), {"event": "text", "text": "and then nothing"})
             with pytest.raises(ResultTimeout, match=r"gave nothing for 1\.5 s"):
-                read(GenerationStream(client.handle(silent), store, 1.5, URL, client.cancel))
+                read(client._stream(client.handle(silent), 1.5))
         store.delete(*store.keys("inferq:stream:*"))
     finally:
         client.close()

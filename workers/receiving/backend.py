@@ -83,7 +83,7 @@ class InferqRedisBackend(RedisBackend):  # type: ignore[misc]
         expires = int(self.expires) if self.expires else 0
         try:
             self.ensure(self._store_all, ([(self.get_key_for_task(task_id), value)], expires))
-        except RedisError as exc:
+        except (RedisError, OSError) as exc:  # OSError: a socket or TLS error redis-py did not wrap
             raise ResultNotStored(f"the result backend refused to store the {state} of task {meta['task_id']} "
                                   f"({type(exc).__name__}: {exc})") from exc
         return result
