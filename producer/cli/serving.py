@@ -87,6 +87,7 @@ def gateway(host: str | None, port: int | None, open_access: bool) -> None:
     import uvicorn
 
     from producer.gateway.app import create_app
+    from producer.gateway.closing import GatewayServer
 
     settings = settings_or_exit()
     host = host or settings.gateway.host
@@ -102,8 +103,13 @@ def gateway(host: str | None, port: int | None, open_access: bool) -> None:
         if not loopback:
             raise click.UsageError(f"--open runs without API keys, so only on loopback (127.0.0.1, ::1, "
                                    f"localhost); not on {host}")
-    uvicorn.run(create_app(settings, open_access=not settings.gateway.api_keys), host=host, port=port,
-                log_level="warning", access_log=False, timeout_graceful_shutdown=settings.gateway.shutdown_grace_s)
+    app = create_app(settings, open_access=not settings.gateway.api_keys)
+    grace = settings.gateway.shutdown_grace_s
+    server = GatewayServer(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
+                                          timeout_graceful_shutdown=grace), app.state.closing, grace)
+    server.run()
+    if not server.started:  # as uvicorn.run: the port was taken, say
+        sys.exit(3)
 
 
 @click.command()

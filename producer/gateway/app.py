@@ -46,6 +46,7 @@ from producer.errors import (
 )
 from producer.gateway import shapes
 from producer.gateway.admission import Admission, QueueFull
+from producer.gateway.closing import Closing, Stopping
 from producer.gateway.loopback import LoopbackOnly
 from producer.gateway.metrics import GatewayMetrics, MetricsMiddleware
 from producer.gateway.results import ResultWaiter
@@ -144,6 +145,7 @@ def create_app(settings: Settings, open_access: bool = False, client: Client | N
     metrics = GatewayMetrics()
     waiter = ResultWaiter(queue.app.backend, settings.backend, settings.connect_timeout, settings.sentinel_master)
     cancels = Cancels(queue)
+    closing = Closing()
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -155,6 +157,7 @@ def create_app(settings: Settings, open_access: bool = False, client: Client | N
         await waiter.close()
 
     app = FastAPI(title="inferq gateway", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app.state.closing = closing  # set by GatewayServer shortly before its shutdown grace is over
     default_model = settings.models.default_alias("generate") or "default"  # what a chunk names without one
     served = ServedKinds(lambda: worker_statuses(queue, STATUS_TIMEOUT_S), STATUS_REFRESH_S, STATUS_REMEMBER_S)
     checked: dict[str, Any] = {"at": -HEALTH_CACHE_S, "data": None}
@@ -306,7 +309,7 @@ def create_app(settings: Settings, open_access: bool = False, client: Client | N
             raise
         model = body.model or default_model
         events = _events(stream, pieces, first, generation, model, bool((body.stream_options or {}).get(
-            "include_usage")), cancels)
+            "include_usage")), cancels, closing)
         return StreamingResponse(events, media_type="text/event-stream",
                                  headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
 
@@ -427,14 +430,21 @@ def _sse(payload: Any) -> bytes:
 
 
 async def _events(stream: Any, pieces: AsyncIterator[str], first: str | None, generation: shapes.Generation,
-                  model: str, include_usage: bool, cancels: Cancels) -> AsyncIterator[bytes]:
+                  model: str, include_usage: bool, cancels: Cancels, closing: Closing) -> AsyncIterator[bytes]:
     """A streamed generation as OpenAI's server-sent events, from its first piece (read before the response
-    started) on; the generation is cancelled if the client goes away."""
+    started) on; the generation is cancelled if the client goes away, or the gateway stops first."""
     finished = False
     cancels.streaming.add(stream.id)
     try:
         yield _sse(generation.chunk(model, first, first=True))
-        async for piece in pieces:
+        while True:
+            try:
+                piece = await closing.next_of(pieces)
+            except StopAsyncIteration:
+                break
+            except Stopping:
+                raise GatewayError(503, "the gateway is stopping; this generation is cancelled, send it again",
+                                   "service_unavailable", still_running=True) from None
             yield _sse(generation.chunk(model, piece))
         yield _sse(generation.chunk(stream.model or model, finish_reason=stream.finish_reason))
         if include_usage:
@@ -444,7 +454,7 @@ async def _events(stream: Any, pieces: AsyncIterator[str], first: str | None, ge
         yield _sse(b"[DONE]")
     except Exception as exc:  # mid-stream the status is sent already: the error is the last event
         finished = not still_runs(exc)  # a timeout, a lost Redis, a restart leave it running: cancel it
-        if not isinstance(exc, InferqError):
+        if not isinstance(exc, InferqError | GatewayError):
             log.error("stream %s failed: %s: %s", stream.id, type(exc).__name__, exc)
         yield _sse(from_failure(exc).body())
         yield _sse(b"[DONE]")
