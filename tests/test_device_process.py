@@ -187,7 +187,10 @@ def test_a_device_process_signalled_with_its_receivers_stays_until_they_are_gone
         try:
             assert receiver.recv()[0] == "hello"
             server.send_signal(signal.SIGTERM)
-            time.sleep(1.0)
+            deadline = time.monotonic() + 20  # its handler closes the listener: the socket file goes
+            while os.path.exists(address):
+                assert time.monotonic() < deadline, "it still takes new receivers after SIGTERM"
+                time.sleep(0.05)
             assert server.poll() is None, "it died under its receiver"
             with pytest.raises(OSError):  # it takes no new receiver meanwhile (its socket is gone)
                 multiprocessing.connection.Client(address, "AF_UNIX", authkey=key.encode())

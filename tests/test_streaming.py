@@ -255,8 +255,8 @@ def test_every_key_a_load_leaves_expires_or_is_bounded(streaming: tuple[Client, 
     client.cancel(str(uuid.uuid4()))  # a cancel for a task no worker ever sees
     store.lpush(queue_name("generate"), b"not a message")  # dead-lettered by the worker
     device_counts(client, worker)  # a broadcast and its reply queue
-    deadline = time.monotonic() + 30
-    while store.llen(queue_name("generate")) and time.monotonic() < deadline:
+    deadline = time.monotonic() + 30  # the take pops the entry before it is dead-lettered: wait for the latter
+    while not store.llen(dead_letter.DEAD_LETTER_KEY) and time.monotonic() < deadline:
         time.sleep(0.2)
     # Sizes bounded without a TTL: Kombu's bindings and their bookkeeping (a member per queue or binding:
     # _kombu.binding.<exchange>, _kombu.binding_permanent.<queue>, _kombu.binding_deadlines), its record of
@@ -330,6 +330,7 @@ def _published(store: redis.Redis, earlier: list[dict[str, str]], pieces: list[s
     task_id = str(uuid.uuid4())
     for fields in earlier:
         store.xadd(stream_key(task_id), fields)  # type: ignore[arg-type]
+    store.expire(stream_key(task_id), 600)  # as an earlier delivery's publisher would have set it
     publisher = StreamPublisher(store, ttl=600, max_entries=100)
     step = publisher.open(task_id, lambda tokens: "".join(pieces[token] for token in tokens))
     for told in steps if steps is not None else [[token] for token in range(len(pieces))]:
@@ -376,6 +377,7 @@ def test_a_redelivery_that_decodes_another_text_marks_a_restart_and_writes_it_wh
         assert "".join(stream) == stream.text == "Hello there"  # reading on: the new delivery's text, whole
         assert stream.finish_reason is not None
     finally:
+        store.delete(stream_key(task_id))  # written here without the publisher's TTL
         client.close()
 
 

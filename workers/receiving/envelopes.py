@@ -15,6 +15,18 @@ from typing import Any
 
 from producer.contract import json_type_name
 
+MAX_TASK_ID = 255  # a UUID is 36; a client's own ids are kept short enough for a Redis key and a log line
+
+
+def usable_task_id(task_id: Any) -> bool:
+    if not isinstance(task_id, str) or not 1 <= len(task_id) <= MAX_TASK_ID:
+        return False
+    try:
+        task_id.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
 
 def envelope_problem(payload: Any) -> str | None:
     """Why a decoded list entry cannot be delivered as a message; None when it can. Everything Kombu reads to
@@ -25,8 +37,14 @@ def envelope_problem(payload: Any) -> str | None:
     properties = payload.get("properties")
     if not isinstance(properties, dict):
         return "the envelope has no 'properties' object"
-    if not isinstance(payload.get("headers") or {}, dict):
+    headers = payload.get("headers") or {}
+    if not isinstance(headers, dict):
         return f"the envelope's 'headers' is JSON {json_type_name(payload['headers'])}, not an object"
+    task_id = headers.get("id")
+    if task_id is not None and not usable_task_id(task_id):
+        # Its result key could not be written (a lone surrogate raises as the key is encoded), which failed the
+        # store of every result of the batch it was answered in.
+        return f"the envelope's headers.id is not a task id (a string of 1 to {MAX_TASK_ID} UTF-8 characters)"
     for field in ("content-type", "content-encoding"):
         if not isinstance(payload.get(field) or "", str):
             return f"the envelope's {field!r} is not a string"
