@@ -196,6 +196,11 @@ def test_bad_input_and_unknown_models_are_openai_errors_with_our_message(gateway
     raw = httpx.post(f"{gateway.url}/v1/embeddings", content=b"{not json", timeout=10,
                      headers={"content-type": "application/json"})
     assert raw.status_code == 400 and raw.json()["error"]["type"] == "invalid_request_error"
+    # a large body of wrong items: the first problems, not one per item (that answer was 40 times the body)
+    many = httpx.post(f"{gateway.url}/v1/embeddings", json={"model": "minilm", "input": [1, "a"] * 50_000},
+                      timeout=60)
+    assert many.status_code == 400 and len(many.content) < 4096, len(many.content)
+    assert "more problem(s)" in many.json()["error"]["message"]
     # open on loopback: what a cross-site page could send (a form post, a rebound host name) is refused
     form = httpx.post(f"{gateway.url}/v1/embeddings", content=b'{"input": "x", "model": "minilm"}', timeout=10,
                       headers={"content-type": "text/plain"})

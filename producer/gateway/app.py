@@ -62,7 +62,15 @@ STATUS_REFRESH_S = 5.0  # how often the workers are asked what they serve (GET /
 STATUS_REMEMBER_S = 30.0  # how long a worker that stopped answering still counts as serving its kinds
 HEALTH_TIMEOUT_S = 1.0  # how long GET /health waits for the workers' check replies
 SHUTDOWN_CANCELS_S = 5.0  # at shutdown, how long the cancels of generations nobody reads may take to be sent
+LARGE_BODY = 256 * 1024  # bytes: a body over this is decoded and checked off the event loop
 HEALTH_CACHE_S = 5.0  # a load balancer probing every second costs the workers one check per 5 s
+
+
+def loads(data: bytes) -> Any:
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise GatewayError(400, f"the body is not valid JSON ({exc})", "invalid_request_error") from None
 
 
 class GatewayError(Exception):
@@ -188,7 +196,15 @@ def create_app(settings: Settings, open_access: bool = False, client: Client | N
         return GatewayError(413, f"the body is over {settings.gateway.max_body_mb:g} MiB "
                                  "(INFERQ_GATEWAY__MAX_BODY_MB)", "invalid_request_error")
 
-    async def body_of(request: Request) -> Any:
+    async def parsed(request: Request, shape: type[Any]) -> Any:
+        """The request's body as ``shape``; a large one decoded and checked in a thread, not on the event
+        loop (a 5 MB body of wrong items held the loop for seconds while its errors were listed)."""
+        data = await body_of(request)
+        if len(data) <= LARGE_BODY:
+            return shapes.parse(shape, loads(data))
+        return await asyncio.to_thread(lambda: shapes.parse(shape, loads(data)))
+
+    async def body_of(request: Request) -> bytes:
         caller(request)
         if not keys and not request.headers.get("content-type", "").startswith("application/json"):
             raise GatewayError(415, "send the body as application/json", "invalid_request_error")
@@ -201,10 +217,7 @@ def create_app(settings: Settings, open_access: bool = False, client: Client | N
             if size > max_body:
                 raise too_large()
             chunks.append(chunk)
-        try:
-            return orjson.loads(b"".join(chunks))
-        except orjson.JSONDecodeError as exc:
-            raise GatewayError(400, f"the body is not valid JSON ({exc})", "invalid_request_error") from None
+        return b"".join(chunks)
 
     def answer(request: Request, error: GatewayError, headers: dict[str, str] | None = None) -> JSONResponse:
         request.state.error_type = error.code or error.kind
@@ -262,7 +275,7 @@ def create_app(settings: Settings, open_access: bool = False, client: Client | N
 
     @app.post("/v1/embeddings")
     async def embeddings(request: Request) -> Any:
-        body = shapes.parse(shapes.EmbeddingsBody, await body_of(request))
+        body = await parsed(request, shapes.EmbeddingsBody)
         handle = await send("embed", shapes.embed_kwargs(body))
         result = await result_of(handle)
         return Response(orjson.dumps(shapes.embeddings_response(result, body.encoding_format or "float")),
@@ -271,18 +284,14 @@ def create_app(settings: Settings, open_access: bool = False, client: Client | N
     @app.post("/v1/classify")
     async def classify(request: Request) -> Any:
         """inferq's classify task over HTTP (not an OpenAI route): labels and scores per input text."""
-        body = shapes.parse(shapes.ClassifyBody, await body_of(request))
+        body = await parsed(request, shapes.ClassifyBody)
         handle = await send("classify", shapes.classify_kwargs(body))
         return Response(orjson.dumps(shapes.classify_response(await result_of(handle))), media_type="application/json")
 
     async def generate(request: Request, chat: bool) -> Any:
-        raw = await body_of(request)
-        if chat:
-            body: Any = shapes.parse(shapes.ChatBody, raw)
-            kwargs = shapes.chat_kwargs(body, settings.limits.max_new_tokens)
-        else:
-            body = shapes.parse(shapes.CompletionBody, raw)
-            kwargs = shapes.completion_kwargs(body)
+        body: Any = await parsed(request, shapes.ChatBody if chat else shapes.CompletionBody)
+        kwargs = (shapes.chat_kwargs(body, settings.limits.max_new_tokens) if chat
+                  else shapes.completion_kwargs(body))
         prefix = "chatcmpl-" if chat else "cmpl-"
         if not body.stream:
             handle = await send("generate", kwargs)

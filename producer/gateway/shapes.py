@@ -90,8 +90,10 @@ def parse(shape: type[_Body], body: Any) -> Any:
     try:
         parsed = shape.model_validate(body)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, error['loc'])) or 'body'}: {error['msg']}" for error in exc.errors())
-        raise InvalidInput(problems) from None
+        errors = exc.errors(include_url=False, include_context=False, include_input=False)
+        problems = "; ".join(f"{'.'.join(map(str, error['loc'])) or 'body'}: {error['msg']}" for error in errors[:5])
+        more = f"; and {len(errors) - 5} more problem(s)" if len(errors) > 5 else ""  # the first few say enough
+        raise InvalidInput(problems + more) from None
     refused = [name for name in UNSUPPORTED
                if body.get(name) not in (None, False, [], {}) and body.get(name) != NO_OPS.get(name)]
     if refused:
