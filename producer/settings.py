@@ -74,6 +74,9 @@ class Batching(BaseModel):
                                           "models are loaded (CUDA), 4096 on a CPU")
 
 
+MIN_API_KEY_LENGTH = 16
+
+
 class Gateway(BaseModel):
     """`inferq gateway`: the OpenAI HTTP API in front of the queue."""
 
@@ -85,6 +88,17 @@ class Gateway(BaseModel):
     # to run open, and only on loopback.
     api_keys: dict[str, SecretStr] = Field(default_factory=dict, description="API keys by name, for "
                                            "Authorization: Bearer <key>")
+
+    @field_validator("api_keys")
+    @classmethod
+    def _keys_that_can_be_guessed_are_refused(cls, keys: dict[str, SecretStr]) -> dict[str, SecretStr]:
+        # An empty key (a compose variable that came out empty) matched a bare "Bearer", which opened the
+        # gateway to anyone while it looked keyed, so off loopback too.
+        short = sorted(name for name, key in keys.items() if len(key.get_secret_value()) < MIN_API_KEY_LENGTH)
+        if short:
+            raise ValueError(f"API key(s) {', '.join(map(repr, short))} are shorter than {MIN_API_KEY_LENGTH} "
+                             "characters")
+        return keys
     # Admission control (producer/gateway/admission.py): refuse with 429 rather than queue what would time out.
     max_queue_depth: int | None = Field(None, ge=0, description="refuse a request (429, Retry-After) while its "
                                         "kind's interactive queue holds more messages than this (unset: never)")

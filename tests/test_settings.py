@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -113,3 +114,13 @@ def test_a_device_server_needs_its_key() -> None:
     with pytest.raises(ValidationError, match="device_server is set without device_server_key"):
         Settings(device_server="/run/inferq/gpu0.sock")
     assert Settings(device_server="/run/inferq/gpu0.sock", device_server_key="k").device_server_key is not None
+
+
+def test_an_api_key_short_enough_to_guess_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An empty key matched a bare "Bearer": the gateway looked keyed and was open to anyone."""
+    for key in ("", "sk-short"):
+        monkeypatch.setenv("INFERQ_GATEWAY__API_KEYS", json.dumps({"webapp": key, "batch": "sk-" + "x" * 20}))
+        with pytest.raises(ValidationError, match="API key\\(s\\) 'webapp' are shorter than 16 characters"):
+            Settings()
+    monkeypatch.setenv("INFERQ_GATEWAY__API_KEYS", json.dumps({"webapp": "sk-" + "x" * 13}))
+    assert Settings().gateway.api_keys["webapp"].get_secret_value() == "sk-" + "x" * 13
