@@ -123,3 +123,13 @@ def test_outcome_events_only_send_one_named_event_per_message(tmp_path: Path, ti
         client.close()
         store.flushdb()
         store.close()
+
+
+def test_a_task_received_event_shows_a_bounded_repr_of_what_a_foreign_client_sent() -> None:
+    """A client that sends no argsrepr/kwargsrepr headers had its whole kwargs in the event, through pub/sub to
+    Flower's memory (megabytes a message), and saferepr walked every item of a list to make it."""
+    from workers.receiving.fastpath import REPR_MAX, _repr
+
+    assert len(_repr(None, {"texts": ["x" * 100] * 1_000_000})) <= REPR_MAX
+    assert _repr("y" * 5000, None) == "y" * REPR_MAX  # a header's own repr, cut
+    assert _repr(None, {"texts": ["hello"]}) == "{'texts': ['hello']}"
