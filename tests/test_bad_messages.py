@@ -180,3 +180,14 @@ def test_list_entries_that_are_not_messages_go_to_the_dead_letter_list(redis_cli
         time.sleep(0.05)
     assert "dropped an entry of queue 'embed' that is not a message" in worker.log()
     redis_client.delete(DEAD_LETTER_KEY)
+
+
+def test_a_dead_letter_entry_is_cut_to_64_kib_of_utf8_whatever_the_message_holds() -> None:
+    """Cut in characters and written with \\u escapes, an entry of emoji or of bytes that are not UTF-8 took 12
+    times the limit, and the list keeps 10,000 entries."""
+    from workers.receiving.dead_letter import RAW_LIMIT, entry
+
+    for raw in (b"\xff" * 200_000, "\U0001f600" * 100_000, "x" * 200_000, "\ud800" * 1000):
+        written = entry("a reason", "embed", raw, "an-id").encode()
+        assert len(written) < RAW_LIMIT + 200, len(written)
+        assert json.loads(written)["task_id"] == "an-id"

@@ -105,4 +105,6 @@ class CancelWatch:
 
 
 def _text(data: bytes | str) -> str:
-    return data.decode() if isinstance(data, bytes) else data
+    # "replace": anyone may publish on the channel, and bytes that are not UTF-8 (no task's id) must not end
+    # the listener's subscription
+    return data.decode(errors="replace") if isinstance(data, bytes) else data

@@ -1,7 +1,7 @@
 """The dead-letter list: messages inferq gave up on, kept in Redis for inspection with the reason.
 
 ``LRANGE inferq:dead-letter 0 -1`` lists them, newest first; each entry is a JSON object with ``reason``,
-``queue``, ``task_id`` (when known), ``at`` (Unix time) and ``raw`` (the message as received, cut to 64 KiB).
+``queue``, ``task_id`` (when known), ``at`` (Unix time) and ``raw`` (the message as received, cut to 64 KiB of UTF-8).
 The list keeps the newest 10,000 entries.
 """
 
@@ -17,9 +17,13 @@ RAW_LIMIT = 64 * 1024
 
 
 def entry(reason: str, queue: str | None, raw: bytes | str, task_id: str | None = None) -> str:
+    # Cut in UTF-8 bytes and written without \u escapes: cut in characters and escaped, an entry of emoji or
+    # of bytes that are not UTF-8 took 12 times the limit (768 KiB), and the list 10,000 of them.
     text = raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else raw
-    return json.dumps({"reason": reason, "queue": queue, "task_id": task_id, "at": time.time(),
-                       "raw": text[:RAW_LIMIT]})
+    cut = text.encode("utf-8", errors="replace")[:RAW_LIMIT].decode("utf-8", errors="ignore")  # ignore: a
+    # character cut in two at the end
+    return json.dumps({"reason": reason, "queue": queue, "task_id": task_id, "at": time.time(), "raw": cut},
+                      ensure_ascii=False)
 
 
 def record(client: Any, reason: str, queue: str | None, raw: bytes | str, task_id: str | None = None) -> None:
