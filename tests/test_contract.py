@@ -139,3 +139,13 @@ def test_lone_surrogates_are_refused_with_their_position(kind: str, kwargs: dict
     # found by tests/test_fuzz.py: the tokenizer raised a bare TypeError on them
     with pytest.raises(InvalidInput, match=rf"{re.escape(where)} is not valid Unicode: a lone surrogate"):
         validate(kind, kwargs, Limits())  # type: ignore[arg-type]
+
+
+def test_a_list_over_its_limit_is_refused_before_its_items_are_checked() -> None:
+    """Two million wrong items took seconds and gigabytes of error reports before the count was looked at."""
+    for kind, kwargs, says in (("embed", {"texts": [1] * 2_000_000}, "texts has 2000000 items; at most 256"),
+                               ("classify", {"texts": ["x"], "labels": [None] * 100_000}, "labels has 100000 items"),
+                               ("generate", {"messages": [7] * 100_000}, "messages has 100000 items"),
+                               ("generate", {"prompt": "x", "stop": [0] * 100_000}, "stop has 100000 strings")):
+        with pytest.raises(InputTooLarge, match=says):
+            validate(kind, kwargs, Limits())
