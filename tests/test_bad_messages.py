@@ -157,11 +157,17 @@ def test_list_entries_that_are_not_messages_go_to_the_dead_letter_list(redis_cli
             else:
                 message[key] = value
         redis_client.lpush("embed", json.dumps(message))
+    # a header nested deeper than Kombu's JSON recurses (and than the take's cjson reads), shallower than orjson
+    # refuses: its record raised in every visibility sweep, so no message came back from a dead worker
+    _, message = raw_message("inferq.embed", {"texts": ["x"]})
+    message["headers"]["deep"] = "DEEP"
+    redis_client.lpush("embed", json.dumps(message).replace('"DEEP"', "[" * 1010 + "]" * 1010))
     assert client.embed(["after garbage"])["dim"] == 384
     assert client.classify(["after garbage"], labels=["a", "b"])["model"] == "minilm"
-    assert refused(client, worker)["not_an_envelope"] == before + 12
+    assert refused(client, worker)["not_an_envelope"] == before + 13
     kept = [json.loads(raw) for raw in redis_client.lrange(DEAD_LETTER_KEY, 0, -1)]
-    assert sorted(entry["queue"] for entry in kept) == ["classify"] + ["embed"] * 11
+    assert sorted(entry["queue"] for entry in kept) == ["classify"] + ["embed"] * 12
+    assert sum("nest deeper than 32 levels" in entry["reason"] for entry in kept) == 1
     assert sum("headers.id is not a task id" in entry["reason"] for entry in kept) == 2
     reasons = " | ".join(entry["reason"] for entry in kept)
     assert "lacks 'exchange' or 'routing_key'" in reasons

@@ -18,6 +18,33 @@ from producer.contract import json_type_name
 MAX_TASK_ID = 255  # a UUID is 36; a client's own ids are kept short enough for a Redis key and a log line
 
 
+MAX_DEPTH = 32  # a message's headers and properties nest 3 levels at most; Celery's own, 4
+
+
+def nesting_problem(payload: dict[str, Any]) -> str | None:
+    """Why an envelope's headers or properties nest too deep; None when they do not. Kombu's JSON (the
+    visibility sweep's restore, the events' buffer) recurses, and fails past about 1,000 levels, which orjson
+    reads: a record that deep raised in every sweep, and no message came back from a dead worker any more.
+    The transport asks only of an entry with more than MAX_DEPTH brackets (4 us an envelope otherwise)."""
+    if nested_deeper(payload.get("headers"), MAX_DEPTH) or nested_deeper(payload.get("properties"), MAX_DEPTH):
+        return f"the envelope's headers or properties nest deeper than {MAX_DEPTH} levels"
+    return None
+
+
+def nested_deeper(value: Any, limit: int) -> bool:
+    """Whether JSON ``value`` nests lists and objects more than ``limit`` levels deep (iteratively)."""
+    level: list[Any] = [value]
+    depth = 0
+    while True:
+        containers = [node for node in level if isinstance(node, dict | list)]
+        if not containers:
+            return False
+        depth += 1
+        if depth > limit:
+            return True
+        level = [item for node in containers for item in (node.values() if isinstance(node, dict) else node)]
+
+
 def usable_task_id(task_id: Any) -> bool:
     if not isinstance(task_id, str) or not 1 <= len(task_id) <= MAX_TASK_ID:
         return False

@@ -59,7 +59,7 @@ from producer.contract import message_priority
 from producer.transport import FindsTheMaster
 from workers.receiving import dead_letter
 from workers.receiving.consumer import count_refused
-from workers.receiving.envelopes import envelope_problem
+from workers.receiving.envelopes import MAX_DEPTH, envelope_problem, nesting_problem
 from workers.receiving.serialization import orjson_reads_exactly
 from workers.receiving.stranded import stranded
 from workers.receiving.waiting import RING_FUNCTION, Porter, bell, porter_lease
@@ -338,6 +338,8 @@ class Channel(kombu_redis.Channel):
             if payload is None:  # the standard library accepts a little more (NaN) and names what is wrong
                 payload = json.loads(_text(item))
             problem = envelope_problem(payload)
+            if problem is None and item.count(b"[") + item.count(b"{") > MAX_DEPTH:  # only then can it be
+                problem = nesting_problem(payload)
         except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: nested too deep
             problem = f"the entry is not JSON ({type(exc).__name__}: {str(exc)[:200]})"
         if problem is not None:
