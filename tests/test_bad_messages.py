@@ -197,3 +197,19 @@ def test_a_dead_letter_entry_is_cut_to_64_kib_of_utf8_whatever_the_message_holds
         written = entry("a reason", "embed", raw, "an-id").encode()
         assert len(written) < RAW_LIMIT + 200, len(written)
         assert json.loads(written)["task_id"] == "an-id"
+
+
+def test_a_message_due_further_ahead_than_a_worker_may_hold_it_is_refused(redis_client: redis.Redis,
+                                                                          client: Client,
+                                                                          worker: WorkerProcess) -> None:
+    """A worker holds an ETA message unacknowledged until it is due; held past the visibility timeout (150 s),
+    Redis hands it out again, and each copy runs. One due within half of it runs on Celery's own path."""
+    before = refused(client, worker).get("eta_too_far", 0)
+    far = client.app.send_task("inferq.embed", kwargs={"texts": ["in three hours"]}, queue="embed",
+                               countdown=3 * 3600)
+    meta = stored(redis_client, far.id)
+    assert meta["status"] == "FAILURE" and meta["result"]["exc_type"] == "InvalidMessage", meta
+    assert "a worker holds a message at most 75 s (half the visibility timeout)" in meta["result"]["exc_message"]
+    assert refused(client, worker)["eta_too_far"] == before + 1
+    soon = client.app.send_task("inferq.embed", kwargs={"texts": ["in a second"]}, queue="embed", countdown=1)
+    assert client.handle(soon.id).get(timeout=60)["dim"] == 384

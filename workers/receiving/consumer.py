@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from datetime import UTC, datetime
 from typing import Any
 
 from celery.worker.consumer import Consumer
@@ -54,6 +55,26 @@ def _body_problem(message: Any) -> str | None:
     return triple_problem(body)
 
 
+def _too_late(headers: Any, horizon: float) -> str | None:
+    """Why a message's ETA (countdown) is further ahead than a worker may hold it; None when it is not. A
+    worker holds an ETA message unacknowledged until it is due; held past the visibility timeout, Redis hands
+    it out again, to be held twice, then three times, each copy run at the ETA. A malformed ETA Celery refuses."""
+    eta = headers.get("eta") if isinstance(headers, dict) else None
+    if not isinstance(eta, str):
+        return None
+    try:
+        due = datetime.fromisoformat(eta)
+    except ValueError:
+        return None
+    if due.tzinfo is None:
+        due = due.replace(tzinfo=UTC)  # Celery writes UTC
+    ahead = (due - datetime.now(UTC)).total_seconds()
+    if ahead <= horizon:
+        return None
+    return (f"its eta is {ahead:.0f} s ahead; a worker holds a message at most {horizon:g} s (half the "
+            "visibility timeout) before running it: held longer, Redis hands it out again, and it runs twice")
+
+
 class InferqConsumer(Consumer):  # type: ignore[misc]
     def ensure_connected(self, conn: Any) -> Any:
         conn.ensure_connection = functools.partial(conn.ensure_connection, **RECONNECT_INTERVALS)
@@ -68,6 +89,7 @@ class InferqConsumer(Consumer):  # type: ignore[misc]
         fast = getattr(self.app, "inferq_fast_path", None)
         direct: dict[Any, Any] = fast.direct if fast is not None else {}
         ours = {task_name(kind) for kind in KINDS}
+        horizon = float(self.app.conf.broker_transport_options.get("visibility_timeout", 3600)) / 2
 
         def on_task_received(message: Any) -> Any:
             try:
@@ -82,6 +104,10 @@ class InferqConsumer(Consumer):  # type: ignore[misc]
                     # is stored nor acknowledged and it comes back every visibility timeout
                     self._refuse(message, "invalid_task", f"the task message is malformed: {problem}; the body "
                                                           "must be [args, kwargs, embed]")
+                    message.reject_log_error(log, self.connection_errors)
+                    return None
+                if name in ours and (late := _too_late(headers, horizon)) is not None:
+                    self._refuse(message, "eta_too_far", late)
                     message.reject_log_error(log, self.connection_errors)
                     return None
                 return handle(message)
