@@ -162,6 +162,7 @@ def test_a_bulk_lines_timeout_counts_from_its_send(tmp_path: Path) -> None:
     (("classify", "x", "--labels", ""), "Invalid value for --labels: is empty"),
     (("generate", "hi", "--system", "be brief"), "--system needs --chat"),
     (("generate", "--stream", "--file", "-"), "--stream prints one generation as it comes"),
+    (("flower", "--address", "0.0.0.0"), "Flower off loopback (0.0.0.0) needs a password"),
     (("worker", "--gpus", "none", "--replicas", "0"), "0 is not in the range x>=1"),  # it started one
 ])
 def test_bad_options_are_usage_errors(env: dict[str, str], args: tuple[str, ...], says: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import sys
 
 import click
@@ -73,7 +74,20 @@ def flower(port: int | None, address: str | None) -> None:
     """Start Flower on the same Redis as the workers; /metrics adds inferq_queue_depth per queue."""
     from producer.monitoring import run_flower
 
-    sys.exit(run_flower(settings_or_exit(), port, address))
+    settings = settings_or_exit()
+    address = address or settings.flower_address
+    if settings.flower_basic_auth is None and not _on_loopback(address):
+        # Flower shows every task's arguments and results, and its API can revoke tasks and stop workers
+        raise click.UsageError(f"Flower off loopback ({address}) needs a password: set INFERQ_FLOWER_BASIC_AUTH "
+                               "(user:password)")
+    sys.exit(run_flower(settings, port, address))
+
+
+def _on_loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve anywhere
+        return False
 
 
 @click.command()
@@ -82,8 +96,6 @@ def flower(port: int | None, address: str | None) -> None:
 @click.option("--open", "open_access", is_flag=True, help="run without API keys (loopback only)")
 def gateway(host: str | None, port: int | None, open_access: bool) -> None:
     """The OpenAI HTTP API (embeddings, chat completions, completions, models) in front of the queue."""
-    import ipaddress
-
     import uvicorn
 
     from producer.gateway.app import create_app
@@ -96,11 +108,7 @@ def gateway(host: str | None, port: int | None, open_access: bool) -> None:
         if not open_access:
             raise click.UsageError("no API keys are set (INFERQ_GATEWAY__API_KEYS='{\"name\": \"key\"}'); set "
                                    "some, or pass --open to run without them on loopback")
-        try:
-            loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-        except ValueError:  # a host name: it may resolve anywhere
-            loopback = False
-        if not loopback:
+        if not _on_loopback(host):
             raise click.UsageError(f"--open runs without API keys, so only on loopback (127.0.0.1, ::1, "
                                    f"localhost); not on {host}")
     app = create_app(settings, open_access=not settings.gateway.api_keys)
