@@ -160,7 +160,7 @@ class GenerateRequest(_Request):
         if self.messages is not None:
             if not self.messages:
                 raise InvalidInput("messages must be a non-empty list of {role, content} objects; got []")
-            _check_count("messages", self.messages, *_list_caps(limits)["messages"])
+            _check_count("messages", self.messages, limits)
             for i, message in enumerate(self.messages):
                 _check_text(f"messages[{i}].content", message.content, limits)
         if not self.max_new_tokens >= 1:
@@ -175,7 +175,7 @@ class GenerateRequest(_Request):
         if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
             raise InvalidInput(f"seed must be an integer from 0 to 2**63-1; got {self.seed}")
         if self.stop is not None:
-            _check_count("stop", self.stop, *_list_caps(limits)["stop"])
+            _check_count("stop", self.stop, limits)
             for i, stop in enumerate(self.stop):
                 _check_unicode(f"stop[{i}]", stop)
                 if not 0 < len(stop) <= MAX_STOP_CHARS:
@@ -261,22 +261,24 @@ def validate(kind: Kind, kwargs: Any, limits: Limits, args: Any = ()) -> Request
     given = {key: value for key, value in kwargs.items() if value is not None}
     # A list over its limit is refused before its items are checked one by one: two million wrong items took
     # seconds and gigabytes of error reports first.
-    for name, (cap, unit, tail) in _list_caps(limits).items():
+    for name in _LIST_LIMITS:
         value = given.get(name)
         if isinstance(value, list):
-            _check_count(name, value, cap, unit, tail)
+            _check_count(name, value, limits)
     try:
         return REQUEST_TYPES[kind].model_validate(given, context=limits)
     except ValidationError as exc:
         raise InvalidInput(_describe(exc.errors())) from None
 
 
-def _list_caps(limits: Limits) -> dict[str, tuple[int, str, str]]:
-    return {"texts": (limits.max_texts, "items", " per request"), "labels": (limits.max_labels, "items", ""),
-            "messages": (limits.max_messages, "items", ""), "stop": (limits.max_stop, "strings", "")}
+# The list arguments with a count limit: the Limits field, and how the refusal names their items.
+_LIST_LIMITS = {"texts": ("max_texts", "items", " per request"), "labels": ("max_labels", "items", ""),
+                "messages": ("max_messages", "items", ""), "stop": ("max_stop", "strings", "")}
 
 
-def _check_count(name: str, values: list[Any], cap: int, unit: str, tail: str) -> None:
+def _check_count(name: str, values: list[Any], limits: Limits) -> None:
+    field, unit, tail = _LIST_LIMITS[name]
+    cap = getattr(limits, field)
     if len(values) > cap:
         raise InputTooLarge(f"{name} has {len(values)} {unit}; at most {cap} are allowed{tail}")
 
@@ -322,7 +324,7 @@ _INVISIBLE = frozenset({"Cc", "Cf", "Zs", "Zl", "Zp"})  # control, format and se
 def _check_texts(texts: list[str], limits: Limits) -> None:
     if not texts:
         raise InvalidInput("texts must be a non-empty list of strings; got []")
-    _check_count("texts", texts, *_list_caps(limits)["texts"])
+    _check_count("texts", texts, limits)
     for i, text in enumerate(texts):
         _check_text(f"texts[{i}]", text, limits)
         if not _visible(text):  # as for labels: nothing to embed or classify but padding
@@ -333,7 +335,7 @@ def _check_texts(texts: list[str], limits: Limits) -> None:
 def _check_labels(labels: list[str], limits: Limits) -> None:
     if not labels:
         raise InvalidInput("labels must be a non-empty list of distinct strings, or omitted; got []")
-    _check_count("labels", labels, *_list_caps(limits)["labels"])
+    _check_count("labels", labels, limits)
     seen: dict[str, int] = {}
     for i, label in enumerate(labels):
         _check_unicode(f"labels[{i}]", label)
