@@ -45,7 +45,7 @@ class Closing:
                 piece.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await piece
-        if not piece.done() or piece.cancelled():
+        if piece.cancelled():  # done either way: a piece still under way was cancelled and waited for above
             raise Stopping
         return piece.result()
 

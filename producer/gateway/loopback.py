@@ -37,4 +37,3 @@ class LoopbackOnly:
             await self.app(scope, receive, send)
             return
         await self.refusal(header)(scope, receive, send)
-

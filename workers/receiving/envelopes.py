@@ -16,8 +16,6 @@ from typing import Any
 from producer.contract import json_type_name
 
 MAX_TASK_ID = 255  # a UUID is 36; a client's own ids are kept short enough for a Redis key and a log line
-
-
 MAX_DEPTH = 32  # a message's headers and properties nest 3 levels at most; Celery's own, 4
 
 

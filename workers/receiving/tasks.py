@@ -30,7 +30,6 @@ def _register(app: Celery, kind: Kind, runtime: Callable[[], Runtime], settings:
 
     # *args/**kwargs: a foreign client's unknown or positional arguments must reach validation and come
     # back as InvalidInput, not as a TypeError from Python's call machinery.
-
     def run(task: Any, /, *args: Any, **kwargs: Any) -> Result:  # `/`: a kwarg named "task" reaches validation
         try:
             with quarantined(app, task.request, settings.max_deliveries, keep, wait) as earlier:
