@@ -105,6 +105,12 @@ class Gateway(BaseModel):
     queue_depth_cache_ms: float = Field(50.0, ge=0, description="how long one read of a queue's depth serves "
                                         "every request of its kind")
     retry_after_s: int = Field(1, ge=1, description="the Retry-After a refused request is given")
+    # Each open stream holds a Redis connection of its own to the result backend (a blocking XREAD cannot
+    # share one), and Redis's maxclients (10,000 unless set) is shared by every gateway and worker: past it
+    # Redis refuses new connections to all of them, workers included.
+    max_streams: int | None = Field(1000, ge=1, description="streamed generations one gateway process holds "
+                                    "open at once; one more is refused (429, Retry-After) before it is sent "
+                                    "(unset: no limit)")
     # 256 texts of 20,000 characters (the default limits) fit even written as JSON escapes (12 bytes a
     # character at most: 58.6 MiB)
     max_body_mb: float = Field(64.0, gt=0, description="refuse a request body larger than this with 413, "

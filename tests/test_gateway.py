@@ -29,7 +29,7 @@ from producer.errors import (
     ResultTimeout,
     TaskTimeout,
 )
-from producer.gateway.admission import Admission, QueueFull
+from producer.gateway.admission import Admission, QueueFull, StreamsFull, StreamSlots
 from producer.gateway.app import ClientGone, from_failure, from_task_error, still_runs
 from producer.gateway.results import ResultWaiter
 from tests.conftest import (
@@ -306,6 +306,66 @@ def test_a_gateway_stopped_mid_stream_closes_it_within_its_grace_and_cancels_the
             time.sleep(0.2)
     finally:
         stopping.stop()
+
+
+def test_streams_past_the_gateways_limit_are_refused_with_429_and_their_slots_come_back(
+        config_path: Path, worker: WorkerProcess) -> None:
+    """Each open stream holds a Redis connection: past INFERQ_GATEWAY__MAX_STREAMS a stream is refused (and a
+    plain request still served), and a slot is free again once its stream ends, however it ends."""
+    capped = Gateway(config_path, ARTIFACTS / "gateway-capped.log", "--open", INFERQ_GATEWAY__MAX_STREAMS="1",
+                     INFERQ_GATEWAY__RETRY_AFTER_S="2")
+    long = {"model": "smollm2", "prompt": "1, 2, 3, 4,", "max_tokens": 256, "temperature": 0, "stream": True}
+    short = {**long, "max_tokens": 4}
+
+    def streams_open() -> str:
+        page = httpx.get(f"{capped.url}/metrics", timeout=10).text
+        return next(line for line in page.splitlines() if line.startswith("inferq_gateway_streams_open "))
+
+    try:
+        with httpx.stream("POST", f"{capped.url}/v1/completions", json=long, timeout=60) as response:
+            lines = response.iter_lines()
+            assert next(line for line in lines if line.startswith("data: "))
+            assert streams_open() == "inferq_gateway_streams_open 1.0"
+            with pytest.raises(openai.RateLimitError, match="holds 1 streams open") as refused:
+                capped.sdk().completions.create(**short)
+            assert refused.value.response.headers["retry-after"] == "2"
+            assert refused.value.code == "too_many_streams"
+            plain = capped.sdk().completions.create(**{**short, "stream": False})
+            assert plain.choices[0].text
+        deadline = time.monotonic() + 20  # the client went away: its slot comes back as its stream is cancelled
+        while streams_open() != "inferq_gateway_streams_open 0.0":
+            assert time.monotonic() < deadline, streams_open()
+            time.sleep(0.1)
+        for _ in range(2):  # a stream run to its end gives its slot back too
+            text = "".join(chunk.choices[0].text for chunk in capped.sdk().completions.create(**short))
+            assert text
+        assert streams_open() == "inferq_gateway_streams_open 0.0"
+    finally:
+        capped.stop()
+
+
+def test_a_stream_slot_comes_back_when_its_stream_is_collected_and_a_release_counts_once() -> None:
+    """A response whose client left before its body was iterated never runs the body's cleanup: its slot
+    comes back when the stream it was tied to is collected."""
+
+    class Stream:
+        pass
+
+    slots = StreamSlots(2, retry_after=1)
+    stream = Stream()
+    slots.tie(stream, slots.take())
+    other = slots.take()
+    with pytest.raises(StreamsFull):
+        slots.take()
+    del stream
+    assert slots.open == 1
+    other()
+    other()
+    assert slots.open == 0
+    unbounded = StreamSlots(None, retry_after=1)
+    for _ in range(3):
+        unbounded.take()
+    assert unbounded.open == 3
 
 
 def test_api_keys_are_required_when_set_and_the_gateway_never_runs_open_without_being_told(

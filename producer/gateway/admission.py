@@ -1,16 +1,23 @@
-"""Admission control: a request whose kind's interactive queue is deeper than a limit is refused (429) before
-anything is sent, so an overloaded deployment answers at once instead of timing out later, and a client (the
-OpenAI SDK does so by itself) retries after ``Retry-After`` seconds.
+"""Admission control: a request whose kind's interactive queue is deeper than a limit, or a streamed one past
+the gateway's limit of open streams, is refused (429) before anything is sent, so an overloaded deployment
+answers at once instead of timing out later, and a client (the OpenAI SDK does so by itself) retries after
+``Retry-After`` seconds.
 
 Only the interactive list counts (the gateway's requests go there; bulk work waits behind them in its own
 list, so a bulk backlog makes no interactive request wait and refuses none). The depth is one LLEN on the
 broker, read at most once per ``cache_s`` per kind and shared by every request of that kind meanwhile: under
 load the check costs a dictionary lookup, and the limit is overshot by at most what arrives in ``cache_s``.
+
+Open streams are counted in the gateway process (``StreamSlots``): each holds a Redis connection to the result
+backend for as long as it is open, and a gateway that opened them without bound would take Redis's last
+connections (``maxclients``) from the workers themselves.
 """
 
 from __future__ import annotations
 
 import time
+import weakref
+from collections.abc import Callable
 
 import redis
 
@@ -55,3 +62,39 @@ class Admission:
     async def close(self) -> None:
         if self._redis is not None:
             await self._redis.aclose()
+
+
+class StreamsFull(Exception):
+    def __init__(self, limit: int, retry_after: int) -> None:
+        super().__init__(f"this gateway holds {limit} streams open, its limit (INFERQ_GATEWAY__MAX_STREAMS); "
+                         f"retry after {retry_after} s, or ask without streaming")
+        self.retry_after = retry_after
+
+
+class StreamSlots:
+    """How many streams are open in this gateway process, and a refusal past ``limit`` (None: no limit)."""
+
+    def __init__(self, limit: int | None, retry_after: int) -> None:
+        self.limit, self.retry_after = limit, retry_after
+        self.open = 0
+
+    def take(self) -> Callable[[], None]:
+        """One slot, or StreamsFull; returns its release, which may be called any number of times."""
+        if self.limit is not None and self.open >= self.limit:
+            raise StreamsFull(self.limit, self.retry_after)
+        self.open += 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.open -= 1
+
+        return release
+
+    @staticmethod
+    def tie(owner: object, release: Callable[[], None]) -> None:
+        """Release the slot when ``owner`` is collected, should no path release it before: a response whose
+        client left before its body was iterated never runs the body's own cleanup."""
+        weakref.finalize(owner, release)

@@ -4,7 +4,8 @@ Routes: ``POST /v1/embeddings``, ``POST /v1/chat/completions``, ``POST /v1/compl
 server-sent events with ``stream: true``), ``GET /v1/models`` (the aliases the live workers serve), and
 inferq's own ``POST /v1/classify``, ``GET /health`` and ``GET /metrics``. Every request is validated as the
 task contract says before it is sent, so bad input never reaches a worker; a request whose queue is over
-``gateway.max_queue_depth`` is refused with 429 before anything is sent (``admission.py``).
+``gateway.max_queue_depth``, or a streamed one past ``gateway.max_streams`` open in this process, is refused
+with 429 before anything is sent (``admission.py``).
 A streamed request whose client goes away is cancelled (``Client.cancel``): its generation stops.
 
 Stateless: every gateway process holds only its Redis connections, so several run behind a load balancer.
@@ -21,7 +22,7 @@ import contextlib
 import hmac
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import orjson
@@ -45,7 +46,7 @@ from producer.errors import (
     UnknownModel,
 )
 from producer.gateway import shapes
-from producer.gateway.admission import Admission, QueueFull
+from producer.gateway.admission import Admission, QueueFull, StreamsFull, StreamSlots
 from producer.gateway.closing import Closing, Stopping
 from producer.gateway.loopback import LoopbackOnly
 from producer.gateway.metrics import GatewayMetrics, MetricsMiddleware
@@ -151,6 +152,8 @@ def create_app(settings: Settings, open_access: bool = False, client: Client | N
     gate = Admission(settings.broker, settings.gateway.max_queue_depth, settings.gateway.queue_depth_cache_ms / 1000,
                      settings.gateway.retry_after_s, settings.connect_timeout, settings.sentinel_master)
     metrics = GatewayMetrics()
+    slots = StreamSlots(settings.gateway.max_streams, settings.gateway.retry_after_s)
+    metrics.streams_open.set_function(lambda: slots.open)
     waiter = ResultWaiter(queue.app.backend, settings.backend, settings.connect_timeout, settings.sentinel_master)
     cancels = Cancels(queue)
     closing = Closing()
@@ -237,6 +240,11 @@ def create_app(settings: Settings, open_access: bool = False, client: Client | N
         return answer(request, GatewayError(429, str(exc), "rate_limit_error", "queue_full"),
                       {"retry-after": str(exc.retry_after)})
 
+    @app.exception_handler(StreamsFull)
+    async def streams_full(request: Request, exc: StreamsFull) -> JSONResponse:
+        return answer(request, GatewayError(429, str(exc), "rate_limit_error", "too_many_streams"),
+                      {"retry-after": str(exc.retry_after)})
+
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
@@ -302,8 +310,14 @@ def create_app(settings: Settings, open_access: bool = False, client: Client | N
                     cancels.soon(handle.id)
                 raise
             return shapes.Generation(id=prefix + handle.id, chat=chat).response(result)
-        await admit("generate")
-        stream = await asyncio.to_thread(queue.stream_generate, **kwargs)
+        release = slots.take()  # StreamsFull (429) before anything is sent
+        try:
+            await admit("generate")
+            stream = await asyncio.to_thread(queue.stream_generate, **kwargs)
+        except BaseException:
+            release()
+            raise
+        slots.tie(stream, release)
         generation = shapes.Generation(id=prefix + stream.id, chat=chat)
         pieces = aiter(stream)
         try:  # the first piece before the response starts: an error before it still gets its own status
@@ -311,6 +325,7 @@ def create_app(settings: Settings, open_access: bool = False, client: Client | N
         except StopAsyncIteration:
             first = None
         except BaseException as exc:
+            release()
             if still_runs(exc):
                 cancels.soon(stream.id)
             if isinstance(exc, Exception) and not isinstance(exc, ClientGone):
@@ -318,7 +333,7 @@ def create_app(settings: Settings, open_access: bool = False, client: Client | N
             raise
         model = body.model or default_model
         events = _events(stream, pieces, first, generation, model, bool((body.stream_options or {}).get(
-            "include_usage")), cancels, closing)
+            "include_usage")), cancels, closing, release)
         return StreamingResponse(events, media_type="text/event-stream",
                                  headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
 
@@ -439,9 +454,11 @@ def _sse(payload: Any) -> bytes:
 
 
 async def _events(stream: Any, pieces: AsyncIterator[str], first: str | None, generation: shapes.Generation,
-                  model: str, include_usage: bool, cancels: Cancels, closing: Closing) -> AsyncIterator[bytes]:
+                  model: str, include_usage: bool, cancels: Cancels, closing: Closing,
+                  release: Callable[[], None]) -> AsyncIterator[bytes]:
     """A streamed generation as OpenAI's server-sent events, from its first piece (read before the response
-    started) on; the generation is cancelled if the client goes away, or the gateway stops first."""
+    started) on; the generation is cancelled if the client goes away, or the gateway stops first. Its slot
+    among the open streams is released at the end."""
     finished = False
     cancels.streaming.add(stream.id)
     try:
@@ -468,6 +485,7 @@ async def _events(stream: Any, pieces: AsyncIterator[str], first: str | None, ge
         yield _sse(from_failure(exc).body())
         yield _sse(b"[DONE]")
     finally:
+        release()
         cancels.streaming.discard(stream.id)
         if not finished:  # the client went away (the response was cancelled), or gave up: stop its generation
             log.info("the client of %s is gone; cancelling it", stream.id)

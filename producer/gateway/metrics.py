@@ -35,6 +35,8 @@ class GatewayMetrics:
                                  "byte, by route", ["route"], buckets=BUCKETS, registry=self.registry)
         self.in_flight = Gauge("inferq_gateway_in_flight", "Requests being answered now, by route", ["route"],
                                registry=self.registry)
+        self.streams_open = Gauge("inferq_gateway_streams_open", "Streamed generations open now (each holds a "
+                                  "Redis connection; gateway.max_streams bounds them)", registry=self.registry)
         self.refused = Counter("inferq_gateway_admission_refused", "Requests refused with 429 because their "
                                "queue was deeper than gateway.max_queue_depth, by kind", ["kind"],
                                registry=self.registry)
