@@ -4,6 +4,7 @@ fails with PoisonMessage and is kept in the dead-letter list; the other messages
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import subprocess
 import sys
@@ -13,12 +14,17 @@ from types import SimpleNamespace
 
 import pytest
 import redis
+from celery import Celery, states
+from celery.app.task import Context
+from celery.app.trace import TraceInfo
 from celery.exceptions import Reject
 
 from producer.client import Client
 from producer.errors import PoisonMessage
 from producer.settings import Settings
 from tests.conftest import ARTIFACTS, REDIS_HOST, REDIS_PORT, ROOT, worker_env
+from workers.errors import QuarantineFull
+from workers.receiving import trace_logs
 from workers.receiving.dead_letter import DEAD_LETTER_KEY
 from workers.receiving.deliveries import KEY, MIN_WAIT_S, quarantine_wait, quarantined, redelivery_counts
 
@@ -142,6 +148,31 @@ def test_a_redelivered_message_that_cannot_get_the_quarantine_in_time_goes_back_
         client.close()
         store.flushdb()
         store.close()
+
+
+def test_a_message_sent_back_for_a_busy_quarantine_is_logged_by_celery_at_info_without_a_traceback(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Expected whenever two redelivered messages meet in one worker, and counted: Celery's tracer logged each
+    at WARNING with a traceback. Other rejections keep Celery's own policy."""
+    trace_logs.install()
+    trace_logs.install()  # a second call adds no second filter
+    filters = logging.getLogger(trace_logs.TRACE_LOGGER).filters
+    assert sum(isinstance(found, trace_logs.TraceNoise) for found in filters) == 1
+
+    def generate() -> None:
+        pass
+
+    task = Celery("poison-logs", set_as_current=False).task(name="inferq.generate")(generate)
+    request = Context(id="m-1", hostname="worker@host", args=[], kwargs={})
+    with caplog.at_level(logging.INFO, logger=trace_logs.TRACE_LOGGER):
+        for rejection in (QuarantineFull("redelivered message m-1 waited 1 s"), Reject("other", requeue=True)):
+            try:
+                raise rejection
+            except Reject:
+                TraceInfo(states.REJECTED).handle_reject(task, request)  # what Celery's tracer calls
+    ours, other = (record for record in caplog.records if record.name == trace_logs.TRACE_LOGGER)
+    assert ours.levelno == logging.INFO and ours.exc_info is None and "m-1 waited 1 s" in ours.getMessage()
+    assert other.levelno == logging.WARNING and other.exc_info is not None
 
 
 def test_the_quarantine_wait_leaves_the_run_within_the_visibility_timeout() -> None:

@@ -215,6 +215,11 @@ def test_results_a_refusing_result_redis_could_not_store_are_answered_once_it_ta
         answers = [handle.get(timeout=60) for handle in handles]  # the visibility timeout is 10 s
         assert [answer["dim"] for answer in answers] == [384] * len(handles)
         assert worker.process.poll() is None
+        # one line a refused store, saying what becomes of the message; not Celery's two tracebacks besides
+        log = worker.log()
+        assert "its message stays unacknowledged" in log or "stay unacknowledged" in log, log[-3000:]
+        assert "Exception raised outside body" not in log and "raised unexpected: ResultNotStored" not in log
+        assert "Traceback" not in log, log[log.index("Traceback") - 500:][:3000]
     finally:
         worker.stop()
         client.close()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from celery.exceptions import Reject
+
 
 class WorkerError(Exception):
     """The worker cannot start or serve as configured."""
@@ -15,3 +17,12 @@ class ResultNotStored(Exception):
     """The result backend refused to store a task's outcome (READONLY during a failover, OOM under maxmemory,
     MISCONF, or still unreachable after the retries): its message stays unacknowledged and comes back after the
     visibility timeout, to run again once Redis takes writes."""
+
+
+class QuarantineFull(Reject):  # type: ignore[misc]
+    """A redelivered message waited as long as it may for the quarantine, which another redelivered message
+    holds: it goes back to the end of its queue (``requeue``), uncounted, and waits again on its next delivery
+    (workers/receiving/deliveries.py)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason, requeue=True)

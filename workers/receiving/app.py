@@ -14,7 +14,7 @@ from producer.redis_clients import is_sentinel
 from producer.settings import Kind, Settings
 from workers.device.runtime import Runtime
 from workers.errors import WorkerError
-from workers.receiving import backend, control, serialization
+from workers.receiving import backend, control, serialization, trace_logs
 from workers.receiving.cancels import CancelWatch
 from workers.receiving.events import ThreadSafeTaskEvents
 from workers.receiving.fastpath import DrainFastPath, FastPath
@@ -33,6 +33,7 @@ class WorkerApp:
         self.celery: Celery = make_celery(settings, "inferq-worker", worker=True)
         self.celery.loader.override_backends = backend.OVERRIDES
         serialization.install()  # messages decoded with orjson
+        trace_logs.install()  # what inferq reports itself, Celery's tracer does not log again with a traceback
         # counts, logs and answers messages that cannot be run (undecodable, pickled, malformed)
         self.celery.conf.worker_consumer = "workers.receiving.consumer:InferqConsumer"
         # ... and list entries that are not even messages (a stray LPUSH must not stop the worker)

@@ -30,6 +30,10 @@ from producer.redis_clients import MasterWatch
 from producer.result_backend import SentinelBackend
 from workers.errors import ResultNotStored
 
+# What a store that Redis refused (READONLY, OOM, MISCONF) or could not be reached for raises: from our
+# _store_result, or from store_successes (OSError: a socket or TLS error redis-py did not wrap)
+STORE_REFUSED = (ResultNotStored, RedisError, OSError)
+
 # KEYS: result keys; ARGV[1]: seconds to keep them (0: forever); ARGV[1 + i]: the encoded meta of KEYS[i].
 # Each is stored and published unless a SUCCESS is stored under its key already. One call stores a whole
 # batch: a call per result cost 7 us of redis-py packing each on this CPU (and a Redis command each).

@@ -28,9 +28,9 @@ from contextlib import contextmanager
 from typing import Any
 
 from celery import Celery
-from celery.exceptions import Reject
 
 from producer.errors import PoisonMessage
+from workers.errors import QuarantineFull
 from workers.receiving import dead_letter
 from workers.receiving.counters import SharedCounter
 
@@ -73,9 +73,9 @@ def quarantined(app: Celery, request: Any, max_deliveries: int, keep_seconds: in
         return
     if not _quarantine.acquire(timeout=wait):
         _counts.add("quarantine_full")
-        raise Reject(f"redelivered message {request.id} waited {wait:g} s for the quarantine, which another "
-                     "redelivered message holds; it goes back to its queue, so that its run, when it comes, ends "
-                     "within the visibility timeout", requeue=True)
+        raise QuarantineFull(f"redelivered message {request.id} waited {wait:g} s for the quarantine, which "
+                             "another redelivered message holds; it goes back to its queue, so that its run, when "
+                             "it comes, ends within the visibility timeout")
     try:
         earlier = app.backend.get_task_meta(request.id, cache=False)
         if earlier.get("status") == "SUCCESS":  # another delivery of it answered while this one waited

@@ -40,6 +40,7 @@ from producer.contract import message_priority
 from producer.errors import InferqError
 from producer.settings import Kind
 from workers.device.runtime import Pending, Runtime, stream_requested
+from workers.receiving.backend import STORE_REFUSED
 from workers.receiving.counters import SharedCounter
 from workers.receiving.envelopes import triple_problem
 from workers.receiving.events import plain, send_task_events
@@ -347,6 +348,9 @@ class FastPath:
             if succeeded:
                 backend.store_successes([(task.task_id, task.outcome) for task in succeeded])
                 stored += succeeded
+        except STORE_REFUSED as refused:  # Redis said why (READONLY, OOM, gone): its word is the whole story
+            log.error("could not store %d results (%s: %s); their messages stay unacknowledged and come back "
+                      "after the visibility timeout", len(succeeded), type(refused).__name__, refused)
         except Exception:
             log.exception("could not store %d results; their messages stay unacknowledged and come back after "
                           "the visibility timeout", len(succeeded))
@@ -356,6 +360,9 @@ class FastPath:
                 backend.mark_as_failure(task.task_id, exc, None if isinstance(exc, InferqError) else
                                         "".join(traceback.format_exception(exc)))
                 stored.append(task)
+            except STORE_REFUSED as refused:
+                log.error("could not store the failure of task %s (%s); its message comes back later", task.task_id,
+                          refused)
             except Exception:
                 log.exception("could not store the failure of task %s; its message comes back later", task.task_id)
         now = time.monotonic()
