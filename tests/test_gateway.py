@@ -149,6 +149,81 @@ def test_completions_take_a_plain_prompt(gateway: Gateway, client: Client) -> No
     assert "".join(chunk.choices[0].text for chunk in streamed) == direct["text"]
 
 
+def test_responses_give_the_queues_greedy_text_streamed_or_not(gateway: Gateway, client: Client) -> None:
+    """OpenAI's Responses API through the official SDK: instructions and input are the chat's system and user
+    messages, and the answer is the queue's own, as a response object or as its typed events in order."""
+    direct = client.generate(messages=[{"role": "system", "content": "Be brief."}, *CHAT], max_new_tokens=24)
+    status = "incomplete" if direct["finish_reason"] == "length" else "completed"
+    sdk = gateway.sdk()
+    asked = {"model": "smollm2", "max_output_tokens": 24, "temperature": 0}
+    response = sdk.responses.create(instructions="Be brief.", input=CHAT[0]["content"], **asked)
+    assert response.output_text == direct["text"] and response.status == status
+    assert response.id.startswith("resp_") and response.object == "response" and response.model == "smollm2"
+    assert (response.incomplete_details is not None) == (status == "incomplete")
+    assert response.usage is not None and response.usage.input_tokens == direct["prompt_tokens"]
+    assert response.usage.output_tokens == direct["completion_tokens"]
+    # the same conversation as items, with text parts, the developer role, and nulls meaning their defaults
+    items = [{"role": "developer", "content": [{"type": "input_text", "text": "Be brief."}]},
+             {"type": "message", "role": "user", "content": CHAT[0]["content"]}]
+    assert sdk.responses.create(input=items, top_p=None, store=False, tool_choice="none", **asked
+                                ).output_text == direct["text"]
+
+    events = list(sdk.responses.create(instructions="Be brief.", input=CHAT[0]["content"], stream=True, **asked))
+    kinds = [event.type for event in events]
+    assert kinds[:4] == ["response.created", "response.in_progress", "response.output_item.added",
+                         "response.content_part.added"], kinds
+    assert kinds[-4:] == ["response.output_text.done", "response.content_part.done", "response.output_item.done",
+                          f"response.{status}"], kinds
+    deltas = [event.delta for event in events if event.type == "response.output_text.delta"]
+    assert len(deltas) > 1 and "".join(deltas) == direct["text"]
+    assert [event.sequence_number for event in events] == list(range(len(events)))
+    last = events[-1].response  # type: ignore[union-attr]
+    assert last.output_text == direct["text"] and last.usage is not None
+    assert last.usage.output_tokens == direct["completion_tokens"] and last.id == events[0].response.id  # type: ignore[union-attr]
+    # the SDK's own stream helper checks that every event names the same response and item
+    with sdk.responses.stream(instructions="Be brief.", input=CHAT[0]["content"], **asked) as helper:
+        assert "".join(event.delta for event in helper if event.type == "response.output_text.delta") == direct["text"]
+
+    # a previous response's output replayed as input, as OpenAI's docs show a conversation kept by the client
+    follow = sdk.responses.create(input=[*items, *[item.model_dump() for item in response.output],
+                                         {"role": "user", "content": "And back down?"}], **asked)
+    assert follow.output_text and follow.usage is not None
+    assert follow.usage.input_tokens > response.usage.input_tokens
+
+    for refused, name in ((dict(previous_response_id=response.id), "previous_response_id"),
+                          (dict(tools=[{"type": "function", "name": "f", "parameters": {}}]), "tools"),
+                          (dict(reasoning={"effort": "low"}), "reasoning")):
+        with pytest.raises(openai.BadRequestError, match=name):
+            sdk.responses.create(input="hi", **refused, **asked)  # type: ignore[call-overload]
+    image = [{"role": "user", "content": [{"type": "input_image", "image_url": "https://example.com/a.png"}]}]
+    with pytest.raises(openai.BadRequestError, match="input_image"):
+        sdk.responses.create(input=image, **asked)  # type: ignore[arg-type]
+    with pytest.raises(openai.BadRequestError, match="function_call_output"):
+        sdk.responses.create(input=[{"type": "function_call_output", "call_id": "c", "output": "4"}], **asked)
+
+
+def test_a_streamed_response_cancelled_mid_way_ends_with_response_failed(gateway: Gateway, client: Client) -> None:
+    """Read as raw server-sent events: each names its type on an event line, as OpenAI's do, and a generation
+    that fails mid-stream ends it with response.failed carrying the error."""
+    body = {"model": "smollm2", "input": "1, 2, 3, 4,", "max_output_tokens": 256, "temperature": 0, "stream": True}
+    events: list[dict[str, Any]] = []
+    with httpx.stream("POST", f"{gateway.url}/v1/responses", json=body, timeout=60) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        named = None
+        for line in response.iter_lines():
+            if line.startswith("event: "):
+                named = line.removeprefix("event: ")
+            elif line.startswith("data: "):
+                events.append(json.loads(line.removeprefix("data: ")))
+                assert events[-1]["type"] == named
+                if [event["type"] for event in events].count("response.output_text.delta") == 2:
+                    client.cancel(events[-1]["item_id"].removeprefix("msg_"))
+    failed = events[-1]
+    assert failed["type"] == "response.failed" and failed["response"]["status"] == "failed", events[-3:]
+    assert failed["response"]["error"]["code"] == "Cancelled" and "cancel" in failed["response"]["error"]["message"]
+    assert failed["response"]["id"] == events[0]["response"]["id"]
+
+
 def test_models_lists_the_aliases_the_workers_serve(gateway: Gateway) -> None:
     listed = {model.id for model in gateway.sdk().models.list()}
     assert {"minilm", "smollm2", "tiny-lm", "tiny-sentiment"} <= listed

@@ -1,12 +1,12 @@
 """The gateway's ASGI app: OpenAI routes over inferq tasks, API keys, and errors in OpenAI's shape.
 
-Routes: ``POST /v1/embeddings``, ``POST /v1/chat/completions``, ``POST /v1/completions`` (both streamed as
-server-sent events with ``stream: true``), ``GET /v1/models`` (the aliases the live workers serve), and
-inferq's own ``POST /v1/classify``, ``GET /health`` and ``GET /metrics``. Every request is validated as the
-task contract says before it is sent, so bad input never reaches a worker; a request whose queue is over
-``gateway.max_queue_depth``, or a streamed one past ``gateway.max_streams`` open in this process, is refused
-with 429 before anything is sent (``admission.py``).
-A streamed request whose client goes away is cancelled (``Client.cancel``): its generation stops.
+Routes: ``POST /v1/embeddings``, ``POST /v1/chat/completions``, ``POST /v1/completions``, ``POST
+/v1/responses`` (the three streamed as server-sent events with ``stream: true``), ``GET /v1/models`` (the
+aliases the live workers serve), and inferq's own ``POST /v1/classify``, ``GET /health`` and ``GET /metrics``.
+Every request is validated as the task contract says before it is sent, so bad input never reaches a worker;
+a request whose queue is over ``gateway.max_queue_depth``, or a streamed one past ``gateway.max_streams`` open
+in this process, is refused with 429 before anything is sent (``admission.py``). A streamed request whose
+client goes away is cancelled (``Client.cancel``): its generation stops.
 
 Stateless: every gateway process holds only its Redis connections, so several run behind a load balancer.
 Calls that wait on Redis (sending a task, the workers' status) run in threads, never on the event loop.
@@ -50,6 +50,7 @@ from producer.gateway.admission import Admission, QueueFull, StreamsFull, Stream
 from producer.gateway.closing import Closing, Stopping
 from producer.gateway.loopback import LoopbackOnly
 from producer.gateway.metrics import GatewayMetrics, MetricsMiddleware
+from producer.gateway.responses import ResponsesRoute
 from producer.gateway.results import ResultWaiter
 from producer.gateway.served import ServedKinds
 from producer.health import check_workers, verdict
@@ -296,11 +297,9 @@ def create_app(settings: Settings, open_access: bool = False, client: Client | N
         handle = await send("classify", shapes.classify_kwargs(body))
         return Response(orjson.dumps(shapes.classify_response(await result_of(handle))), media_type="application/json")
 
-    async def generate(request: Request, chat: bool) -> Any:
-        body: Any = await parsed(request, shapes.ChatBody if chat else shapes.CompletionBody)
-        kwargs = (shapes.chat_kwargs(body, settings.limits.max_new_tokens) if chat
-                  else shapes.completion_kwargs(body))
-        prefix = "chatcmpl-" if chat else "cmpl-"
+    async def generate(request: Request, route: shapes.GenerateRoute) -> Any:
+        body: Any = await parsed(request, route.shape)
+        kwargs = route.kwargs(body)
         if not body.stream:
             handle = await send("generate", kwargs)
             try:
@@ -309,7 +308,7 @@ def create_app(settings: Settings, open_access: bool = False, client: Client | N
                 if still_runs(exc):
                     cancels.soon(handle.id)
                 raise
-            return shapes.Generation(id=prefix + handle.id, chat=chat).response(result)
+            return route.answer(handle.id, body, result)
         release = slots.take()  # StreamsFull (429) before anything is sent
         try:
             await admit("generate")
@@ -318,7 +317,6 @@ def create_app(settings: Settings, open_access: bool = False, client: Client | N
             release()
             raise
         slots.tie(stream, release)
-        generation = shapes.Generation(id=prefix + stream.id, chat=chat)
         pieces = aiter(stream)
         try:  # the first piece before the response starts: an error before it still gets its own status
             first: str | None = await unless_gone(request, anext(pieces))
@@ -331,19 +329,26 @@ def create_app(settings: Settings, open_access: bool = False, client: Client | N
             if isinstance(exc, Exception) and not isinstance(exc, ClientGone):
                 raise from_failure(exc) from None
             raise
-        model = body.model or default_model
-        events = _events(stream, pieces, first, generation, model, bool((body.stream_options or {}).get(
-            "include_usage")), cancels, closing, release)
+        events = _events(stream, pieces, first, route.events(stream.id, body), cancels, closing, release)
         return StreamingResponse(events, media_type="text/event-stream",
                                  headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
 
+    max_new_tokens = settings.limits.max_new_tokens
+    chat_route = shapes.CompletionRoute(True, max_new_tokens, default_model)
+    completion_route = shapes.CompletionRoute(False, max_new_tokens, default_model)
+    responses_route = ResponsesRoute(max_new_tokens, default_model)
+
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
-        return await generate(request, chat=True)
+        return await generate(request, chat_route)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
-        return await generate(request, chat=False)
+        return await generate(request, completion_route)
+
+    @app.post("/v1/responses")
+    async def responses(request: Request) -> Any:
+        return await generate(request, responses_route)
 
     def served_models() -> dict[str, dict[str, Any]]:
         """The aliases the live workers serve, as OpenAI's model objects."""
@@ -449,20 +454,16 @@ class Cancels:
             log.warning("could not cancel %s (%s)", task_id, exc)
 
 
-def _sse(payload: Any) -> bytes:
-    return b"data: " + (payload if isinstance(payload, bytes) else orjson.dumps(payload)) + b"\n\n"
-
-
-async def _events(stream: Any, pieces: AsyncIterator[str], first: str | None, generation: shapes.Generation,
-                  model: str, include_usage: bool, cancels: Cancels, closing: Closing,
-                  release: Callable[[], None]) -> AsyncIterator[bytes]:
-    """A streamed generation as OpenAI's server-sent events, from its first piece (read before the response
-    started) on; the generation is cancelled if the client goes away, or the gateway stops first. Its slot
-    among the open streams is released at the end."""
+async def _events(stream: Any, pieces: AsyncIterator[str], first: str | None, written: shapes.StreamEvents,
+                  cancels: Cancels, closing: Closing, release: Callable[[], None]) -> AsyncIterator[bytes]:
+    """A streamed generation as server-sent events, as its route writes them, from its first piece (read before
+    the response started) on; the generation is cancelled if the client goes away, or the gateway stops
+    first. Its slot among the open streams is released at the end."""
     finished = False
     cancels.streaming.add(stream.id)
     try:
-        yield _sse(generation.chunk(model, first, first=True))
+        for event in written.opening(first):
+            yield event
         while True:
             try:
                 piece = await closing.next_of(pieces)
@@ -471,19 +472,16 @@ async def _events(stream: Any, pieces: AsyncIterator[str], first: str | None, ge
             except Stopping:
                 raise GatewayError(503, "the gateway is stopping; this generation is cancelled, send it again",
                                    "service_unavailable", still_running=True) from None
-            yield _sse(generation.chunk(model, piece))
-        yield _sse(generation.chunk(stream.model or model, finish_reason=stream.finish_reason))
-        if include_usage:
-            result = {"prompt_tokens": stream.prompt_tokens or 0, "completion_tokens": stream.completion_tokens or 0}
-            yield _sse(generation.chunk(model, usage={**result, "total_tokens": sum(result.values())}))
-        finished = True
-        yield _sse(b"[DONE]")
+            yield written.piece(piece)
+        finished = True  # the generation is over: a client gone now leaves nothing to cancel
+        for event in written.ending(stream):
+            yield event
     except Exception as exc:  # mid-stream the status is sent already: the error is the last event
         finished = not still_runs(exc)  # a timeout, a lost Redis, a restart leave it running: cancel it
         if not isinstance(exc, InferqError | GatewayError):
             log.error("stream %s failed: %s: %s", stream.id, type(exc).__name__, exc)
-        yield _sse(from_failure(exc).body())
-        yield _sse(b"[DONE]")
+        for event in written.failure(from_failure(exc).body()["error"]):
+            yield event
     finally:
         release()
         cancels.streaming.discard(stream.id)

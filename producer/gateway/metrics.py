@@ -15,8 +15,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-ROUTES = ("/v1/embeddings", "/v1/chat/completions", "/v1/completions", "/v1/classify", "/v1/models", "/health",
-          "/metrics")
+ROUTES = ("/v1/embeddings", "/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/classify",
+          "/v1/models", "/health", "/metrics")
 # Seconds: from a cached /v1/models (under a millisecond) to a long generation (minutes).
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 Scope = MutableMapping[str, Any]

@@ -15,9 +15,12 @@ from __future__ import annotations
 import base64
 import sys
 import time
+from abc import ABC, abstractmethod
 from array import array
-from typing import Any, Literal
+from collections.abc import Iterable
+from typing import Any, ClassVar, Literal
 
+import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from producer.contract import ClassifyResult, EmbedResult, GenerateResult, few_names
@@ -27,8 +30,8 @@ from producer.errors import InvalidInput
 UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "logprobs", "top_logprobs", "logit_bias",
                "response_format", "presence_penalty", "frequency_penalty", "best_of", "echo", "suffix",
                "audio", "modalities", "prediction")
-NO_OPS: dict[str, Any] = {"tool_choice": "none", "response_format": {"type": "text"}, "presence_penalty": 0,
-                          "frequency_penalty": 0, "best_of": 1}
+NO_OPS: dict[str, tuple[Any, ...]] = {"tool_choice": ("none",), "response_format": ({"type": "text"},),
+                                      "presence_penalty": (0,), "frequency_penalty": (0,), "best_of": (1,)}
 # Fields of the OpenAI API that change nothing about the answer: accepted and ignored.
 IGNORED = frozenset({"user", "metadata", "store", "service_tier", "parallel_tool_calls", "safety_identifier",
                      "prompt_cache_key", "prompt_cache_retention"})
@@ -38,21 +41,24 @@ IGNORED = frozenset({"user", "metadata", "store", "service_tier", "parallel_tool
 MESSAGE_FIELDS = frozenset({"role", "content", "name"})
 
 
-class _Body(BaseModel):
+class OpenAIBody(BaseModel):
     # strict: JSON's own types only (no true as 1.0, no "5" as 5); extra: checked by parse, then ignored
     model_config = ConfigDict(extra="allow", strict=True)
+    # the OpenAI fields of this route that inferq cannot honour, and the values of them that change nothing
+    unsupported: ClassVar[tuple[str, ...]] = UNSUPPORTED
+    no_ops: ClassVar[dict[str, tuple[Any, ...]]] = NO_OPS
 
     model: str | None = None
     user: str | None = None
 
 
-class EmbeddingsBody(_Body):
+class EmbeddingsBody(OpenAIBody):
     input: str | list[str] | list[int] | list[list[int]]
     encoding_format: Literal["float", "base64"] | None = None
     dimensions: int | None = None
 
 
-class ClassifyBody(_Body):
+class ClassifyBody(OpenAIBody):
     """``POST /v1/classify``, inferq's own route (OpenAI has none): ``input`` like the embeddings route's;
     ``labels`` to classify zero-shot with an embedding model, or none for a classification model's own."""
 
@@ -61,7 +67,7 @@ class ClassifyBody(_Body):
     top_k: int | None = None
 
 
-class _GenerateBody(_Body):
+class _GenerateBody(OpenAIBody):
     # None is each field's OpenAI default: sampled at temperature 1, top_p 1, one choice, not streamed
     temperature: float | None = None
     top_p: float | None = None
@@ -83,7 +89,7 @@ class CompletionBody(_GenerateBody):
     max_tokens: int | None = None  # None: 16, the completions API's own default
 
 
-def parse(shape: type[_Body], body: Any) -> Any:
+def parse(shape: type[OpenAIBody], body: Any) -> Any:
     """The body as ``shape``, or InvalidInput naming every field that is wrong."""
     if not isinstance(body, dict):
         raise InvalidInput("the body must be a JSON object")
@@ -94,11 +100,11 @@ def parse(shape: type[_Body], body: Any) -> Any:
         problems = "; ".join(f"{'.'.join(map(str, error['loc'])) or 'body'}: {error['msg']}" for error in errors[:5])
         more = f"; and {len(errors) - 5} more problem(s)" if len(errors) > 5 else ""  # the first few say enough
         raise InvalidInput(problems + more) from None
-    refused = [name for name in UNSUPPORTED
-               if body.get(name) not in (None, False, [], {}) and body.get(name) != NO_OPS.get(name)]
+    refused = [name for name in shape.unsupported
+               if body.get(name) not in (None, False, [], {}) and body.get(name) not in shape.no_ops.get(name, ())]
     if refused:
         raise InvalidInput(f"{', '.join(refused)}: not supported by inferq")
-    unknown = sorted(set(parsed.model_extra or ()) - IGNORED - set(UNSUPPORTED))
+    unknown = sorted(set(parsed.model_extra or ()) - IGNORED - set(shape.unsupported))
     if unknown:
         raise InvalidInput(f"unrecognized field(s) {few_names(unknown)}: this route takes "
                            f"{', '.join(sorted(shape.model_fields))}")
@@ -232,3 +238,95 @@ class Generation(BaseModel):
         if usage is not None:
             payload["usage"] = usage
         return payload
+
+
+def sse(payload: Any, event: str | None = None) -> bytes:
+    """One server-sent event: ``payload`` as JSON (bytes as they are), named ``event`` if given."""
+    named = b"event: " + event.encode() + b"\n" if event else b""
+    return named + b"data: " + (payload if isinstance(payload, bytes) else orjson.dumps(payload)) + b"\n\n"
+
+
+class StreamEvents(ABC):
+    """How a route writes a streamed generation as server-sent events: its opening (with the first piece,
+    read before the response started), each piece, its ending, or the failure that ends it mid-way."""
+
+    @abstractmethod
+    def opening(self, first: str | None) -> Iterable[bytes]: ...
+
+    @abstractmethod
+    def piece(self, text: str) -> bytes: ...
+
+    @abstractmethod
+    def ending(self, stream: Any) -> Iterable[bytes]:
+        """``stream``: the GenerationStream read to its end (finish_reason, model and token counts set)."""
+
+    @abstractmethod
+    def failure(self, error: dict[str, Any]) -> Iterable[bytes]:
+        """``error``: OpenAI's error object (message, type, param, code)."""
+
+
+class CompletionEvents(StreamEvents):
+    """A chat or completion as OpenAI's chunks, ending with ``data: [DONE]``; with ``include_usage``, a last
+    chunk of no choices holds the usage."""
+
+    def __init__(self, generation: Generation, model: str, include_usage: bool) -> None:
+        self.generation, self.model, self.include_usage = generation, model, include_usage
+
+    def opening(self, first: str | None) -> Iterable[bytes]:
+        yield sse(self.generation.chunk(self.model, first, first=True))
+
+    def piece(self, text: str) -> bytes:
+        return sse(self.generation.chunk(self.model, text))
+
+    def ending(self, stream: Any) -> Iterable[bytes]:
+        yield sse(self.generation.chunk(stream.model or self.model, finish_reason=stream.finish_reason))
+        if self.include_usage:
+            counts = {"prompt_tokens": stream.prompt_tokens or 0, "completion_tokens": stream.completion_tokens or 0}
+            yield sse(self.generation.chunk(self.model, usage={**counts, "total_tokens": sum(counts.values())}))
+        yield sse(b"[DONE]")
+
+    def failure(self, error: dict[str, Any]) -> Iterable[bytes]:
+        yield sse({"error": error})
+        yield sse(b"[DONE]")
+
+
+class GenerateRoute(ABC):
+    """One OpenAI route over the generate task: its body, the task's kwargs, and its answer, whole or
+    streamed. ``default_max_tokens`` is what a request without a token limit may generate (OpenAI's: up to
+    the model's context; here the worker's ``max_new_tokens`` limit, fitted to what the context leaves), and
+    ``default_model`` what a streamed chunk names before the worker said which model ran."""
+
+    shape: type[OpenAIBody]
+
+    def __init__(self, default_max_tokens: int, default_model: str) -> None:
+        self.default_max_tokens, self.default_model = default_max_tokens, default_model
+
+    @abstractmethod
+    def kwargs(self, body: Any) -> dict[str, Any]: ...
+
+    @abstractmethod
+    def answer(self, task_id: str, body: Any, result: GenerateResult) -> dict[str, Any]: ...
+
+    @abstractmethod
+    def events(self, task_id: str, body: Any) -> StreamEvents: ...
+
+
+class CompletionRoute(GenerateRoute):
+    """``POST /v1/chat/completions`` (``chat``) or ``POST /v1/completions``."""
+
+    def __init__(self, chat: bool, default_max_tokens: int, default_model: str) -> None:
+        super().__init__(default_max_tokens, default_model)
+        self.chat = chat
+        self.shape = ChatBody if chat else CompletionBody
+        self._prefix = "chatcmpl-" if chat else "cmpl-"
+
+    def kwargs(self, body: Any) -> dict[str, Any]:
+        return chat_kwargs(body, self.default_max_tokens) if self.chat else completion_kwargs(body)
+
+    def answer(self, task_id: str, body: Any, result: GenerateResult) -> dict[str, Any]:
+        return Generation(id=self._prefix + task_id, chat=self.chat).response(result)
+
+    def events(self, task_id: str, body: Any) -> StreamEvents:
+        return CompletionEvents(Generation(id=self._prefix + task_id, chat=self.chat),
+                                body.model or self.default_model,
+                                bool((body.stream_options or {}).get("include_usage")))
