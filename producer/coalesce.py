@@ -84,11 +84,19 @@ def split_result(kind: Kind, result: dict[str, Any], sizes: list[int]) -> list[d
     rows = result[rows_key]
     if len(rows) != sum(sizes):
         raise RuntimeError(f"merged {kind} result has {len(rows)} rows for {sum(sizes)} texts")
-    # the merged message's token count is every caller's texts together: no caller's own, so none gets it
-    shared = {key: value for key, value in result.items() if key != "prompt_tokens"}
+    # the merged message's token count is every caller's texts together; each caller's own is the sum over
+    # its texts' counts, where the worker sent them (an older one did not: then no caller gets a count)
+    shared = {key: value for key, value in result.items() if key not in ("prompt_tokens", "text_tokens")}
+    counts = result.get("text_tokens")
+    if counts is not None and len(counts) != len(rows):
+        raise RuntimeError(f"merged {kind} result has {len(counts)} token counts for {len(rows)} texts")
     parts, start = [], 0
     for size in sizes:
-        parts.append({**shared, rows_key: rows[start:start + size]})
+        part = {**shared, rows_key: rows[start:start + size]}
+        if counts is not None:
+            part["text_tokens"] = counts[start:start + size]
+            part["prompt_tokens"] = sum(part["text_tokens"])
+        parts.append(part)
         start += size
     return parts
 

@@ -217,9 +217,11 @@ class EmbedResult(TypedDict):
     model: str
     dim: int
     embeddings: list[list[float]]
-    # tokens of all the texts, special tokens included (what the model ran); absent from a coalesced call's
-    # result, whose message carried other callers' texts too
+    # tokens of all the texts, special tokens included (what the model ran)
     prompt_tokens: NotRequired[int]
+    # the same, per text in order: a coalesced call's prompt_tokens is the sum over its own texts (workers
+    # older than this field send none, and a coalesced call then has no prompt_tokens)
+    text_tokens: NotRequired[list[int]]
 
 
 class LabelScore(TypedDict):

@@ -16,6 +16,7 @@ import redis
 import torch
 
 from producer.client import Client, FutureHandle
+from producer.coalesce import split_result
 from producer.contract import queue_name
 from producer.errors import InferqConnectionError, InputTooLarge, ResultTimeout, UnknownModel
 from producer.settings import Settings
@@ -39,7 +40,7 @@ def requests_seen(client: Client, worker: WorkerProcess) -> int:
 def test_concurrent_calls_share_messages_and_get_their_own_rows(coalescing: Client, client: Client,
                                                                  worker: WorkerProcess) -> None:
     texts = [f"coalesced sentence number {i}" for i in range(40)]
-    alone = {text: client.embed([text])["embeddings"][0] for text in texts[:5]}
+    alone = {text: client.embed([text]) for text in texts[:5]}
     before = requests_seen(client, worker)
     with ThreadPoolExecutor(max_workers=40) as pool:
         results = list(pool.map(lambda text: coalescing.embed([text]), texts))
@@ -48,7 +49,23 @@ def test_concurrent_calls_share_messages_and_get_their_own_rows(coalescing: Clie
     for text, result in zip(texts, results, strict=True):
         assert len(result["embeddings"]) == 1
         if text in alone:
-            assert torch.allclose(torch.tensor(result["embeddings"][0]), torch.tensor(alone[text]), atol=1e-5)
+            own = alone[text]
+            assert torch.allclose(torch.tensor(result["embeddings"][0]), torch.tensor(own["embeddings"][0]),
+                                  atol=1e-5)
+            # its own token count, not the merged message's (which the gateway reported as usage 0 before)
+            assert result["prompt_tokens"] == own["prompt_tokens"] > 0 and result["text_tokens"] == own["text_tokens"]
+
+
+def test_a_merged_result_gives_each_caller_its_own_token_count_where_the_worker_sent_them() -> None:
+    merged = {"model": "m", "dim": 1, "embeddings": [[1.0], [2.0], [3.0]], "prompt_tokens": 12,
+              "text_tokens": [3, 4, 5]}
+    first, second = split_result("embed", merged, [1, 2])
+    assert (first["prompt_tokens"], first["text_tokens"]) == (3, [3])
+    assert (second["prompt_tokens"], second["text_tokens"], second["embeddings"]) == (9, [4, 5], [[2.0], [3.0]])
+    older = {key: value for key, value in merged.items() if key != "text_tokens"}  # a worker before the field
+    assert all("prompt_tokens" not in part for part in split_result("embed", older, [1, 2]))
+    with pytest.raises(RuntimeError, match="2 token counts for 3 texts"):
+        split_result("embed", {**merged, "text_tokens": [3, 4]}, [1, 2])
 
 
 def test_a_bad_call_fails_alone_inside_a_merged_message(coalescing: Client, worker: WorkerProcess) -> None:

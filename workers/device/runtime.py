@@ -315,14 +315,15 @@ class Runtime:
         embedder = self.embedders[alias]
 
         ids = embedder.tokenize(list(request.texts))
-        tokens = sum(len(row) for row in ids)
+        text_tokens = [len(row) for row in ids]
 
         def build(vectors: torch.Tensor) -> EmbedResult:
             rows = vectors.numpy()
             if request.normalize:
                 # torch's normalize, in numpy: a torch call per request cost ~7% of a receiver's CPU
                 rows = rows / np.maximum(np.linalg.norm(rows, axis=-1, keepdims=True), NORM_EPS)
-            return EmbedResult(model=alias, dim=embedder.dim, embeddings=rows.tolist(), prompt_tokens=tokens)
+            return EmbedResult(model=alias, dim=embedder.dim, embeddings=rows.tolist(),
+                               prompt_tokens=sum(text_tokens), text_tokens=text_tokens)
 
         return self._encode("embed", f"embed/{alias}", ids, priority, build)
 
