@@ -119,6 +119,10 @@ class Gateway(BaseModel):
     # without a word and leave their generations running for nobody; closed here, their generations stop.
     shutdown_grace_s: int = Field(8, ge=0, description="on SIGTERM, how long requests under way may take "
                                     "to finish; then open streams are closed and their generations cancelled")
+    # Prometheus cannot read a key from its environment: a port of its own, kept inside a private network
+    metrics_port: int | None = Field(None, ge=1, le=65535, description="also serve /metrics on this port, "
+                                     "without a key (unset: only on the API port, with a key)")
+    metrics_address: str = Field("127.0.0.1", description="where metrics_port listens; 0.0.0.0 in a container")
 
 
 class TimeLimits(BaseModel):

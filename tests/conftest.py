@@ -22,6 +22,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx
+import openai
 import pytest
 import redis
 
@@ -371,3 +373,31 @@ def unacked(store: redis.Redis) -> dict[str, tuple[str, float]]:
         message = json.loads(raw)[0]
         held[tag.decode()] = (message["headers"]["id"], delivered.get(tag, math.nan))
     return held
+
+
+class Gateway:
+    """An `inferq gateway` process on a free port, in front of the Redis and workers ``config`` names."""
+
+    def __init__(self, config: Path, log: Path, *args: str, **env: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._log = log.open("wb")
+        self.process = subprocess.Popen([sys.executable, "-m", "producer.cli", "gateway", "--port", str(self.port),
+                                         *args], env={**worker_env(config), **env}, cwd=ROOT, stdout=self._log,
+                                        stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while True:
+            assert self.process.poll() is None, log.read_text()
+            try:
+                httpx.get(f"{self.url}/v1/nothing", timeout=1)
+                return
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "the gateway did not start"
+                time.sleep(0.1)
+
+    def sdk(self, key: str = "none") -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0, timeout=120)
+
+    def stop(self) -> None:
+        stop(self.process, 20)
+        self._log.close()

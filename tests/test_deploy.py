@@ -122,6 +122,11 @@ def test_prometheus_finds_every_compose_service_that_serves_worker_metrics() -> 
                if "INFERQ_METRICS_PORT" in service.get("environment", {})}
     assert serving == {("worker", 9810), ("worker-cpu", 9810)}
     assert serving <= discovered
+    gateways = next(job for job in config["scrape_configs"] if job["job_name"] == "inferq-gateway")
+    gateway = resolved()["services"]["gateway"]["environment"]
+    assert gateway["INFERQ_GATEWAY__METRICS_ADDRESS"] == "0.0.0.0"
+    assert {("gateway", int(gateway["INFERQ_GATEWAY__METRICS_PORT"]))} == {
+        (name, sd["port"]) for sd in gateways["dns_sd_configs"] for name in sd["names"]}
 
 
 def test_the_prometheus_config_passes_promtool() -> None:
@@ -148,6 +153,7 @@ def test_every_dashboard_query_parses() -> None:
 
 
 @pytest.mark.parametrize("needed", ["flower_events_total", "flower_task_runtime_seconds_bucket",
-                                    "inferq_queue_depth", "flower_worker_online"])
+                                    "inferq_queue_depth", "flower_worker_online", "inferq_gateway_requests_total",
+                                    "inferq_gateway_request_seconds_bucket", "inferq_gateway_streams_open"])
 def test_the_dashboard_shows_tasks_runtime_queue_depth_and_workers(needed: str) -> None:
     assert any(needed in expr for expr in dashboard_queries())

@@ -36,6 +36,7 @@ from tests.conftest import (
     ARTIFACTS,
     REDIS_HOST,
     ROOT,
+    Gateway,
     WorkerProcess,
     device_counts,
     free_port,
@@ -47,32 +48,6 @@ from tests.conftest import (
 pytestmark = pytest.mark.integration
 KEY = "sk-test-0123456789"
 CHAT = [{"role": "user", "content": "Count from one to ten."}]
-
-
-class Gateway:
-    def __init__(self, config: Path, log: Path, *args: str, **env: str) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self._log = log.open("wb")
-        self.process = subprocess.Popen([sys.executable, "-m", "producer.cli", "gateway", "--port", str(self.port),
-                                         *args], env={**worker_env(config), **env}, cwd=ROOT, stdout=self._log,
-                                        stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 60
-        while True:
-            assert self.process.poll() is None, log.read_text()
-            try:
-                httpx.get(f"{self.url}/v1/nothing", timeout=1)
-                return
-            except httpx.TransportError:
-                assert time.monotonic() < deadline, "the gateway did not start"
-                time.sleep(0.1)
-
-    def sdk(self, key: str = "none") -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0, timeout=120)
-
-    def stop(self) -> None:
-        stop(self.process, 20)
-        self._log.close()
 
 
 @pytest.fixture(scope="module")
@@ -200,6 +175,10 @@ def test_responses_give_the_queues_greedy_text_streamed_or_not(gateway: Gateway,
         sdk.responses.create(input=image, **asked)  # type: ignore[arg-type]
     with pytest.raises(openai.BadRequestError, match="function_call_output"):
         sdk.responses.create(input=[{"type": "function_call_output", "call_id": "c", "output": "4"}], **asked)
+    for malformed in ({"role": ["user"], "content": "x"}, {"role": "user", "content": [{"type": {}, "text": "x"}]}):
+        with pytest.raises(openai.BadRequestError):  # refused by name, not a 500
+            sdk.post("/responses", body={"input": [malformed], **asked}, cast_to=object)
+    assert sdk.responses.create(input=[{"type": None, "role": "user", "content": "hi"}], **asked).output_text
 
 
 def test_a_streamed_response_cancelled_mid_way_ends_with_response_failed(gateway: Gateway, client: Client) -> None:
@@ -220,8 +199,13 @@ def test_a_streamed_response_cancelled_mid_way_ends_with_response_failed(gateway
                     client.cancel(events[-1]["item_id"].removeprefix("msg_"))
     failed = events[-1]
     assert failed["type"] == "response.failed" and failed["response"]["status"] == "failed", events[-3:]
-    assert failed["response"]["error"]["code"] == "Cancelled" and "cancel" in failed["response"]["error"]["message"]
+    error = failed["response"]["error"]
+    assert error["code"] == "server_error" and error["type"] == "Cancelled" and "cancel" in error["message"]
     assert failed["response"]["id"] == events[0]["response"]["id"]
+    sent = "".join(event["delta"] for event in events if event["type"] == "response.output_text.delta")
+    (message,) = failed["response"]["output"]  # what was sent stays, an incomplete message
+    assert message["status"] == "incomplete" and message["content"][0]["text"] == sent
+    assert openai.types.responses.ResponseFailedEvent.model_validate(failed)  # as strictly as the SDK types it
 
 
 def test_models_lists_the_aliases_the_workers_serve(gateway: Gateway) -> None:
@@ -445,8 +429,10 @@ def test_a_stream_slot_comes_back_when_its_stream_is_collected_and_a_release_cou
 
 def test_api_keys_are_required_when_set_and_the_gateway_never_runs_open_without_being_told(
         config_path: Path, worker: WorkerProcess) -> None:
+    metrics_port = free_port()
     keyed = Gateway(config_path, ARTIFACTS / "gateway-keyed.log",
-                    INFERQ_GATEWAY__API_KEYS=json.dumps({"webapp": KEY}), INFERQ_GATEWAY__MAX_BODY_MB="0.01")
+                    INFERQ_GATEWAY__API_KEYS=json.dumps({"webapp": KEY}), INFERQ_GATEWAY__MAX_BODY_MB="0.01",
+                    INFERQ_GATEWAY__METRICS_PORT=str(metrics_port))
     try:
         with pytest.raises(openai.AuthenticationError):
             keyed.sdk("sk-wrong").models.list()
@@ -457,6 +443,10 @@ def test_api_keys_are_required_when_set_and_the_gateway_never_runs_open_without_
         assert 'inferq_gateway_requests_total{key="none",route="/v1/models",status="401"} 1.0' in page
         assert 'inferq_gateway_errors_total{route="/v1/models",type="invalid_api_key"} 1.0' in page
         assert KEY not in page
+        # the same metrics on INFERQ_GATEWAY__METRICS_PORT, for a Prometheus that holds no key
+        scraped = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10)
+        assert scraped.status_code == 200
+        assert 'inferq_gateway_requests_total{key="webapp",route="/v1/models",status="200"} 1.0' in scraped.text
         assert httpx.get(f"{keyed.url}/health", timeout=10).status_code == 200  # a load balancer needs no key
         # a body over INFERQ_GATEWAY__MAX_BODY_MB (here 10 KiB): 413, whether its length is declared or not
         big = json.dumps({"model": "minilm", "input": ["x" * 20_000]}).encode()
@@ -471,6 +461,8 @@ def test_api_keys_are_required_when_set_and_the_gateway_never_runs_open_without_
     finally:
         keyed.stop()
     assert KEY not in (ARTIFACTS / "gateway-keyed.log").read_text()
+    with pytest.raises(httpx.TransportError):  # stopped with the gateway
+        httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=2)
     refused = subprocess.run([sys.executable, "-m", "producer.cli", "gateway", "--port", str(free_port())],
                              env=worker_env(config_path), cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert refused.returncode == 2 and "no API keys are set" in refused.stderr

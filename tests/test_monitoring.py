@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import openai
 import pytest
 import redis
 import yaml
@@ -27,7 +28,17 @@ from prometheus_client.parser import text_string_to_metric_families
 from producer.client import Client
 from producer.contract import PRIORITY_SEP, SENT_HEADER
 from producer.monitoring import QueueDepthCollector
-from tests.conftest import ARTIFACTS, REDIS_HOST, REDIS_PORT, REDIS_URL, ROOT, WorkerProcess, free_port, stop
+from tests.conftest import (
+    ARTIFACTS,
+    REDIS_HOST,
+    REDIS_PORT,
+    REDIS_URL,
+    ROOT,
+    Gateway,
+    WorkerProcess,
+    free_port,
+    stop,
+)
 
 pytestmark = pytest.mark.integration
 USER, PASSWORD = "admin", "flower-test-password"
@@ -185,8 +196,8 @@ def test_the_oldest_waiting_message_is_aged_by_its_send_time_or_from_when_it_was
 NO_DATA_HERE = ("task-failed", "inferq_device_memory_bytes", "inferq_gpu_utilization_ratio")
 
 
-def test_prometheus_scrapes_flower_and_the_worker_and_every_dashboard_query_answers(
-        flower: Flower, client: Client, worker: WorkerProcess, tmp_path: Path) -> None:
+def test_prometheus_scrapes_flower_the_worker_and_the_gateway_and_every_dashboard_query_answers(
+        flower: Flower, client: Client, worker: WorkerProcess, config_path: Path, tmp_path: Path) -> None:
     prometheus = shutil.which("prometheus")
     assert prometheus, "prometheus is missing: scripts/test.sh installs it"
     target = urllib.parse.urlparse(flower.base).netloc
@@ -197,6 +208,11 @@ def test_prometheus_scrapes_flower_and_the_worker_and_every_dashboard_query_answ
     jobs["inferq-flower"]["static_configs"] = [{"targets": [target]}]
     del jobs["inferq-workers"]["dns_sd_configs"]
     jobs["inferq-workers"]["static_configs"] = [{"targets": [f"127.0.0.1:{worker.metrics_port}"]}]
+    gateway_metrics = free_port()
+    gateway = Gateway(config_path, ARTIFACTS / "gateway-monitored.log", "--open",
+                      INFERQ_GATEWAY__METRICS_PORT=str(gateway_metrics))
+    del jobs["inferq-gateway"]["dns_sd_configs"]
+    jobs["inferq-gateway"]["static_configs"] = [{"targets": [f"127.0.0.1:{gateway_metrics}"]}]
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
     port = free_port()
     with (ARTIFACTS / "prometheus.log").open("wb") as log:
@@ -216,11 +232,11 @@ def test_prometheus_scrapes_flower_and_the_worker_and_every_dashboard_query_answ
     try:
         def scraped() -> bool:
             try:
-                return bool(query('up{job="inferq-flower"} == 1')) and bool(query('up{job="inferq-workers"} == 1'))
+                return all(query(f'up{{job="{job}"}} == 1') for job in jobs)
             except (urllib.error.URLError, ConnectionError):
                 assert process.poll() is None, (ARTIFACTS / "prometheus.log").read_text()
                 return False
-        wait_for(scraped, 60, "prometheus to scrape flower and the worker")
+        wait_for(scraped, 60, "prometheus to scrape flower, the worker and the gateway")
         # load across several scrapes, so rates have two samples that differ
         for round_ in range(6):
             handles = [client.submit_classify([f"round {round_} text {i}"], labels=["a", "b"]) for i in range(20)]
@@ -228,6 +244,9 @@ def test_prometheus_scrapes_flower_and_the_worker_and_every_dashboard_query_answ
             handles += [client.submit_generate(f"round {round_}", model="tiny-lm", max_new_tokens=4)]
             for handle in handles:
                 handle.get()
+            gateway.sdk().embeddings.create(model="minilm", input=[f"round {round_} through the gateway"])
+            with pytest.raises(openai.BadRequestError):  # an error by type
+                gateway.sdk().embeddings.create(model="minilm", input=[], dimensions=3)
             time.sleep(0.5)
         dashboard = json.loads((ROOT / "deploy/grafana/dashboards/inferq.json").read_text())
         deadline = time.monotonic() + 30
@@ -241,6 +260,7 @@ def test_prometheus_scrapes_flower_and_the_worker_and_every_dashboard_query_answ
             time.sleep(0.5)
     finally:
         stop(process, 20)
+        gateway.stop()
     assert not empty, f"dashboard queries with no data: {empty}"
     rates = {series["metric"]["task"]: float(series["value"][1]) for series in
              answers['sum by (task) (rate(flower_events_total{type="task-succeeded"}[1m]))']}

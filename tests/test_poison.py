@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
+import logging.handlers
+import pickle
 import signal
 import subprocess
 import sys
@@ -173,6 +175,21 @@ def test_a_message_sent_back_for_a_busy_quarantine_is_logged_by_celery_at_info_w
     ours, other = (record for record in caplog.records if record.name == trace_logs.TRACE_LOGGER)
     assert ours.levelno == logging.INFO and ours.exc_info is None and "m-1 waited 1 s" in ours.getMessage()
     assert other.levelno == logging.WARNING and other.exc_info is not None
+    # --loglevel WARNING: Celery's handlers have no level of their own, so the logger's filter must drop it
+    logger, shown = logging.getLogger(trace_logs.TRACE_LOGGER), logging.handlers.BufferingHandler(10)
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    logger.addHandler(shown)
+    try:
+        try:
+            raise QuarantineFull("redelivered message m-2 waited 1 s")
+        except Reject:
+            TraceInfo(states.REJECTED).handle_reject(task, request)
+    finally:
+        logger.removeHandler(shown)
+        logger.setLevel(level)
+    assert not shown.buffer
+    assert pickle.loads(pickle.dumps(QuarantineFull("again"))).requeue  # as Reject, it survives a pickle
 
 
 def test_the_quarantine_wait_leaves_the_run_within_the_visibility_timeout() -> None:

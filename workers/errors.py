@@ -24,5 +24,5 @@ class QuarantineFull(Reject):  # type: ignore[misc]
     holds: it goes back to the end of its queue (``requeue``), uncounted, and waits again on its next delivery
     (workers/receiving/deliveries.py)."""
 
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason, requeue=True)
+    def __init__(self, reason: str, requeue: bool = True) -> None:  # both: Reject's args, which unpickling passes
+        super().__init__(reason, requeue=requeue)

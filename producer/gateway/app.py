@@ -161,8 +161,12 @@ def create_app(settings: Settings, open_access: bool = False, client: Client | N
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        exposition = metrics.serve(settings.gateway.metrics_address, settings.gateway.metrics_port)
         await served.start()
         yield
+        if exposition is not None:
+            exposition.shutdown()
+            exposition.server_close()
         await cancels.settle(SHUTDOWN_CANCELS_S)
         await served.stop()
         await gate.close()

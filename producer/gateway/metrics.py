@@ -12,8 +12,9 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
+from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, start_http_server
 
 ROUTES = ("/v1/embeddings", "/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/classify",
           "/v1/models", "/health", "/metrics")
@@ -43,6 +44,18 @@ class GatewayMetrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+    def serve(self, address: str, port: int | None) -> WSGIServer | None:
+        """Serve these metrics without a key on ``port`` (for Prometheus, which cannot send one it does not
+        hold in a file) in a thread, until the server returned is shut down; nothing without a port."""
+        if port is None:
+            return None
+        try:
+            server, _ = start_http_server(port, addr=address, registry=self.registry)
+        except OSError as exc:
+            raise RuntimeError(f"cannot serve the gateway's metrics on {address}:{port} "
+                              f"(INFERQ_GATEWAY__METRICS_PORT): {exc}") from exc
+        return server
 
 
 def route_of(path: str) -> str:

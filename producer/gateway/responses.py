@@ -65,18 +65,18 @@ def _message(index: int, item: Any) -> dict[str, str]:
     where = f"input[{index}]"
     if not isinstance(item, dict):
         raise InvalidInput(f"{where} must be a message object ({{\"role\", \"content\"}})")
-    if item.get("type", "message") != "message":
+    if (item.get("type") or "message") != "message":
         raise InvalidInput(f"{where}: items of type {item.get('type')!r} are not supported; only messages are")
     extra = [key for key, value in item.items() if key not in MESSAGE_FIELDS and value not in (None, [], {}, "")]
     if extra:
         raise InvalidInput(f"{where}: {few_names(extra)} not supported; a message is its role and content")
-    role = ROLES.get(item.get("role"))  # type: ignore[arg-type]
+    role = ROLES.get(item["role"]) if isinstance(item.get("role"), str) else None
     if role is None:
         raise InvalidInput(f"{where}.role must be one of {', '.join(ROLES)}; got {item.get('role')!r}")
     content = item.get("content")
     if isinstance(content, list):
         for at, part in enumerate(content):
-            if not isinstance(part, dict) or part.get("type") not in TEXT_PARTS:
+            if not isinstance(part, dict) or not isinstance(part.get("type"), str) or part["type"] not in TEXT_PARTS:
                 kind = part.get("type") if isinstance(part, dict) else type(part).__name__
                 raise InvalidInput(f"{where}.content[{at}]: only input_text and output_text parts are supported; "
                                    f"got {kind!r}")
@@ -175,8 +175,11 @@ class ResponseEvents(StreamEvents):
         yield self._event(f"response.{status}", response=self.reply.response(status, self.text, result))
 
     def failure(self, error: dict[str, Any]) -> Iterable[bytes]:
-        failed = {"code": error.get("code") or error.get("type"), "message": error.get("message")}
-        yield self._event("response.failed", response=self.reply.response("failed", error=failed))
+        """The text sent so far stays, as an incomplete message. OpenAI's error codes are a fixed list: inferq's
+        own (Cancelled, ResultTimeout, ...) goes in ``type``."""
+        code = "rate_limit_exceeded" if error.get("type") == "rate_limit_error" else "server_error"
+        failed = {"code": code, "message": error.get("message"), "type": error.get("code") or error.get("type")}
+        yield self._event("response.failed", response=self.reply.response("failed", self.text, error=failed))
 
 
 

@@ -27,6 +27,8 @@ class TraceNoise(logging.Filter):
         if isinstance(exc, QuarantineFull):
             record.levelno, record.levelname = logging.INFO, logging.getLevelName(logging.INFO)
             record.exc_info, record.exc_text = None, None
+            # the logger weighed the record's level before its filters: weigh the new one (--loglevel WARNING)
+            return logging.getLogger(record.name).isEnabledFor(logging.INFO)
         return True
 
 
