@@ -191,14 +191,20 @@ class WorkerProcess:
         raise AssertionError(f"worker {node} not ready in {timeout} s:\n{self.log()[-3000:]}")
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self._log.close()
+        """SIGTERM: a warm shutdown. One still running 30 s later is killed, and fails the test: a worker that
+        hangs on its way out would hang a deployment's rolling restart until its stop grace ran out."""
+        try:
+            if self.process.poll() is None:
+                self.process.send_signal(signal.SIGTERM)
+                try:
+                    self.process.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    self.process.kill()
+                    self.process.wait()
+                    raise AssertionError(f"worker {self.node} did not stop within 30 s of SIGTERM; killed. Its "
+                                         f"log's end:\n{self.log()[-3000:]}") from None
+        finally:
+            self._log.close()
 
 
 @contextmanager
