@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -32,6 +33,7 @@ from producer.errors import (
 from producer.gateway.admission import Admission, QueueFull, StreamsFull, StreamSlots
 from producer.gateway.app import ClientGone, from_failure, from_task_error, still_runs
 from producer.gateway.results import ResultWaiter
+from producer.settings import Settings
 from tests.conftest import (
     ARTIFACTS,
     REDIS_HOST,
@@ -206,6 +208,23 @@ def test_a_streamed_response_cancelled_mid_way_ends_with_response_failed(gateway
     (message,) = failed["response"]["output"]  # what was sent stays, an incomplete message
     assert message["status"] == "incomplete" and message["content"][0]["text"] == sent
     assert openai.types.responses.ResponseFailedEvent.model_validate(failed)  # as strictly as the SDK types it
+
+
+def test_every_response_names_its_task_in_x_request_id(gateway: Gateway, client: Client) -> None:
+    """As OpenAI's responses do (the SDK's _request_id, and its errors' request_id); here the task's id, so
+    that a request can be followed to its task, and a fresh id where none was sent."""
+    sdk = gateway.sdk()
+    raw = sdk.embeddings.with_raw_response.create(model="minilm", input=["hello"], encoding_format="float")
+    task_id = raw.headers["x-request-id"]
+    vector = client.handle(task_id).get(timeout=10)["embeddings"][0]
+    assert raw.parse().data[0].embedding == pytest.approx(vector, abs=1e-6) and raw.parse()._request_id == task_id
+    with sdk.chat.completions.with_streaming_response.create(model="smollm2", messages=CHAT, max_tokens=2,
+                                                             stream=True) as streamed:
+        chunks = list(streamed.parse())
+        assert chunks[0].id == "chatcmpl-" + streamed.headers["x-request-id"]
+    with pytest.raises(openai.BadRequestError) as refused:  # refused before anything was sent
+        sdk.embeddings.create(model="minilm", input=[[1, 2]])
+    assert refused.value.request_id is not None and refused.value.request_id.startswith("req_")
 
 
 def test_models_lists_the_aliases_the_workers_serve(gateway: Gateway) -> None:
@@ -543,6 +562,47 @@ def test_a_full_queue_is_refused_with_429_and_an_unserved_kind_with_503_and_noth
     finally:
         if full is not None:
             full.stop()
+        stop(server, 10)
+
+
+def test_flex_requests_wait_in_the_bulk_lane_and_are_answered_as_flex(tmp_path: Path, config_path: Path) -> None:
+    """OpenAI's service_tier "flex" (slower processing, for work nobody waits on) is inferq's bulk lane: its
+    messages wait in Redis behind every interactive one. A worker stopped with SIGSTOP still counts as serving
+    for a while, and takes nothing meanwhile, so what each request left in Redis can be read."""
+    port = free_port()
+    store = redis.Redis(host=REDIS_HOST, port=port)
+    server = start_redis_server(tmp_path, ["--port", str(port)], store)
+    url = f"redis://{REDIS_HOST}:{port}/0"
+    worker = WorkerProcess(worker_env(config_path, url), ARTIFACTS / "gateway-flex-worker.log",
+                           f"flex-{os.getpid()}@localhost", ("--kinds", "embed,generate"))
+    client = Client(Settings(redis_url=url, result_timeout=60))
+    flex = None
+    try:
+        worker.wait_ready(client)
+        flex = Gateway(config_path, tmp_path / "gateway.log", "--open", INFERQ_REDIS_URL=url)
+        sdk = flex.sdk()
+        answered: Any = sdk.post("/completions", cast_to=object, body={"model": "tiny-lm", "prompt": "hi",
+                                                                      "max_tokens": 2, "service_tier": "flex"})
+        assert answered["service_tier"] == "flex" and answered["choices"][0]["text"] is not None
+        assert sdk.embeddings.create(model="minilm", input="hi", extra_body={"service_tier": "flex"}).data
+        os.kill(worker.process.pid, signal.SIGSTOP)
+        try:
+            bodies = [("/v1/embeddings", {"model": "minilm", "input": "later", "service_tier": "flex"}),
+                      ("/v1/embeddings", {"model": "minilm", "input": "now"}),
+                      ("/v1/completions", {"model": "tiny-lm", "prompt": "later", "max_tokens": 2, "stream": True,
+                                           "service_tier": "flex"})]
+            for route, body in bodies:  # nobody answers: each is given up once sent
+                with pytest.raises(httpx.ReadTimeout):
+                    httpx.post(f"{flex.url}{route}", json=body, timeout=httpx.Timeout(10, read=1.5))
+            lengths = {kind: [store.llen(key) for key in queue_keys(kind)] for kind in ("embed", "generate")}
+        finally:
+            os.kill(worker.process.pid, signal.SIGCONT)
+        assert lengths == {"embed": [1, 0, 0, 1], "generate": [0, 0, 0, 1]}, lengths
+    finally:
+        if flex is not None:
+            flex.stop()
+        client.close()
+        worker.stop()
         stop(server, 10)
 
 

@@ -50,6 +50,7 @@ from producer.gateway.admission import Admission, QueueFull, StreamsFull, Stream
 from producer.gateway.closing import Closing, Stopping
 from producer.gateway.loopback import LoopbackOnly
 from producer.gateway.metrics import GatewayMetrics, MetricsMiddleware
+from producer.gateway.request_ids import RequestIds
 from producer.gateway.responses import ResponsesRoute
 from producer.gateway.results import ResultWaiter
 from producer.gateway.served import ServedKinds
@@ -183,6 +184,7 @@ def create_app(settings: Settings, open_access: bool = False, client: Client | N
         app.add_middleware(LoopbackOnly, refusal=lambda host: GatewayError(
             400, f"the gateway runs without API keys and answers only requests to a loopback host, not {host!r}",
             "invalid_request_error", "invalid_host", retry=False).response())
+    app.add_middleware(RequestIds)  # each response names its task (x-request-id), errors included
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: it counts what the host check refuses
 
     def caller(request: Request) -> str:
@@ -281,15 +283,18 @@ def create_app(settings: Settings, open_access: bool = False, client: Client | N
             raise GatewayError(503, f"no live worker serves {kind} (none has said so for {STATUS_REMEMBER_S:g} s); "
                                f"start one with `inferq worker --kinds {kind}`", "service_unavailable", "no_worker")
 
-    async def send(kind: Kind, kwargs: dict[str, Any]) -> Handle[Any]:
-        """Admit the request, then enqueue it (in a thread: a send waits on Redis)."""
+    async def send(request: Request, kind: Kind, body: shapes.OpenAIBody, kwargs: dict[str, Any]) -> Handle[Any]:
+        """Admit the request, then enqueue it on its lane (in a thread: a send waits on Redis)."""
         await admit(kind)
-        return await asyncio.to_thread(queue.submit, kind, **kwargs)
+        handle = await asyncio.to_thread(queue.submit, kind, priority=body.lane(), **kwargs)
+        if not isinstance(handle, FutureHandle):  # a coalesced call shares a message: it has no task of its own
+            request.state.task_id = handle.id  # its x-request-id
+        return handle
 
     @app.post("/v1/embeddings")
     async def embeddings(request: Request) -> Any:
         body = await parsed(request, shapes.EmbeddingsBody)
-        handle = await send("embed", shapes.embed_kwargs(body))
+        handle = await send(request, "embed", body, shapes.embed_kwargs(body))
         result = await result_of(handle)
         return Response(orjson.dumps(shapes.embeddings_response(result, body.encoding_format or "float")),
                         media_type="application/json")
@@ -298,14 +303,14 @@ def create_app(settings: Settings, open_access: bool = False, client: Client | N
     async def classify(request: Request) -> Any:
         """inferq's classify task over HTTP (not an OpenAI route): labels and scores per input text."""
         body = await parsed(request, shapes.ClassifyBody)
-        handle = await send("classify", shapes.classify_kwargs(body))
+        handle = await send(request, "classify", body, shapes.classify_kwargs(body))
         return Response(orjson.dumps(shapes.classify_response(await result_of(handle))), media_type="application/json")
 
     async def generate(request: Request, route: shapes.GenerateRoute) -> Any:
         body: Any = await parsed(request, route.shape)
         kwargs = route.kwargs(body)
         if not body.stream:
-            handle = await send("generate", kwargs)
+            handle = await send(request, "generate", body, kwargs)
             try:
                 result = await unless_gone(request, result_of(handle))
             except BaseException as exc:  # given up (a timeout, the client gone): nobody will read it
@@ -316,10 +321,11 @@ def create_app(settings: Settings, open_access: bool = False, client: Client | N
         release = slots.take()  # StreamsFull (429) before anything is sent
         try:
             await admit("generate")
-            stream = await asyncio.to_thread(queue.stream_generate, **kwargs)
+            stream = await asyncio.to_thread(queue.stream_generate, priority=body.lane(), **kwargs)
         except BaseException:
             release()
             raise
+        request.state.task_id = stream.id
         slots.tie(stream, release)
         pieces = aiter(stream)
         try:  # the first piece before the response starts: an error before it still gets its own status

@@ -114,7 +114,7 @@ class Reply:
                 "temperature": 1.0 if self.body.temperature is None else self.body.temperature,
                 "top_p": 1.0 if self.body.top_p is None else self.body.top_p, "parallel_tool_calls": False,
                 "tool_choice": "none", "tools": [], "text": {"format": {"type": "text"}}, "truncation": "disabled",
-                "store": False, "metadata": {}, "usage": usage}
+                "store": False, "metadata": {}, "usage": usage, "service_tier": self.body.tier()}
 
     def message(self, text: str, status: str) -> dict[str, Any]:
         content = [self.part(text)] if status != "in_progress" else []

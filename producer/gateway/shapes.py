@@ -23,7 +23,7 @@ from typing import Any, ClassVar, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from producer.contract import ClassifyResult, EmbedResult, GenerateResult, few_names
+from producer.contract import ClassifyResult, EmbedResult, GenerateResult, Lane, few_names
 from producer.errors import InvalidInput
 
 # Fields of the OpenAI API that inferq cannot honour: refused with their name rather than ignored.
@@ -33,7 +33,7 @@ UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "logprobs",
 NO_OPS: dict[str, tuple[Any, ...]] = {"tool_choice": ("none",), "response_format": ({"type": "text"},),
                                       "presence_penalty": (0,), "frequency_penalty": (0,), "best_of": (1,)}
 # Fields of the OpenAI API that change nothing about the answer: accepted and ignored.
-IGNORED = frozenset({"user", "metadata", "store", "service_tier", "parallel_tool_calls", "safety_identifier",
+IGNORED = frozenset({"user", "metadata", "store", "parallel_tool_calls", "safety_identifier",
                      "prompt_cache_key", "prompt_cache_retention"})
 # The keys a chat message may give a value: its role and content, and the participant's name, which clients
 # (AutoGen, LangChain) send and the chat templates do not show. Any other must be empty (a conversation
@@ -50,6 +50,16 @@ class OpenAIBody(BaseModel):
 
     model: str | None = None
     user: str | None = None
+    # OpenAI's processing tiers: "flex" (slower, for work nobody waits on) is inferq's bulk lane, which waits
+    # behind every interactive message; the others are the interactive lane
+    service_tier: Literal["auto", "default", "flex", "priority", "scale"] | None = None
+
+    def lane(self) -> Lane:
+        return "bulk" if self.service_tier == "flex" else "interactive"
+
+    def tier(self) -> str:
+        """The tier a response names: the one that served it."""
+        return "flex" if self.service_tier == "flex" else "default"
 
 
 class EmbeddingsBody(OpenAIBody):
@@ -206,6 +216,7 @@ class Generation(BaseModel):
 
     id: str
     chat: bool
+    tier: str = "default"  # the service_tier that served it
     created: int = Field(default_factory=lambda: int(time.time()))
 
     @property
@@ -219,7 +230,7 @@ class Generation(BaseModel):
         else:
             choice = {"index": 0, "text": result["text"], "finish_reason": result["finish_reason"], "logprobs": None}
         return {"id": self.id, "object": self.object, "created": self.created, "model": result["model"],
-                "choices": [choice], "usage": usage(result)}
+                "choices": [choice], "usage": usage(result), "service_tier": self.tier}
 
     def chunk(self, model: str, piece: str | None = None, finish_reason: str | None = None,
               first: bool = False, usage: dict[str, int] | None = None) -> dict[str, Any]:
@@ -234,7 +245,8 @@ class Generation(BaseModel):
             else:
                 choices = [{"index": 0, "text": piece or "", "finish_reason": finish_reason, "logprobs": None}]
         payload: dict[str, Any] = {"id": self.id, "object": f"{self.object}.chunk" if self.chat else self.object,
-                                   "created": self.created, "model": model, "choices": choices}
+                                   "created": self.created, "model": model, "choices": choices,
+                                   "service_tier": self.tier}
         if usage is not None:
             payload["usage"] = usage
         return payload
@@ -324,9 +336,9 @@ class CompletionRoute(GenerateRoute):
         return chat_kwargs(body, self.default_max_tokens) if self.chat else completion_kwargs(body)
 
     def answer(self, task_id: str, body: Any, result: GenerateResult) -> dict[str, Any]:
-        return Generation(id=self._prefix + task_id, chat=self.chat).response(result)
+        return Generation(id=self._prefix + task_id, chat=self.chat, tier=body.tier()).response(result)
 
     def events(self, task_id: str, body: Any) -> StreamEvents:
-        return CompletionEvents(Generation(id=self._prefix + task_id, chat=self.chat),
+        return CompletionEvents(Generation(id=self._prefix + task_id, chat=self.chat, tier=body.tier()),
                                 body.model or self.default_model,
                                 bool((body.stream_options or {}).get("include_usage")))
