@@ -433,6 +433,24 @@ def test_a_cancelled_row_frees_its_slot_for_a_waiting_request() -> None:
         loop.stop()
 
 
+def test_a_cancelled_request_still_waiting_for_cache_room_stops_holding_back_those_behind_it() -> None:
+    """Cancelled while it waited, a request too large for the room left stayed first in its queue, and the
+    small ones behind it, which fit, waited until its deadline."""
+    loop, log = stepped_loop(max_running=4, cache_budget=400)  # 200 tokens
+    try:
+        long = loop.submit("count", 10_000, items=1, longest=100, timeout=30)
+        wait_started(log, 10_000)
+        too_large = loop.submit("count", 5, items=1, longest=150, timeout=30)  # 100 + 150 > 200: it waits
+        time.sleep(0.05)
+        loop.cancel(too_large)
+        assert loop.submit("count", 3, items=1, longest=50, timeout=30).result(timeout=5) == 3
+        assert too_large.cancelled() and loop.counts["count:cancelled_waiting"] == 1
+        assert ("start", (5,)) not in log
+        loop.cancel(long)
+    finally:
+        loop.stop()
+
+
 def test_a_row_that_fails_to_leave_is_answered_and_its_mate_starts_again(monkeypatch: pytest.MonkeyPatch) -> None:
     loop, log = stepped_loop(pace=0.01)
     try:
@@ -504,4 +522,26 @@ def test_an_older_request_waiting_for_cache_room_is_not_overtaken_by_another_mod
     finally:
         stop.set()
         feeder.join()
+        loop.stop()
+
+
+def test_room_kept_for_a_bulk_request_waiting_for_it_is_not_kept_from_an_interactive_one_of_another_model() -> None:
+    """Across models, the most urgent lane goes first: an older bulk request of one model that did not fit held
+    a newer interactive request of another, which did, until room for the bulk one freed."""
+    log: list[tuple[str, tuple[int, ...]]] = []
+    kinds: dict[str, Any] = {key: SteppedKind(lambda payloads: Countdown(payloads, log, 0.005),
+                                              BatchLimits(8, 10_000, 0.0), 4, False, cache_bytes_per_token=1)
+                             for key in ("a", "b")}
+    loop = DeviceLoop(kinds, cache_budget=10)
+    loop.start()
+    try:
+        long = loop.submit("b", 10_000, items=1, longest=4, timeout=30)  # 4 of the 10, for a long while
+        wait_started(log, 10_000)
+        bulk = loop.submit("a", 3, items=1, longest=8, timeout=30, priority=9)  # 4 + 8 > 10: it waits
+        time.sleep(0.05)
+        assert loop.submit("b", 2, items=1, longest=4, timeout=30).result(timeout=5) == 2  # 4 + 4 fits
+        assert not bulk.done()
+        loop.cancel(long)
+        assert bulk.result(timeout=5) == 3  # and the bulk one runs once room frees
+    finally:
         loop.stop()

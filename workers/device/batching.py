@@ -21,7 +21,7 @@ Rules (after Ray Serve's _BatchQueue and text-embeddings-inference's queue):
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -86,6 +86,10 @@ class BatchQueue(Generic[T]):
         """The lane whose first request a batch takes next."""
         return next((lane for lane in self._lanes.values() if lane), None)
 
+    def head(self) -> tuple[int, float] | None:
+        """The priority and the arrival of the request a batch takes first (None when empty)."""
+        return next(((priority, lane[0].arrived) for priority, lane in self._lanes.items() if lane), None)
+
     def oldest_arrival(self) -> float | None:
         heads = [lane[0].arrived for lane in self._lanes.values() if lane]
         return min(heads) if heads else None
@@ -141,13 +145,17 @@ class BatchQueue(Generic[T]):
 
     def expire(self, now: float) -> list[Waiting[T]]:
         """Remove and return the requests whose deadline has passed; they must not run."""
-        if not any(w.deadline is not None and w.deadline <= now for w in self._in_order()):
-            return []
-        expired = [w for w in self._in_order() if w.deadline is not None and w.deadline <= now]
-        for priority, lane in self._lanes.items():
-            self._lanes[priority] = deque(w for w in lane if w.deadline is None or w.deadline > now)
-        self._count -= len(expired)
-        return expired
+        return self.remove(lambda waiting: waiting.deadline is not None and waiting.deadline <= now)
+
+    def remove(self, gone: Callable[[Waiting[T]], bool]) -> list[Waiting[T]]:
+        """Remove and return the waiting requests ``gone`` says must not run (their caller gave up on them, say):
+        left in the queue, one too large for the room left would keep every request behind it waiting."""
+        removed = [waiting for waiting in self._in_order() if gone(waiting)]
+        if removed:
+            for priority, lane in self._lanes.items():
+                self._lanes[priority] = deque(waiting for waiting in lane if not gone(waiting))
+            self._count -= len(removed)
+        return removed
 
 
 def plan_chunks(lengths: list[int], max_items: int, max_tokens: int) -> list[list[int]]:

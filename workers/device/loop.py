@@ -64,6 +64,7 @@ class DeviceLoop:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._cancelled: set[Future[Any]] = set()  # running requests to stop before their next step
+        self._given_up = False  # a waiting request was cancelled: _next takes it out of its queue
         self.busy_since: float | None = None  # when the running batch started; None while idle
         # what a batch's requests are answered inside (``Runtime.answer_together``)
         self.answering: Callable[[], contextlib.AbstractContextManager[None]] = contextlib.nullcontext
@@ -90,10 +91,13 @@ class DeviceLoop:
     def cancel(self, future: Future[Any]) -> None:
         """Give up on a submitted request: one still waiting is cancelled (never run); a running stepped one
         leaves its batch before the next step and fails with Cancelled; one that finished stays finished."""
-        if future.done() or future.cancel():
+        if future.done():
             return
         with self._wake:
-            self._cancelled.add(future)
+            if future.cancel():
+                self._given_up = True
+            else:
+                self._cancelled.add(future)
             self._wake.notify()
 
     # --- lifecycle ------------------------------------------------------------------------------------
@@ -171,8 +175,14 @@ class DeviceLoop:
             metrics.run.observe(took)
 
     def _next(self, now: float) -> tuple[str, list[Waiting[Job]], RunningBatch[Job] | None] | None:
-        """Expire late requests; then take a batch from the ready queue whose oldest request is oldest, with
-        the stepped batch it is to join, if any."""
+        """Expire late requests, and forget cancelled ones; then take a batch from the ready queue whose oldest
+        request is oldest, with the stepped batch it is to join, if any."""
+        if self._given_up:
+            self._given_up = False
+            for key, queue in self._queues.items():
+                forgotten = queue.remove(lambda waiting: waiting.payload.future.cancelled())
+                if forgotten:
+                    self.counts[f"{key}:cancelled_waiting"] += len(forgotten)
         for key, queue in self._queues.items():
             for waiting in queue.expire(now):
                 job = waiting.payload
@@ -182,10 +192,12 @@ class DeviceLoop:
                     job.future.set_exception(TaskTimeout(f"the request waited {now - waiting.arrived:.1f} s for "
                                                          f"the device, over its limit of {job.timeout:g} s"))
                     self._metrics[key].finished(Counter({"TaskTimeout": 1}))  # the overloaded device's sign
-        ready = [(queue.oldest_arrival() or 0.0, key) for key, queue in self._queues.items()
+        # the next batch of each model is of its most urgent lane: urgent lanes first across models, then the
+        # oldest; so the room kept for a request waiting for cache room is never kept from a more urgent one
+        ready = [(queue.head() or (0, 0.0), key) for key, queue in self._queues.items()
                  if (queue.ready(now) or (self._stopping and len(queue)))
                  and (key not in self._stepped.kinds or self._stepped.may_take(key))]
-        waits_for_room = False  # an older request of a stepped kind waits for cache room
+        waits_for_room = False  # an older (or more urgent) request of a stepped kind waits for cache room
         for _, key in sorted(ready):
             if waits_for_room and key in self._stepped.kinds and self._stepped.cache_room(key) is not None:
                 continue  # the room that frees is kept for it: newer requests of other models took it first
