@@ -10,6 +10,7 @@ from concurrent.futures import Future
 from typing import Any
 
 import pytest
+import torch
 
 from producer.errors import Cancelled, TaskTimeout
 from workers.device.batching import BatchLimits
@@ -545,3 +546,25 @@ def test_room_kept_for_a_bulk_request_waiting_for_it_is_not_kept_from_an_interac
         assert bulk.result(timeout=5) == 3  # and the bulk one runs once room frees
     finally:
         loop.stop()
+
+
+def test_a_device_error_stops_the_loop_unanswered_rather_than_failing_every_request_after_it() -> None:
+    """CUDA keeps failing every call after an illegal memory access: split and retried, each request failed
+    at once, and a worker failing fast took most of its queue. The loop stops without answering (the stall
+    watch then ends the process, and the unacknowledged messages go to another worker)."""
+    calls: list[list[int]] = []
+
+    def broken(payloads: list[int]) -> list[int]:
+        calls.append(payloads)
+        raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
+
+    loop = DeviceLoop({"embed": BatchKind(broken, BatchLimits(8, 10_000, 0.05))})
+    loop.start()
+    futures = [loop.submit("embed", n, items=1, longest=1, timeout=30) for n in range(4)]
+    deadline = time.monotonic() + 5
+    while not loop.died:
+        assert time.monotonic() < deadline, "the loop went on after the device failed"
+        time.sleep(0.01)
+    assert calls == [[0, 1, 2, 3]]  # not split and retried
+    assert not any(future.done() for future in futures)
+    assert isinstance(loop.broken, torch.AcceleratorError)

@@ -60,6 +60,18 @@ def test_generate_on_cuda() -> None:
     assert result["completion_tokens"] >= 1  # type: ignore[typeddict-item]
 
 
+def test_a_device_side_error_is_the_accelerator_error_the_device_loop_stops_on() -> None:
+    """The device loop takes torch.AcceleratorError for a broken device (workers/device/loop.py); a
+    device-side assert must raise it. In a process of its own: the assert spoils CUDA for its process."""
+    code = ("import torch\n"
+            "try:\n"
+            "    torch.zeros(2, device='cuda')[torch.tensor([5], device='cuda')].sum().item()\n"
+            "except Exception as exc:\n"
+            "    print(type(exc).__name__, isinstance(exc, torch.AcceleratorError))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.split() == ["AcceleratorError", "True"], done.stdout + done.stderr
+
+
 def test_the_launcher_pins_one_worker_to_each_gpu_in_half_precision() -> None:
     gpus = visible_gpus()
     assert gpus, "nvidia-smi lists no GPU on a machine where torch sees CUDA"

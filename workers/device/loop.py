@@ -6,6 +6,13 @@ return exactly one outcome per request, in order; if the whole batch raises, it 
 retried, so one request that breaks a batch fails alone and its batch-mates still get their answers.
 Requests that waited past their deadline fail with TaskTimeout without running.
 
+An error of the device itself (``torch.AcceleratorError``: an illegal memory access, a device-side assert,
+an ECC error) is not a request's fault, and CUDA keeps failing every later call once it is raised: the loop
+stops there without answering anything (``broken``), and the stall watch ends the process, so that the
+messages it holds go to another worker and its supervisor starts it again. Split and retried like any
+other error, every request it ran afterwards failed at once, and a worker that fails fast takes most of its
+queue.
+
 Generation runs a step at a time (a ``SteppedKind``): a started batch decodes one token per turn of the
 loop, and between its steps the loop runs whatever else is ready (an encoder batch, a step of another
 generate batch), so a long generation never holds embed, classify or a health check behind it. A row
@@ -34,6 +41,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from producer.errors import TaskTimeout
 from workers.device.batching import BatchLimits, BatchQueue, Waiting
 from workers.device.jobs import Job, LeavingFailed, Progress, Runner, answer, ran_late, was_cancelled
@@ -41,6 +50,10 @@ from workers.device.metrics import ModelMetrics, outcome_label
 from workers.device.stepping import RunningBatch, RunningBatches, SteppedKind
 
 log = logging.getLogger(__name__)
+
+
+class DeviceBroken(Exception):
+    """The device itself failed (its cause): the loop stops."""
 
 
 @dataclass
@@ -64,6 +77,7 @@ class DeviceLoop:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._cancelled: set[Future[Any]] = set()  # running requests to stop before their next step
+        self.broken: BaseException | None = None  # the device error that stopped the loop
         self._given_up = False  # a waiting request was cancelled: _next takes it out of its queue
         self.busy_since: float | None = None  # when the running batch started; None while idle
         # what a batch's requests are answered inside (``Runtime.answer_together``)
@@ -132,6 +146,14 @@ class DeviceLoop:
     # --- the loop -------------------------------------------------------------------------------------
 
     def _run(self) -> None:
+        try:
+            self._turns()
+        except DeviceBroken as exc:
+            self.broken = exc.__cause__
+            log.critical("the device failed (%s: %s); nothing more runs on it", type(exc.__cause__).__name__,
+                         exc.__cause__)
+
+    def _turns(self) -> None:
         while True:
             with self._wake:
                 picked = self._next(self._clock())
@@ -390,6 +412,8 @@ class DeviceLoop:
         request that breaks the batch ends up failing alone and its neighbours are still answered."""
         if not jobs:
             return
+        if isinstance(exc, torch.AcceleratorError):
+            raise DeviceBroken from exc  # their futures stay unanswered: their messages go to another worker
         if len(jobs) == 1:
             jobs[0].future.set_exception(exc)
             self._metrics[key].finished(Counter({outcome_label(exc): 1}))

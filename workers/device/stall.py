@@ -25,5 +25,6 @@ def exit_on_stall(loop: DeviceLoop, limit: float) -> None:
                          time.monotonic() - busy_since, limit)
             hard_exit(EXIT_DEVICE_FAILED)
         if loop.died:
-            log.critical("the device loop thread died; exiting so the supervisor restarts this worker")
+            why = "the device failed" if loop.broken is not None else "the device loop thread died"
+            log.critical("%s; exiting so the supervisor restarts this worker", why)
             hard_exit(EXIT_DEVICE_FAILED)
