@@ -15,7 +15,7 @@ from transformers import GenerationConfig
 
 from producer.contract import GenerateRequest
 from producer.settings import Settings
-from workers.models.generate import CausalGenerator
+from workers.models.generate import CausalGenerator, Completion
 from workers.models.loading import pick_device
 
 
@@ -47,7 +47,7 @@ def main() -> None:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             elapsed = time.perf_counter() - started
-            tokens = (sum(len(c.tokens) for c in output) if isinstance(output, list)
+            tokens = (sum(len(c.tokens) for c in output if isinstance(c, Completion)) if isinstance(output, list)
                       else args.batch * args.new_tokens)
             print(f"{name:<14} batch {args.batch}: {elapsed:.2f} s, {tokens / elapsed:,.0f} tokens/s, "
                   f"{elapsed / args.new_tokens * 1000:.1f} ms/step")

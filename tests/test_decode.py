@@ -187,3 +187,21 @@ def test_a_special_token_asked_for_as_a_stop_string_ends_its_row_by_its_id(gener
                                      torch.device("cpu"), generator._text))
     (completion,) = run(batch).values()
     assert completion.tokens == [first] and completion.ended
+
+
+@torch.inference_mode()
+def test_a_row_whose_scores_overflow_fails_alone_and_its_batch_mates_decode_as_they_do_alone(
+        tiny_models: dict[str, Path], generator: CausalGenerator) -> None:
+    """A float16 overflow gives a row scores that are not finite: the step raised for it, and every row of the
+    batch started again from scratch (a streamed one's readers saw a restart) until it failed alone. Here one
+    token's embedding is made infinite, so a prompt holding it overflows on a real model."""
+    alone = run(start(generator, GREEDY))[0]
+    alone_seeded = run(start(generator, SEEDED))[0]
+    poisoned = CausalGenerator.load("tiny-lm", ModelEntry(source=str(tiny_models["lm"]), max_length=128),
+                                    torch.device("cpu"))
+    token = poisoned.loaded.tokenizer("zebra", add_special_tokens=False)["input_ids"][0]
+    assert token not in poisoned.loaded.tokenizer(GREEDY["prompt"] + SEEDED["prompt"])["input_ids"]
+    poisoned.loaded.model.get_input_embeddings().weight[token] = float("inf")
+    finished = run(start(poisoned, GREEDY, {"prompt": "a zebra", "max_new_tokens": 10}, SEEDED))
+    assert isinstance(finished[1], RuntimeError) and "not finite" in str(finished[1])
+    assert finished[0] == alone and finished[2] == alone_seeded

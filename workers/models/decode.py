@@ -6,7 +6,9 @@ not, and a greedy row is never touched by a sampled one. Prompts are left-padded
 real tokens. A row stops at an end-of-sequence token, at its own max_new_tokens, or once its text
 contains one of its stop strings, and leaves the batch at once: its caller gets its answer then, not when
 the longest row is done, and the rows left compute no more for it. A row can also be stopped from outside
-between steps (its caller gave up): it leaves the same way.
+between steps (its caller gave up): it leaves the same way. A row whose scores are not all finite (its
+precision overflowed: float16 does on some inputs) can pick no token: it leaves with that error (``failed``)
+and the others go on; a step that raised for it failed every row, and they all started again.
 
 Stepping, rather than one loop to the end, lets the device loop run other work between steps: an encoder
 batch, or another decoding batch's step, never waits for a long generation to finish. For the same reason a
@@ -43,10 +45,12 @@ class Row:
     completion: list[int] = field(default_factory=list)
     ended_by_token: bool = False  # an end-of-sequence token, or a control token asked for as a stop
     ended_by_stop: bool = False
+    failed: str | None = None  # why it could not go on (its scores were not finite)
 
     @property
     def done(self) -> bool:
-        return self.ended_by_token or self.ended_by_stop or len(self.completion) >= self.max_new_tokens
+        return (self.ended_by_token or self.ended_by_stop or self.failed is not None
+                or len(self.completion) >= self.max_new_tokens)
 
 
 def pick(logits: torch.Tensor, row: Row) -> int:
@@ -121,11 +125,18 @@ class Decoding:
             return []
         self._trim()  # columns only rows stopped during the prefill used
         logits = output.logits[:, -1, :].float()
-        greedy = logits.argmax(dim=-1).tolist()  # one vectorised pass for every greedy row
+        # one vectorised pass for every greedy row, which also marks a row whose scores are not all finite (-1)
+        greedy = torch.where(torch.isfinite(logits).all(dim=-1), logits.argmax(dim=-1), -1).tolist()
         tokens: list[int] = []
         finished: list[int] = []
         for slot, index in enumerate(self._live):
             row = self.row(index)
+            if greedy[slot] < 0:
+                row.failed = (f"the model's scores were not finite after {len(row.completion)} tokens (its "
+                              "precision overflowed); this row stopped, the others went on")
+                tokens.append(self._pad)
+                finished.append(index)
+                continue
             token = greedy[slot] if row.temperature <= 0 else pick(logits[slot], row)
             row.completion.append(token)
             if token in self._eos or token in row.stop_ids:

@@ -143,10 +143,10 @@ class CausalGenerator:
         return GenerationBatch(Decoding(self.loaded.model, rows, self._eos, self._pad, self.loaded.device,
                                         self._text, prefill_chunk))
 
-    def run(self, batch: list[Prepared]) -> list[Completion]:
+    def run(self, batch: list[Prepared]) -> list[Completion | Exception]:
         """The whole batch to its end, in one call (the benchmarks' path; the device loop steps instead)."""
         generation = self.start(batch)
-        finished: dict[int, Completion] = {}
+        finished: dict[int, Completion | Exception] = {}
         while not generation.done:
             finished.update(generation.step())
         return [finished[index] for index in range(len(batch))]
@@ -182,8 +182,9 @@ class GenerationBatch:
     def prefilling(self) -> bool:
         return self.decoding.prefilling
 
-    def step(self, alone: bool = False) -> list[tuple[int, Completion]]:
-        """``alone``: nothing else waits for the device: the rest of a chunked prefill runs in one pass."""
+    def step(self, alone: bool = False) -> list[tuple[int, Completion | Exception]]:
+        """``alone``: nothing else waits for the device: the rest of a chunked prefill runs in one pass. A row
+        that failed alone (``Row.failed``) finishes with its error."""
         finished = [(index, _completion(self.decoding.row(index))) for index in self.decoding.step(alone)]
         for index, _ in finished:
             self.decoding.release(index)
@@ -244,5 +245,7 @@ def _seed_of(task_id: str | None) -> int:
     return int.from_bytes(hashlib.blake2b(task_id.encode(), digest_size=8).digest(), "big") >> 1
 
 
-def _completion(row: Row) -> Completion:
+def _completion(row: Row) -> Completion | Exception:
+    if row.failed is not None:
+        return RuntimeError(row.failed)
     return Completion(row.completion, row.ended_by_token or row.ended_by_stop)
