@@ -205,3 +205,22 @@ def test_a_row_whose_scores_overflow_fails_alone_and_its_batch_mates_decode_as_t
     finished = run(start(poisoned, GREEDY, {"prompt": "a zebra", "max_new_tokens": 10}, SEEDED))
     assert isinstance(finished[1], RuntimeError) and "not finite" in str(finished[1])
     assert finished[0] == alone and finished[2] == alone_seeded
+
+
+@torch.inference_mode()
+def test_a_stop_string_far_into_a_completion_ends_its_row_at_the_token_a_whole_decode_finds_it(
+        generator: CausalGenerator) -> None:
+    """Only the end of a row's text is decoded each step to look for its stops: the row must still end at the
+    first token whose whole text holds one, however far in."""
+    long = {"prompt": "the capital of france is", "max_new_tokens": 120}
+    tokens = run(start(generator, long))[0].tokens
+    assert len(tokens) == 120
+
+    def first_holding(stop: str) -> int:
+        return next(n for n in range(1, len(tokens) + 1) if stop in generator._text(tokens[:n]))
+
+    text = generator._text(tokens)
+    for at, size in ((len(text) * 3 // 4, 6), (len(text) // 2, 40)):  # far in; one longer than the window's start
+        stop = text[at:at + size]
+        row = run(start(generator, {**long, "stop": [stop]}))[0]
+        assert len(row.tokens) == first_holding(stop) and row.ended, (stop, len(row.tokens))

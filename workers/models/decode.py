@@ -31,6 +31,10 @@ from workers.models.encoder import pad as pad_rows
 # A chunk of a batched prefill covers at least this many prompt columns, however many rows share it: fewer
 # would take a pass per handful of tokens, and a long prompt's prefill would cost more passes than it saves.
 MIN_CHUNK_COLUMNS = 16
+# A row with stop strings checks the text of its last tokens only (Decoding._stopped): at first this many,
+# doubled until their text spans its longest stop string and this many characters more.
+STOP_WINDOW_TOKENS = 8
+STOP_MARGIN_CHARS = 16
 
 
 @dataclass
@@ -142,8 +146,7 @@ class Decoding:
             if token in self._eos or token in row.stop_ids:
                 row.ended_by_token = True
             elif row.stop:
-                text = self._text_of(row.completion)
-                row.ended_by_stop = any(stop in text for stop in row.stop)
+                row.ended_by_stop = self._stopped(row)
             tokens.append(token)
             if row.done:
                 finished.append(index)
@@ -154,6 +157,20 @@ class Decoding:
         if finished:
             self._keep([index for index in self._live if index not in finished])
         return finished
+
+    def _stopped(self, row: Row) -> bool:
+        """Whether the row's text now holds one of its stop strings. Only its end is decoded: a stop that is new
+        ends within the newest token's characters, so the characters the longest stop spans, with a margin for
+        a token whose text depends on the one before it, are enough. Decoding the whole completion every step
+        cost time growing with its length (0.77 us a token with the test tokenizer: some 50 ms a step for 64
+        rows 1,000 tokens in, longer than a GPU's decoding step)."""
+        need = max(map(len, row.stop)) + STOP_MARGIN_CHARS
+        window = STOP_WINDOW_TOKENS
+        while True:
+            text = self._text_of(row.completion[-window:])
+            if len(text) >= need or window >= len(row.completion):
+                return any(stop in text for stop in row.stop)
+            window *= 2
 
     def join(self, other: Decoding) -> list[int] | None:
         """Take ``other``'s live rows into this batch, between steps: continuous batching. ``other`` must have
