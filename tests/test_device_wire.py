@@ -7,7 +7,7 @@ import contextlib
 import pickle
 import threading
 from concurrent.futures import Future
-from multiprocessing.connection import Listener
+from multiprocessing.connection import Client, Connection, Listener
 from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 from typing import Any
@@ -18,7 +18,7 @@ import torch
 from producer.errors import Cancelled, InputTooLarge
 from workers.device import WIRE_VERSION
 from workers.device.remote import RemoteDevice, unpack_outcomes
-from workers.device.server import pack_outcomes
+from workers.device.server import _Outbox, pack_outcomes
 from workers.errors import WorkerError
 
 
@@ -79,3 +79,32 @@ def test_a_receiver_refuses_a_device_process_of_another_wire_version(tmp_path: P
         with pytest.raises(WorkerError, match=f"wire version 1, this worker {WIRE_VERSION}"):
             RemoteDevice(address, key, 10.0)
         server.join(timeout=10)
+
+
+def test_an_answer_that_cannot_be_sent_hangs_up_so_the_serving_thread_and_the_receiver_both_see_it_go(
+        tmp_path: Path) -> None:
+    """The outbox closed the connection when an answer would not go; the thread serving it stayed blocked
+    reading it, so the socket lived on and the receiver, which should exit and leave its messages to come
+    back, waited for answers that would never come."""
+    address = str(tmp_path / "device.sock")
+    with Listener(address, "AF_UNIX", authkey=b"key") as listener:
+        accepted: list[Connection] = []
+        accepting = threading.Thread(target=lambda: accepted.append(listener.accept()))
+        accepting.start()
+        receiver = Client(address, "AF_UNIX", authkey=b"key")
+        accepting.join(timeout=5)
+        woke = threading.Event()
+
+        def serve() -> None:  # as the device process's thread for this receiver: blocked reading it
+            with contextlib.suppress(EOFError, OSError):
+                accepted[0].recv()
+            woke.set()
+
+        threading.Thread(target=serve, daemon=True).start()
+        _Outbox(accepted[0]).put(1, answered(threading.Lock()))  # an outcome that cannot be pickled
+        assert woke.wait(timeout=5), "the serving thread stayed blocked on the connection"
+        assert receiver.poll(5)
+        with pytest.raises(EOFError):
+            receiver.recv()
+        receiver.close()
+        accepted[0].close()

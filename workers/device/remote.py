@@ -16,8 +16,6 @@ import collections
 import contextlib
 import itertools
 import logging
-import os
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -28,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from workers.device import WIRE_VERSION
+from workers.device import WIRE_VERSION, hang_up
 from workers.device.jobs import Progress
 from workers.device.stall import EXIT_DEVICE_FAILED
 from workers.errors import WorkerError
@@ -131,10 +129,7 @@ class RemoteDevice:
         self._closing = True
         with self._wake:
             self._wake.notify()
-        # Shut the socket down before closing it: closing alone does not wake the reader blocked on it, and
-        # the device process would not see its receiver leave.
-        with contextlib.suppress(OSError), socket.socket(fileno=os.dup(self._conn.fileno())) as duplicate:
-            duplicate.shutdown(socket.SHUT_RDWR)
+        hang_up(self._conn)  # wakes the reader blocked on it; the device process sees its receiver leave
         self._conn.close()
 
     def _send_loop(self) -> None:
@@ -237,6 +232,7 @@ def _connect(address: str, authkey: bytes, wait_s: float,
                 conn.close()
                 raise
             if tag != "hello":
+                conn.close()
                 raise DeviceProcessUnreachable(f"the device process at {address} answered {tag!r}, not hello")
             if hello.get("wire", 1) != WIRE_VERSION:
                 conn.close()

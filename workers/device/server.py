@@ -46,7 +46,7 @@ import torch
 
 from producer.errors import Cancelled
 from producer.settings import Kind, Settings
-from workers.device import WIRE_VERSION
+from workers.device import WIRE_VERSION, hang_up
 from workers.device.loop import DeviceLoop
 from workers.device.passes import load_models, start_loop
 from workers.errors import WorkerError
@@ -264,9 +264,10 @@ class _Outbox:
             except Exception as exc:
                 # The receiver is gone, or an outcome would not go: close the connection either way, so a
                 # live receiver exits and its messages come back, rather than wait forever for these answers.
+                # Shut down, not closed here: the connection's serve thread, blocked reading it, wakes and
+                # closes it (closed from here, it stayed blocked, and the receiver never saw it go).
                 log.error("cannot answer a receiver (%s: %s); closing its connection", type(exc).__name__, exc)
-                with contextlib.suppress(OSError):
-                    self._conn.close()
+                hang_up(self._conn)
                 return
 
 
