@@ -147,20 +147,3 @@ def test_expire_reaches_every_priority() -> None:
     assert sorted(w.payload for w in q.expire(3.0)) == ["bulk", "interactive"]
     assert len(q) == 1
     assert [w.payload for w in q.take()] == ["bulk-later"]
-
-
-def test_requests_put_back_go_first_in_their_lane_in_their_order_and_count_again() -> None:
-    waiting = queue(max_items=2, max_wait=0.0)
-    for name in ("a", "b", "c"):
-        waiting.put(name, 1, 5, now=0.0)
-    taken = waiting.take()
-    assert [w.payload for w in taken] == ["a", "b"] and len(waiting) == 1
-    waiting.put_back(taken)
-    assert len(waiting) == 3 and waiting.head() == (0, 0.0)
-    assert [w.payload for w in waiting.take()] == ["a", "b"]
-    bulk = queue(max_items=8, max_wait=0.0)
-    bulk.put("later", 1, 5, now=1.0, priority=9)
-    urgent = bulk.take()
-    bulk.put("now", 1, 5, now=2.0)
-    bulk.put_back(urgent)  # its own lane, behind the interactive one
-    assert [w.payload for w in bulk.take()] == ["now"] and [w.payload for w in bulk.take()] == ["later"]

@@ -568,22 +568,3 @@ def test_a_device_error_stops_the_loop_unanswered_rather_than_failing_every_requ
     assert calls == [[0, 1, 2, 3]]  # not split and retried
     assert not any(future.done() for future in futures)
     assert isinstance(loop.broken, torch.AcceleratorError)
-
-
-def test_after_a_failed_step_the_second_half_waits_its_turn_rather_than_running_beside_the_first(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    """Both halves of a failed batch started at once, past max_running and the cache budget: after an out of
-    memory, the two regrew the same cache that had failed. The second waits for its turn, as any batch."""
-    loop, log = stepped_loop(max_running=1, pace=0.005)
-    try:
-        futures = [loop.submit("count", n, items=1, longest=1, timeout=30) for n in (20, 21, 22, 23)]
-        wait_started(log, 20, 21, 22, 23, what="step")
-        monkeypatch.setattr(Countdown, "fail_next_step", True)
-        assert [future.result(timeout=10) for future in futures] == [20, 21, 22, 23]
-        restarts = [payloads for what, payloads in log if what == "start"][1:]
-        assert restarts == [(20, 21), (22, 23)], log
-        after = log[log.index(("start", (20, 21))):]  # the failed batch never logged its end
-        assert peak_batches(after) == 1, "the halves ran side by side"
-        assert log.index(("start", (22, 23))) > log.index(("end", (20, 21)))
-    finally:
-        loop.stop()

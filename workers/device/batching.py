@@ -77,14 +77,6 @@ class BatchQueue(Generic[T]):
                                              priority))
         self._count += 1
 
-    def put_back(self, taken: list[Waiting[T]]) -> None:
-        """Requests taken earlier, back at the head of their lanes in the order given (they arrived first)."""
-        for waiting in reversed(taken):
-            if waiting.priority not in self._lanes:
-                self._lanes = dict(sorted({**self._lanes, waiting.priority: deque()}.items()))
-            self._lanes[waiting.priority].appendleft(waiting)
-        self._count += len(taken)
-
     def _in_order(self) -> Iterator[Waiting[T]]:
         """The waiting requests in the order a batch takes them: by priority, then oldest first."""
         for lane in self._lanes.values():

@@ -26,12 +26,6 @@ class Job:
     longest: int  # tokens of its longest input (for a generate request, prompt + max_new_tokens)
     progress: Progress | None = None  # told what a stepped request produced, step by step
     reported: int = 0  # how much of what it produced progress was told of
-    items: int = 1  # texts or prompts it carries
-    priority: int = 0  # its message's: 0 interactive, 9 bulk
-
-    @property
-    def arrived(self) -> float:
-        return self.deadline - self.timeout
 
 
 def ran_late(job: Job, steps: int | None) -> TaskTimeout:

@@ -97,9 +97,8 @@ class DeviceLoop:
         with self._wake:
             if self._stopping:
                 raise RuntimeError("the device loop is stopping")
-            self._queues[key].put(Job(payload, future, timeout, now + timeout, longest, progress, items=items,
-                                      priority=priority), items, longest, now, deadline=now + timeout,
-                                  priority=priority)
+            self._queues[key].put(Job(payload, future, timeout, now + timeout, longest, progress), items, longest,
+                                  now, deadline=now + timeout, priority=priority)
             self._wake.notify()
         return future
 
@@ -210,9 +209,8 @@ class DeviceLoop:
             for waiting in queue.expire(now):
                 job = waiting.payload
                 self.counts[f"{key}:expired"] += 1
-                # Its task thread may have given up at the same limit and cancelled it: nothing to answer. (One
-                # put back after a failed step is running already.)
-                if job.future.running() or job.future.set_running_or_notify_cancel():
+                # Its task thread may have given up at the same limit and cancelled it: nothing to answer.
+                if job.future.set_running_or_notify_cancel():
                     job.future.set_exception(TaskTimeout(f"the request waited {now - waiting.arrived:.1f} s for "
                                                          f"the device, over its limit of {job.timeout:g} s"))
                     self._metrics[key].finished(Counter({"TaskTimeout": 1}))  # the overloaded device's sign
@@ -257,7 +255,7 @@ class DeviceLoop:
         return min(waits) if waits else None
 
     def _execute(self, key: str, jobs: list[Job], into: RunningBatch[Job] | None = None) -> None:
-        live = [job for job in jobs if job.future.running() or job.future.set_running_or_notify_cancel()]
+        live = [job for job in jobs if job.future.set_running_or_notify_cancel()]
         if not live:
             return
         self.batch_sizes[key][len(live)] += 1
@@ -423,13 +421,7 @@ class DeviceLoop:
         log.warning("batch of %d on %s failed (%s: %s); retrying in halves", len(jobs), key, type(exc).__name__, exc)
         middle = len(jobs) // 2
         again(key, jobs[:middle])
-        if key in self._stepped.kinds:  # the other half waits for its turn and its cache room, as any batch
-            # does: started beside the first, the two regrew the same cache that failed (out of memory)
-            with self._wake:  # task threads put requests in the queues meanwhile
-                self._queues[key].put_back([Waiting(job, job.items, job.longest, job.arrived, job.deadline,
-                                                    priority=job.priority) for job in jobs[middle:]])
-        else:
-            again(key, jobs[middle:])
+        again(key, jobs[middle:])
 
     def _run_isolated(self, key: str, jobs: list[Job]) -> None:
         kind = self._kinds[key]
