@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from workers.device.batching import BatchLimits, BatchQueue, plan_chunks
+from workers.device.batching import BatchLimits, BatchQueue, Waiting, plan_chunks
 
 
 def queue(max_items: int = 4, max_tokens: int = 1000, max_wait: float = 0.010) -> BatchQueue[str]:
@@ -147,3 +147,19 @@ def test_expire_reaches_every_priority() -> None:
     assert sorted(w.payload for w in q.expire(3.0)) == ["bulk", "interactive"]
     assert len(q) == 1
     assert [w.payload for w in q.take()] == ["bulk-later"]
+
+
+def test_remove_asks_once_a_request_so_a_caller_changing_its_mind_meanwhile_cannot_unbalance_the_count() -> None:
+    """A caller cancels from its own thread: asked twice, a request could be counted as removed yet stay."""
+    waiting = queue()
+    for name in ("a", "b", "c"):
+        waiting.put(name, 1, 5, now=0.0)
+    asked: dict[str, int] = {}
+
+    def gone(request: Waiting[str]) -> bool:  # "b" is gone the first time it is asked, not after
+        asked[request.payload] = asked.get(request.payload, 0) + 1
+        return request.payload == "b" and asked["b"] == 1
+
+    assert [w.payload for w in waiting.remove(gone)] == ["b"]
+    assert asked == {"a": 1, "b": 1, "c": 1} and len(waiting) == 2
+    assert [w.payload for w in waiting.take()] == ["a", "c"] and len(waiting) == 0

@@ -12,7 +12,7 @@ import torch
 from producer.contract import GenerateRequest
 from producer.errors import InputTooLarge
 from producer.settings import ModelEntry
-from workers.models.decode import MIN_CHUNK_COLUMNS, Decoding
+from workers.models.decode import MIN_CHUNK_COLUMNS, Decoding, Row
 from workers.models.generate import CausalGenerator, Completion, GenerationBatch
 
 
@@ -224,3 +224,13 @@ def test_a_stop_string_far_into_a_completion_ends_its_row_at_the_token_a_whole_d
         stop = text[at:at + size]
         row = run(start(generator, {**long, "stop": [stop]}))[0]
         assert len(row.tokens) == first_holding(stop) and row.ended, (stop, len(row.tokens))
+
+
+def test_a_stop_ending_in_a_long_newest_token_is_found_though_that_token_fills_the_window() -> None:
+    """Only the end of a row's text is decoded: a newest token long enough (a run of spaces in a code
+    vocabulary) filled the window alone, and the stop before it was missed."""
+    pieces = {index: letter for index, letter in enumerate("abcdefghijklm")} | {99: "n" + " " * 40}
+    decoding = Decoding.__new__(Decoding)  # its stop check alone, over a vocabulary of these pieces
+    decoding._text_of = lambda tokens: "".join(pieces[token] for token in tokens)
+    row = Row(prompt=[0], max_new_tokens=100, stop=("abcdefghijklmn",), completion=[*range(13), 99])
+    assert decoding._stopped(row)

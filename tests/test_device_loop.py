@@ -568,3 +568,9 @@ def test_a_device_error_stops_the_loop_unanswered_rather_than_failing_every_requ
     assert calls == [[0, 1, 2, 3]]  # not split and retried
     assert not any(future.done() for future in futures)
     assert isinstance(loop.broken, torch.AcceleratorError)
+    # while stopping too (draining at shutdown): the watch must still see it died, or those wait for ever
+    draining = DeviceLoop({"embed": BatchKind(broken, BatchLimits(8, 10_000, 10.0))})
+    draining.start()
+    draining.submit("embed", 0, items=1, longest=1, timeout=30)  # waits for batch-mates; stop runs it
+    draining.stop()
+    assert draining.died and draining.broken is not None

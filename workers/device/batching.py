@@ -149,12 +149,16 @@ class BatchQueue(Generic[T]):
 
     def remove(self, gone: Callable[[Waiting[T]], bool]) -> list[Waiting[T]]:
         """Remove and return the waiting requests ``gone`` says must not run (their caller gave up on them, say):
-        left in the queue, one too large for the room left would keep every request behind it waiting."""
-        removed = [waiting for waiting in self._in_order() if gone(waiting)]
-        if removed:
-            for priority, lane in self._lanes.items():
-                self._lanes[priority] = deque(waiting for waiting in lane if not gone(waiting))
-            self._count -= len(removed)
+        left in the queue, one too large for the room left would keep every request behind it waiting. One
+        pass, ``gone`` asked once a request: it may change its mind meanwhile (a caller cancels from its own
+        thread), and asked twice, a request could leave its lane uncounted."""
+        removed: list[Waiting[T]] = []
+        for priority, lane in self._lanes.items():
+            kept: deque[Waiting[T]] = deque()
+            for waiting in lane:
+                (removed if gone(waiting) else kept).append(waiting)
+            self._lanes[priority] = kept
+        self._count -= len(removed)
         return removed
 
 

@@ -56,6 +56,15 @@ class DeviceBroken(Exception):
     """The device itself failed (its cause): the loop stops."""
 
 
+def device_failed(exc: BaseException) -> bool:
+    """An error of the device rather than of a request: torch's AcceleratorError (2.8 and later), or the
+    RuntimeError older releases raised for a CUDA error (an out-of-memory is neither)."""
+    accelerator_error = getattr(torch, "AcceleratorError", None)
+    if accelerator_error is not None and isinstance(exc, accelerator_error):
+        return True
+    return type(exc) is RuntimeError and str(exc).startswith("CUDA error:")
+
+
 @dataclass
 class BatchKind:
     runner: Runner
@@ -134,7 +143,8 @@ class DeviceLoop:
     @property
     def died(self) -> bool:
         """The loop thread ended without being asked to stop (a bug): nothing will run on the device again."""
-        return self._thread is not None and not self._thread.is_alive() and not self._stopping
+        return (self._thread is not None and not self._thread.is_alive()
+                and (not self._stopping or self.broken is not None))
 
     def stop(self) -> None:
         with self._wake:
@@ -412,7 +422,7 @@ class DeviceLoop:
         request that breaks the batch ends up failing alone and its neighbours are still answered."""
         if not jobs:
             return
-        if isinstance(exc, torch.AcceleratorError):
+        if device_failed(exc):
             raise DeviceBroken from exc  # their futures stay unanswered: their messages go to another worker
         if len(jobs) == 1:
             jobs[0].future.set_exception(exc)

@@ -129,8 +129,10 @@ class Decoding:
             return []
         self._trim()  # columns only rows stopped during the prefill used
         logits = output.logits[:, -1, :].float()
-        # one vectorised pass for every greedy row, which also marks a row whose scores are not all finite (-1)
-        greedy = torch.where(torch.isfinite(logits).all(dim=-1), logits.argmax(dim=-1), -1).tolist()
+        # one vectorised pass for every greedy row, which also marks a row that can pick no token (-1): one whose
+        # best score is not finite, as a NaN anywhere makes it (-inf scores alone are tokens ruled out: fine)
+        best = logits.max(dim=-1)
+        greedy = torch.where(torch.isfinite(best.values), best.indices, -1).tolist()
         tokens: list[int] = []
         finished: list[int] = []
         for slot, index in enumerate(self._live):
@@ -164,7 +166,9 @@ class Decoding:
         a token whose text depends on the one before it, are enough. Decoding the whole completion every step
         cost time growing with its length (0.77 us a token with the test tokenizer: some 50 ms a step for 64
         rows 1,000 tokens in, longer than a GPU's decoding step)."""
-        need = max(map(len, row.stop)) + STOP_MARGIN_CHARS
+        # the text before the newest token must span the longest stop and the margin: a long newest token (a
+        # run of spaces) could otherwise fill the window alone, and a stop ending in it be missed
+        need = max(map(len, row.stop)) + STOP_MARGIN_CHARS + len(self._text_of(row.completion[-1:]))
         window = STOP_WINDOW_TOKENS
         while True:
             text = self._text_of(row.completion[-window:])
