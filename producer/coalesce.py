@@ -86,10 +86,14 @@ def split_result(kind: Kind, result: dict[str, Any], sizes: list[int]) -> list[d
         raise RuntimeError(f"merged {kind} result has {len(rows)} rows for {sum(sizes)} texts")
     # the merged message's token count is every caller's texts together; each caller's own is the sum over
     # its texts' counts, where the worker sent them (an older one did not: then no caller gets a count)
+    if len(sizes) == 1:
+        return [result]  # one caller's texts alone: the whole count is its own
     shared = {key: value for key, value in result.items() if key not in ("prompt_tokens", "text_tokens")}
     counts = result.get("text_tokens")
-    if counts is not None and len(counts) != len(rows):
-        raise RuntimeError(f"merged {kind} result has {len(counts)} token counts for {len(rows)} texts")
+    if counts is not None and (len(counts) != len(rows) or not all(isinstance(count, int) for count in counts)):
+        log.warning("a merged %s result's text_tokens do not match its %d rows; its callers get no token count",
+                    kind, len(rows))
+        counts = None  # the vectors are still right: only the counts are left out
     parts, start = [], 0
     for size in sizes:
         part = {**shared, rows_key: rows[start:start + size]}

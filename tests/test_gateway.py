@@ -585,6 +585,8 @@ def test_flex_requests_wait_in_the_bulk_lane_and_are_answered_as_flex(tmp_path: 
                                                                       "max_tokens": 2, "service_tier": "flex"})
         assert answered["service_tier"] == "flex" and answered["choices"][0]["text"] is not None
         assert sdk.embeddings.create(model="minilm", input="hi", extra_body={"service_tier": "flex"}).data
+        for tier in ("auto", "priority", "fast"):  # OpenAI's other tiers (it adds some now and then): interactive
+            assert sdk.embeddings.create(model="minilm", input="hi", extra_body={"service_tier": tier}).data
         os.kill(worker.process.pid, signal.SIGSTOP)
         try:
             bodies = [("/v1/embeddings", {"model": "minilm", "input": "later", "service_tier": "flex"}),
@@ -606,19 +608,19 @@ def test_flex_requests_wait_in_the_bulk_lane_and_are_answered_as_flex(tmp_path: 
         stop(server, 10)
 
 
-async def _admit_all(admission: Admission, kinds: list[str]) -> list[str]:
+async def _admit_all(admission: Admission, kinds: list[str], lane: str = "interactive") -> list[str]:
     outcomes = []
     for kind in kinds:
         try:
-            await admission.admit(kind)  # type: ignore[arg-type]
+            await admission.admit(kind, lane)  # type: ignore[arg-type]
             outcomes.append("admitted")
-        except QueueFull:
-            outcomes.append("full")
+        except QueueFull as exc:
+            outcomes.append(f"full: {exc}" if lane == "bulk" else "full")
     await admission.close()
     return outcomes
 
 
-def test_admission_counts_the_interactive_list_and_reads_it_once_per_window(tmp_path: Path) -> None:
+def test_admission_counts_each_requests_own_lane_and_reads_it_once_per_window(tmp_path: Path) -> None:
     port = free_port()
     store = redis.Redis(host=REDIS_HOST, port=port)
     server = start_redis_server(tmp_path, ["--port", str(port)], store)
@@ -633,6 +635,11 @@ def test_admission_counts_the_interactive_list_and_reads_it_once_per_window(tmp_
         assert store.info("commandstats")["cmdstat_llen"]["calls"] - before == 2  # one read per kind
         assert asyncio.run(_admit_all(Admission(url, limit=None, cache_s=0, retry_after=1, connect_timeout=2.0),
                                       ["classify"])) == ["admitted"]
+        # a flex request rides the bulk lane: its own list bounds it (nothing else does), not the interactive one
+        flex = asyncio.run(_admit_all(Admission(url, limit=1, cache_s=0, retry_after=1, connect_timeout=2.0),
+                                      ["embed", "classify"], lane="bulk"))
+        assert flex == ["full: the embed bulk queue holds 10 messages waiting, over this gateway's limit of 1; "
+                        "retry after 1 s", "admitted"]
     finally:
         stop(server, 10)
 

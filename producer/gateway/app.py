@@ -32,6 +32,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from producer.client import Client, FutureHandle, Handle
+from producer.contract import Lane
 from producer.errors import (
     Cancelled,
     InferqConnectionError,
@@ -50,7 +51,7 @@ from producer.gateway.admission import Admission, QueueFull, StreamsFull, Stream
 from producer.gateway.closing import Closing, Stopping
 from producer.gateway.loopback import LoopbackOnly
 from producer.gateway.metrics import GatewayMetrics, MetricsMiddleware
-from producer.gateway.request_ids import RequestIds
+from producer.gateway.request_ids import RequestIds, request_id_of
 from producer.gateway.responses import ResponsesRoute
 from producer.gateway.results import ResultWaiter
 from producer.gateway.served import ServedKinds
@@ -163,11 +164,13 @@ def create_app(settings: Settings, open_access: bool = False, client: Client | N
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         exposition = metrics.serve(settings.gateway.metrics_address, settings.gateway.metrics_port)
-        await served.start()
-        yield
-        if exposition is not None:
-            exposition.shutdown()
-            exposition.server_close()
+        try:
+            await served.start()
+            yield
+        finally:
+            if exposition is not None:
+                await asyncio.to_thread(exposition.shutdown)  # it waits for the server's next poll
+                exposition.server_close()
         await cancels.settle(SHUTDOWN_CANCELS_S)
         await served.stop()
         await gate.close()
@@ -259,8 +262,11 @@ def create_app(settings: Settings, open_access: bool = False, client: Client | N
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("the gateway failed on a request")
-        return answer(request, GatewayError(500, f"the gateway failed: {type(exc).__name__}", "server_error"))
+        # Starlette answers this outside every middleware of ours: the request id is added here
+        request_id = request_id_of(request.scope)
+        log.exception("the gateway failed on request %s", request_id)
+        return answer(request, GatewayError(500, f"the gateway failed: {type(exc).__name__}", "server_error"),
+                      {"x-request-id": request_id})
 
     async def result_of(handle: Handle[Any]) -> Any:
         """A task's result, told by pub/sub; a coalesced call's comes from its shared message's."""
@@ -276,16 +282,17 @@ def create_app(settings: Settings, open_access: bool = False, client: Client | N
         # nginx's 499 (client closed request), for the metrics: nobody reads the answer
         return answer(request, GatewayError(499, str(exc), "client_gone", retry=False))
 
-    async def admit(kind: Kind) -> None:
-        """429 while the kind's queue is over its limit; 503 while no live worker serves the kind."""
-        await gate.admit(kind)
+    async def admit(kind: Kind, lane: Lane) -> None:
+        """429 while the kind's queue (of the request's lane) is over its limit; 503 while no live worker
+        serves the kind."""
+        await gate.admit(kind, lane)
         if not served.serves(kind):
             raise GatewayError(503, f"no live worker serves {kind} (none has said so for {STATUS_REMEMBER_S:g} s); "
                                f"start one with `inferq worker --kinds {kind}`", "service_unavailable", "no_worker")
 
     async def send(request: Request, kind: Kind, body: shapes.OpenAIBody, kwargs: dict[str, Any]) -> Handle[Any]:
         """Admit the request, then enqueue it on its lane (in a thread: a send waits on Redis)."""
-        await admit(kind)
+        await admit(kind, body.lane())
         handle = await asyncio.to_thread(queue.submit, kind, priority=body.lane(), **kwargs)
         if not isinstance(handle, FutureHandle):  # a coalesced call shares a message: it has no task of its own
             request.state.task_id = handle.id  # its x-request-id
@@ -320,7 +327,7 @@ def create_app(settings: Settings, open_access: bool = False, client: Client | N
             return route.answer(handle.id, body, result)
         release = slots.take()  # StreamsFull (429) before anything is sent
         try:
-            await admit("generate")
+            await admit("generate", body.lane())
             stream = await asyncio.to_thread(queue.stream_generate, priority=body.lane(), **kwargs)
         except BaseException:
             release()

@@ -20,14 +20,17 @@ class RequestIds:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        state = scope.setdefault("state", {})
 
         async def with_id(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                request_id = state.get("task_id") or f"req_{uuid.uuid4().hex}"
-                message = {**message, "headers": [*message.get("headers", ()), (HEADER, request_id.encode())]}
+            if message["type"] == "http.response.start":  # the id replaces any a route set
+                headers = [(name, value) for name, value in message.get("headers", ()) if name.lower() != HEADER]
+                message = {**message, "headers": [*headers, (HEADER, request_id_of(scope).encode())]}
             await send(message)
 
         await self.app(scope, receive, with_id)
 
 
+def request_id_of(scope: Scope) -> str:
+    """The request's id: its task's once sent, else one made for it (and kept: the same id all along)."""
+    state = scope.setdefault("state", {})
+    return str(state.get("task_id") or state.setdefault("request_id", f"req_{uuid.uuid4().hex}"))

@@ -52,7 +52,7 @@ class OpenAIBody(BaseModel):
     user: str | None = None
     # OpenAI's processing tiers: "flex" (slower, for work nobody waits on) is inferq's bulk lane, which waits
     # behind every interactive message; the others are the interactive lane
-    service_tier: Literal["auto", "default", "flex", "priority", "scale"] | None = None
+    service_tier: str | None = None  # OpenAI adds tiers now and then: any name but "flex" is interactive
 
     def lane(self) -> Lane:
         return "bulk" if self.service_tier == "flex" else "interactive"
