@@ -23,7 +23,7 @@ from collections.abc import Callable
 
 import redis
 
-from producer.contract import Lane, queue_keys, queue_name
+from producer.contract import LANE_PRIORITY, PRIORITY_STEPS, Lane, queue_keys, queue_name
 from producer.errors import InferqConnectionError
 from producer.redis_clients import DEFAULT_MASTER, async_redis_client
 from producer.settings import Kind, redact
@@ -54,7 +54,7 @@ class Admission:
         now = time.monotonic()
         read = self._read.get((kind, lane))
         if read is None or now - read[0] >= self.cache_s:
-            key = queue_name(kind) if lane == "interactive" else queue_keys(queue_name(kind))[-1]
+            key = queue_keys(queue_name(kind))[PRIORITY_STEPS.index(LANE_PRIORITY[lane])]  # the lane's list
             try:
                 depth = int(await self._redis.llen(key))
             except (redis.RedisError, OSError) as exc:

@@ -292,8 +292,9 @@ def create_app(settings: Settings, open_access: bool = False, client: Client | N
 
     async def send(request: Request, kind: Kind, body: shapes.OpenAIBody, kwargs: dict[str, Any]) -> Handle[Any]:
         """Admit the request, then enqueue it on its lane (in a thread: a send waits on Redis)."""
-        await admit(kind, body.lane())
-        handle = await asyncio.to_thread(queue.submit, kind, priority=body.lane(), **kwargs)
+        lane = body.lane()
+        await admit(kind, lane)
+        handle = await asyncio.to_thread(queue.submit, kind, priority=lane, **kwargs)
         if not isinstance(handle, FutureHandle):  # a coalesced call shares a message: it has no task of its own
             request.state.task_id = handle.id  # its x-request-id
         return handle
@@ -327,8 +328,9 @@ def create_app(settings: Settings, open_access: bool = False, client: Client | N
             return route.answer(handle.id, body, result)
         release = slots.take()  # StreamsFull (429) before anything is sent
         try:
-            await admit("generate", body.lane())
-            stream = await asyncio.to_thread(queue.stream_generate, priority=body.lane(), **kwargs)
+            lane = body.lane()
+            await admit("generate", lane)
+            stream = await asyncio.to_thread(queue.stream_generate, priority=lane, **kwargs)
         except BaseException:
             release()
             raise

@@ -19,7 +19,7 @@ from typing import Any
 
 from producer.contract import GenerateResult, few_names
 from producer.errors import InvalidInput
-from producer.gateway.shapes import GenerateRoute, OpenAIBody, StreamEvents, sse
+from producer.gateway.shapes import GenerateRoute, SampledBody, StreamEvents, joined_text, new_tokens, sse
 
 UNSUPPORTED = ("tools", "tool_choice", "previous_response_id", "conversation", "reasoning", "include",
                "background", "text", "truncation", "prompt", "max_tool_calls", "top_logprobs", "context_management")
@@ -29,36 +29,27 @@ ROLES = {"user": "user", "assistant": "assistant", "system": "system", "develope
 # The keys an input message may give a value besides its role and content: those of a previous response's
 # output message, replayed as the SDK's docs show (its id and status change nothing here).
 MESSAGE_FIELDS = frozenset({"type", "role", "content", "id", "status"})
-TEXT_PARTS = {"input_text", "output_text"}
+TEXT_PARTS = frozenset({"input_text", "output_text"})
 
 
-class ResponsesBody(OpenAIBody):
+class ResponsesBody(SampledBody):  # its stream_options' include_obfuscation: no obfuscation is ever added
     unsupported = UNSUPPORTED
     no_ops = NO_OPS
 
     input: str | list[Any]
     instructions: str | None = None
     max_output_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    stream: bool | None = None
-    stream_options: dict[str, Any] | None = None  # include_obfuscation: no obfuscation is ever added
 
 
 def responses_kwargs(body: ResponsesBody, default_max_tokens: int) -> dict[str, Any]:
     """The generate task's kwargs; ``default_max_tokens`` as for a chat without ``max_tokens``."""
-    if body.stream_options is not None and not body.stream:
-        raise InvalidInput("stream_options: only allowed with stream: true")
+    sampling = body.sampling()
     messages = [{"role": "system", "content": body.instructions}] if body.instructions is not None else []
     if isinstance(body.input, str):
         messages.append({"role": "user", "content": body.input})
     else:
         messages += [_message(index, item) for index, item in enumerate(body.input)]
-    sampling = {"temperature": 1.0 if body.temperature is None else body.temperature,
-                "top_p": 1.0 if body.top_p is None else body.top_p, "model": body.model}
-    if body.max_output_tokens is None:  # as a chat without max_tokens: what the context leaves, up to the limit
-        return {"messages": messages, "max_new_tokens": default_max_tokens, "fit_new_tokens": True, **sampling}
-    return {"messages": messages, "max_new_tokens": body.max_output_tokens, **sampling}
+    return {"messages": messages, **new_tokens(body.max_output_tokens, default_max_tokens), **sampling}
 
 
 def _message(index: int, item: Any) -> dict[str, str]:
@@ -73,16 +64,7 @@ def _message(index: int, item: Any) -> dict[str, str]:
     role = ROLES.get(item["role"]) if isinstance(item.get("role"), str) else None
     if role is None:
         raise InvalidInput(f"{where}.role must be one of {', '.join(ROLES)}; got {item.get('role')!r}")
-    content = item.get("content")
-    if isinstance(content, list):
-        for at, part in enumerate(content):
-            if not isinstance(part, dict) or not isinstance(part.get("type"), str) or part["type"] not in TEXT_PARTS:
-                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-                raise InvalidInput(f"{where}.content[{at}]: only input_text and output_text parts are supported; "
-                                   f"got {kind!r}")
-            if not isinstance(part.get("text"), str):
-                raise InvalidInput(f"{where}.content[{at}].text must be a string")
-        content = "".join(part["text"] for part in content)
+    content = joined_text(f"{where}.content", item.get("content"), TEXT_PARTS)
     if not isinstance(content, str):
         raise InvalidInput(f"{where}.content must be a string or a list of text parts")
     return {"role": role, "content": content}
@@ -111,8 +93,7 @@ class Reply:
                 "model": result["model"] if result is not None else self.model, "output": output,
                 "error": error, "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete"
                 else None, "instructions": self.body.instructions, "max_output_tokens": self.body.max_output_tokens,
-                "temperature": 1.0 if self.body.temperature is None else self.body.temperature,
-                "top_p": 1.0 if self.body.top_p is None else self.body.top_p, "parallel_tool_calls": False,
+                **self.body.sampling_defaults(), "parallel_tool_calls": False,
                 "tool_choice": "none", "tools": [], "text": {"format": {"type": "text"}}, "truncation": "disabled",
                 "store": False, "metadata": {}, "usage": usage, "service_tier": self.body.tier()}
 

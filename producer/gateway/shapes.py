@@ -39,6 +39,7 @@ IGNORED = frozenset({"user", "metadata", "store", "parallel_tool_calls", "safety
 # (AutoGen, LangChain) send and the chat templates do not show. Any other must be empty (a conversation
 # replayed from OpenAI's own answers has "refusal": null, "annotations": [], ...).
 MESSAGE_FIELDS = frozenset({"role", "content", "name"})
+TEXT_PARTS = frozenset({"text"})  # the content parts a chat message may hold
 
 
 class OpenAIBody(BaseModel):
@@ -59,7 +60,7 @@ class OpenAIBody(BaseModel):
 
     def tier(self) -> str:
         """The tier a response names: the one that served it."""
-        return "flex" if self.service_tier == "flex" else "default"
+        return "flex" if self.lane() == "bulk" else "default"
 
 
 class EmbeddingsBody(OpenAIBody):
@@ -77,15 +78,31 @@ class ClassifyBody(OpenAIBody):
     top_k: int | None = None
 
 
-class _GenerateBody(OpenAIBody):
-    # None is each field's OpenAI default: sampled at temperature 1, top_p 1, one choice, not streamed
+class SampledBody(OpenAIBody):
+    """What every route over the generate task takes. None is each field's OpenAI default: sampled at
+    temperature 1, top_p 1, not streamed."""
+
     temperature: float | None = None
     top_p: float | None = None
+    stream: bool | None = None
+    stream_options: dict[str, Any] | None = None
+
+    def sampling_defaults(self) -> dict[str, float]:
+        return {"temperature": 1.0 if self.temperature is None else self.temperature,
+                "top_p": 1.0 if self.top_p is None else self.top_p}
+
+    def sampling(self) -> dict[str, Any]:
+        """The task's sampling kwargs (and model)."""
+        if self.stream_options is not None and not self.stream:
+            raise InvalidInput("stream_options: only allowed with stream: true")  # as OpenAI answers
+        return {**self.sampling_defaults(), "model": self.model}
+
+
+class _GenerateBody(SampledBody):
+    # None: one choice, no stop strings, no seed
     stop: str | list[str] | None = None
     seed: int | None = None
     n: int | None = None
-    stream: bool | None = None
-    stream_options: dict[str, Any] | None = None
 
 
 class ChatBody(_GenerateBody):
@@ -159,12 +176,32 @@ def embeddings_response(result: EmbedResult, encoding: str) -> dict[str, Any]:
 def _sampling(body: _GenerateBody) -> dict[str, Any]:
     if body.n not in (None, 1):
         raise InvalidInput(f"n: only 1 completion per request is supported; got {body.n}")
-    if body.stream_options is not None and not body.stream:
-        raise InvalidInput("stream_options: only allowed with stream: true")  # as OpenAI answers
     stop = [body.stop] if isinstance(body.stop, str) else body.stop
-    return {"temperature": 1.0 if body.temperature is None else body.temperature,
-            "top_p": 1.0 if body.top_p is None else body.top_p, "stop": stop or None, "seed": body.seed,
-            "model": body.model}
+    return {**body.sampling(), "stop": stop or None, "seed": body.seed}
+
+
+def new_tokens(max_tokens: int | None, default_max_tokens: int) -> dict[str, Any]:
+    """The task's token limit: the one asked for, or (as OpenAI, none given) up to ``default_max_tokens`` or
+    what the model's context leaves after the prompt."""
+    if max_tokens is None:
+        return {"max_new_tokens": default_max_tokens, "fit_new_tokens": True}
+    return {"max_new_tokens": max_tokens}
+
+
+def joined_text(where: str, content: Any, part_types: frozenset[str]) -> Any:
+    """A message's content given as parts (``where`` names it), joined into its text: only parts of
+    ``part_types``, each with a string text, else InvalidInput naming the part. Any other content is
+    returned as it is, for the contract to check."""
+    if not isinstance(content, list):
+        return content
+    for at, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+        if not isinstance(part, dict) or not isinstance(kind, str) or kind not in part_types:
+            raise InvalidInput(f"{where}[{at}]: only {' and '.join(sorted(part_types))} parts are supported; "
+                               f"got {kind!r}")
+        if not isinstance(part.get("text"), str):
+            raise InvalidInput(f"{where}[{at}].text must be a string")
+    return "".join(part["text"] for part in content)
 
 
 def chat_kwargs(body: ChatBody, default_max_tokens: int) -> dict[str, Any]:
@@ -177,23 +214,13 @@ def chat_kwargs(body: ChatBody, default_max_tokens: int) -> dict[str, Any]:
         if extra:
             raise InvalidInput(f"messages[{index}]: {few_names(extra)} not supported; a message is its role and "
                                "content (and a name)")
-        content = message.get("content")
-        if isinstance(content, list):  # content parts: only text ones
-            if any(not isinstance(part, dict) or part.get("type") != "text" for part in content):
-                raise InvalidInput(f"messages[{index}].content: only text parts are supported")
-            for at, part in enumerate(content):
-                if not isinstance(part.get("text"), str):
-                    raise InvalidInput(f"messages[{index}].content[{at}].text must be a string")
-            content = "".join(part["text"] for part in content)
+        content = joined_text(f"messages[{index}].content", message.get("content"), TEXT_PARTS)
         role = message.get("role")
         if role == "developer":  # OpenAI's newer name for the system role
             role = "system"
         messages.append({"role": role, "content": content})
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    if max_tokens is None:  # as OpenAI: up to the limit, or what the model's context leaves after the prompt
-        return {"messages": messages, "max_new_tokens": default_max_tokens, "fit_new_tokens": True,
-                **_sampling(body)}
-    return {"messages": messages, "max_new_tokens": max_tokens, **_sampling(body)}
+    return {"messages": messages, **new_tokens(max_tokens, default_max_tokens), **_sampling(body)}
 
 
 def completion_kwargs(body: CompletionBody) -> dict[str, Any]:

@@ -56,13 +56,15 @@ class DeviceBroken(Exception):
     """The device itself failed (its cause): the loop stops."""
 
 
+# torch 2.8 and later raise this for an error of the device; older releases a RuntimeError("CUDA error: ...")
+_ACCELERATOR_ERRORS: tuple[type[BaseException], ...] = tuple(
+    error for error in (getattr(torch, "AcceleratorError", None),) if error is not None)
+
+
 def device_failed(exc: BaseException) -> bool:
-    """An error of the device rather than of a request: torch's AcceleratorError (2.8 and later), or the
-    RuntimeError older releases raised for a CUDA error (an out-of-memory is neither)."""
-    accelerator_error = getattr(torch, "AcceleratorError", None)
-    if accelerator_error is not None and isinstance(exc, accelerator_error):
-        return True
-    return type(exc) is RuntimeError and str(exc).startswith("CUDA error:")
+    """An error of the device rather than of a request (an out-of-memory is not one)."""
+    return isinstance(exc, _ACCELERATOR_ERRORS) or (type(exc) is RuntimeError
+                                                      and str(exc).startswith("CUDA error:"))
 
 
 @dataclass
